@@ -1,0 +1,90 @@
+"""The `tiergate` command: serve, check (and the database and discovery commands)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .routing import load_table
+from .settings import DEMO_CONFIG_PATH, RouterConfig
+from .types import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tiergate", description="OpenAI-compatible LLM routing sidecar")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--config", help="routing table file (default: config/routes.yaml or TIERGATE_CONFIG)")
+    serve.add_argument("--demo", action="store_true", help="use the in-process mock table (no keys needed)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8100)")
+    serve.add_argument("--workers", type=int, help="processes sharing the port (default 1)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow a non-loopback bind without TIERGATE_API_KEYS")
+
+    check = sub.add_parser("check", help="validate a routing table and print it")
+    check.add_argument("--config", help="routing table file")
+    check.add_argument("--demo", action="store_true", help="check the demo table")
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> RouterConfig:
+    config_path = str(DEMO_CONFIG_PATH) if getattr(args, "demo", False) else getattr(args, "config", None)
+    overrides: dict[str, Any] = {"config_path": config_path}
+    for name in ("host", "port", "workers"):
+        overrides[name] = getattr(args, name, None)
+    return RouterConfig.load(overrides=overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    config = load_config(args)
+    load_table(config.table_path)  # fail fast, naming the file and key, before binding
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency; Windows lacks it
+        pass
+    asyncio.run(serve(config))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    table = load_table(config.table_path, allow_model_override=config.allow_model_override)
+    print(f"{config.table_path}: OK, {len(table.routes)} routes, {len(table.providers)} providers, "
+          f"{len(table.aliases)} aliases")
+    print(f"{'route':<32} {'model':<48} fallbacks")
+    for row in table.describe():
+        print(f"{row['route']:<32} {row['model']:<48} {', '.join(row['fallbacks']) or '-'}")
+    from .providers import _has_key
+    missing = [name for name, spec in table.providers.items() if not _has_key(spec, config)]
+    if missing:
+        print(f"note: no API key configured for provider(s): {', '.join(missing)}")
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "check": cmd_check}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"tiergate: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""The attempt loop: try a route's candidates in order until one answers.
+
+For each candidate: skip it if its provider's breaker is open; send the request through the
+provider's pooled session under the per-attempt and overall deadlines; on a retryable failure
+(connection error, timeout, 5xx, 408, 429) count it against the breaker and move on, backing
+off (and honouring Retry-After) only before trying a provider that already failed. A client
+error (other 4xx) is passed back at once. A stream is handed back once its first chunk has
+arrived, so a failure before the first byte falls back like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .breaker import BreakerBoard
+from .providers import Provider, UpstreamResponse
+from .routing import RouteDecision
+from .settings import RouterConfig
+from .types import ModelRef, UpstreamError, UpstreamStatusError
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError, OSError)
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try at one candidate, as reported in errors, logs and traces."""
+
+    provider: str
+    model: str
+    outcome: str  # ok | client_error | http_<status> | timeout | connection | invalid_response | breaker_open
+    status: int | None = None
+    latency_ms: float = 0.0
+
+    def describe(self) -> str:
+        return f"{self.provider}/{self.model}: {self.outcome}"
+
+
+@dataclass(slots=True)
+class Result:
+    """What answered and how. Exactly one of `body` and `stream` is set."""
+
+    status: int
+    ref: ModelRef
+    attempts: list[Attempt]
+    body: bytes | None = None
+    stream: AsyncIterator[bytes] | None = None
+    content_type: str = "application/json"
+    first_byte_at: float | None = None
+    stream_state: StreamState | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StreamState:
+    """Filled in while a stream is relayed; read by telemetry when it ends."""
+
+    chunks: int = 0
+    bytes: int = 0
+    tail: bytes = b""
+    completed: bool = False
+    error: str | None = None
+
+
+class Dispatcher:
+    """Runs the attempt loop over pooled providers guarded by breakers."""
+
+    def __init__(
+        self,
+        providers: Mapping[str, Provider],
+        breakers: BreakerBoard,
+        config: RouterConfig,
+        *,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+        on_attempt: Callable[[Attempt], None] | None = None,
+    ):
+        self.providers = providers
+        self.breakers = breakers
+        self.config = config
+        self._sleep = sleep
+        self._on_attempt = on_attempt
+        attempt_timeout = config.attempt_timeout or config.timeout
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout, sock_read=attempt_timeout)
+        self._attempt_timeout = attempt_timeout
+
+    async def run(
+        self,
+        path: str,
+        payload: dict[str, Any],
+        decision: RouteDecision,
+        *,
+        stream: bool = False,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Result:
+        """Send `payload` to the decision's candidates; raise UpstreamError when none answers."""
+        config = self.config
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + (timeout or config.timeout)
+        candidates = decision.candidates if config.enable_fallback else decision.candidates[:1]
+        max_attempts = max(1, config.max_retries)
+        attempts: list[Attempt] = []
+        failures: dict[str, int] = {}
+        retry_after: dict[str, float] = {}
+        tried = 0
+
+        while tried < max_attempts:
+            progressed = False
+            for ref in candidates:
+                if tried >= max_attempts:
+                    break
+                provider = self.providers.get(ref.provider)
+                if provider is None:
+                    self._note(attempts, Attempt(ref.provider, ref.model, "unknown_provider"))
+                    continue
+                breaker = self.breakers.get(ref.provider)
+                if not breaker.allow():
+                    self._note(attempts, Attempt(ref.provider, ref.model, "breaker_open"))
+                    continue
+                wait = self._backoff(failures.get(ref.provider, 0), retry_after.get(ref.provider))
+                remaining = deadline - loop.time()
+                if wait:
+                    if wait >= remaining:
+                        breaker.release_trial()
+                        tried = max_attempts
+                        break
+                    await self._sleep(wait)
+                    remaining = deadline - loop.time()
+                progressed = True
+                tried += 1
+                payload["model"] = ref.model
+                body = orjson.dumps(payload)
+                attempt_started = loop.time()
+                try:
+                    result = await self._attempt(provider, path, body, headers, stream,
+                                                 min(remaining, self._attempt_timeout), ref, attempts)
+                except _Retryable as failure:
+                    failure.attempt.latency_ms = (loop.time() - attempt_started) * 1000
+                    self._note(attempts, failure.attempt)
+                    breaker.record_failure(failure.attempt.outcome)
+                    failures[ref.provider] = failures.get(ref.provider, 0) + 1
+                    if failure.retry_after is not None:
+                        retry_after[ref.provider] = failure.retry_after
+                    if loop.time() >= deadline:
+                        tried = max_attempts
+                        break
+                    continue
+                except UpstreamStatusError as exc:
+                    breaker.record_success()  # the provider answered; the request was at fault
+                    self._note(attempts, Attempt(ref.provider, ref.model, "client_error", exc.status,
+                                                 (loop.time() - attempt_started) * 1000))
+                    exc.attempts = attempts  # type: ignore[attr-defined]
+                    exc.ref = ref  # type: ignore[attr-defined]
+                    raise
+                except BaseException:
+                    breaker.release_trial()  # cancelled (client left) or a bug: not the provider's fault
+                    raise
+                if not stream:
+                    breaker.record_success()
+                self._note(attempts, Attempt(ref.provider, ref.model, "ok", result.status,
+                                             (loop.time() - attempt_started) * 1000))
+                result.attempts = attempts
+                return result
+            if not progressed:
+                break
+        raise self._all_failed(decision, attempts)
+
+    def _note(self, attempts: list[Attempt], attempt: Attempt) -> None:
+        attempts.append(attempt)
+        if self._on_attempt is not None:
+            self._on_attempt(attempt)
+
+    def _backoff(self, failures: int, retry_after: float | None) -> float:
+        """Exponential backoff with full jitter before re-trying a provider that failed."""
+        if failures == 0:
+            return 0.0
+        if retry_after is not None:
+            return min(retry_after, self.config.retry_after_cap)
+        base = self.config.retry_backoff * (2 ** (failures - 1))
+        return min(random.uniform(base / 2, base), self.config.retry_after_cap)
+
+    async def _attempt(self, provider: Provider, path: str, body: bytes,
+                       headers: Mapping[str, str] | None, stream: bool, budget: float,
+                       ref: ModelRef, attempts: list[Attempt]) -> Result:
+        resp: UpstreamResponse | None = None
+        try:
+            async with asyncio.timeout(budget):
+                resp = await provider.send(path, body, headers, self._client_timeout)
+                status = resp.status
+                if status != 200:
+                    data = await resp.read()
+                    resp.release()
+                    if status in RETRYABLE_STATUS or status >= 500:
+                        raise _Retryable(Attempt(ref.provider, ref.model, f"http_{status}", status),
+                                         _retry_after(resp.headers.get("Retry-After")))
+                    raise UpstreamStatusError(status, data, resp.headers.get("Content-Type", "application/json"))
+                if not stream:
+                    data = await resp.read()
+                    resp.release()
+                    if not _looks_like_json_object(data):
+                        raise _Retryable(Attempt(ref.provider, ref.model, "invalid_response", status))
+                    return Result(200, ref, attempts, body=data,
+                                  content_type=resp.headers.get("Content-Type", "application/json"))
+                first = await resp.content.readany()
+                if not first:
+                    resp.close()
+                    raise _Retryable(Attempt(ref.provider, ref.model, "empty_stream", status))
+        except TimeoutError:
+            if resp is not None:
+                resp.close()
+            raise _Retryable(Attempt(ref.provider, ref.model, "timeout")) from None
+        except _CONNECTION_ERRORS:
+            if resp is not None:
+                resp.close()
+            raise _Retryable(Attempt(ref.provider, ref.model, "connection")) from None
+        except (_Retryable, UpstreamStatusError):
+            raise
+        except BaseException:
+            if resp is not None:
+                resp.close()
+            raise
+        state = StreamState()
+        return Result(200, ref, attempts, stream=self._relay(resp, first, ref, state),
+                      content_type=resp.headers.get("Content-Type", "text/event-stream"),
+                      first_byte_at=time.perf_counter(), stream_state=state)
+
+    async def _relay(self, resp: UpstreamResponse, first: bytes, ref: ModelRef,
+                     state: StreamState) -> AsyncIterator[bytes]:
+        """Yield upstream chunks as they arrive; a failure mid-stream ends it with an SSE error event."""
+        breaker = self.breakers.get(ref.provider)
+        clean = False
+        try:
+            chunk = first
+            while chunk:
+                state.chunks += 1
+                state.bytes += len(chunk)
+                state.tail = (state.tail + chunk)[-4096:]
+                yield chunk
+                chunk = await resp.content.readany()
+            clean = True
+            state.completed = True
+            breaker.record_success()
+        except (TimeoutError, *_CONNECTION_ERRORS) as exc:
+            cause = "timeout" if isinstance(exc, TimeoutError) else "connection"
+            state.error = cause
+            breaker.record_failure(cause)
+            yield stream_error_event(
+                f"the upstream stream from {ref} broke off ({cause}) after {state.chunks} chunks",
+                code=f"upstream_{cause}")
+        finally:
+            if clean:
+                resp.release()
+            else:
+                breaker.release_trial()
+                resp.close()
+
+    def _all_failed(self, decision: RouteDecision, attempts: list[Attempt]) -> UpstreamError:
+        tried = [a for a in attempts if a.outcome not in ("breaker_open", "unknown_provider")]
+        reasons = "; ".join(a.describe() for a in attempts) or "no candidate"
+        if not tried:
+            status, code = 503, "no_provider_available"
+        elif all(a.outcome == "timeout" for a in tried):
+            status, code = 504, "upstream_timeout"
+        else:
+            status, code = 502, "upstream_failed"
+        return UpstreamError(
+            f"route {decision.name}: every candidate failed ({reasons})",
+            status=status, code=code, attempts=[_attempt_dict(a) for a in attempts])
+
+
+class _Retryable(Exception):
+    def __init__(self, attempt: Attempt, retry_after: float | None = None):
+        self.attempt = attempt
+        self.retry_after = retry_after
+
+
+def stream_error_event(message: str, *, code: str, error_type: str = "upstream_error") -> bytes:
+    return b"data: " + orjson.dumps({"error": {"message": message, "type": error_type,
+                                               "param": None, "code": code}}) + b"\n\n"
+
+
+def _attempt_dict(a: Attempt) -> dict[str, Any]:
+    return {"provider": a.provider, "model": a.model, "outcome": a.outcome, "status": a.status,
+            "latency_ms": round(a.latency_ms, 3)}
+
+
+def _looks_like_json_object(data: bytes) -> bool:
+    """A cheap check, not a parse: a whole JSON object starts with { and ends with }."""
+    stripped = data.strip()
+    return stripped[:1] == b"{" and stripped[-1:] == b"}"
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

@@ -1,0 +1,383 @@
+"""`Router`: the engine, shared by the HTTP server and in-process callers.
+
+It holds the current routing table (an immutable snapshot, swapped whole), the providers'
+pooled sessions, their breakers and the dispatcher, and exposes the library API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .breaker import BreakerBoard
+from .dispatch import Dispatcher, Result
+from .providers import Provider, make_provider
+from .routing import RoutingTable, load_table
+from .settings import RouterConfig
+from .telemetry import RequestRecord, Telemetry
+from .types import (
+    InvalidRequestError,
+    LLMResponse,
+    ModelTier,
+    TiergateError,
+    UpstreamError,
+    UseCase,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One OpenAI operation tiergate forwards."""
+
+    name: str
+    path: str
+    operation: str  # the OpenTelemetry GenAI operation name
+    streamable: bool
+
+
+CHAT = Endpoint("chat.completions", "/chat/completions", "chat", True)
+COMPLETIONS = Endpoint("completions", "/completions", "text_completion", True)
+EMBEDDINGS = Endpoint("embeddings", "/embeddings", "embeddings", False)
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+class Router:
+    """Routes OpenAI-shaped requests to providers. Create, `await initialize()`, use, `await close()`."""
+
+    def __init__(self, config: RouterConfig | None = None, *, table: RoutingTable | None = None,
+                 dynamic: bool = False):
+        self.config = config or RouterConfig.load()
+        self.dynamic = dynamic
+        self._table = table
+        self.providers: dict[str, Provider] = {}
+        self.breakers = BreakerBoard(fail_max=self.config.breaker_failure_threshold,
+                                     reset_timeout=self.config.breaker_recovery_timeout)
+        self.dispatcher = Dispatcher(self.providers, self.breakers, self.config)
+        self.telemetry = Telemetry(self.config.enable_monitoring)
+        self.started_at = time.time()
+        self.initialized = False
+        self.draining = False
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    async def initialize(self) -> None:
+        """Load the table, start the providers' pools. Fails fast on a bad table."""
+        if self.initialized:
+            return
+        if self._table is None:
+            self._table = load_table(self.config.table_path,
+                                     allow_model_override=self.config.allow_model_override)
+        await self.apply_table(self._table)
+        self.initialized = True
+
+    async def close(self) -> None:
+        for provider in list(self.providers.values()):
+            await provider.close()
+        self.providers.clear()
+        self.initialized = False
+
+    async def __aenter__(self) -> Router:
+        await self.initialize()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- the table --------------------------------------------------------------------------
+
+    @property
+    def table(self) -> RoutingTable:
+        if self._table is None:
+            raise RuntimeError("the router is not initialized: await router.initialize() first")
+        return self._table
+
+    async def apply_table(self, table: RoutingTable) -> None:
+        """Start any providers the new table adds, then swap the snapshot in one assignment."""
+        started: list[Provider] = []
+        for name, spec in table.providers.items():
+            current = self.providers.get(name)
+            if current is None or current.spec != spec:
+                provider = make_provider(spec, self.config)
+                await provider.start()
+                started.append(provider)
+        old = []
+        for provider in started:
+            if provider.name in self.providers:
+                old.append(self.providers[provider.name])
+            self.providers[provider.name] = provider
+        self.breakers.configure({name: (spec.failure_threshold, spec.recovery_timeout)
+                                 for name, spec in table.providers.items()})
+        self._table = table
+        for provider in old:  # in-flight requests hold their own reference until they finish
+            asyncio.get_running_loop().call_later(self.config.drain_timeout + self.config.timeout,
+                                                  lambda p=provider: asyncio.ensure_future(p.close()))
+
+    # -- the one dispatch path ------------------------------------------------------------------
+
+    async def dispatch(
+        self,
+        endpoint: Endpoint,
+        payload: dict[str, Any],
+        record: RequestRecord,
+        *,
+        use_case: str | None = None,
+        tier: str | None = None,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Result:
+        """Resolve the route, apply its defaults and forward. Raises TiergateError on failure.
+
+        `record` is filled in; the caller hands it to `finish()` when the response has ended.
+        """
+        table = self.table
+        decision = table.resolve(use_case, tier, payload.get("model"))
+        record.route = decision.name
+        stream = bool(payload.get("stream")) and endpoint.streamable
+        record.stream = stream
+        route = decision.route
+        if route is not None:
+            apply_route_defaults(payload, route, endpoint)
+        result = await self.dispatcher.run(endpoint.path, payload, decision, stream=stream,
+                                           headers=headers, timeout=timeout)
+        record.status = result.status
+        record.ref = result.ref
+        record.attempts = result.attempts
+        record.first_byte_at = result.first_byte_at
+        return result
+
+    def finish(self, record: RequestRecord, error: BaseException | None = None) -> None:
+        if error is not None:
+            if isinstance(error, TiergateError):
+                record.status = error.status
+                record.error = error.code or error.error_type
+                record.attempts = getattr(error, "attempts", None) or record.attempts
+            else:
+                record.status = 499 if isinstance(error, asyncio.CancelledError) else 500
+                record.error = type(error).__name__
+        self.telemetry.finish(record)
+
+    # -- library API ------------------------------------------------------------------------
+
+    async def complete(self, messages: str | list[dict[str, Any]], use_case: UseCase | str | None = None,
+                       tier: ModelTier | str | None = None, **params: Any) -> LLMResponse:
+        """A chat completion. `messages` may be a plain string (one user message)."""
+        payload = {"messages": _messages(messages), **params}
+        payload.pop("stream", None)
+        return await self._complete(CHAT, payload, use_case, tier)
+
+    async def complete_text(self, prompt: str | list[str], use_case: UseCase | str | None = None,
+                            tier: ModelTier | str | None = None, **params: Any) -> LLMResponse:
+        """A legacy text completion (`/v1/completions`)."""
+        payload = {"prompt": prompt, **params}
+        payload.pop("stream", None)
+        return await self._complete(COMPLETIONS, payload, use_case, tier)
+
+    async def stream(self, messages: str | list[dict[str, Any]], use_case: UseCase | str | None = None,
+                     tier: ModelTier | str | None = None, **params: Any) -> AsyncIterator[dict[str, Any]]:
+        """A streamed chat completion: yields each chunk as a dict, as the OpenAI API sends it."""
+        payload = {"messages": _messages(messages), **params, "stream": True}
+        record = RequestRecord(new_request_id(), CHAT.name)
+        error: BaseException | None = None
+        try:
+            result = await self.dispatch(CHAT, payload, record, use_case=_value(use_case),
+                                         tier=_value(tier))
+            assert result.stream is not None
+            async for event in iter_sse_json(result.stream):
+                yield event
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.finish(record, error)
+
+    async def embed(self, input: str | list[str], use_case: UseCase | str | None = None,
+                    tier: ModelTier | str | None = None, **params: Any) -> dict[str, Any]:
+        """Embeddings; returns the OpenAI response body as a dict."""
+        payload = {"input": input, **params}
+        record = RequestRecord(new_request_id(), EMBEDDINGS.name)
+        error: BaseException | None = None
+        try:
+            result = await self.dispatch(EMBEDDINGS, payload, record, use_case=_value(use_case),
+                                         tier=_value(tier))
+            body = orjson.loads(result.body or b"{}")
+            body.setdefault("metadata", {}).update(_metadata(record))
+            return body
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.finish(record, error)
+
+    async def _complete(self, endpoint: Endpoint, payload: dict[str, Any], use_case: Any,
+                        tier: Any) -> LLMResponse:
+        record = RequestRecord(new_request_id(), endpoint.name)
+        error: BaseException | None = None
+        try:
+            result = await self.dispatch(endpoint, payload, record, use_case=_value(use_case),
+                                         tier=_value(tier))
+            data = orjson.loads(result.body or b"{}")
+            return LLMResponse(
+                id=data.get("id", ""), model=data.get("model", result.ref.model),
+                choices=data.get("choices", []), usage=data.get("usage") or {},
+                created=data.get("created", 0), cached=record.cache == "hit",
+                latency_ms=record.latency_ms, metadata=_metadata(record))
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.finish(record, error)
+
+    # -- inspection -------------------------------------------------------------------------
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """`GET /v1/models`: route names, aliases and concrete models."""
+        table = self.table
+        created = int(self.started_at)
+        seen: dict[str, dict[str, Any]] = {}
+        for route in table.routes.values():
+            seen[route.name] = {"id": route.name, "object": "model", "created": created,
+                                "owned_by": "tiergate", "tiergate": {"kind": "route", "model": str(route.model),
+                                                                     "fallbacks": [str(f) for f in route.fallbacks]}}
+        for alias, ref in table.aliases.items():
+            seen.setdefault(alias, {"id": alias, "object": "model", "created": created,
+                                    "owned_by": ref.provider, "tiergate": {"kind": "alias", "model": str(ref)}})
+        for ref in table.models():
+            seen.setdefault(str(ref), {"id": str(ref), "object": "model", "created": created,
+                                       "owned_by": ref.provider, "tiergate": {"kind": "model"}})
+        return list(seen.values())
+
+    def get_health_status(self) -> dict[str, Any]:
+        table = self._table
+        breakers = self.breakers.snapshot()
+        providers = {}
+        for name, provider in self.providers.items():
+            state = breakers.get(name, {}).get("state", "closed")
+            providers[name] = {"available": state != "open", "kind": provider.kind,
+                               "has_key": provider.has_key}
+        open_count = sum(1 for b in breakers.values() if b["state"] == "open")
+        if table is None:
+            status = "unhealthy"
+        elif providers and open_count == len(providers):
+            status = "unhealthy"
+        elif open_count or (table.problems if table else ()):
+            status = "degraded"
+        else:
+            status = "healthy"
+        return {
+            "status": status,
+            "ready": self.initialized and not self.draining,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "providers": providers,
+            "circuit_breakers": breakers,
+            "routing_table": None if table is None else {
+                "source": table.source, "age_s": round(table.age(), 3), "routes": len(table.routes),
+                "problems": list(table.problems)},
+        }
+
+    def get_metrics(self) -> dict[str, Any]:
+        return self.telemetry.snapshot()
+
+
+def apply_route_defaults(payload: dict[str, Any], route: Any, endpoint: Endpoint) -> None:
+    """Fill in the route's defaults where the client sent nothing."""
+    if endpoint is EMBEDDINGS:
+        return
+    if (route.max_tokens is not None and "max_tokens" not in payload
+            and "max_completion_tokens" not in payload):
+        payload["max_tokens"] = route.max_tokens
+    if route.temperature is not None and "temperature" not in payload:
+        payload["temperature"] = route.temperature
+    if route.system_prompt and endpoint is CHAT:
+        messages = payload.get("messages")
+        if isinstance(messages, list) and not any(
+                isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages):
+            payload["messages"] = [{"role": "system", "content": route.system_prompt}, *messages]
+
+
+async def iter_sse_json(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """Parse an SSE byte stream into the JSON objects of its `data:` lines; an error event raises."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            for line in event.splitlines():
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                obj = orjson.loads(data)
+                if isinstance(obj, dict) and "error" in obj and "choices" not in obj:
+                    err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
+                    raise UpstreamError(str(err.get("message")), code=err.get("code"))
+                yield obj
+
+
+def _messages(messages: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    if not isinstance(messages, list):
+        raise InvalidRequestError("messages must be a string or a list of messages", param="messages")
+    return messages
+
+
+def _value(x: Any) -> str | None:
+    if x is None:
+        return None
+    return x.value if isinstance(x, (UseCase, ModelTier)) else str(x)
+
+
+def _metadata(record: RequestRecord) -> dict[str, Any]:
+    return {"request_id": record.request_id, "route": record.route,
+            "provider": record.ref.provider if record.ref else None,
+            "model": str(record.ref) if record.ref else None,
+            "attempts": len(record.attempts), "cache": record.cache}
+
+
+# --- factory ---------------------------------------------------------------------------------
+
+_shared: Router | None = None
+_shared_lock: asyncio.Lock | None = None
+
+
+async def create_router(config: RouterConfig | None = None, *, dynamic: bool = False,
+                        table: RoutingTable | None = None) -> Router:
+    """A new, initialized router (the caller closes it)."""
+    router = Router(config, table=table, dynamic=dynamic)
+    await router.initialize()
+    return router
+
+
+async def get_llm_router(dynamic: bool = False, config: RouterConfig | None = None) -> Router:
+    """The process's shared router: created and initialized on the first call, the same after."""
+    global _shared, _shared_lock
+    if _shared is not None and _shared.initialized:
+        return _shared
+    if _shared_lock is None:
+        _shared_lock = asyncio.Lock()
+    async with _shared_lock:
+        if _shared is None or not _shared.initialized:
+            _shared = await create_router(config, dynamic=dynamic)
+    return _shared
+
+
+@asynccontextmanager
+async def router_context(config: RouterConfig | None = None, *, dynamic: bool = False,
+                         table: RoutingTable | None = None) -> AsyncIterator[Router]:
+    """`async with router_context() as router:` a router that is closed on exit."""
+    router = await create_router(config, dynamic=dynamic, table=table)
+    try:
+        yield router
+    finally:
+        await router.close()

@@ -1,0 +1,291 @@
+"""The HTTP server: OpenAI-compatible endpoints as thin adapters over `Router`.
+
+The app is assembled once; the router's pools live in a `cleanup_ctx`. Handlers parse the body
+once, resolve and dispatch through the router, and write upstream bytes back unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .router import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, Router, new_request_id
+from .settings import RouterConfig
+from .telemetry import RequestRecord
+from .types import (
+    InvalidRequestError,
+    NotFoundError,
+    RequestTooLargeError,
+    TiergateError,
+    UpstreamStatusError,
+)
+
+log = logging.getLogger("tiergate")
+
+ROUTER_KEY = web.AppKey("router", Router)
+
+# field -> accepted JSON types; None is accepted for every optional field
+_NUMBER = (int, float)
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "messages": (list,), "prompt": (str, list), "input": (str, list),
+    "stream": (bool,), "stream_options": (dict,), "max_tokens": (int,),
+    "max_completion_tokens": (int,), "temperature": _NUMBER, "top_p": _NUMBER, "n": (int,),
+    "stop": (str, list), "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
+    "logit_bias": (dict,), "logprobs": (bool, int), "top_logprobs": (int,), "user": (str,),
+    "seed": (int,), "tools": (list,), "tool_choice": (str, dict), "parallel_tool_calls": (bool,),
+    "response_format": (dict,), "functions": (list,), "function_call": (str, dict),
+    "dimensions": (int,), "encoding_format": (str,), "metadata": (dict,), "echo": (bool,),
+    "suffix": (str,), "best_of": (int,), "store": (bool,), "modalities": (list,),
+    "reasoning_effort": (str,), "service_tier": (str,),
+}
+REQUIRED: dict[str, str] = {CHAT.name: "messages", COMPLETIONS.name: "prompt", EMBEDDINGS.name: "input"}
+_TYPE_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "a boolean",
+               int: "an integer", float: "a number"}
+KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health",
+               "/ready", "/health/details", "/metrics"}
+
+
+def validate(endpoint: Endpoint, payload: Any, max_messages: int) -> None:
+    """Type-check the fields tiergate knows; anything else goes upstream untouched."""
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    required = REQUIRED[endpoint.name]
+    if payload.get(required) is None:
+        raise InvalidRequestError(f"'{required}' is a required property", param=required)
+    for name, value in payload.items():
+        allowed = FIELD_TYPES.get(name)
+        if allowed is None or value is None:
+            continue
+        if type(value) is bool and bool not in allowed or not isinstance(value, allowed):
+            expected = " or ".join(_TYPE_NAMES[t] for t in allowed if t in _TYPE_NAMES)
+            raise InvalidRequestError(f"'{name}' must be {expected}", param=name)
+    if endpoint is CHAT:
+        messages = payload["messages"]
+        if not messages:
+            raise InvalidRequestError("'messages' must contain at least one message", param="messages")
+        if len(messages) > max_messages:
+            raise InvalidRequestError(f"'messages' has {len(messages)} messages; at most {max_messages} "
+                                      "are accepted", param="messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise InvalidRequestError(f"'messages[{i}]' must be an object with a string 'role'",
+                                          param=f"messages[{i}]")
+
+
+def error_response(exc: TiergateError, request_id: str, extra: dict[str, str] | None = None) -> web.Response:
+    headers = {"x-request-id": request_id}
+    if extra:
+        headers.update(extra)
+    if isinstance(exc, UpstreamStatusError):
+        return web.Response(body=exc.body, status=exc.status, headers=headers,
+                            content_type=exc.content_type.split(";")[0])
+    if getattr(exc, "retry_after", None) is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))  # type: ignore[attr-defined]
+    return web.Response(body=exc.to_body(), status=exc.status, headers=headers,
+                        content_type="application/json")
+
+
+async def read_json(request: web.Request, limit: int) -> Any:
+    length = request.content_length
+    if length is not None and length > limit:
+        raise RequestTooLargeError(f"request body of {length} bytes is over the limit of {limit} bytes")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestTooLargeError(f"request body is over the limit of {limit} bytes") from None
+    if not raw:
+        raise InvalidRequestError("the request body is empty; send a JSON object")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+
+
+def _timeout_header(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 86400:
+        raise InvalidRequestError("x-tiergate-timeout must be a number of seconds greater than 0",
+                                  param="x-tiergate-timeout")
+    return seconds
+
+
+def _upstream_headers(request: web.Request) -> dict[str, str] | None:
+    traceparent = request.headers.get("traceparent")
+    if traceparent is None:
+        return None
+    headers = {"traceparent": traceparent}
+    tracestate = request.headers.get("tracestate")
+    if tracestate:
+        headers["tracestate"] = tracestate
+    return headers
+
+
+def _result_headers(record: RequestRecord) -> dict[str, str]:
+    ref = record.ref
+    headers = {
+        "x-request-id": record.request_id,
+        "x-tiergate-route": record.route,
+        "x-tiergate-cache": record.cache,
+        "x-tiergate-attempts": str(len(record.attempts)),
+    }
+    if ref is not None:
+        headers["x-tiergate-model"] = f"{ref.provider}/{ref.model}"
+        headers["x-tiergate-provider"] = ref.provider
+    return headers
+
+
+def make_handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        router = request.app[ROUTER_KEY]
+        headers = request.headers
+        record = RequestRecord(headers.get("x-request-id") or new_request_id(), endpoint.name)
+        error: BaseException | None = None
+        try:
+            payload = await read_json(request, router.config.max_body_bytes)
+            validate(endpoint, payload, router.config.max_messages)
+            result = await router.dispatch(
+                endpoint, payload, record,
+                use_case=headers.get("x-use-case"), tier=headers.get("x-model-tier"),
+                timeout=_timeout_header(headers.get("x-tiergate-timeout")),
+                headers=_upstream_headers(request))
+            if result.stream is None:
+                return web.Response(body=result.body, headers=_result_headers(record),
+                                    content_type="application/json")
+            return await _relay_stream(request, result.stream, record)
+        except TiergateError as exc:
+            error = exc
+            extra = {"x-tiergate-route": record.route} if record.route else None
+            if isinstance(exc, UpstreamStatusError) and getattr(exc, "ref", None) is not None:
+                record.ref = exc.ref  # type: ignore[attr-defined]
+                record.attempts = exc.attempts  # type: ignore[attr-defined]
+                extra = _result_headers(record)
+            return error_response(exc, record.request_id, extra)
+        except BaseException as exc:
+            error = exc
+            if isinstance(exc, (asyncio.CancelledError, ConnectionResetError)):
+                raise
+            log.exception("unexpected error in %s (request %s)", endpoint.name, record.request_id)
+            return error_response(TiergateError("internal error in tiergate; see its log for "
+                                                f"request {record.request_id}"), record.request_id)
+        finally:
+            router.finish(record, error)
+
+    handler.__name__ = f"handle_{endpoint.operation}"
+    return handler
+
+
+async def _relay_stream(request: web.Request, chunks: AsyncIterator[bytes],
+                        record: RequestRecord) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers=_result_headers(record))
+    response.content_type = "text/event-stream"
+    response.headers["Cache-Control"] = "no-cache"
+    try:
+        await response.prepare(request)
+        async for chunk in chunks:
+            await response.write(chunk)
+        await response.write_eof()
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+    return response
+
+
+async def list_models(request: web.Request) -> web.Response:
+    router = request.app[ROUTER_KEY]
+    return web.Response(body=orjson.dumps({"object": "list", "data": router.list_models()}),
+                        content_type="application/json")
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"}, dumps=_dumps)
+
+
+async def ready(request: web.Request) -> web.Response:
+    router = request.app[ROUTER_KEY]
+    ok = router.initialized and not router.draining
+    return web.json_response({"ready": ok, "draining": router.draining}, status=200 if ok else 503,
+                             dumps=_dumps)
+
+
+async def health_details(request: web.Request) -> web.Response:
+    return web.json_response(request.app[ROUTER_KEY].get_health_status(), dumps=_dumps)
+
+
+async def not_found(request: web.Request) -> web.Response:
+    rid = request.headers.get("x-request-id") or new_request_id()
+    if request.path in KNOWN_PATHS:
+        exc: TiergateError = InvalidRequestError(f"{request.method} is not allowed on {request.path}",
+                                                 code="method_not_allowed")
+        exc.status = 405
+    else:
+        exc = NotFoundError(f"no such endpoint: {request.method} {request.path}")
+    return error_response(exc, rid)
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def build_app(router: Router | RouterConfig | None = None) -> web.Application:
+    """Assemble the application; the router is initialized on start-up and closed on cleanup."""
+    if not isinstance(router, Router):
+        router = Router(router)
+    app = web.Application(client_max_size=router.config.max_body_bytes + 1)
+    app[ROUTER_KEY] = router
+
+    async def router_lifetime(app: web.Application) -> AsyncIterator[None]:
+        await router.initialize()
+        yield
+        await router.close()
+
+    app.cleanup_ctx.append(router_lifetime)
+    app.router.add_post("/v1/chat/completions", make_handler(CHAT))
+    app.router.add_post("/v1/completions", make_handler(COMPLETIONS))
+    app.router.add_post("/v1/embeddings", make_handler(EMBEDDINGS))
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/health/details", health_details)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+async def serve(config: RouterConfig, *, started: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or `stop`): then refuse new connections, mark not ready,
+    let in-flight requests and streams finish up to `drain_timeout`, and close the pools."""
+    router = Router(config)
+    app = build_app(router)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=config.drain_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, backlog=1024,
+                       reuse_port=True if config.workers > 1 else None)
+    await site.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    log.info("tiergate listening on http://%s:%s (routes from %s)", config.host, config.port,
+             router.table.source)
+    if started is not None:
+        started.set()
+    try:
+        await stop.wait()
+    finally:
+        router.draining = True
+        log.info("draining: waiting up to %ss for in-flight requests", config.drain_timeout)
+        await runner.cleanup()

@@ -1,0 +1,266 @@
+"""`RouterConfig`: every setting tiergate reads, merged as defaults < config file < environment < CLI flags.
+
+The environment includes a `.env` file in the working directory (real environment variables win
+over it). Settings are read once, at start-up; request code never looks at the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .types import ConfigError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = PACKAGE_ROOT / "config" / "routes.yaml"
+DEMO_CONFIG_PATH = PACKAGE_ROOT / "config" / "demo.yaml"
+
+# Environment names kept from the migration guides; every other field reads TIERGATE_<FIELD>.
+LEGACY_ENV = {
+    "portkey_api_key": "PORTKEY_API_KEY",
+    "openrouter_api_key": "OPENROUTER_API_KEY",
+    "database_url": "DATABASE_URL",
+    "connection_pool_size": "CONNECTION_POOL_SIZE",
+    "cache_ttl": "CACHE_TTL",
+    "cache_max_size": "CACHE_MAX_SIZE",
+    "cache_memory_limit_mb": "CACHE_MEMORY_LIMIT_MB",
+    "health_check_interval": "HEALTH_CHECK_INTERVAL",
+    "enable_monitoring": "ENABLE_MONITORING",
+    "enable_batching": "ENABLE_BATCHING",
+}
+
+SECRET_FIELDS = frozenset({"portkey_api_key", "openrouter_api_key", "database_url", "redis_url",
+                           "api_keys", "admin_key"})
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """All of tiergate's settings. Field names follow the migration guides."""
+
+    # provider keys (a provider's `api_key_env` in the table names where its key comes from)
+    portkey_api_key: str | None = None
+    openrouter_api_key: str | None = None
+    # routing table
+    config_path: str | None = None
+    allow_model_override: bool = True
+    # server
+    host: str = "127.0.0.1"
+    port: int = 8100
+    workers: int = 1
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_messages: int = 2048
+    client_body_timeout: float = 30.0
+    drain_timeout: float = 20.0
+    api_keys: tuple[str, ...] = ()
+    admin_key: str | None = None
+    # upstream calls
+    enable_fallback: bool = True
+    max_retries: int = 3
+    timeout: float = 30.0
+    connect_timeout: float = 5.0
+    attempt_timeout: float | None = None
+    retry_backoff: float = 0.1
+    retry_after_cap: float = 5.0
+    connection_pool_size: int = 100
+    connection_pool_overflow: int = 20
+    max_concurrent_per_provider: int = 0
+    max_queue_per_provider: int = 0
+    breaker_failure_threshold: int = 5
+    breaker_recovery_timeout: float = 60.0
+    health_check_interval: float = 60.0
+    # cache
+    enable_caching: bool = True
+    cache_ttl: int = 3600
+    cache_max_size: int = 1000
+    cache_memory_limit_mb: int = 100
+    redis_url: str | None = None
+    redis_timeout: float = 0.05
+    # batching
+    enable_batching: bool = False
+    batch_window_ms: float = 5.0
+    batch_max_inputs: int = 256
+    # database
+    database_url: str | None = None
+    db_pool_size: int = 5
+    db_timeout: float = 5.0
+    refresh_interval: float = 30.0
+    # observability
+    enable_monitoring: bool = True
+    log_level: str = "INFO"
+    log_prompts: bool = False
+    # the merged environment (with .env), kept to resolve `api_key_env` names in the table
+    env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            if f.name == "env":
+                continue
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS and value:
+                value = "***"
+            shown.append(f"{f.name}={value!r}")
+        return f"RouterConfig({', '.join(shown)})"
+
+    __str__ = __repr__
+
+    def replace(self, **changes: Any) -> RouterConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def table_path(self) -> Path:
+        return Path(self.config_path) if self.config_path else DEFAULT_CONFIG_PATH
+
+    @property
+    def database_dsn(self) -> str | None:
+        """`DATABASE_URL` in the form asyncpg takes (`postgresql+asyncpg://` accepted)."""
+        if not self.database_url:
+            return None
+        return self.database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+    @classmethod
+    def load(
+        cls,
+        config_path: str | os.PathLike[str] | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        dotenv_path: str | os.PathLike[str] | None = ".env",
+        overrides: Mapping[str, Any] | None = None,
+    ) -> RouterConfig:
+        """Merge defaults < the config file's `settings:` < environment (+ .env) < overrides."""
+        env = dict(read_dotenv(dotenv_path)) if dotenv_path else {}
+        env.update(os.environ if environ is None else environ)
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+
+        path = overrides.get("config_path") or config_path or env.get("TIERGATE_CONFIG")
+        values: dict[str, Any] = {}
+        if path:
+            values["config_path"] = str(path)
+        file_settings = _file_settings(Path(path) if path else DEFAULT_CONFIG_PATH)
+        values.update(file_settings)
+        values.update(_env_settings(env))
+        values.update(overrides)
+        values["env"] = env
+        return cls.from_mapping(values, source="settings")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "settings") -> RouterConfig:
+        """Build from loosely typed values (strings from the environment are converted)."""
+        hints = get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for name, raw in values.items():
+            if name not in known:
+                raise ConfigError(f"{source}: unknown setting {name!r}", param=name)
+            kwargs[name] = raw if name == "env" else _coerce(name, hints[name], raw, source)
+        return cls(**kwargs)
+
+
+def read_dotenv(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Parse a `.env` file: KEY=VALUE lines, `export` prefix, quotes and comments allowed."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    out: dict[str, str] = {}
+    for line in p.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        out[key.strip()] = value
+    return out
+
+
+def _env_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for f in fields(RouterConfig):
+        if f.name == "env":
+            continue
+        for name in (LEGACY_ENV.get(f.name), f"TIERGATE_{f.name.upper()}"):
+            if name and env.get(name, "") != "":
+                values[f.name] = env[name]
+    if env.get("TIERGATE_API_KEYS_FILE"):
+        keys_file = Path(env["TIERGATE_API_KEYS_FILE"])
+        try:
+            lines = keys_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"TIERGATE_API_KEYS_FILE: cannot read {keys_file}: {exc.strerror}") from None
+        file_keys = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+        existing = _split_list(values.get("api_keys", ""))
+        values["api_keys"] = tuple(existing + file_keys)
+    return values
+
+
+def _file_settings(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        return {}
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        return {}
+    settings = doc.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: settings: must be a mapping", param="settings")
+    return dict(settings)
+
+
+def _split_list(raw: Any) -> list[str]:
+    if isinstance(raw, (list, tuple)):
+        return [str(x).strip() for x in raw if str(x).strip()]
+    return [p.strip() for p in str(raw).split(",") if p.strip()]
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _coerce(name: str, hint: Any, raw: Any, source: str) -> Any:
+    text = str(hint)
+    optional = "None" in text
+    if raw is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {name} may not be empty", param=name)
+    try:
+        if "tuple" in text:
+            return tuple(_split_list(raw))
+        if hint is bool:
+            if isinstance(raw, bool):
+                return raw
+            lowered = str(raw).strip().lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+            raise ValueError("expected true or false")
+        if hint is int or text.startswith("int"):
+            if isinstance(raw, bool):
+                raise ValueError("expected a whole number")
+            return int(str(raw).strip()) if not isinstance(raw, int) else raw
+        if hint is float or text.startswith("float"):
+            if isinstance(raw, bool):
+                raise ValueError("expected a number")
+            return float(raw)
+        if optional and str(raw).strip() == "":
+            return None
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        shown = "***" if name in SECRET_FIELDS else repr(raw)
+        raise ConfigError(f"{source}: {name} = {shown} is invalid: {exc}", param=name) from None

@@ -1,0 +1,228 @@
+"""Value types and errors shared by every part of tiergate. No I/O here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+
+
+class UseCase(enum.StrEnum):
+    """What kind of work a call is."""
+
+    CODE_GENERATION = "code_generation"
+    ARCHITECTURE_DESIGN = "architecture_design"
+    DEBUGGING = "debugging"
+    DOCUMENTATION = "documentation"
+    CHAT_CONVERSATION = "chat_conversation"
+    MEMORY_PROCESSING = "memory_processing"
+    WORKFLOW_ORCHESTRATION = "workflow_orchestration"
+    GENERAL_PURPOSE = "general_purpose"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ModelTier(enum.StrEnum):
+    """How much quality a call wants to pay for."""
+
+    PREMIUM = "premium"
+    STANDARD = "standard"
+    ECONOMY = "economy"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+DEFAULT_USE_CASE = UseCase.GENERAL_PURPOSE
+DEFAULT_TIER = ModelTier.STANDARD
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """A concrete model at a provider: `provider/model-id`."""
+
+    provider: str
+    model: str
+
+    @classmethod
+    def parse(cls, ref: str) -> ModelRef:
+        provider, sep, model = ref.partition("/")
+        if not sep or not provider or not model:
+            raise ValueError(f"model reference {ref!r} is not of the form provider/model-id")
+        return cls(provider, model)
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+
+CACHE_POLICIES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One row of the routing table: a (use case, tier) and the models that serve it."""
+
+    use_case: UseCase
+    tier: ModelTier
+    model: ModelRef
+    fallbacks: tuple[ModelRef, ...] = ()
+    max_tokens: int | None = None
+    temperature: float | None = None
+    system_prompt: str | None = None
+    cache: str = "auto"
+    cache_ttl: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.use_case.value}:{self.tier.value}"
+
+    @property
+    def candidates(self) -> tuple[ModelRef, ...]:
+        return (self.model, *self.fallbacks)
+
+
+@dataclass(slots=True)
+class LLMResponse:
+    """A completed (non-streamed) answer, as the library API returns it."""
+
+    id: str
+    model: str
+    choices: list[dict[str, Any]]
+    usage: dict[str, Any] = field(default_factory=dict)
+    created: int = 0
+    cached: bool = False
+    latency_ms: float = 0.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def content(self) -> str | None:
+        """The text of the first choice (chat message or completion text)."""
+        if not self.choices:
+            return None
+        first = self.choices[0]
+        message = first.get("message")
+        if isinstance(message, dict):
+            return message.get("content")
+        return first.get("text")
+
+    def dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+class TiergateError(Exception):
+    """Base of every error tiergate raises; each maps to an OpenAI error body and status."""
+
+    status: int = 500
+    error_type: str = "api_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_body(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+
+class ConfigError(TiergateError):
+    """The routing table or settings are invalid; names the file and key."""
+
+    status = 500
+    error_type = "configuration_error"
+    code = "invalid_configuration"
+
+
+class InvalidRequestError(TiergateError):
+    """The client's request is malformed (bad JSON, wrong field type, ...)."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class UnknownRouteError(InvalidRequestError):
+    """Unknown use case, tier or model; the message lists the valid values."""
+
+    code = "unknown_route"
+
+
+class RequestTooLargeError(InvalidRequestError):
+    status = 413
+    code = "request_too_large"
+
+
+class AuthenticationError(TiergateError):
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFoundError(InvalidRequestError):
+    status = 404
+    code = "not_found"
+
+
+class RateLimitError(TiergateError):
+    """tiergate's own limits are full (not an upstream 429, which is retried)."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, **kw: Any):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class RequestTimeoutError(InvalidRequestError):
+    """The client was too slow sending its request."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class UpstreamError(TiergateError):
+    """No candidate could answer; the status says why (502 unreachable, 503 none available, 504 timeout)."""
+
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_unreachable"
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
+                 attempts: list[dict[str, Any]] | None = None):
+        super().__init__(message, code=code)
+        if status is not None:
+            self.status = status
+        self.attempts = attempts or []
+
+
+class UpstreamStatusError(TiergateError):
+    """An upstream answered with a client error (4xx) that is passed through as it came."""
+
+    def __init__(self, status: int, body: bytes, content_type: str = "application/json"):
+        super().__init__(f"upstream answered {status}")
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.error_type = "upstream_error"
+
+    def to_body(self) -> bytes:
+        return self.body

@@ -1,0 +1,109 @@
+"""Shared fixtures: mock upstreams on loopback, a running tiergate, the official OpenAI SDK."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.router import Router
+from proxy.routing import table_from_dict
+from proxy.server import build_app
+from proxy.settings import RouterConfig
+
+from .upstream import MockUpstream
+
+PRIMARY_KEY = "sk-primary-SECRET-1234567890"
+BACKUP_KEY = "sk-backup-SECRET-0987654321"
+
+
+def make_config(**overrides: Any) -> RouterConfig:
+    """Settings for tests: no environment, no .env, small fast timeouts unless overridden."""
+    base = {"timeout": 5.0, "retry_backoff": 0.001, "retry_after_cap": 0.05, "enable_monitoring": True}
+    base.update(overrides)
+    return RouterConfig.load(environ={}, dotenv_path=None, overrides=base)
+
+
+def table_doc(primary: MockUpstream, backup: MockUpstream | None = None, **route: Any) -> dict[str, Any]:
+    """A table with provider `primary` (and `backup` as fallback) for every route of general_purpose."""
+    providers: dict[str, Any] = {"primary": {"base_url": primary.url, "api_key": PRIMARY_KEY}}
+    fallbacks = []
+    if backup is not None:
+        providers["backup"] = {"base_url": backup.url, "api_key": BACKUP_KEY,
+                               "api_key_header": "x-backup-key"}
+        fallbacks = ["backup/model-b"]
+    routes = [
+        {"use_case": "general_purpose", "tier": "standard", "model": "primary/model-a",
+         "fallbacks": fallbacks, **route},
+        {"use_case": "code_generation", "tier": "premium", "model": "primary/model-p",
+         "fallbacks": fallbacks, "max_tokens": 999, "temperature": 0.1,
+         "system_prompt": "You write code."},
+    ]
+    return {"providers": providers, "routes": routes,
+            "aliases": {"fast": "primary/model-fast", "embed-small": "primary/text-embed"}}
+
+
+@dataclass
+class Running:
+    url: str
+    router: Router
+    runner: web.AppRunner
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[MockUpstream]:
+    server = await MockUpstream("primary").start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def backup() -> AsyncIterator[MockUpstream]:
+    server = await MockUpstream("backup").start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def start_tiergate() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
+    """Factory: `await start_tiergate(doc, **settings)` runs tiergate on a loopback port."""
+    started: list[Running] = []
+
+    async def start(doc: dict[str, Any], **settings: Any) -> Running:
+        config = make_config(**settings)
+        router = Router(config, table=table_from_dict(doc, source="test",
+                                                      allow_model_override=config.allow_model_override))
+        runner = web.AppRunner(build_app(router), handler_cancellation=True, access_log=None,
+                               shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        running = Running(f"http://127.0.0.1:{port}", router, runner)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        await running.runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def tiergate(upstream: MockUpstream, backup: MockUpstream,
+                   start_tiergate: Callable[..., Awaitable[Running]]) -> Running:
+    """tiergate in front of `upstream` (primary) with `backup` as the fallback."""
+    return await start_tiergate(table_doc(upstream, backup))

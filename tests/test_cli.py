@@ -1,0 +1,75 @@
+"""The `tiergate` command as a user runs it: real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+
+import aiohttp
+import openai
+
+from proxy.settings import DEMO_CONFIG_PATH
+
+ENV = {k: v for k, v in os.environ.items() if not k.startswith(("TIERGATE_", "OPENROUTER", "PORTKEY"))}
+
+
+def run_cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True,
+                          env=ENV, cwd=cwd, timeout=60)
+
+
+def test_check_prints_the_table():
+    done = run_cli("check", "--demo")
+    assert done.returncode == 0, done.stderr
+    assert "24 routes" in done.stdout and "code_generation:premium" in done.stdout
+
+
+def test_check_and_serve_fail_on_a_bad_table_naming_file_and_key(tmp_path):
+    bad = tmp_path / "routes.yaml"
+    bad.write_text(DEMO_CONFIG_PATH.read_text().replace("tier: economy", "tier: cheap", 1))
+    for args in (("check", "--config", str(bad)), ("serve", "--config", str(bad), "--port", "0")):
+        done = run_cli(*args, cwd=str(tmp_path))
+        assert done.returncode == 2
+        assert f"{bad}: routes[2].tier: 'cheap' is not one of" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_healthy(url: str, proc: asyncio.subprocess.Process) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with asyncio.timeout(20):
+            while True:
+                assert proc.returncode is None, "tiergate exited"
+                try:
+                    async with http.get(url + "/health") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+
+
+async def test_serve_demo_answers_the_openai_sdk(tmp_path):
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--demo", "--port", str(port), env=ENV, cwd=str(tmp_path),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_healthy(url, proc)
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
+            answer = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}])
+            assert answer.choices[0].message.content == "Mock answer from gpt-4o-mini: hello"
+            vectors = await client.embeddings.create(model="text-embedding-3-small", input="abc")
+            assert len(vectors.data[0].embedding) == 8   # base64 by default in the SDK, decoded
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
