@@ -31,11 +31,17 @@ def _noop() -> None:
 
 
 class _StateListener(pybreaker.CircuitBreakerListener):
-    def __init__(self, on_change: Callable[[str, str, str], None]):
+    """Stamps `opened_at` with the adapter's clock and reports each transition."""
+
+    def __init__(self, clock: Callable[[], datetime], on_change: Callable[[str, str, str], None] | None):
+        self.clock = clock
         self.on_change = on_change
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
-        self.on_change(cb.name or "", old_state.name if old_state else "", new_state.name)
+        if new_state.name == pybreaker.STATE_OPEN:
+            cb._state_storage.opened_at = self.clock()
+        if self.on_change is not None:
+            self.on_change(cb.name or "", old_state.name if old_state else "", new_state.name)
 
 
 class AsyncCircuitBreaker:
@@ -50,11 +56,10 @@ class AsyncCircuitBreaker:
         clock: Callable[[], datetime] | None = None,
         on_state_change: Callable[[str, str, str], None] | None = None,
     ):
-        listeners = [_StateListener(on_state_change)] if on_state_change else []
-        self._cb = pybreaker.CircuitBreaker(
-            fail_max=fail_max, reset_timeout=reset_timeout, name=name, listeners=listeners,
-            throw_new_error_on_trip=False)
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._cb = pybreaker.CircuitBreaker(
+            fail_max=fail_max, reset_timeout=reset_timeout, name=name,
+            listeners=[_StateListener(self._clock, on_state_change)], throw_new_error_on_trip=False)
         self._trial_in_flight = False
         self.name = name
 

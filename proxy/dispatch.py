@@ -266,17 +266,25 @@ class Dispatcher:
                 resp.close()
 
     def _all_failed(self, decision: RouteDecision, attempts: list[Attempt]) -> UpstreamError:
-        tried = [a for a in attempts if a.outcome not in ("breaker_open", "unknown_provider")]
+        sent = [a for a in attempts if a.outcome not in _SKIPPED]
         reasons = "; ".join(a.describe() for a in attempts) or "no candidate"
-        if not tried:
+        if not sent:
             status, code = 503, "no_provider_available"
-        elif all(a.outcome == "timeout" for a in tried):
+        elif all(a.outcome == "timeout" for a in sent):
             status, code = 504, "upstream_timeout"
         else:
             status, code = 502, "upstream_failed"
         return UpstreamError(
             f"route {decision.name}: every candidate failed ({reasons})",
-            status=status, code=code, attempts=[_attempt_dict(a) for a in attempts])
+            status=status, code=code, attempts=attempts)
+
+
+def tried(attempts: list[Attempt]) -> int:
+    """How many attempts really went to a provider (skips for open breakers do not count)."""
+    return sum(1 for a in attempts if a.outcome not in _SKIPPED)
+
+
+_SKIPPED = frozenset({"breaker_open", "unknown_provider"})
 
 
 class _Retryable(Exception):
@@ -288,11 +296,6 @@ class _Retryable(Exception):
 def stream_error_event(message: str, *, code: str, error_type: str = "upstream_error") -> bytes:
     return b"data: " + orjson.dumps({"error": {"message": message, "type": error_type,
                                                "param": None, "code": code}}) + b"\n\n"
-
-
-def _attempt_dict(a: Attempt) -> dict[str, Any]:
-    return {"provider": a.provider, "model": a.model, "outcome": a.outcome, "status": a.status,
-            "latency_ms": round(a.latency_ms, 3)}
 
 
 def _looks_like_json_object(data: bytes) -> bool:

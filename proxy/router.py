@@ -9,15 +9,17 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
 
 from .breaker import BreakerBoard
-from .dispatch import Dispatcher, Result
+from .dispatch import Dispatcher, Result, tried
+from .health import HealthMonitor
 from .providers import Provider, make_provider
 from .routing import RoutingTable, load_table
 from .settings import RouterConfig
@@ -55,14 +57,18 @@ class Router:
     """Routes OpenAI-shaped requests to providers. Create, `await initialize()`, use, `await close()`."""
 
     def __init__(self, config: RouterConfig | None = None, *, table: RoutingTable | None = None,
-                 dynamic: bool = False):
+                 dynamic: bool = False, breaker_clock: Callable[[], datetime] | None = None):
         self.config = config or RouterConfig.load()
         self.dynamic = dynamic
         self._table = table
         self.providers: dict[str, Provider] = {}
         self.breakers = BreakerBoard(fail_max=self.config.breaker_failure_threshold,
-                                     reset_timeout=self.config.breaker_recovery_timeout)
-        self.dispatcher = Dispatcher(self.providers, self.breakers, self.config)
+                                     reset_timeout=self.config.breaker_recovery_timeout,
+                                     clock=breaker_clock)
+        self.health = HealthMonitor(self.providers, interval=self.config.health_check_interval,
+                                    timeout=self.config.connect_timeout)
+        self.dispatcher = Dispatcher(self.providers, self.breakers, self.config,
+                                     on_attempt=self.health.observe)
         self.telemetry = Telemetry(self.config.enable_monitoring)
         self.started_at = time.time()
         self.initialized = False
@@ -78,9 +84,11 @@ class Router:
             self._table = load_table(self.config.table_path,
                                      allow_model_override=self.config.allow_model_override)
         await self.apply_table(self._table)
+        self.health.start()
         self.initialized = True
 
     async def close(self) -> None:
+        await self.health.stop()
         for provider in list(self.providers.values()):
             await provider.close()
         self.providers.clear()
@@ -257,19 +265,14 @@ class Router:
         return list(seen.values())
 
     def get_health_status(self) -> dict[str, Any]:
+        """Overall status, providers, breakers, the routing table's source and age, uptime."""
         table = self._table
         breakers = self.breakers.snapshot()
-        providers = {}
-        for name, provider in self.providers.items():
-            state = breakers.get(name, {}).get("state", "closed")
-            providers[name] = {"available": state != "open", "kind": provider.kind,
-                               "has_key": provider.has_key}
-        open_count = sum(1 for b in breakers.values() if b["state"] == "open")
-        if table is None:
+        providers = self.health.snapshot({name: b["state"] for name, b in breakers.items()})
+        unavailable = sum(1 for p in providers.values() if not p["available"])
+        if table is None or (providers and unavailable == len(providers)):
             status = "unhealthy"
-        elif providers and open_count == len(providers):
-            status = "unhealthy"
-        elif open_count or (table.problems if table else ()):
+        elif unavailable or table.problems:
             status = "degraded"
         else:
             status = "healthy"
@@ -342,7 +345,7 @@ def _metadata(record: RequestRecord) -> dict[str, Any]:
     return {"request_id": record.request_id, "route": record.route,
             "provider": record.ref.provider if record.ref else None,
             "model": str(record.ref) if record.ref else None,
-            "attempts": len(record.attempts), "cache": record.cache}
+            "attempts": tried(record.attempts), "cache": record.cache}
 
 
 # --- factory ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .dispatch import tried
 from .router import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, Router, new_request_id
 from .settings import RouterConfig
 from .telemetry import RequestRecord
@@ -137,7 +138,7 @@ def _result_headers(record: RequestRecord) -> dict[str, str]:
         "x-request-id": record.request_id,
         "x-tiergate-route": record.route,
         "x-tiergate-cache": record.cache,
-        "x-tiergate-attempts": str(len(record.attempts)),
+        "x-tiergate-attempts": str(tried(record.attempts)),
     }
     if ref is not None:
         headers["x-tiergate-model"] = f"{ref.provider}/{ref.model}"

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from .dispatch import Attempt
+from .dispatch import Attempt, tried
 from .types import ModelRef
 
 log = logging.getLogger("tiergate")
@@ -60,7 +60,7 @@ class Telemetry:
             "msg": "request", "request_id": record.request_id, "endpoint": record.endpoint,
             "route": record.route, "model": str(record.ref) if record.ref else None,
             "status": record.status, "latency_ms": round(record.latency_ms, 3),
-            "stream": record.stream, "cache": record.cache, "attempts": len(record.attempts),
+            "stream": record.stream, "cache": record.cache, "attempts": tried(record.attempts),
             "error": record.error,
         }
         self._out.write(orjson.dumps(line).decode() + "\n")

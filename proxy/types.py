@@ -207,7 +207,7 @@ class UpstreamError(TiergateError):
     code = "upstream_unreachable"
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 attempts: list[dict[str, Any]] | None = None):
+                 attempts: list[Any] | None = None):
         super().__init__(message, code=code)
         if status is not None:
             self.status = status

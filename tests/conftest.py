@@ -77,10 +77,11 @@ async def start_tiergate() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
     """Factory: `await start_tiergate(doc, **settings)` runs tiergate on a loopback port."""
     started: list[Running] = []
 
-    async def start(doc: dict[str, Any], **settings: Any) -> Running:
+    async def start(doc: dict[str, Any], *, breaker_clock: Any = None, **settings: Any) -> Running:
         config = make_config(**settings)
         router = Router(config, table=table_from_dict(doc, source="test",
-                                                      allow_model_override=config.allow_model_override))
+                                                      allow_model_override=config.allow_model_override),
+                        breaker_clock=breaker_clock)
         runner = web.AppRunner(build_app(router), handler_cancellation=True, access_log=None,
                                shutdown_timeout=1.0)
         await runner.setup()

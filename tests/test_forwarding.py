@@ -153,7 +153,10 @@ async def test_wrong_field_types_are_400_naming_the_field(tiergate, http, body, 
     assert error["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1,2]", "{\"messages\": \"\udcff\"}".encode("utf-8", "surrogatepass")])
+BAD_UTF8 = "{\"messages\": \"\udcff\"}".encode("utf-8", "surrogatepass")
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1,2]", BAD_UTF8])
 async def test_malformed_bodies_are_400(tiergate, http, raw):
     status, _, data = await post(http, tiergate.v1 + "/chat/completions", raw)
     assert status == 400

@@ -110,7 +110,8 @@ def test_shipped_tables_cover_every_use_case_and_tier():
 
 @pytest.mark.parametrize("mutate,expected", [
     (lambda d: d["routes"][0].update(tier="gold"), "routes[0].tier: 'gold' is not one of"),
-    (lambda d: d["routes"][1].update(model="nowhere/x"), "routes[1].model: 'nowhere/x' names provider 'nowhere'"),
+    (lambda d: d["routes"][1].update(model="nowhere/x"),
+     "routes[1].model: 'nowhere/x' names provider 'nowhere'"),
     (lambda d: d["routes"][0].update(fallbacks=["p"]), "routes[0].fallbacks[0]: model reference 'p' is not of the form"),
     (lambda d: d["routes"][0].update(temperature="hot"), "routes[0].temperature: 'hot' is not a number"),
     (lambda d: d["routes"][0].update(colour="red"), "routes[0].colour: unknown key"),

@@ -1,0 +1,63 @@
+"""Graceful shutdown of a real `tiergate serve` process: SIGTERM in the middle of streams."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import aiohttp
+import orjson
+import yaml
+
+from .conftest import table_doc
+from .test_cli import ENV, free_port, wait_healthy
+from .upstream import MockUpstream, Ok
+
+
+async def test_sigterm_lets_in_flight_streams_finish(tmp_path):
+    upstream = await MockUpstream("primary").start()
+    gate = asyncio.Event()
+    streams = 3
+    upstream.push(*[Ok(gate=gate) for _ in range(streams)])
+    config = tmp_path / "routes.yaml"
+    config.write_text(yaml.safe_dump(table_doc(upstream)))
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),
+        env={**ENV, "TIERGATE_DRAIN_TIMEOUT": "20", "TIERGATE_HEALTH_CHECK_INTERVAL": "0"},
+        cwd=str(tmp_path), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_healthy(url, proc)
+        async with aiohttp.ClientSession() as http:
+            body = orjson.dumps({"model": "general_purpose", "stream": True,
+                                 "messages": [{"role": "user", "content": "hi"}]})
+            responses = [await http.post(url + "/v1/chat/completions", data=body) for _ in range(streams)]
+            for resp in responses:
+                assert resp.status == 200
+                await resp.content.readuntil(b"\n\n")   # each stream has started
+            proc.send_signal(signal.SIGTERM)
+            # new connections are refused while the streams drain
+            async with asyncio.timeout(10):
+                while True:
+                    try:
+                        async with aiohttp.ClientSession() as fresh:
+                            async with fresh.get(url + "/ready") as ready:
+                                assert ready.status in (200, 503)
+                        await asyncio.sleep(0.02)
+                    except aiohttp.ClientConnectionError:
+                        break
+            assert proc.returncode is None          # still draining
+            gate.set()                              # the upstream finishes the streams
+            for resp in responses:
+                rest = await asyncio.wait_for(resp.content.read(), 10)
+                assert rest.endswith(b"data: [DONE]\n\n")
+                resp.close()
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert upstream.completed == streams and upstream.cancelled == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await upstream.stop()
