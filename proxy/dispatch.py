@@ -89,7 +89,9 @@ class Dispatcher:
         self._sleep = sleep
         self._on_attempt = on_attempt
         attempt_timeout = config.attempt_timeout or config.timeout
-        self._client_timeout = aiohttp.ClientTimeout(
+        # a whole non-stream attempt runs under asyncio.timeout; a stream also bounds each gap
+        self._client_timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout)
+        self._stream_timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_read=attempt_timeout)
         self._attempt_timeout = attempt_timeout
 
@@ -196,7 +198,8 @@ class Dispatcher:
         resp: UpstreamResponse | None = None
         try:
             async with asyncio.timeout(budget):
-                resp = await provider.send(path, body, headers, self._client_timeout)
+                resp = await provider.send(path, body, headers,
+                                           self._stream_timeout if stream else self._client_timeout)
                 status = resp.status
                 if status != 200:
                     data = await resp.read()
@@ -299,9 +302,17 @@ def stream_error_event(message: str, *, code: str, error_type: str = "upstream_e
 
 
 def _looks_like_json_object(data: bytes) -> bool:
-    """A cheap check, not a parse: a whole JSON object starts with { and ends with }."""
-    stripped = data.strip()
-    return stripped[:1] == b"{" and stripped[-1:] == b"}"
+    """A cheap check, not a parse (and no copy): a whole JSON object starts with { and ends with }."""
+    start = 0
+    end = len(data) - 1
+    while start <= end and data[start] in _WHITESPACE:
+        start += 1
+    while end > start and data[end] in _WHITESPACE:
+        end -= 1
+    return start < end and data[start] == 0x7B and data[end] == 0x7D
+
+
+_WHITESPACE = frozenset(b" \t\r\n")
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -7,6 +7,7 @@ pooled sessions, their breakers and the dispatcher, and exposes the library API.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -49,8 +50,13 @@ COMPLETIONS = Endpoint("completions", "/completions", "text_completion", True)
 EMBEDDINGS = Endpoint("embeddings", "/embeddings", "embeddings", False)
 
 
+_ID_PREFIX = "req_" + os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+    """Unique per process (random prefix) and across processes; no system call per request."""
+    return f"{_ID_PREFIX}{next(_id_counter):010x}"
 
 
 class Router:
