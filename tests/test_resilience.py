@@ -230,3 +230,14 @@ async def test_active_health_checks_run_in_the_background(upstream, start_tierga
     status = running.router.get_health_status()
     assert status["status"] == "unhealthy"
     assert status["providers"]["primary"]["last_check_error"]
+
+
+def test_retry_after_forms():
+    from email.utils import format_datetime
+
+    from proxy.dispatch import _retry_after
+
+    assert _retry_after("2") == 2.0 and _retry_after("0.5") == 0.5
+    assert _retry_after(None) is None and _retry_after("soon") is None
+    later = datetime.now(UTC) + timedelta(seconds=30)
+    assert 25 < _retry_after(format_datetime(later, usegmt=True)) <= 30

@@ -1,0 +1,182 @@
+"""Load benchmark: direct (nginx mock upstream) vs the floor forwarder vs tiergate.
+
+One command: `python bench/run.py` (needs nginx and wrk from Debian: apt-get install nginx-light wrk).
+tiergate and the floor are pinned to core 0, nginx and wrk to core 1. For each target: latency
+p50/p99 at concurrency 1, requests/s at concurrency 64, errors, and the server's RSS after the load.
+Writes bench/out/last.md and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+UPSTREAM_PORT, FLOOR_PORT, TIERGATE_PORT = 18001, 18002, 18003
+ANSWER = ('{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench-model",'
+          '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},'
+          '"logprobs":null,"finish_reason":"stop"}],'
+          '"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}}')
+BODY = ('{"model":"general_purpose","messages":[{"role":"system","content":"You are helpful."},'
+        '{"role":"user","content":"Hello there, please say hello back."}],"temperature":0.7}')
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body;
+  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+  server {{
+    listen 127.0.0.1:{port} reuseport backlog=4096;
+    location / {{
+      default_type application/json;
+      return 200 '{answer}';
+    }}
+  }}
+}}
+"""
+
+TABLE = """
+providers:
+  bench: {{base_url: "http://127.0.0.1:{port}/v1", api_key: sk-bench}}
+routes:
+  - {{use_case: general_purpose, tier: standard, model: bench/bench-model}}
+"""
+
+WRK_LUA = """
+wrk.method = "POST"
+wrk.body = [[{body}]]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-client"
+"""
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=BODY.encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing answered on port {port}")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def to_ms(value: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", value)
+    assert m, value
+    n = float(m.group(1))
+    return {"us": n / 1000, "ms": n, "s": n * 1000}[m.group(2)]
+
+
+def wrk(port: int, connections: int, seconds: int, script: Path) -> dict[str, float]:
+    out = subprocess.run(
+        ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
+         f"http://127.0.0.1:{port}/v1/chat/completions"], capture_output=True, text=True, check=True).stdout
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+              "p50": to_ms(re.search(r"50%\s+(\S+)", out).group(1)),
+              "p99": to_ms(re.search(r"99%\s+(\S+)", out).group(1))}
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    result["errors"] = errors
+    result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
+    parser.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for tiergate")
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk", "taskset"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            raise SystemExit(f"{tool} is needed: apt-get install nginx-light wrk")
+    tmp = Path(tempfile.mkdtemp(prefix="tiergate-bench-"))
+    (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=UPSTREAM_PORT, answer=ANSWER))
+    (tmp / "routes.yaml").write_text(TABLE.format(port=UPSTREAM_PORT))
+    script = tmp / "post.lua"
+    script.write_text(WRK_LUA.format(body=BODY))
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    env = {**os.environ, "TIERGATE_HEALTH_CHECK_INTERVAL": "0"}
+    env.update(dict(kv.split("=", 1) for kv in args.env))
+    procs = []
+    try:
+        procs.append(subprocess.Popen(["taskset", "-c", "1", nginx, "-c", str(tmp / "nginx.conf"), "-p", str(tmp)]))
+        wait_port(UPSTREAM_PORT)
+        floor = subprocess.Popen(["taskset", "-c", "0", sys.executable, str(HERE / "floor.py"), str(FLOOR_PORT),
+                                  f"http://127.0.0.1:{UPSTREAM_PORT}/v1/chat/completions"])
+        procs.append(floor)
+        log = open(tmp / "tiergate.log", "w")
+        tiergate = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "proxy", "serve", "--config",
+                                     str(tmp / "routes.yaml"), "--port", str(TIERGATE_PORT)],
+                                    cwd=str(tmp), env=env, stdout=log, stderr=log)
+        procs.append(tiergate)
+        wait_port(FLOOR_PORT)
+        wait_port(TIERGATE_PORT)
+        rows = {}
+        for name, port, pid in (("direct", UPSTREAM_PORT, None), ("floor", FLOOR_PORT, floor.pid),
+                                ("tiergate", TIERGATE_PORT, tiergate.pid)):
+            wrk(port, 8, 2, script)  # warm up pools and caches
+            c1 = wrk(port, 1, args.seconds, script)
+            c64 = wrk(port, 64, args.seconds, script)
+            rows[name] = {"p50": c1["p50"], "p99": c1["p99"], "rps": c64["rps"],
+                          "errors": c1["errors"] + c64["errors"],
+                          "rss": rss_mib(pid) if pid else float("nan")}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    d, f, t = rows["direct"], rows["floor"], rows["tiergate"]
+    lines = ["| target | p50 ms (c=1) | p99 ms (c=1) | added p50 / p99 ms | req/s (c=64) | errors | RSS MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in rows.items():
+        added = "-" if name == "direct" else f"{r['p50'] - d['p50']:.3f} / {r['p99'] - d['p99']:.3f}"
+        rss = "-" if r["rss"] != r["rss"] else f"{r['rss']:.1f}"
+        lines.append(f"| {name} | {r['p50']:.3f} | {r['p99']:.3f} | {added} | {r['rps']:.0f} | "
+                     f"{int(r['errors'])} | {rss} |")
+    lines.append("")
+    lines.append(f"tiergate vs floor: added p50 {(t['p50'] - f['p50']):+.3f} ms (target <= +0.1), "
+                 f"added p99 {t['p99'] - d['p99']:.3f} ms (target <= 1), "
+                 f"req/s {100 * t['rps'] / f['rps']:.1f}% of floor (target >= 85%), "
+                 f"RSS {t['rss']:.1f} MiB (target < 60)")
+    text = "\n".join(lines)
+    print(text)
+    (HERE / "out").mkdir(exist_ok=True)
+    (HERE / "out" / "last.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
