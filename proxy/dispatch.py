@@ -89,8 +89,6 @@ class Dispatcher:
         self._sleep = sleep
         self._on_attempt = on_attempt
         attempt_timeout = config.attempt_timeout or config.timeout
-        # a whole non-stream attempt runs under asyncio.timeout; a stream also bounds each gap
-        self._client_timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout)
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_read=attempt_timeout)
         self._attempt_timeout = attempt_timeout
@@ -195,26 +193,28 @@ class Dispatcher:
     async def _attempt(self, provider: Provider, path: str, body: bytes,
                        headers: Mapping[str, str] | None, stream: bool, budget: float,
                        ref: ModelRef, attempts: list[Attempt]) -> Result:
+        """One try. A non-stream attempt runs under aiohttp's own total timeout (cheaper than
+        asyncio.timeout); a stream is bounded until its first chunk, then by the per-chunk gap."""
         resp: UpstreamResponse | None = None
         try:
+            if not stream:
+                timeout = aiohttp.ClientTimeout(total=budget, connect=self.config.connect_timeout)
+                resp = await provider.send(path, body, headers, timeout)
+                data = await resp.read()
+                resp.release()
+                status = resp.status
+                if status != 200:
+                    raise self._failure(status, data, resp, ref)
+                if not _looks_like_json_object(data):
+                    raise _Retryable(Attempt(ref.provider, ref.model, "invalid_response", status))
+                return Result(200, ref, attempts, body=data)
             async with asyncio.timeout(budget):
-                resp = await provider.send(path, body, headers,
-                                           self._stream_timeout if stream else self._client_timeout)
+                resp = await provider.send(path, body, headers, self._stream_timeout)
                 status = resp.status
                 if status != 200:
                     data = await resp.read()
                     resp.release()
-                    if status in RETRYABLE_STATUS or status >= 500:
-                        raise _Retryable(Attempt(ref.provider, ref.model, f"http_{status}", status),
-                                         _retry_after(resp.headers.get("Retry-After")))
-                    raise UpstreamStatusError(status, data, resp.headers.get("Content-Type", "application/json"))
-                if not stream:
-                    data = await resp.read()
-                    resp.release()
-                    if not _looks_like_json_object(data):
-                        raise _Retryable(Attempt(ref.provider, ref.model, "invalid_response", status))
-                    return Result(200, ref, attempts, body=data,
-                                  content_type=resp.headers.get("Content-Type", "application/json"))
+                    raise self._failure(status, data, resp, ref)
                 first = await resp.content.readany()
                 if not first:
                     resp.close()
@@ -237,6 +237,13 @@ class Dispatcher:
         return Result(200, ref, attempts, stream=self._relay(resp, first, ref, state),
                       content_type=resp.headers.get("Content-Type", "text/event-stream"),
                       first_byte_at=time.perf_counter(), stream_state=state)
+
+    @staticmethod
+    def _failure(status: int, data: bytes, resp: UpstreamResponse, ref: ModelRef) -> Exception:
+        if status in RETRYABLE_STATUS or status >= 500:
+            return _Retryable(Attempt(ref.provider, ref.model, f"http_{status}", status),
+                              _retry_after(resp.headers.get("Retry-After")))
+        return UpstreamStatusError(status, data, resp.headers.get("Content-Type", "application/json"))
 
     async def _relay(self, resp: UpstreamResponse, first: bytes, ref: ModelRef,
                      state: StreamState) -> AsyncIterator[bytes]:
