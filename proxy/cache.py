@@ -343,7 +343,8 @@ class ResponseCache:
                                          max_bytes=config.cache_memory_limit_mb * 1024 * 1024, clock=clock)
         self.redis: RedisLevel | None = None
         if config.enable_caching and config.redis_url:
-            self.redis = RedisLevel(redis_cache_from_url(config.redis_url, timeout=config.redis_timeout),
+            self.redis = RedisLevel(redis_cache_from_url(config.redis_url, timeout=config.redis_timeout,
+                                                         namespace=config.cache_namespace),
                                     retry_interval=redis_retry_interval)
         self.hits = 0
         self.misses = 0
