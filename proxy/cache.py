@@ -202,6 +202,18 @@ class BoundedMemoryCache(BaseCache):
 # --- Redis ---------------------------------------------------------------------------------
 
 
+class TiergateRedisCache(RedisCache):
+    """aiocache's Redis cache, storing with SET EX/PX (redis-py 6+ deprecates the SETEX aiocache uses)."""
+
+    async def _set(self, key: str, value: Any, ttl: float | None = None, _cas_token: Any = None,
+                   _conn: Any = None) -> Any:
+        if _cas_token is not None or not ttl:
+            return await super()._set(key, value, ttl=ttl, _cas_token=_cas_token, _conn=_conn)
+        if isinstance(ttl, float):
+            return await self.client.set(key, value, px=int(ttl * 1000))
+        return await self.client.set(key, value, ex=ttl)
+
+
 def redis_cache_from_url(url: str, *, timeout: float, namespace: str = "tiergate") -> RedisCache:
     """aiocache's Redis cache for `redis://[user:password@]host[:port][/db]` (or `rediss://`),
     every operation bounded by `timeout` seconds."""
@@ -214,7 +226,7 @@ def redis_cache_from_url(url: str, *, timeout: float, namespace: str = "tiergate
     pool_kwargs: dict[str, Any] = {"socket_timeout": timeout}
     if parts.username:
         pool_kwargs["username"] = unquote(parts.username)
-    return RedisCache(
+    return TiergateRedisCache(
         serializer=CachedResponseSerializer(), namespace=namespace, timeout=timeout,
         endpoint=parts.hostname or "127.0.0.1", port=parts.port or 6379, db=int(db),
         password=unquote(parts.password) if parts.password else None,
