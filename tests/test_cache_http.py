@@ -238,3 +238,11 @@ async def test_library_hit_sets_cached(router, upstream):
     assert (first.cached, second.cached) == (False, True)
     assert second.metadata["cache"] == "hit" and second.content == first.content
     assert upstream.calls == 1
+
+
+async def test_library_stream_is_replayed_from_the_cache(router, upstream):
+    answer = await router.complete("hi", temperature=0)
+    chunks = [c async for c in router.stream("hi", temperature=0, stream_options={"include_usage": True})]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == answer.content and chunks[-1]["usage"] == answer.usage
+    assert upstream.calls == 1
