@@ -18,7 +18,9 @@ from typing import Any
 
 import orjson
 
+from .batching import EmbeddingBatcher
 from .breaker import BreakerBoard
+from .cache import CacheControl, ResponseCache, is_cacheable
 from .dispatch import Dispatcher, Result, tried
 from .health import HealthMonitor
 from .providers import Provider, make_provider
@@ -76,6 +78,11 @@ class Router:
         self.dispatcher = Dispatcher(self.providers, self.breakers, self.config,
                                      on_attempt=self.health.observe)
         self.telemetry = Telemetry(self.config.enable_monitoring)
+        # response cache, coalescing, embedding batching (issue 5); no I/O until used
+        self.cache = ResponseCache(self.config)
+        self.batcher = (EmbeddingBatcher(self._send, window_s=self.config.batch_window_ms / 1000,
+                                         max_inputs=self.config.batch_max_inputs)
+                        if self.config.enable_batching else None)
         self.started_at = time.time()
         self.initialized = False
         self.draining = False
@@ -95,6 +102,9 @@ class Router:
 
     async def close(self) -> None:
         await self.health.stop()
+        if self.batcher is not None:
+            await self.batcher.close()
+        await self.cache.close()
         for provider in list(self.providers.values()):
             await provider.close()
         self.providers.clear()
@@ -148,10 +158,12 @@ class Router:
         tier: str | None = None,
         timeout: float | None = None,
         headers: Mapping[str, str] | None = None,
+        cache_control: str | None = None,
     ) -> Result:
         """Resolve the route, apply its defaults and forward. Raises TiergateError on failure.
 
         `record` is filled in; the caller hands it to `finish()` when the response has ended.
+        `cache_control` is the client's Cache-Control header (no-cache, no-store).
         """
         table = self.table
         decision = table.resolve(use_case, tier, payload.get("model"))
@@ -161,13 +173,34 @@ class Router:
         route = decision.route
         if route is not None:
             apply_route_defaults(payload, route, endpoint)
-        result = await self.dispatcher.run(endpoint.path, payload, decision, stream=stream,
-                                           headers=headers, timeout=timeout)
+        # cache / coalescing / batching hook (issue 5); a request that cannot be cached goes straight on
+        if self.cache.enabled and is_cacheable(route, payload, embeddings=endpoint is EMBEDDINGS):
+            result = await self.cache.serve(
+                endpoint.path, payload, decision, record, stream=stream, embeddings=endpoint is EMBEDDINGS,
+                control=CacheControl.parse(cache_control),
+                call=lambda: self._forward(endpoint, payload, decision, stream, headers, timeout))
+        elif self.batcher is not None and endpoint is EMBEDDINGS:
+            result = await self._forward(endpoint, payload, decision, stream, headers, timeout)
+        else:
+            result = await self.dispatcher.run(endpoint.path, payload, decision, stream=stream,
+                                               headers=headers, timeout=timeout)
         record.status = result.status
         record.ref = result.ref
         record.attempts = result.attempts
         record.first_byte_at = result.first_byte_at
         return result
+
+    async def _forward(self, endpoint: Endpoint, payload: dict[str, Any], decision: Any, stream: bool,
+                       headers: Mapping[str, str] | None, timeout: float | None) -> Result:
+        """Upstream: embeddings through the batcher when batching is on, the rest straight to the dispatcher."""
+        if self.batcher is not None and endpoint is EMBEDDINGS:
+            return await self.batcher.submit(payload, decision, headers=headers, timeout=timeout)
+        return await self.dispatcher.run(endpoint.path, payload, decision, stream=stream,
+                                         headers=headers, timeout=timeout)
+
+    async def _send(self, payload: dict[str, Any], decision: Any, headers: Mapping[str, str] | None,
+                    timeout: float | None) -> Result:
+        return await self.dispatcher.run(EMBEDDINGS.path, payload, decision, headers=headers, timeout=timeout)
 
     def finish(self, record: RequestRecord, error: BaseException | None = None) -> None:
         if error is not None:
@@ -291,10 +324,12 @@ class Router:
             "routing_table": None if table is None else {
                 "source": table.source, "age_s": round(table.age(), 3), "routes": len(table.routes),
                 "problems": list(table.problems)},
+            "cache": self.cache.stats(),
+            "batching": self.batcher.stats() if self.batcher is not None else None,
         }
 
     def get_metrics(self) -> dict[str, Any]:
-        return self.telemetry.snapshot()
+        return {**self.telemetry.snapshot(), "cache": self.cache.stats()}
 
 
 def apply_route_defaults(payload: dict[str, Any], route: Any, endpoint: Endpoint) -> None:

@@ -159,7 +159,7 @@ def make_handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.St
                 endpoint, payload, record,
                 use_case=headers.get("x-use-case"), tier=headers.get("x-model-tier"),
                 timeout=_timeout_header(headers.get("x-tiergate-timeout")),
-                headers=_upstream_headers(request))
+                headers=_upstream_headers(request), cache_control=headers.get("cache-control"))
             if result.stream is None:
                 return web.Response(body=result.body, headers=_result_headers(record),
                                     content_type="application/json")

@@ -79,6 +79,7 @@ class RouterConfig:
     cache_memory_limit_mb: int = 100
     redis_url: str | None = None
     redis_timeout: float = 0.05
+    cache_namespace: str = "tiergate"  # prefix of the keys in Redis: fleets sharing one Redis keep apart
     # batching
     enable_batching: bool = False
     batch_window_ms: float = 5.0

@@ -184,6 +184,8 @@ class MockUpstream:
         usage = {"prompt_tokens": 10, "completion_tokens": len(words), "total_tokens": 10 + len(words)}
         rid = f"chatcmpl-{self.name}-{len(self.requests)}"
         if not body.get("stream"):
+            if isinstance(action, Ok) and action.gate is not None:  # hold the answer until the gate opens
+                await action.gate.wait()
             self.completed += 1
             return web.Response(body=orjson.dumps({
                 "id": rid, "object": "chat.completion", "created": 1700000000, "model": model,
