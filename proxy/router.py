@@ -17,10 +17,12 @@ from typing import Any
 import orjson
 
 from .breaker import BreakerBoard
+from .discovery import Discovery, discover
 from .dispatch import Dispatcher, Result
 from .providers import Provider, make_provider
 from .routing import RoutingTable, load_table
 from .settings import RouterConfig
+from .store import RouteStore
 from .telemetry import RequestRecord, Telemetry
 from .types import (
     InvalidRequestError,
@@ -67,6 +69,8 @@ class Router:
         self.started_at = time.time()
         self.initialized = False
         self.draining = False
+        self._store: RouteStore | None = None  # the table from Postgres (dynamic routers)
+        self._discovered: tuple[str, ...] = ()  # provider/model ids found by the last discovery
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -77,10 +81,18 @@ class Router:
         if self._table is None:
             self._table = load_table(self.config.table_path,
                                      allow_model_override=self.config.allow_model_override)
+        if self.dynamic and self.config.database_dsn:  # Postgres table; the file is the fallback
+            self._store = RouteStore(self.config, self.apply_table)
+            self._table = await self._store.load_initial(self._table)
         await self.apply_table(self._table)
+        if self._store is not None:
+            self._store.start()
         self.initialized = True
 
     async def close(self) -> None:
+        if self._store is not None:
+            await self._store.stop()
+            self._store = None
         for provider in list(self.providers.values()):
             await provider.close()
         self.providers.clear()
@@ -254,7 +266,21 @@ class Router:
         for ref in table.models():
             seen.setdefault(str(ref), {"id": str(ref), "object": "model", "created": created,
                                        "owned_by": ref.provider, "tiergate": {"kind": "model"}})
+        discovered = [str(r) for r in self._store.available_models] if self._store else self._discovered
+        for ref in discovered:
+            seen.setdefault(ref, {"id": ref, "object": "model", "created": created,
+                                  "owned_by": ref.partition("/")[0], "tiergate": {"kind": "discovered"}})
         return list(seen.values())
+
+    async def discover_available_models(self) -> Discovery:
+        """Ask each provider of the table for its models (`GET /models`); a dynamic router also
+        upserts them into `llm_models` and marks the ones no longer listed unavailable."""
+        providers = {n: self.providers[n] for n in self.table.providers if n in self.providers}
+        found = await discover(providers, self.config.timeout)
+        self._discovered = tuple(m.ref for m in found.all())
+        if self._store is not None:
+            await self._store.record_discovery(found.models)
+        return found
 
     def get_health_status(self) -> dict[str, Any]:
         table = self._table
@@ -273,7 +299,10 @@ class Router:
             status = "degraded"
         else:
             status = "healthy"
-        return {
+        database = self._store.health(table) if self._store is not None and table is not None else None
+        if database is not None and database["database"]["state"] != "connected" and status == "healthy":
+            status = "degraded"
+        health = {
             "status": status,
             "ready": self.initialized and not self.draining,
             "uptime_s": round(time.time() - self.started_at, 3),
@@ -283,6 +312,9 @@ class Router:
                 "source": table.source, "age_s": round(table.age(), 3), "routes": len(table.routes),
                 "problems": list(table.problems)},
         }
+        if database is not None:
+            health["routing_table"].update(database)
+        return health
 
     def get_metrics(self) -> dict[str, Any]:
         return self.telemetry.snapshot()
