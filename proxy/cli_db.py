@@ -58,19 +58,7 @@ def add_db_commands(sub: Any) -> None:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    config = RouterConfig.load()
-    report = _run(init_db(config, args.source))
-    where = describe_dsn(require_dsn(config))
-    if not report.changed:
-        print(f"{where}: schema up to date, tables not empty: nothing to do")
-        return 0
-    if report.applied:
-        print(f"{where}: applied migration(s) {', '.join(map(str, report.applied))}")
-    if report.seeded:
-        print("seeded " + ", ".join(f"{n} {what}" for what, n in report.seeded.items()))
-    else:
-        print("tables not empty: not seeded")
-    return 0
+    return _run(_db_init(RouterConfig.load(), args.source))
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
@@ -97,6 +85,21 @@ def _run(coro: Any) -> Any:
     except DB_ERRORS as exc:
         print(f"tiergate: database error: {describe_error(exc)}", file=sys.stderr)
         return 1
+
+
+async def _db_init(config: RouterConfig, source: str | None) -> int:
+    report = await init_db(config, source)
+    where = describe_dsn(require_dsn(config))
+    if not report.changed:
+        print(f"{where}: schema up to date, tables not empty: nothing to do")
+        return 0
+    if report.applied:
+        print(f"{where}: applied migration(s) {', '.join(map(str, report.applied))}")
+    if report.seeded:
+        print("seeded " + ", ".join(f"{n} {what}" for what, n in report.seeded.items()))
+    else:
+        print("tables not empty: not seeded")
+    return 0
 
 
 async def _routes_list(config: RouterConfig, args: argparse.Namespace) -> int:
