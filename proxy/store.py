@@ -427,7 +427,7 @@ class RouteStore:
         try:
             snapshot = await self._read()
         except (StoreError, ConfigError, *DB_ERRORS) as exc:
-            self._note_failure(exc)
+            self._note_failure(exc, quiet=True)
             log.warning("routing table: starting from %s (%s); retrying the database in the background",
                         fallback.source, self.last_error)
             return fallback
@@ -479,9 +479,14 @@ class RouteStore:
                 raise
             except (StoreError, *DB_ERRORS) as exc:
                 self._note_failure(exc)
-                await self._close_listener()
-                await asyncio.sleep(backoff)  # retry with backoff; stop() cancels it
-                backoff = min(cap, backoff * 2)
+            except Exception:  # a bug must not end live refresh for the life of the process
+                log.exception("routing table: refresh from the database failed")
+                self.state, self.last_error = "unreachable", "internal error (see the log)"
+            else:
+                continue
+            await self._close_listener()
+            await asyncio.sleep(backoff)  # retry with backoff; stop() cancels it
+            backoff = min(cap, backoff * 2)
 
     async def _wait(self, interval: float) -> bool:
         """Wait for a notification (False) or the refresh interval (True)."""
@@ -555,15 +560,18 @@ class RouteStore:
         self.last_error = None
         self.last_refresh = time.time()
 
-    def _note_failure(self, exc: BaseException) -> None:
+    def _note_failure(self, exc: BaseException, *, quiet: bool = False) -> None:
         if isinstance(exc, StoreError) and exc.code == "database_not_initialized":
             state = "uninitialized"
         elif isinstance(exc, ConfigError):
             state = "invalid"
         else:
             state = "unreachable"
-        message = exc.message if isinstance(exc, TiergateError) else describe_error(exc, self._dsn)
-        if state != self.state or message != self.last_error:
+        if isinstance(exc, TiergateError):
+            message = exc.message
+        else:
+            message = f"lost the database at {describe_dsn(self._dsn)}: {describe_error(exc, self._dsn)}"
+        if not quiet and (state != self.state or message != self.last_error):
             log.warning("routing table: database %s (%s); serving the last good table", state, message)
         self.state = state
         self.last_error = message

