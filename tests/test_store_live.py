@@ -8,6 +8,7 @@ unreachable serves the file table and picks the database up when it comes.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -195,3 +196,36 @@ async def _listening(http: aiohttp.ClientSession, url: str) -> bool:
 
 async def _last_answer_is(results: list[tuple[int, str]], model: str) -> bool:
     return bool(results) and results[-1][1] == model
+
+
+async def test_tiergate_serve_takes_its_table_from_database_url(
+        schema: Schema, upstream: MockUpstream, backup: MockUpstream, tmp_path: Path):
+    import openai
+
+    from .test_cli import ENV, free_port, wait_healthy
+
+    doc = two_provider_doc(upstream, backup)
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    await init_db(make_config(database_url=schema.url), path)
+    await schema.conn.execute("UPDATE llm_routes SET model = 'backup/model-b', fallbacks = '{}' "
+                              "WHERE use_case = 'general_purpose' AND tier = 'standard'")
+    port = free_port()
+    env = {**{k: v for k, v in ENV.items() if k != "DATABASE_URL"}, "DATABASE_URL": schema.url}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", str(port), env=env,
+        cwd=str(tmp_path), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_healthy(url, proc)
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="general_purpose", messages=[{"role": "user", "content": "hi"}])
+            assert raw.headers["x-tiergate-model"] == "backup/model-b"
+        async with aiohttp.ClientSession() as http:
+            table = await health(http, url)
+            assert table["source"] == "database" and table["database"]["state"] == "connected"
+            assert schema.url not in orjson.dumps(table).decode()
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
