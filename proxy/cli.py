@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .cli_db import DB_COMMANDS, add_db_commands
 from .routing import load_table
 from .settings import DEMO_CONFIG_PATH, RouterConfig
 from .types import ConfigError
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a routing table and print it")
     check.add_argument("--config", help="routing table file")
     check.add_argument("--demo", action="store_true", help="check the demo table")
+    add_db_commands(sub)  # db init, routes list|set|delete, discover (DATABASE_URL)
     return parser
 
 
@@ -70,7 +72,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "check": cmd_check}
+COMMANDS = {"serve": cmd_serve, "check": cmd_check, **DB_COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

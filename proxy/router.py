@@ -21,11 +21,13 @@ import orjson
 from .batching import EmbeddingBatcher
 from .breaker import BreakerBoard
 from .cache import CacheControl, ResponseCache, is_cacheable
+from .discovery import Discovery, discover
 from .dispatch import Dispatcher, Result, tried
 from .health import HealthMonitor
 from .providers import Provider, make_provider
 from .routing import RoutingTable, load_table
 from .settings import RouterConfig
+from .store import RouteStore
 from .telemetry import RequestRecord, Telemetry
 from .types import (
     InvalidRequestError,
@@ -70,6 +72,7 @@ class Router:
         self.dynamic = dynamic
         self._table = table
         self.providers: dict[str, Provider] = {}
+        self._retired: set[Provider] = set()  # replaced or removed, closed after a grace period
         self.breakers = BreakerBoard(fail_max=self.config.breaker_failure_threshold,
                                      reset_timeout=self.config.breaker_recovery_timeout,
                                      clock=breaker_clock)
@@ -86,6 +89,8 @@ class Router:
         self.started_at = time.time()
         self.initialized = False
         self.draining = False
+        self._store: RouteStore | None = None  # the table from Postgres (dynamic routers)
+        self._discovered: tuple[str, ...] = ()  # provider/model ids found by the last discovery
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -96,15 +101,24 @@ class Router:
         if self._table is None:
             self._table = load_table(self.config.table_path,
                                      allow_model_override=self.config.allow_model_override)
+        if self.dynamic and self.config.database_dsn:  # Postgres table; the file is the fallback
+            self._store = RouteStore(self.config, self.apply_table)
+            self._table = await self._store.load_initial(self._table)
         await self.apply_table(self._table)
+        if self._store is not None:
+            self._store.start()
         self.health.start()
         self.initialized = True
 
     async def close(self) -> None:
+        if self._store is not None:
+            await self._store.stop()
+            self._store = None
         await self.health.stop()
         if self.batcher is not None:
             await self.batcher.close()
         await self.cache.close()
+        await self._close_retired(list(self._retired))
         for provider in list(self.providers.values()):
             await provider.close()
         self.providers.clear()
@@ -126,7 +140,10 @@ class Router:
         return self._table
 
     async def apply_table(self, table: RoutingTable) -> None:
-        """Start any providers the new table adds, then swap the snapshot in one assignment."""
+        """Start any providers the new table adds or changes, then swap the snapshot in one assignment.
+
+        A replaced or removed provider's pool is closed once requests already using it have had
+        time to finish (the drain timeout plus the request timeout)."""
         started: list[Provider] = []
         for name, spec in table.providers.items():
             current = self.providers.get(name)
@@ -134,17 +151,28 @@ class Router:
                 provider = make_provider(spec, self.config)
                 await provider.start()
                 started.append(provider)
-        old = []
+        retired = [p for name, p in self.providers.items() if name not in table.providers]
         for provider in started:
             if provider.name in self.providers:
-                old.append(self.providers[provider.name])
+                retired.append(self.providers[provider.name])
             self.providers[provider.name] = provider
+        for provider in retired:
+            if self.providers.get(provider.name) is provider:
+                del self.providers[provider.name]
         self.breakers.configure({name: (spec.failure_threshold, spec.recovery_timeout)
                                  for name, spec in table.providers.items()})
         self._table = table
-        for provider in old:  # in-flight requests hold their own reference until they finish
-            asyncio.get_running_loop().call_later(self.config.drain_timeout + self.config.timeout,
-                                                  lambda p=provider: asyncio.ensure_future(p.close()))
+        if retired:
+            loop = asyncio.get_running_loop()
+            self._retired.update(retired)
+            loop.call_later(self.config.drain_timeout + self.config.timeout,
+                            lambda: loop.create_task(self._close_retired(retired)))
+
+    async def _close_retired(self, providers: list[Provider]) -> None:
+        for provider in providers:
+            if provider in self._retired:
+                self._retired.discard(provider)
+                await provider.close()
 
     # -- the one dispatch path ------------------------------------------------------------------
 
@@ -301,7 +329,21 @@ class Router:
         for ref in table.models():
             seen.setdefault(str(ref), {"id": str(ref), "object": "model", "created": created,
                                        "owned_by": ref.provider, "tiergate": {"kind": "model"}})
+        discovered = [str(r) for r in self._store.available_models] if self._store else self._discovered
+        for ref in discovered:
+            seen.setdefault(ref, {"id": ref, "object": "model", "created": created,
+                                  "owned_by": ref.partition("/")[0], "tiergate": {"kind": "discovered"}})
         return list(seen.values())
+
+    async def discover_available_models(self) -> Discovery:
+        """Ask each provider of the table for its models (`GET /models`); a dynamic router also
+        upserts them into `llm_models` and marks the ones no longer listed unavailable."""
+        providers = {n: self.providers[n] for n in self.table.providers if n in self.providers}
+        found = await discover(providers, self.config.timeout)
+        self._discovered = tuple(m.ref for m in found.all())
+        if self._store is not None:
+            await self._store.record_discovery(found.models)
+        return found
 
     def get_health_status(self) -> dict[str, Any]:
         """Overall status, providers, breakers, the routing table's source and age, uptime."""
@@ -315,7 +357,10 @@ class Router:
             status = "degraded"
         else:
             status = "healthy"
-        return {
+        database = self._store.health(table) if self._store is not None and table is not None else None
+        if database is not None and database["database"]["state"] != "connected" and status == "healthy":
+            status = "degraded"
+        health = {
             "status": status,
             "ready": self.initialized and not self.draining,
             "uptime_s": round(time.time() - self.started_at, 3),
@@ -327,6 +372,9 @@ class Router:
             "cache": self.cache.stats(),
             "batching": self.batcher.stats() if self.batcher is not None else None,
         }
+        if database is not None:
+            health["routing_table"].update(database)
+        return health
 
     def get_metrics(self) -> dict[str, Any]:
         return {**self.telemetry.snapshot(), "cache": self.cache.stats()}

@@ -265,7 +265,7 @@ async def serve(config: RouterConfig, *, started: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or `stop`): then refuse new connections, mark not ready,
     let in-flight requests and streams finish up to `drain_timeout`, and close the pools."""
-    router = Router(config)
+    router = Router(config, dynamic=bool(config.database_dsn))  # DATABASE_URL: the table lives in Postgres
     app = build_app(router)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=config.drain_timeout)

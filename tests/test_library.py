@@ -85,3 +85,13 @@ async def test_create_router_and_demo_table_with_mock_provider():
         assert router.get_health_status()["status"] == "healthy"
     finally:
         await router.close()
+
+
+async def test_apply_table_swaps_the_snapshot_and_retires_dropped_providers(router, upstream):
+    old_backup = router.providers["backup"]
+    await router.apply_table(table_from_dict(table_doc(upstream), source="second"))
+    assert router.table.source == "second"
+    assert "backup" not in router.providers and old_backup in router._retired
+    assert (await router.complete("x")).metadata["provider"] == "primary"
+    await router._close_retired([old_backup])
+    assert old_backup.session is None and not router._retired
