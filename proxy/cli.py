@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(args: argparse.Namespace) -> RouterConfig:
     config_path = str(DEMO_CONFIG_PATH) if getattr(args, "demo", False) else getattr(args, "config", None)
     overrides: dict[str, Any] = {"config_path": config_path}
+    if getattr(args, "demo", False):
+        overrides["database_url"] = ""  # the demo never touches a database, even with DATABASE_URL set
     for name in ("host", "port", "workers"):
         overrides[name] = getattr(args, name, None)
     return RouterConfig.load(overrides=overrides)
