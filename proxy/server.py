@@ -7,6 +7,7 @@ once, resolve and dispatch through the router, and write upstream bytes back unc
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -282,6 +283,7 @@ async def serve(config: RouterConfig, *, started: asyncio.Event | None = None,
             pass
     log.info("tiergate listening on http://%s:%s (routes from %s)", config.host, config.port,
              router.table.source)
+    gc.freeze()  # start-up objects (imports, tables, pools) leave the collector's view: shorter GC pauses
     if started is not None:
         started.set()
     try:
