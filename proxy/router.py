@@ -55,7 +55,7 @@ class Router:
     """Routes OpenAI-shaped requests to providers. Create, `await initialize()`, use, `await close()`."""
 
     def __init__(self, config: RouterConfig | None = None, *, table: RoutingTable | None = None,
-                 dynamic: bool = False):
+                 dynamic: bool = False, tracer_provider: Any = None):
         self.config = config or RouterConfig.load()
         self.dynamic = dynamic
         self._table = table
@@ -63,7 +63,8 @@ class Router:
         self.breakers = BreakerBoard(fail_max=self.config.breaker_failure_threshold,
                                      reset_timeout=self.config.breaker_recovery_timeout)
         self.dispatcher = Dispatcher(self.providers, self.breakers, self.config)
-        self.telemetry = Telemetry(self.config.enable_monitoring)
+        # telemetry (issue 6): `tracer_provider` joins tiergate's spans to the caller's traces
+        self.telemetry = Telemetry(self.config, self, tracer_provider=tracer_provider)
         self.started_at = time.time()
         self.initialized = False
         self.draining = False
@@ -85,6 +86,7 @@ class Router:
             await provider.close()
         self.providers.clear()
         self.initialized = False
+        await asyncio.to_thread(self.telemetry.close)  # telemetry (issue 6): flush spans off the loop
 
     async def __aenter__(self) -> Router:
         await self.initialize()
@@ -139,6 +141,7 @@ class Router:
 
         `record` is filled in; the caller hands it to `finish()` when the response has ended.
         """
+        trace = self.telemetry.start_trace(endpoint.operation, record, payload, headers)  # issue 6
         table = self.table
         decision = table.resolve(use_case, tier, payload.get("model"))
         record.route = decision.name
@@ -148,11 +151,12 @@ class Router:
         if route is not None:
             apply_route_defaults(payload, route, endpoint)
         result = await self.dispatcher.run(endpoint.path, payload, decision, stream=stream,
-                                           headers=headers, timeout=timeout)
+                                           headers=headers, timeout=timeout, observer=trace)
         record.status = result.status
         record.ref = result.ref
         record.attempts = result.attempts
         record.first_byte_at = result.first_byte_at
+        self.telemetry.on_result(record, result)  # issue 6: usage and cost before the response goes out
         return result
 
     def finish(self, record: RequestRecord, error: BaseException | None = None) -> None:
