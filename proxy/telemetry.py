@@ -110,7 +110,7 @@ class Telemetry:
             return
         self._account(record, body)
         trace = record.trace
-        if trace is not None:
+        if trace is not None and trace.recording:
             trace.response_model = response_model(body)
             trace.finish_reasons = finish_reasons(body[-4096:])
 
@@ -139,7 +139,7 @@ class Telemetry:
         state = record.stream_state
         if state is not None and record.usage is None and state.tail:
             self._account(record, state.tail)
-            if record.trace is not None:
+            if record.trace is not None and record.trace.recording:
                 record.trace.response_model = response_model(state.tail)
                 record.trace.finish_reasons = finish_reasons(state.tail)
         ref = record.ref
@@ -180,7 +180,10 @@ class Telemetry:
         if record.trace is not None:
             record.trace.finish(record)
         if request_log.isEnabledFor(logging.INFO):
-            request_log.info(self._log_line(record, latency_s, model, attempts))
+            # makeRecord + handle: a plain .info() would also walk the stack to find its caller
+            request_log.handle(request_log.makeRecord(request_log.name, logging.INFO, __file__, 0,
+                                                      self._log_line(record, latency_s, model, attempts),
+                                                      None, None))
 
     def _log_line(self, record: RequestRecord, latency_s: float, model: str,
                   attempts: list[tuple[str, str, str]]) -> str:

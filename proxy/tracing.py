@@ -113,10 +113,6 @@ class Tracing:
         attributes: dict[str, Any] = {"gen_ai.operation.name": operation}
         if isinstance(requested, str):
             attributes["gen_ai.request.model"] = requested
-        for key in ("max_tokens", "temperature", "top_p"):
-            value = payload.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                attributes[f"gen_ai.request.{key}"] = value
         if self.log_prompts:
             messages = payload.get("messages", payload.get("prompt", payload.get("input")))
             if messages is not None:
@@ -136,7 +132,7 @@ class RequestTrace:
     """One request's span and its attempts' child spans; the dispatcher's attempt observer."""
 
     __slots__ = ("_tracer", "span", "operation", "requested_model", "_context", "_attempt",
-                 "response_model", "finish_reasons")
+                 "response_model", "finish_reasons", "recording")
 
     def __init__(self, tracer: Any, span: Any, operation: str, requested_model: str | None):
         self._tracer = tracer
@@ -145,6 +141,7 @@ class RequestTrace:
         self.requested_model = requested_model
         self._context = trace.set_span_in_context(span)
         self._attempt: Any = None
+        self.recording = span.is_recording()  # False when sampled out: propagate, set nothing
         self.response_model: str | None = None
         self.finish_reasons: tuple[str, ...] = ()
 
@@ -165,6 +162,8 @@ class RequestTrace:
     def attempt_ended(self, attempt: Attempt) -> None:
         """End the open attempt span with the attempt's outcome; skipped candidates become events."""
         if self._attempt is None:
+            if not self.recording:
+                return
             self.span.add_event("tiergate.attempt.skipped", {
                 "gen_ai.provider.name": attempt.provider, "gen_ai.request.model": attempt.model,
                 "tiergate.attempt.outcome": attempt.outcome})
@@ -176,15 +175,19 @@ class RequestTrace:
         if span is None:
             return
         self._attempt = None
+        if not self.recording:
+            span.end()
+            return
         if attempt is None:
             span.set_attribute("tiergate.attempt.outcome", "abandoned")
+        elif attempt.outcome == "ok":
+            span.set_attribute("tiergate.attempt.outcome", "ok")
         else:
-            span.set_attribute("tiergate.attempt.outcome", attempt.outcome)
+            attrs: dict[str, Any] = {"tiergate.attempt.outcome": attempt.outcome, "error.type": attempt.outcome}
             if attempt.status is not None:
-                span.set_attribute("http.response.status_code", attempt.status)
-            if attempt.outcome != "ok":
-                span.set_attribute("error.type", attempt.outcome)
-                span.set_status(Status(StatusCode.ERROR, attempt.outcome))
+                attrs["http.response.status_code"] = attempt.status
+            span.set_attributes(attrs)
+            span.set_status(Status(StatusCode.ERROR, attempt.outcome))
         span.end()
 
     # -- the end of the request ----------------------------------------------------------------
@@ -193,20 +196,22 @@ class RequestTrace:
         """Name the span `{operation} {model}`, set the GenAI and tiergate attributes, end it."""
         self._end_attempt(None)
         span = self.span
+        if not self.recording:
+            span.end()
+            return
         ref = record.ref
         model = self.requested_model or record.route or (ref.model if ref else "")
         span.update_name(f"{self.operation} {model}".rstrip())
+        # few attributes on purpose: each one costs the SDK a validation pass on the hot path
         attrs: dict[str, Any] = {
             "tiergate.route": record.route, "tiergate.cache": record.cache,
             "tiergate.attempts": len(record.attempts), "tiergate.request_id": record.request_id,
-            "tiergate.stream": record.stream, "http.response.status_code": record.status,
         }
         if self.requested_model is None and record.route:
             attrs["gen_ai.request.model"] = record.route
         if ref is not None:
             attrs["gen_ai.provider.name"] = ref.provider
             attrs["gen_ai.response.model"] = self.response_model or ref.model
-            attrs["tiergate.model"] = f"{ref.provider}/{ref.model}"
         usage = record.usage
         if usage is not None:
             attrs["gen_ai.usage.input_tokens"] = usage.prompt
@@ -216,10 +221,12 @@ class RequestTrace:
         if self.finish_reasons:
             attrs["gen_ai.response.finish_reasons"] = self.finish_reasons
         if record.first_byte_at is not None:
+            attrs["tiergate.stream"] = True
             attrs["tiergate.time_to_first_chunk_s"] = round(record.first_byte_at - record.started, 6)
-        span.set_attributes(attrs)
         if record.error or record.status >= 400:
             cause = record.error or str(record.status)
-            span.set_attribute("error.type", cause)
+            attrs["error.type"] = cause
+            attrs["http.response.status_code"] = record.status
             span.set_status(Status(StatusCode.ERROR, cause))
+        span.set_attributes(attrs)
         span.end()
