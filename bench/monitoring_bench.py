@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
@@ -115,12 +116,19 @@ async def load(url: str, requests: int, concurrency: int) -> tuple[float, list[f
     return requests / elapsed, latencies
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), which sharing the machine disturbs
+    far less than wall-clock throughput."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-async def macro(args: argparse.Namespace) -> dict[str, list[tuple[float, float, float]]]:
+async def macro(args: argparse.Namespace) -> dict[str, list[tuple[float, float, float, float]]]:
     up_runner, up_port = await mock_upstream()
     sink_runner, sink_port, received = await otlp_sink()
     modes = {
@@ -133,7 +141,7 @@ async def macro(args: argparse.Namespace) -> dict[str, list[tuple[float, float, 
                                       "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                                       "OTEL_TRACES_SAMPLER_ARG": "0.1"},
     }
-    results: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
+    results: dict[str, list[tuple[float, float, float, float]]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "routes.yaml"
         write_table(table, up_port)
@@ -144,13 +152,15 @@ async def macro(args: argparse.Namespace) -> dict[str, list[tuple[float, float, 
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"
                 try:
                     await load(url, args.warmup, args.concurrency)
+                    cpu_before = cpu_seconds(proc.pid)
                     rps, lat = await load(url, args.requests, args.concurrency)
+                    cpu_us = (cpu_seconds(proc.pid) - cpu_before) / args.requests * 1e6
                 finally:
                     proc.terminate()
                     await proc.wait()
-                results[mode].append((rps, pct(lat, 50), pct(lat, 99)))
+                results[mode].append((rps, pct(lat, 50), pct(lat, 99), cpu_us))
                 print(f"round {round_no + 1} {mode:<30} {rps:8.0f} req/s  p50 {pct(lat, 50):6.2f} ms  "
-                      f"p99 {pct(lat, 99):6.2f} ms", flush=True)
+                      f"p99 {pct(lat, 99):6.2f} ms  tiergate CPU {cpu_us:6.0f} µs/req", flush=True)
     await up_runner.cleanup()
     await sink_runner.cleanup()
     print(f"(the OTLP sink received {received[0]} bytes of spans)")
@@ -191,13 +201,9 @@ def micro() -> list[tuple[str, float]]:
     doc = {"providers": {"bench": {"base_url": "http://127.0.0.1:1/v1", "api_key": "k"}},
            "pricing": {"bench/bench-model": {"input": 1, "output": 2}},
            "routes": [{"use_case": "general_purpose", "tier": "standard", "model": "bench/bench-model"}]}
-    import logging
-    logging.getLogger("tiergate.requests").addHandler(logging.NullHandler())
-    logging.getLogger("tiergate.requests").setLevel(logging.INFO)
-    logging.getLogger("tiergate.requests").propagate = False
     ref = ModelRef("bench", "bench-model")
     for label, enabled, tracer in (("Telemetry.finish, monitoring off", False, None),
-                                   ("usage + cost + finish (metrics, log line)", True, None),
+                                   ("usage + cost + finish (metrics, stats, log line to stderr)", True, None),
                                    ("... + request and attempt spans (batch exporter)", True, "on")):
         config = RouterConfig.load(environ={}, dotenv_path=None, overrides={"enable_monitoring": enabled})
         provider = None
@@ -219,7 +225,8 @@ def micro() -> list[tuple[str, float]]:
             telemetry.finish(record)
 
         m = 20_000
-        out.append((label, timeit.timeit(one, number=m) / m * 1e6))
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # the request log lines
+            out.append((label, timeit.timeit(one, number=m) / m * 1e6))
         if provider is not None:
             provider.shutdown()
     return out
@@ -245,11 +252,15 @@ def main() -> None:
         pass
     results = asyncio.run(macro(args))
     base = statistics.median(r[0] for r in results["monitoring off"])
-    print(f"\n| mode | req/s (median of {args.rounds}) | vs off | p50 ms | p99 ms |\n|---|---|---|---|---|")
+    base_cpu = statistics.median(r[3] for r in results["monitoring off"])
+    print(f"\n| mode | req/s (median of {args.rounds}) | vs off | p50 ms | p99 ms | tiergate CPU µs/req | vs off |"
+          "\n|---|---|---|---|---|---|---|")
     for mode, rows in results.items():
         rps = statistics.median(r[0] for r in rows)
+        cpu = statistics.median(r[3] for r in rows)
         print(f"| {mode} | {rps:.0f} | {100 * (rps / base - 1):+.1f}% | "
-              f"{statistics.median(r[1] for r in rows):.2f} | {statistics.median(r[2] for r in rows):.2f} |")
+              f"{statistics.median(r[1] for r in rows):.2f} | {statistics.median(r[2] for r in rows):.2f} | "
+              f"{cpu:.0f} | {100 * (cpu / base_cpu - 1):+.1f}% |")
     print("\n| per-request telemetry work | µs |\n|---|---|")
     for label, us in micro():
         print(f"| {label} | {us:.2f} |")

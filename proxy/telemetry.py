@@ -10,6 +10,7 @@ from the upstream bytes (usage.py) without re-serialising them.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from .metrics import CONTENT_TYPE, PrometheusMetrics, multiprocess_dir
 from .settings import RouterConfig
 from .stats import RequestStats
 from .tracing import RequestTrace, Tracing
-from .types import ModelRef
+from .types import ConfigError, ModelRef
 from .usage import Usage, cost_usd, find_usage, finish_reasons, price_for, response_model
 
 log = logging.getLogger("tiergate")
@@ -29,6 +30,7 @@ request_log = logging.getLogger("tiergate.requests")
 
 _SAMPLE_EVERY_S = 1.0  # multiprocess mode: how often a worker refreshes its state gauges
 _UNPAID_CACHE_RESULTS = frozenset({"hit", "coalesced"})  # answered without an upstream call of their own
+REQUEST_LOG_TARGETS = ("stderr", "logging", "off")
 
 
 @dataclass(slots=True)
@@ -75,6 +77,10 @@ class Telemetry:
         self.tracing: Tracing | None = None
         self._multiproc = multiprocess_dir()
         self._sampled_at = 0.0
+        self.request_log = config.request_log.strip().lower()
+        if self.request_log not in REQUEST_LOG_TARGETS:
+            raise ConfigError(f"request_log = {config.request_log!r}: expected one of "
+                              f"{', '.join(REQUEST_LOG_TARGETS)}", param="request_log")
         if not self.enabled:
             return
         self.metrics = PrometheusMetrics(multiproc_dir=self._multiproc)
@@ -179,11 +185,11 @@ class Telemetry:
 
         if record.trace is not None:
             record.trace.finish(record)
-        if request_log.isEnabledFor(logging.INFO):
-            # makeRecord + handle: a plain .info() would also walk the stack to find its caller
-            request_log.handle(request_log.makeRecord(request_log.name, logging.INFO, __file__, 0,
-                                                      self._log_line(record, latency_s, model, attempts),
-                                                      None, None))
+        target = self.request_log
+        if target == "stderr":  # a write per line: about 1 µs, where a logging record costs over 10
+            sys.stderr.write(self._log_line(record, latency_s, model, attempts) + "\n")
+        elif target == "logging" and request_log.isEnabledFor(logging.INFO):
+            request_log.info(self._log_line(record, latency_s, model, attempts))
 
     def _log_line(self, record: RequestRecord, latency_s: float, model: str,
                   attempts: list[tuple[str, str, str]]) -> str:

@@ -125,6 +125,7 @@ class Tracing:
     def close(self) -> None:
         """Flush and stop the exporter (blocking: call it off the event loop)."""
         if self._owned and self.provider is not None:
+            self._owned = False  # once: the SDK refuses a second shutdown
             self.provider.shutdown()
 
 

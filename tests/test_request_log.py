@@ -23,7 +23,7 @@ def request_lines(caplog: pytest.LogCaptureFixture) -> list[dict]:
 async def test_one_line_per_request_with_fields(upstream, backup, http, caplog):
     caplog.set_level(logging.INFO)
     doc = {**table_doc(upstream, backup), "pricing": PRICING}
-    async with running(doc, config_with()) as (url, _):
+    async with running(doc, config_with(request_log="logging")) as (url, _):
         async with http.post(url + "/v1/chat/completions", json=CHAT, headers={"x-request-id": "r-1"}) as resp:
             assert resp.status == 200
         upstream.push(Fail(500))
@@ -50,7 +50,8 @@ async def test_one_line_per_request_with_fields(upstream, backup, http, caplog):
 async def test_no_key_or_prompt_in_any_log_under_error_paths(upstream, backup, http, caplog):
     caplog.set_level(logging.DEBUG)
     leaky = b'{"error": {"message": "invalid key ' + PRIMARY_KEY.encode() + b'"}}'
-    async with running(table_doc(upstream, backup), config_with(breaker_failure_threshold=50)) as (url, _):
+    async with running(table_doc(upstream, backup),
+                       config_with(breaker_failure_threshold=50, request_log="logging")) as (url, _):
         scenarios = [
             (Fail(500), Fail(503)),                       # every candidate fails -> 502
             (Reset(), Fail(500, body=leaky)),             # connection reset, then a 5xx echoing a key
@@ -75,9 +76,29 @@ async def test_no_key_or_prompt_in_any_log_under_error_paths(upstream, backup, h
         assert secret not in everything
 
 
-async def test_monitoring_off_writes_no_request_log(upstream, http, caplog):
+async def test_default_request_log_is_a_json_line_on_stderr(upstream, http, capsys):
+    async with running(table_doc(upstream), config_with()) as (url, _):
+        async with http.post(url + "/v1/chat/completions", json=CHAT, headers={"x-request-id": "r-9"}) as resp:
+            assert resp.status == 200
+    lines = [orjson.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert [line["request_id"] for line in lines] == ["r-9"]
+    assert FIELDS <= set(lines[0])
+
+
+@pytest.mark.parametrize("settings", [{"enable_monitoring": False, "request_log": "logging"},
+                                      {"request_log": "off"}])
+async def test_request_log_off(upstream, http, caplog, capsys, settings):
     caplog.set_level(logging.INFO)
-    async with running(table_doc(upstream), config_with(enable_monitoring=False)) as (url, _):
+    async with running(table_doc(upstream), config_with(**settings)) as (url, _):
         async with http.post(url + "/v1/chat/completions", json=CHAT) as resp:
             assert resp.status == 200
     assert request_lines(caplog) == []
+    assert '"request_id"' not in capsys.readouterr().err
+
+
+def test_unknown_request_log_target_is_a_config_error():
+    from proxy.telemetry import Telemetry
+    from proxy.types import ConfigError
+
+    with pytest.raises(ConfigError, match="request_log"):
+        Telemetry(config_with(request_log="syslog"))
