@@ -9,6 +9,7 @@ from the upstream bytes (usage.py) without re-serialising them.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import time
@@ -228,7 +229,7 @@ class Telemetry:
         cache = getattr(router, "cache", None)
         cache_bytes = None
         stats = getattr(cache, "stats", None)
-        if callable(stats):
+        if callable(stats) and not inspect.iscoroutinefunction(stats):
             try:
                 found = stats()
                 cache_bytes = next((found[k] for k in ("bytes", "memory_bytes", "size_bytes") if k in found),

@@ -190,3 +190,23 @@ async def test_multiprocess_scrape_shows_every_worker(upstream, http, tmp_path):
     assert all(w.returncode == 0 for w in workers)
     # the workers retired their live gauges on exit; their counters remain in the sum
     assert not list(tmp_path.glob("gauge_live*"))
+
+
+def test_state_gauges_read_at_scrape_time():
+    """Cache size comes from the router's cache `stats()` when there is one (read defensively)."""
+    from types import SimpleNamespace
+
+    from proxy.breaker import BreakerBoard
+    from proxy.telemetry import Telemetry
+
+    breakers = BreakerBoard(["p", "q"], fail_max=1)
+    breakers.get("q").record_failure()
+    stand_in = SimpleNamespace(breakers=breakers, _table=None, cache=SimpleNamespace(stats=lambda: {"bytes": 1234}))
+    body, content_type = Telemetry(config_with(), stand_in).render_metrics()
+    m = parse_metrics(body.decode())
+    assert content_type.startswith("text/plain")
+    assert value(m, "tiergate_cache_bytes") == 1234
+    assert value(m, "tiergate_circuit_state", provider="p") == 0
+    assert value(m, "tiergate_circuit_state", provider="q") == 2
+    broken = SimpleNamespace(breakers=breakers, _table=None, cache=SimpleNamespace(stats=lambda: None))
+    assert b"tiergate_cache_bytes 0.0" in Telemetry(config_with(), broken).render_metrics()[0]
