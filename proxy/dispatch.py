@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -71,6 +71,14 @@ class StreamState:
     error: str | None = None
 
 
+class AttemptObserver(Protocol):
+    """Sees each upstream attempt (tracing): may replace its headers, e.g. with a `traceparent`."""
+
+    def attempt_started(self, ref: ModelRef, headers: Mapping[str, str] | None) -> Mapping[str, str] | None: ...
+
+    def attempt_ended(self, attempt: Attempt) -> None: ...
+
+
 class Dispatcher:
     """Runs the attempt loop over pooled providers guarded by breakers."""
 
@@ -102,8 +110,11 @@ class Dispatcher:
         stream: bool = False,
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
+        observer: AttemptObserver | None = None,
     ) -> Result:
-        """Send `payload` to the decision's candidates; raise UpstreamError when none answers."""
+        """Send `payload` to the decision's candidates; raise UpstreamError when none answers.
+
+        `observer` (tracing) sees each attempt start and end and may replace its headers."""
         config = self.config
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -122,11 +133,11 @@ class Dispatcher:
                     break
                 provider = self.providers.get(ref.provider)
                 if provider is None:
-                    self._note(attempts, Attempt(ref.provider, ref.model, "unknown_provider"))
+                    self._note(attempts, Attempt(ref.provider, ref.model, "unknown_provider"), observer)
                     continue
                 breaker = self.breakers.get(ref.provider)
                 if not breaker.allow():
-                    self._note(attempts, Attempt(ref.provider, ref.model, "breaker_open"))
+                    self._note(attempts, Attempt(ref.provider, ref.model, "breaker_open"), observer)
                     continue
                 wait = self._backoff(failures.get(ref.provider, 0), retry_after.get(ref.provider))
                 remaining = deadline - loop.time()
@@ -142,12 +153,13 @@ class Dispatcher:
                 payload["model"] = ref.model
                 body = orjson.dumps(payload)
                 attempt_started = loop.time()
+                attempt_headers = headers if observer is None else observer.attempt_started(ref, headers)
                 try:
-                    result = await self._attempt(provider, path, body, headers, stream,
+                    result = await self._attempt(provider, path, body, attempt_headers, stream,
                                                  min(remaining, self._attempt_timeout), ref, attempts)
                 except _Retryable as failure:
                     failure.attempt.latency_ms = (loop.time() - attempt_started) * 1000
-                    self._note(attempts, failure.attempt)
+                    self._note(attempts, failure.attempt, observer)
                     breaker.record_failure(failure.attempt.outcome)
                     failures[ref.provider] = failures.get(ref.provider, 0) + 1
                     if failure.retry_after is not None:
@@ -159,7 +171,7 @@ class Dispatcher:
                 except UpstreamStatusError as exc:
                     breaker.record_success()  # the provider answered; the request was at fault
                     self._note(attempts, Attempt(ref.provider, ref.model, "client_error", exc.status,
-                                                 (loop.time() - attempt_started) * 1000))
+                                                 (loop.time() - attempt_started) * 1000), observer)
                     exc.attempts = attempts  # type: ignore[attr-defined]
                     exc.ref = ref  # type: ignore[attr-defined]
                     raise
@@ -169,17 +181,19 @@ class Dispatcher:
                 if not stream:
                     breaker.record_success()
                 self._note(attempts, Attempt(ref.provider, ref.model, "ok", result.status,
-                                             (loop.time() - attempt_started) * 1000))
+                                             (loop.time() - attempt_started) * 1000), observer)
                 result.attempts = attempts
                 return result
             if not progressed:
                 break
         raise self._all_failed(decision, attempts)
 
-    def _note(self, attempts: list[Attempt], attempt: Attempt) -> None:
+    def _note(self, attempts: list[Attempt], attempt: Attempt, observer: AttemptObserver | None = None) -> None:
         attempts.append(attempt)
         if self._on_attempt is not None:
             self._on_attempt(attempt)
+        if observer is not None:
+            observer.attempt_ended(attempt)
 
     def _backoff(self, failures: int, retry_after: float | None) -> float:
         """Exponential backoff with full jitter before re-trying a provider that failed."""

@@ -67,7 +67,8 @@ class Router:
     """Routes OpenAI-shaped requests to providers. Create, `await initialize()`, use, `await close()`."""
 
     def __init__(self, config: RouterConfig | None = None, *, table: RoutingTable | None = None,
-                 dynamic: bool = False, breaker_clock: Callable[[], datetime] | None = None):
+                 dynamic: bool = False, breaker_clock: Callable[[], datetime] | None = None,
+                 tracer_provider: Any = None):
         self.config = config or RouterConfig.load()
         self.dynamic = dynamic
         self._table = table
@@ -80,7 +81,8 @@ class Router:
                                     timeout=self.config.connect_timeout)
         self.dispatcher = Dispatcher(self.providers, self.breakers, self.config,
                                      on_attempt=self.health.observe)
-        self.telemetry = Telemetry(self.config.enable_monitoring)
+        # telemetry (issue 6): `tracer_provider` joins tiergate's spans to the caller's traces
+        self.telemetry = Telemetry(self.config, self, tracer_provider=tracer_provider)
         # response cache, coalescing, embedding batching (issue 5); no I/O until used
         self.cache = ResponseCache(self.config)
         self.batcher = (EmbeddingBatcher(self._send, window_s=self.config.batch_window_ms / 1000,
@@ -123,6 +125,7 @@ class Router:
             await provider.close()
         self.providers.clear()
         self.initialized = False
+        await asyncio.to_thread(self.telemetry.close)  # telemetry (issue 6): flush spans off the loop
 
     async def __aenter__(self) -> Router:
         await self.initialize()
@@ -193,6 +196,7 @@ class Router:
         `record` is filled in; the caller hands it to `finish()` when the response has ended.
         `cache_control` is the client's Cache-Control header (no-cache, no-store).
         """
+        trace = self.telemetry.start_trace(endpoint.operation, record, payload, headers)  # issue 6
         table = self.table
         decision = table.resolve(use_case, tier, payload.get("model"))
         record.route = decision.name
@@ -206,25 +210,26 @@ class Router:
             result = await self.cache.serve(
                 endpoint.path, payload, decision, record, stream=stream, embeddings=endpoint is EMBEDDINGS,
                 control=CacheControl.parse(cache_control),
-                call=lambda: self._forward(endpoint, payload, decision, stream, headers, timeout))
+                call=lambda: self._forward(endpoint, payload, decision, stream, headers, timeout, trace))
         elif self.batcher is not None and endpoint is EMBEDDINGS:
-            result = await self._forward(endpoint, payload, decision, stream, headers, timeout)
+            result = await self._forward(endpoint, payload, decision, stream, headers, timeout, trace)
         else:
             result = await self.dispatcher.run(endpoint.path, payload, decision, stream=stream,
-                                               headers=headers, timeout=timeout)
+                                               headers=headers, timeout=timeout, observer=trace)
         record.status = result.status
         record.ref = result.ref
         record.attempts = result.attempts
         record.first_byte_at = result.first_byte_at
+        self.telemetry.on_result(record, result)  # issue 6: usage and cost before the response goes out
         return result
 
     async def _forward(self, endpoint: Endpoint, payload: dict[str, Any], decision: Any, stream: bool,
-                       headers: Mapping[str, str] | None, timeout: float | None) -> Result:
+                       headers: Mapping[str, str] | None, timeout: float | None, trace: Any = None) -> Result:
         """Upstream: embeddings through the batcher when batching is on, the rest straight to the dispatcher."""
         if self.batcher is not None and endpoint is EMBEDDINGS:
             return await self.batcher.submit(payload, decision, headers=headers, timeout=timeout)
         return await self.dispatcher.run(endpoint.path, payload, decision, stream=stream,
-                                         headers=headers, timeout=timeout)
+                                         headers=headers, timeout=timeout, observer=trace)
 
     async def _send(self, payload: dict[str, Any], decision: Any, headers: Mapping[str, str] | None,
                     timeout: float | None) -> Result:

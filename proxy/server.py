@@ -144,6 +144,8 @@ def _result_headers(record: RequestRecord) -> dict[str, str]:
     if ref is not None:
         headers["x-tiergate-model"] = f"{ref.provider}/{ref.model}"
         headers["x-tiergate-provider"] = ref.provider
+    if record.cost_usd is not None:  # issue 6: known for non-stream responses of priced models
+        headers["x-tiergate-cost-usd"] = f"{record.cost_usd:.10f}".rstrip("0").rstrip(".") or "0"
     return headers
 
 
@@ -223,6 +225,16 @@ async def health_details(request: web.Request) -> web.Response:
     return web.json_response(request.app[ROUTER_KEY].get_health_status(), dumps=_dumps)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition (issue 6); the whole pod's in multiprocess mode."""
+    telemetry = request.app[ROUTER_KEY].telemetry
+    if telemetry.metrics is None:
+        return error_response(NotFoundError("metrics are off (ENABLE_MONITORING=false)"),
+                              request.headers.get("x-request-id") or new_request_id())
+    body, content_type = telemetry.render_metrics()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
 async def not_found(request: web.Request) -> web.Response:
     rid = request.headers.get("x-request-id") or new_request_id()
     if request.path in KNOWN_PATHS:
@@ -258,6 +270,7 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/health/details", health_details)
+    app.router.add_get("/metrics", metrics)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 

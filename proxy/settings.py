@@ -93,6 +93,7 @@ class RouterConfig:
     enable_monitoring: bool = True
     log_level: str = "INFO"
     log_prompts: bool = False
+    request_log: str = "stderr"  # one JSON line per request: stderr (cheapest) | logging | off
     # the merged environment (with .env), kept to resolve `api_key_env` names in the table
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 

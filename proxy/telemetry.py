@@ -1,11 +1,15 @@
-"""What tiergate reports about each request: one record per request, handed to metrics and logs.
+"""What tiergate reports about each request: one record per request, handed to metrics, traces and logs.
 
 `RequestRecord` is filled in along the request's path and given to `Telemetry.finish` once,
-when the response (or the stream) has ended.
+when the response (or the stream) has ended. `Telemetry` composes the Prometheus metrics
+(metrics.py), the in-process statistics behind `Router.get_metrics()` (stats.py), traces
+(tracing.py) and the one structured JSON log line per request (here). Usage and cost are read
+from the upstream bytes (usage.py) without re-serialising them.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import time
@@ -14,10 +18,20 @@ from typing import Any
 
 import orjson
 
-from .dispatch import Attempt, tried
-from .types import ModelRef
+from .dispatch import Attempt, Result, StreamState, tried
+from .metrics import CONTENT_TYPE, PrometheusMetrics, multiprocess_dir
+from .settings import RouterConfig
+from .stats import RequestStats
+from .tracing import RequestTrace, Tracing
+from .types import ConfigError, ModelRef
+from .usage import Usage, cost_usd, find_usage, finish_reasons, price_for, response_model
 
 log = logging.getLogger("tiergate")
+request_log = logging.getLogger("tiergate.requests")
+
+_SAMPLE_EVERY_S = 1.0  # multiprocess mode: how often a worker refreshes its state gauges
+_UNPAID_CACHE_RESULTS = frozenset({"hit", "coalesced"})  # answered without an upstream call of their own
+REQUEST_LOG_TARGETS = ("stderr", "logging", "off")
 
 
 @dataclass(slots=True)
@@ -31,40 +45,217 @@ class RequestRecord:
     ref: ModelRef | None = None
     attempts: list[Attempt] = field(default_factory=list)
     cache: str = "bypass"
-    usage: dict[str, Any] | None = None
+    usage: Usage | None = None
     error: str | None = None
     first_byte_at: float | None = None
+    cost_usd: float | None = None
+    stream_state: StreamState | None = None
+    trace: RequestTrace | None = None
 
     @property
     def latency_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
 
 
+def _attempt_fields(attempt: Any) -> tuple[str, str, str]:
+    """(provider, model, outcome) of an Attempt, or of its dict form carried by UpstreamError."""
+    if isinstance(attempt, Attempt):
+        return attempt.provider, attempt.model, attempt.outcome
+    return (str(attempt.get("provider", "")), str(attempt.get("model", "")), str(attempt.get("outcome", "")))
+
+
 class Telemetry:
-    """Counts requests for `Router.get_metrics()` and writes one JSON log line per request."""
+    """Metrics, traces and request logs of one router. `enabled=False` (ENABLE_MONITORING=false)
+    leaves only the request and success counts behind `get_metrics()`."""
 
-    def __init__(self, enabled: bool = True, *, stream: Any = None):
-        self.enabled = enabled
-        self._out = stream or sys.stderr
-        self.requests = 0
-        self.succeeded = 0
-
-    def finish(self, record: RequestRecord) -> None:
-        self.requests += 1
-        if 200 <= record.status < 400:
-            self.succeeded += 1
+    def __init__(self, config: RouterConfig | None = None, router: Any = None, *,
+                 tracer_provider: Any = None):
+        config = config or RouterConfig()
+        self.enabled = config.enable_monitoring
+        self._router = router
+        self.stats = RequestStats()
+        self.metrics: PrometheusMetrics | None = None
+        self.tracing: Tracing | None = None
+        self._multiproc = multiprocess_dir()
+        self._sampled_at = 0.0
+        self.request_log = config.request_log.strip().lower()
+        if self.request_log not in REQUEST_LOG_TARGETS:
+            raise ConfigError(f"request_log = {config.request_log!r}: expected one of "
+                              f"{', '.join(REQUEST_LOG_TARGETS)}", param="request_log")
         if not self.enabled:
             return
-        line = {
+        self.metrics = PrometheusMetrics(multiproc_dir=self._multiproc)
+        if tracer_provider is not None:
+            self.tracing = Tracing(tracer_provider, log_prompts=config.log_prompts)
+        else:
+            tracing = Tracing.from_env(config.env, log_prompts=config.log_prompts)
+            self.tracing = tracing if tracing.enabled else None
+
+    # -- along the request ----------------------------------------------------------------------
+
+    def start_trace(self, operation: str, record: RequestRecord, payload: Any,
+                    headers: Any) -> RequestTrace | None:
+        """Start the request's span (None when tracing is off: nothing else is done)."""
+        tracing = self.tracing
+        if tracing is None:
+            return None
+        trace = tracing.start(operation, record.started, payload if isinstance(payload, dict) else {},
+                              headers)
+        record.trace = trace
+        return trace
+
+    def on_result(self, record: RequestRecord, result: Result) -> None:
+        """The upstream answered: read usage and cost from a body now (so the response can carry
+        `x-tiergate-cost-usd`); a stream's are read from its tail when it ends."""
+        if not self.enabled:
+            return
+        if result.stream_state is not None:
+            record.stream_state = result.stream_state
+            return
+        body = result.body
+        if body is None:
+            return
+        self._account(record, body)
+        trace = record.trace
+        if trace is not None and trace.recording:
+            trace.response_model = response_model(body)
+            trace.finish_reasons = finish_reasons(body[-4096:])
+
+    def _account(self, record: RequestRecord, data: bytes) -> None:
+        usage = find_usage(data)
+        record.usage = usage
+        if usage is None or record.ref is None:
+            return
+        if record.cache in _UNPAID_CACHE_RESULTS:
+            record.cost_usd = 0.0
+            return
+        table = getattr(self._router, "_table", None)
+        price = price_for(table.pricing, record.ref.provider, record.ref.model) if table is not None else None
+        if price is not None:
+            record.cost_usd = cost_usd(usage, price)
+
+    # -- the end of the request -----------------------------------------------------------------
+
+    def finish(self, record: RequestRecord) -> None:
+        """Count the request in every sink: metrics, statistics, its span and its log line."""
+        latency_s = time.perf_counter() - record.started
+        ok = 200 <= record.status < 400
+        if not self.enabled:
+            self.stats.overall.add(ok, latency_s * 1000, 0, 0, None)
+            return
+        state = record.stream_state
+        if state is not None and record.usage is None and state.tail:
+            self._account(record, state.tail)
+            if record.trace is not None and record.trace.recording:
+                record.trace.response_model = response_model(state.tail)
+                record.trace.finish_reasons = finish_reasons(state.tail)
+        ref = record.ref
+        usage = record.usage
+        paid = usage is not None and record.cache not in _UNPAID_CACHE_RESULTS
+        prompt = usage.prompt if paid else 0
+        completion = usage.completion if paid else 0
+        attempts = [_attempt_fields(a) for a in record.attempts]
+        fallback = ok and ref is not None and bool(attempts) and (
+            attempts[0][0] != ref.provider or attempts[0][1] != ref.model)
+        stats = self.stats
+        model = stats.model_label(f"{ref.provider}/{ref.model}") if ref is not None else ""
+        stats.add(model, ok, latency_s * 1000, record.cache, prompt, completion, record.cost_usd, fallback)
+
+        metrics = self.metrics
+        if metrics is not None:
+            series = metrics.series(record.route, model, ref.provider if ref else "", record.status)
+            series.requests.inc()
+            series.duration.observe(latency_s)
+            if record.first_byte_at is not None:
+                series.ttft.observe(record.first_byte_at - record.started)
+            if paid:
+                series.prompt_tokens.inc(prompt)
+                series.completion_tokens.inc(completion)
+            if record.cost_usd:
+                series.cost.inc(record.cost_usd)
+            if fallback:
+                series.fallbacks.inc()
+            for provider, _, outcome in attempts:
+                metrics.attempt(provider, outcome)
+            metrics.cache_result(record.cache)
+            if self._multiproc:
+                now = time.monotonic()
+                if now - self._sampled_at >= _SAMPLE_EVERY_S:
+                    self._sampled_at = now
+                    self.sample()
+
+        if record.trace is not None:
+            record.trace.finish(record)
+        target = self.request_log
+        if target == "stderr":  # a write per line: about 1 µs, where a logging record costs over 10
+            sys.stderr.write(self._log_line(record, latency_s, model, attempts) + "\n")
+        elif target == "logging" and request_log.isEnabledFor(logging.INFO):
+            request_log.info(self._log_line(record, latency_s, model, attempts))
+
+    def _log_line(self, record: RequestRecord, latency_s: float, model: str,
+                  attempts: list[tuple[str, str, str]]) -> str:
+        """One JSON object: what was asked, what answered, how long, what it cost, why it failed.
+        Never a key or prompt text (attempts carry provider, model and outcome only)."""
+        ref = record.ref
+        usage = record.usage
+        line: dict[str, Any] = {
             "ts": round(time.time(), 3), "level": "info" if record.status < 500 else "error",
             "msg": "request", "request_id": record.request_id, "endpoint": record.endpoint,
-            "route": record.route, "model": str(record.ref) if record.ref else None,
-            "status": record.status, "latency_ms": round(record.latency_ms, 3),
-            "stream": record.stream, "cache": record.cache, "attempts": tried(record.attempts),
-            "error": record.error,
+            "route": record.route, "model": model or None, "provider": ref.provider if ref else None,
+            "status": record.status, "latency_ms": round(latency_s * 1000, 3), "stream": record.stream,
+            "cache": record.cache, "attempts": tried(record.attempts),
+            "prompt_tokens": usage.prompt if usage else None,
+            "completion_tokens": usage.completion if usage else None,
+            "cost_usd": record.cost_usd, "error": record.error,
         }
-        self._out.write(orjson.dumps(line).decode() + "\n")
+        if record.first_byte_at is not None:
+            line["ttft_ms"] = round((record.first_byte_at - record.started) * 1000, 3)
+        if len(attempts) > 1 or record.error:
+            line["attempt_outcomes"] = [f"{p}/{m}:{o}" for p, m, o in attempts]
+        state = record.stream_state
+        if state is not None and state.error:
+            line["stream_error"] = state.error
+        return orjson.dumps(line).decode()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def sample(self) -> None:
+        """Refresh the state gauges: breaker states, routing table age, cache size."""
+        metrics = self.metrics
+        router = self._router
+        if metrics is None or router is None:
+            return
+        table = getattr(router, "_table", None)
+        cache = getattr(router, "cache", None)
+        cache_bytes = None
+        stats = getattr(cache, "stats", None)
+        if callable(stats) and not inspect.iscoroutinefunction(stats):
+            try:
+                found = stats()
+                cache_bytes = next((found[k] for k in ("bytes", "memory_bytes", "size_bytes") if k in found),
+                                   None)
+            except (AttributeError, TypeError, ValueError) as exc:
+                log.debug("cache stats unavailable: %s", exc)
+        metrics.sample(dict(router.breakers.items()), table.age() if table is not None else None,
+                       cache_bytes if isinstance(cache_bytes, (int, float)) else None)
+
+    def render_metrics(self) -> tuple[bytes, str]:
+        """`GET /metrics`: the exposition text and its content type."""
+        if self.metrics is None:
+            raise RuntimeError("monitoring is off")
+        self.sample()
+        return self.metrics.render(), CONTENT_TYPE
 
     def snapshot(self) -> dict[str, Any]:
-        return {"requests": self.requests,
-                "success_rate": (self.succeeded / self.requests) if self.requests else 1.0}
+        """`Router.get_metrics()`."""
+        out = self.stats.snapshot()
+        out["monitoring"] = self.enabled
+        out["tracing"] = self.tracing is not None
+        return out
+
+    def close(self) -> None:
+        """Flush traces and retire this process's live gauges (blocking: call it off the loop)."""
+        if self.tracing is not None:
+            self.tracing.close()
+        if self.metrics is not None:
+            self.metrics.close()

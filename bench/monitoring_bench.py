@@ -1,0 +1,270 @@
+"""What observability costs: throughput and latency of tiergate with monitoring off, on, and on with
+tracing exported over OTLP/HTTP, against a mock upstream on loopback.
+
+    python bench/monitoring_bench.py [--requests 3000] [--concurrency 32] [--rounds 3]
+
+tiergate runs as `tiergate serve` in its own process (uvloop); the mock upstream, an OTLP/HTTP sink
+and the load generator share this process. The modes are interleaved over several rounds and the
+median round is reported, because the machine is shared. A micro-benchmark of the per-request
+telemetry work (labelled-children cache vs `.labels()`, `Telemetry.finish`) follows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+import timeit
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello there"}]}
+ANSWER = orjson.dumps({
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": "bench-model",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello back"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}})
+
+
+async def start_site(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+async def mock_upstream() -> tuple[web.AppRunner, int]:
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=ANSWER, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return await start_site(app)
+
+
+async def otlp_sink() -> tuple[web.AppRunner, int, list[int]]:
+    received = [0]
+
+    async def traces(request: web.Request) -> web.Response:
+        received[0] += len(await request.read())
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/traces", traces)
+    runner, port = await start_site(app)
+    return runner, port, received
+
+
+def write_table(path: Path, upstream_port: int) -> None:
+    path.write_text(
+        "providers:\n"
+        f"  bench: {{base_url: 'http://127.0.0.1:{upstream_port}/v1', api_key: sk-bench}}\n"
+        "pricing:\n  bench/bench-model: {input: 1.0, output: 2.0}\n"
+        "routes:\n  - {use_case: general_purpose, tier: standard, model: bench/bench-model}\n")
+
+
+async def start_tiergate(table: Path, port: int, env: dict[str, str]) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", str(table), "--port", str(port),
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env}, cwd=tempfile.gettempdir(),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/ready") as resp:
+                    if resp.status == 200:
+                        return proc
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("tiergate did not become ready")
+
+
+async def load(url: str, requests: int, concurrency: int) -> tuple[float, list[float]]:
+    """Send `requests` chat completions with `concurrency` in flight; returns (req/s, latencies ms)."""
+    latencies: list[float] = []
+    body = orjson.dumps(CHAT)
+    counter = iter(range(requests))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def worker() -> None:
+            for _ in counter:
+                t = time.perf_counter()
+                async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise RuntimeError(f"status {resp.status}")
+                latencies.append((time.perf_counter() - t) * 1000)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return requests / elapsed, latencies
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), which sharing the machine disturbs
+    far less than wall-clock throughput."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+async def macro(args: argparse.Namespace) -> dict[str, list[tuple[float, float, float, float]]]:
+    up_runner, up_port = await mock_upstream()
+    sink_runner, sink_port, received = await otlp_sink()
+    modes = {
+        "monitoring off": {"ENABLE_MONITORING": "false"},
+        "metrics + logs": {"ENABLE_MONITORING": "true"},
+        "metrics + logs + OTLP traces": {"ENABLE_MONITORING": "true",
+                                         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}"},
+        "... traces sampled at 10%": {"ENABLE_MONITORING": "true",
+                                      "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+                                      "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                      "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+    }
+    results: dict[str, list[tuple[float, float, float, float]]] = {m: [] for m in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "routes.yaml"
+        write_table(table, up_port)
+        for round_no in range(args.rounds):
+            for mode, env in modes.items():
+                port = args.port
+                proc = await start_tiergate(table, port, env)
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                try:
+                    await load(url, args.warmup, args.concurrency)
+                    cpu_before = cpu_seconds(proc.pid)
+                    rps, lat = await load(url, args.requests, args.concurrency)
+                    cpu_us = (cpu_seconds(proc.pid) - cpu_before) / args.requests * 1e6
+                finally:
+                    proc.terminate()
+                    await proc.wait()
+                results[mode].append((rps, pct(lat, 50), pct(lat, 99), cpu_us))
+                print(f"round {round_no + 1} {mode:<30} {rps:8.0f} req/s  p50 {pct(lat, 50):6.2f} ms  "
+                      f"p99 {pct(lat, 99):6.2f} ms  tiergate CPU {cpu_us:6.0f} µs/req", flush=True)
+    await up_runner.cleanup()
+    await sink_runner.cleanup()
+    print(f"(the OTLP sink received {received[0]} bytes of spans)")
+    return results
+
+
+def micro() -> list[tuple[str, float]]:
+    """Per-request telemetry work in microseconds (no network)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from prometheus_client import CollectorRegistry, Counter
+
+    from proxy.dispatch import Attempt, Result
+    from proxy.router import Router
+    from proxy.routing import table_from_dict
+    from proxy.settings import RouterConfig
+    from proxy.telemetry import RequestRecord, Telemetry
+    from proxy.types import ModelRef
+
+    counter = Counter("bench_total", "x", ["route", "model", "provider", "status"], registry=CollectorRegistry())
+    cache: dict[tuple[str, str, str, int], object] = {}
+
+    def with_labels() -> None:
+        counter.labels("general_purpose:standard", "bench/bench-model", "bench", "200").inc()
+
+    def with_cache() -> None:
+        key = ("general_purpose:standard", "bench/bench-model", "bench", 200)
+        child = cache.get(key)
+        if child is None:
+            child = cache[key] = counter.labels(*map(str, key))
+        child.inc()  # type: ignore[attr-defined]
+
+    n = 200_000
+    out = [(".labels(...).inc()", timeit.timeit(with_labels, number=n) / n * 1e6),
+           ("cached child .inc()", timeit.timeit(with_cache, number=n) / n * 1e6)]
+
+    doc = {"providers": {"bench": {"base_url": "http://127.0.0.1:1/v1", "api_key": "k"}},
+           "pricing": {"bench/bench-model": {"input": 1, "output": 2}},
+           "routes": [{"use_case": "general_purpose", "tier": "standard", "model": "bench/bench-model"}]}
+    ref = ModelRef("bench", "bench-model")
+    for label, enabled, tracer in (("Telemetry.finish, monitoring off", False, None),
+                                   ("usage + cost + finish (metrics, stats, log line to stderr)", True, None),
+                                   ("... + request and attempt spans (batch exporter)", True, "on")):
+        config = RouterConfig.load(environ={}, dotenv_path=None, overrides={"enable_monitoring": enabled})
+        provider = None
+        if tracer:
+            provider = TracerProvider()
+            provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter(), max_queue_size=1 << 20))
+        router = Router(config, table=table_from_dict(doc, source="bench"), tracer_provider=provider)
+        telemetry: Telemetry = router.telemetry
+
+        def one(telemetry: Telemetry = telemetry) -> None:
+            record = RequestRecord("req", "chat.completions", route="general_purpose:standard")
+            trace = telemetry.start_trace("chat", record, CHAT, None)
+            if trace is not None:
+                trace.attempt_started(ref, None)
+                trace.attempt_ended(Attempt("bench", "bench-model", "ok", 200, 1.0))
+            record.status, record.ref = 200, ref
+            record.attempts = [Attempt("bench", "bench-model", "ok", 200, 1.0)]
+            telemetry.on_result(record, Result(200, ref, record.attempts, body=ANSWER))
+            telemetry.finish(record)
+
+        m = 20_000
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # the request log lines
+            out.append((label, timeit.timeit(one, number=m) / m * 1e6))
+        if provider is not None:
+            provider.shutdown()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--port", type=int, default=18100)
+    parser.add_argument("--micro-only", action="store_true", help="only the per-request micro-benchmark")
+    args = parser.parse_args()
+    if args.micro_only:
+        for label, us in micro():
+            print(f"| {label} | {us:.2f} |")
+        return
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    results = asyncio.run(macro(args))
+    base = statistics.median(r[0] for r in results["monitoring off"])
+    base_cpu = statistics.median(r[3] for r in results["monitoring off"])
+    print(f"\n| mode | req/s (median of {args.rounds}) | vs off | p50 ms | p99 ms | tiergate CPU µs/req | vs off |"
+          "\n|---|---|---|---|---|---|---|")
+    for mode, rows in results.items():
+        rps = statistics.median(r[0] for r in rows)
+        cpu = statistics.median(r[3] for r in rows)
+        print(f"| {mode} | {rps:.0f} | {100 * (rps / base - 1):+.1f}% | "
+              f"{statistics.median(r[1] for r in rows):.2f} | {statistics.median(r[2] for r in rows):.2f} | "
+              f"{cpu:.0f} | {100 * (cpu / base_cpu - 1):+.1f}% |")
+    print("\n| per-request telemetry work | µs |\n|---|---|")
+    for label, us in micro():
+        print(f"| {label} | {us:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Prometheus metrics of tiergate (`GET /metrics`), on prometheus-client.
+
+Each `PrometheusMetrics` has its own registry (no process-global state for tests to reset).
+The labelled children a request touches are cached per label tuple, so the hot path is a dict
+lookup and a few `inc()`s instead of `.labels()` (which validates, converts and locks) each time.
+With several worker processes, prometheus-client's multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`
+set before start-up) writes every worker's values to that directory and a scrape of any worker
+merges them all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_multiprocess
+
+from .breaker import STATE_VALUES
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+_MAX_CACHED_SERIES = 4096
+
+METRIC_NAMES = (
+    "tiergate_requests_total", "tiergate_request_duration_seconds",
+    "tiergate_time_to_first_token_seconds", "tiergate_upstream_attempts_total",
+    "tiergate_fallbacks_total", "tiergate_tokens_total", "tiergate_cost_usd_total",
+    "tiergate_cache_requests_total", "tiergate_cache_bytes", "tiergate_circuit_state",
+    "tiergate_routing_table_age_seconds",
+)
+
+
+def multiprocess_dir() -> str | None:
+    """The directory prometheus-client's multiprocess mode writes to, when it is on.
+
+    prometheus-client itself decides this from the process environment when it is imported,
+    so it is read from there (once, at start-up), not from tiergate's settings.
+    """
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+    return path or None
+
+
+@dataclass(slots=True)
+class _RequestSeries:
+    """The children one (route, model, provider, status) touches."""
+
+    requests: Any
+    duration: Any
+    ttft: Any
+    prompt_tokens: Any
+    completion_tokens: Any
+    cost: Any
+    fallbacks: Any
+
+
+class PrometheusMetrics:
+    """The metric families and a cache of their labelled children."""
+
+    def __init__(self, *, multiproc_dir: str | None = None):
+        self.multiproc_dir = multiproc_dir
+        self.registry = CollectorRegistry(auto_describe=False)
+        reg = self.registry
+        self.requests = Counter("tiergate_requests_total", "Requests answered, by route, model, provider "
+                                "and HTTP status", ["route", "model", "provider", "status"], registry=reg)
+        self.duration = Histogram("tiergate_request_duration_seconds", "Time from request to the end of "
+                                  "the response (streams: to the last chunk)", ["route", "model"],
+                                  buckets=LATENCY_BUCKETS, registry=reg)
+        self.ttft = Histogram("tiergate_time_to_first_token_seconds", "Streams: time from request to the "
+                              "first upstream chunk", ["model"], buckets=TTFT_BUCKETS, registry=reg)
+        self.attempts = Counter("tiergate_upstream_attempts_total", "Upstream attempts by provider and "
+                                "outcome (ok, http_<status>, timeout, connection, breaker_open, ...)",
+                                ["provider", "outcome"], registry=reg)
+        self.fallbacks = Counter("tiergate_fallbacks_total", "Requests answered by a model other than "
+                                 "the first one tried", ["route"], registry=reg)
+        self.tokens = Counter("tiergate_tokens_total", "Tokens used upstream, by model and type "
+                              "(prompt, completion)", ["model", "type"], registry=reg)
+        self.cost = Counter("tiergate_cost_usd_total", "Upstream cost in USD (models with a price)",
+                            ["model"], registry=reg)
+        self.cache = Counter("tiergate_cache_requests_total", "Requests by cache result (hit, miss, "
+                             "coalesced, bypass)", ["result"], registry=reg)
+        self.cache_bytes = Gauge("tiergate_cache_bytes", "Bytes held by the response cache",
+                                 registry=reg, multiprocess_mode="livesum")
+        self.circuit = Gauge("tiergate_circuit_state", "Circuit breaker state per provider (0 closed, "
+                             "1 half-open, 2 open)", ["provider"], registry=reg, multiprocess_mode="livemax")
+        self.table_age = Gauge("tiergate_routing_table_age_seconds", "Seconds since the routing table "
+                               "in use was loaded", registry=reg, multiprocess_mode="livemax")
+        self._series: dict[tuple[str, str, str, int], _RequestSeries] = {}
+        self._attempt_children: dict[tuple[str, str], Any] = {}
+        self._cache_children: dict[str, Any] = {}
+
+    def series(self, route: str, model: str, provider: str, status: int) -> _RequestSeries:
+        """The children of one label tuple, created once and then reused."""
+        key = (route, model, provider, status)
+        found = self._series.get(key)
+        if found is None:
+            if len(self._series) >= _MAX_CACHED_SERIES:
+                self._series.clear()  # only a cache: prometheus-client keeps the series themselves
+            found = _RequestSeries(
+                self.requests.labels(route, model, provider, str(status)),
+                self.duration.labels(route, model), self.ttft.labels(model),
+                self.tokens.labels(model, "prompt"), self.tokens.labels(model, "completion"),
+                self.cost.labels(model), self.fallbacks.labels(route))
+            self._series[key] = found
+        return found
+
+    def attempt(self, provider: str, outcome: str) -> None:
+        key = (provider, outcome)
+        child = self._attempt_children.get(key)
+        if child is None:
+            if len(self._attempt_children) >= _MAX_CACHED_SERIES:
+                self._attempt_children.clear()
+            child = self._attempt_children[key] = self.attempts.labels(provider, outcome)
+        child.inc()
+
+    def cache_result(self, result: str) -> None:
+        child = self._cache_children.get(result)
+        if child is None:
+            child = self._cache_children[result] = self.cache.labels(result)
+        child.inc()
+
+    def sample(self, breakers: Mapping[str, Any], table_age: float | None, cache_bytes: int | None) -> None:
+        """Set the gauges that describe state rather than traffic (at scrape time)."""
+        for name, breaker in breakers.items():
+            self.circuit.labels(name).set(STATE_VALUES.get(breaker.state, 0))
+        if table_age is not None:
+            self.table_age.set(table_age)
+        if cache_bytes is not None:
+            self.cache_bytes.set(cache_bytes)
+
+    def render(self) -> bytes:
+        """The exposition text: this process's registry, or every worker's files in multiprocess mode."""
+        if self.multiproc_dir:
+            registry = CollectorRegistry(auto_describe=False)
+            prom_multiprocess.MultiProcessCollector(registry, path=self.multiproc_dir)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+    def close(self) -> None:
+        """In multiprocess mode, drop this worker's live gauges (its counters stay in the sums)."""
+        if self.multiproc_dir:
+            prom_multiprocess.mark_process_dead(os.getpid(), self.multiproc_dir)
+
+    @staticmethod
+    def names() -> Iterable[str]:
+        return METRIC_NAMES
+
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -1,0 +1,100 @@
+"""Token usage and cost of one response, read from the upstream bytes without re-parsing them.
+
+A non-stream body carries `"usage": {...}` (OpenAI puts it last); a stream carries it in its
+last `data:` event when the client asked for `stream_options.include_usage`. Only that object
+is parsed (orjson), never the whole body. Prices are USD per million tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+_USAGE_KEY = b'"usage"'
+_SPACE = b" \t\r\n"
+_MAX_CLOSING_BRACES = 8  # usage nests `*_tokens_details` objects one level deep
+_FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"([A-Za-z0-9_\-]{1,64})"')
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens one response used (`completion` is 0 for embeddings)."""
+
+    prompt: int
+    completion: int
+
+
+def find_usage(data: bytes) -> Usage | None:
+    """The last `"usage": {...}` object in `data` (a body or a stream's tail), or None."""
+    at = data.rfind(_USAGE_KEY)
+    while at >= 0:
+        usage = _usage_at(data, at + len(_USAGE_KEY))
+        if usage is not None:
+            return usage
+        at = data.rfind(_USAGE_KEY, 0, at)
+    return None
+
+
+def _usage_at(data: bytes, i: int) -> Usage | None:
+    n = len(data)
+    while i < n and data[i] in _SPACE:
+        i += 1
+    if i >= n or data[i] != 0x3A:  # ':'
+        return None
+    i += 1
+    while i < n and data[i] in _SPACE:
+        i += 1
+    if i >= n or data[i] != 0x7B:  # '{'
+        return None
+    end = i
+    for _ in range(_MAX_CLOSING_BRACES):
+        end = data.find(b"}", end) + 1
+        if end == 0:
+            return None
+        try:
+            obj = orjson.loads(data[i:end])
+        except orjson.JSONDecodeError:
+            continue
+        return _usage_from(obj)
+    return None
+
+
+def _usage_from(obj: Any) -> Usage | None:
+    if not isinstance(obj, dict):
+        return None
+    prompt = obj.get("prompt_tokens", obj.get("input_tokens"))
+    completion = obj.get("completion_tokens", obj.get("output_tokens", 0))
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return Usage(max(0, prompt), max(0, completion or 0))
+
+
+def finish_reasons(data: bytes) -> tuple[str, ...]:
+    """Distinct `finish_reason` values in `data`, in order of appearance (for traces only)."""
+    seen: dict[str, None] = {}
+    for match in _FINISH_REASON.finditer(data):
+        seen.setdefault(match.group(1).decode(), None)
+    return tuple(seen)
+
+
+def response_model(data: bytes) -> str | None:
+    """The `model` the upstream reported, from the head of a body or a stream (for traces only)."""
+    match = _MODEL.search(data, 0, 2048)
+    return match.group(1).decode() if match else None
+
+
+def cost_usd(usage: Usage, price: Any) -> float:
+    """USD for `usage` at `price` (an object with `input` and `output` USD per 1M tokens)."""
+    return (usage.prompt * price.input + usage.completion * price.output) / 1_000_000
+
+
+def price_for(pricing: Mapping[str, Any], provider: str, model: str) -> Any:
+    """The price of `provider/model`, or None when the table has none."""
+    if not pricing:
+        return None
+    return pricing.get(f"{provider}/{model}")

@@ -1,0 +1,64 @@
+"""Usage read from upstream bytes (without parsing the whole body), cost, and the bounded latency ring."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from proxy.routing import Pricing
+from proxy.stats import LatencyRing, RequestStats
+from proxy.usage import Usage, cost_usd, find_usage, finish_reasons, price_for, response_model
+
+
+def test_usage_from_a_body_with_nested_details():
+    body = orjson.dumps({"id": "x", "model": "m-1", "choices": [{"message": {"content": 'he said "usage": {1}'},
+                                                                  "finish_reason": "length"}],
+                         "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17,
+                                   "prompt_tokens_details": {"cached_tokens": 2},
+                                   "completion_tokens_details": {"reasoning_tokens": 1}}})
+    assert find_usage(body) == Usage(12, 5)
+    assert finish_reasons(body) == ("length",)
+    assert response_model(body) == "m-1"
+
+
+def test_usage_with_spaces_null_and_missing():
+    assert find_usage(b'{"usage" :  {"prompt_tokens": 3, "completion_tokens": 4}\n}') == Usage(3, 4)
+    assert find_usage(b'{"choices": [], "usage": null}') is None
+    assert find_usage(b'{"choices": []}') is None
+    assert find_usage(b'{"usage": {"prompt_tokens": "x"}}') is None
+    assert find_usage(b'{"usage": {"prompt_tokens": 2, "total_tokens": 2}}') == Usage(2, 0)  # embeddings
+    assert find_usage(b'{"usage": {"input_tokens": 7, "output_tokens": 1}}') == Usage(7, 1)
+    assert find_usage(b'{"usage": {"prompt_tokens": 1') is None  # cut off
+
+
+def test_usage_from_a_stream_tail():
+    events = [{"choices": [{"delta": {"content": "hi"}, "finish_reason": None}], "usage": None},
+              {"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": None},
+              {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}]
+    tail = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    assert find_usage(tail) == Usage(9, 2)
+    assert finish_reasons(tail) == ("stop",)
+
+
+def test_cost_per_million_tokens():
+    price = price_for({"p/m": Pricing(2.5, 10.0)}, "p", "m")
+    assert cost_usd(Usage(1000, 500), price) == pytest.approx(0.0075)
+    assert price_for({}, "p", "m") is None and price_for({"p/m": Pricing(1, 1)}, "p", "other") is None
+
+
+def test_latency_ring_is_bounded_and_percentiles_are_nearest_rank():
+    ring = LatencyRing(size=100)
+    for v in range(1, 1001):
+        ring.add(float(v))
+    assert len(ring._values) == 100
+    assert ring.percentiles(50, 95, 99) == [950.0, 995.0, 999.0]  # only the last 100 values are kept
+    assert LatencyRing(8).percentiles(50) == [None]
+
+
+def test_model_labels_are_capped():
+    stats = RequestStats(max_models=2)
+    for name in ("a", "b", "c"):
+        stats.add(stats.model_label(name), True, 1.0, "miss", 1, 1, None, False)
+    assert set(stats.models) == {"a", "b", "other"}
+    snap = stats.snapshot()
+    assert snap["requests"] == 3 and snap["cache_hit_rate"] == 0.0 and snap["cache"]["miss"] == 3
