@@ -22,6 +22,7 @@ import aiohttp
 import orjson
 
 from .breaker import BreakerBoard
+from .limits import ProviderLimits
 from .providers import Provider, UpstreamResponse
 from .routing import RouteDecision
 from .settings import RouterConfig
@@ -92,6 +93,7 @@ class Dispatcher:
         self._client_timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_read=attempt_timeout)
         self._attempt_timeout = attempt_timeout
+        self.limits = ProviderLimits(config)  # issue 7: per-provider concurrency caps
 
     async def run(
         self,
@@ -196,7 +198,7 @@ class Dispatcher:
         resp: UpstreamResponse | None = None
         try:
             async with asyncio.timeout(budget):
-                resp = await provider.send(path, body, headers, self._client_timeout)
+                resp = await self.limits.send(provider, path, body, headers, self._client_timeout)
                 status = resp.status
                 if status != 200:
                     data = await resp.read()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,12 +16,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .auth import InboundAuth
+from .openapi import openapi_json
 from .router import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, Router, new_request_id
 from .settings import RouterConfig
 from .telemetry import RequestRecord
 from .types import (
     InvalidRequestError,
     NotFoundError,
+    RequestTimeoutError,
     RequestTooLargeError,
     TiergateError,
     UpstreamStatusError,
@@ -29,6 +33,7 @@ from .types import (
 log = logging.getLogger("tiergate")
 
 ROUTER_KEY = web.AppKey("router", Router)
+AUTH_KEY = web.AppKey("auth", InboundAuth)
 
 # field -> accepted JSON types; None is accepted for every optional field
 _NUMBER = (int, float)
@@ -48,7 +53,7 @@ REQUIRED: dict[str, str] = {CHAT.name: "messages", COMPLETIONS.name: "prompt", E
 _TYPE_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "a boolean",
                int: "an integer", float: "a number"}
 KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health",
-               "/ready", "/health/details", "/metrics"}
+               "/ready", "/health/details", "/metrics", "/openapi.json"}
 
 
 def validate(endpoint: Endpoint, payload: Any, max_messages: int) -> None:
@@ -91,14 +96,17 @@ def error_response(exc: TiergateError, request_id: str, extra: dict[str, str] | 
                         content_type="application/json")
 
 
-async def read_json(request: web.Request, limit: int) -> Any:
+async def read_json(request: web.Request, limit: int, timeout: float | None = None) -> Any:
     length = request.content_length
     if length is not None and length > limit:
         raise RequestTooLargeError(f"request body of {length} bytes is over the limit of {limit} bytes")
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout):  # a body trickling in slower than this is cut off
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise RequestTooLargeError(f"request body is over the limit of {limit} bytes") from None
+    except TimeoutError:
+        raise RequestTimeoutError(f"the request body did not arrive within {timeout} seconds") from None
     if not raw:
         raise InvalidRequestError("the request body is empty; send a JSON object")
     try:
@@ -152,7 +160,8 @@ def make_handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.St
         record = RequestRecord(headers.get("x-request-id") or new_request_id(), endpoint.name)
         error: BaseException | None = None
         try:
-            payload = await read_json(request, router.config.max_body_bytes)
+            request.app[AUTH_KEY].check(headers.get("Authorization"))
+            payload = await read_json(request, router.config.max_body_bytes, router.config.client_body_timeout)
             validate(endpoint, payload, router.config.max_messages)
             result = await router.dispatch(
                 endpoint, payload, record,
@@ -202,6 +211,10 @@ async def _relay_stream(request: web.Request, chunks: AsyncIterator[bytes],
 
 async def list_models(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
+    try:
+        request.app[AUTH_KEY].check(request.headers.get("Authorization"))
+    except TiergateError as exc:
+        return error_response(exc, request.headers.get("x-request-id") or new_request_id())
     return web.Response(body=orjson.dumps({"object": "list", "data": router.list_models()}),
                         content_type="application/json")
 
@@ -218,11 +231,17 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def health_details(request: web.Request) -> web.Response:
-    return web.json_response(request.app[ROUTER_KEY].get_health_status(), dumps=_dumps)
+    return web.json_response({**request.app[ROUTER_KEY].get_health_status(), "pid": os.getpid()},
+                             dumps=_dumps)
 
 
 async def not_found(request: web.Request) -> web.Response:
     rid = request.headers.get("x-request-id") or new_request_id()
+    if request.path.startswith("/v1/"):
+        try:
+            request.app[AUTH_KEY].check(request.headers.get("Authorization"))
+        except TiergateError as exc:
+            return error_response(exc, rid)
     if request.path in KNOWN_PATHS:
         exc: TiergateError = InvalidRequestError(f"{request.method} is not allowed on {request.path}",
                                                  code="method_not_allowed")
@@ -242,6 +261,7 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
         router = Router(router)
     app = web.Application(client_max_size=router.config.max_body_bytes + 1)
     app[ROUTER_KEY] = router
+    app[AUTH_KEY] = InboundAuth(router.config.api_keys)
 
     async def router_lifetime(app: web.Application) -> AsyncIterator[None]:
         await router.initialize()
@@ -256,6 +276,7 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/health/details", health_details)
+    app.router.add_get("/openapi.json", openapi_json)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
