@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from .auth import InboundAuth
 from .openapi import openapi_json
@@ -107,6 +109,9 @@ async def read_json(request: web.Request, limit: int, timeout: float | None = No
         raise RequestTooLargeError(f"request body is over the limit of {limit} bytes") from None
     except TimeoutError:
         raise RequestTimeoutError(f"the request body did not arrive within {timeout} seconds") from None
+    except (RequestPayloadError, HttpProcessingError):  # e.g. a Content-Encoding that does not decode
+        raise InvalidRequestError("the request body could not be read: its framing or Content-Encoding "
+                                  "is invalid") from None
     if not raw:
         raise InvalidRequestError("the request body is empty; send a JSON object")
     try:
@@ -251,6 +256,20 @@ async def not_found(request: web.Request) -> web.Response:
     return error_response(exc, rid)
 
 
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` as aiohttp does it; any other expectation is an OpenAI-shaped 417
+    (aiohttp's own 417 fails with a 500 on header bytes that are not UTF-8)."""
+    if request.version == HttpVersion11:
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # type: ignore[attr-defined]
+            return None
+        exc = InvalidRequestError("unsupported Expect header; only 100-continue is", code="expectation_failed")
+        exc.status = 417
+        return error_response(exc, request.headers.get("x-request-id") or new_request_id())
+    return None
+
+
 def _dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
@@ -278,6 +297,8 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     app.router.add_get("/health/details", health_details)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_route("*", "/{tail:.*}", not_found)
+    for route in app.router.routes():  # issue 7: no public setter; aiohttp's default 417 can 500
+        route._expect_handler = expect_continue  # type: ignore[attr-defined]
     return app
 
 

@@ -211,3 +211,23 @@ async def test_openapi_describes_the_endpoints(tiergate, http):
                  "/ready", "/health/details", "/metrics", "/openapi.json"):
         assert path in spec["paths"], path
     assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+
+
+async def test_undecodable_body_and_odd_expect_are_4xx(upstream, start_tiergate):
+    """Found by the fuzz run: both used to answer 500."""
+    tg = await start_tiergate(table_doc(upstream))
+    port = int(tg.url.rsplit(":", 1)[1])
+    for request, status in ((b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+                             b"Content-Length: 2\r\n\r\n{}", b"400"),
+                            (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: \x80\r\n"
+                             b"Content-Length: 2\r\n\r\n{}", b"417")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(request)
+            async with asyncio.timeout(5):
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = await reader.read(2000)
+        finally:
+            writer.close()
+        assert head.startswith(b"HTTP/1.1 " + status), head
+        assert_openai_error(body)

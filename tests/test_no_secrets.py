@@ -123,7 +123,13 @@ async def test_no_secret_in_any_output(tmp_path):
         assert status < 500 or status in (502, 504), (label, status, text)
         assert_clean(f"response to {label} ({status})", text)
 
-    # a bad table and bad settings, with the same secrets in the environment
+
+def test_no_secret_in_config_errors(tmp_path):
+    """A bad table and bad settings, with the same secrets in the environment."""
+    upstream = MockUpstream("primary")  # never started: only its URL goes into the file
+    dead_port = free_port()
+    env = {**ENV, **SECRETS, "PYTHONPATH": os.getcwd()}
+    config = routes_file(tmp_path, upstream, dead_port)
     broken = routes_file(tmp_path, upstream, dead_port, broken=True)
     for args, extra in ((("check", "--config", str(broken)), {}),
                         (("serve", "--config", str(broken), "--port", "0"), {}),
