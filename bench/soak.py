@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -75,7 +74,7 @@ async def drive(url: str, duration: float, rate: float, server_pid: int) -> dict
                 if resp.status != 200 or (b'"error"' in body and b"choices" not in body):
                     errors[f"{path} {resp.status}"] = errors.get(f"{path} {resp.status}", 0) + 1
                 done += 1
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
 
     timeout = aiohttp.ClientTimeout(total=30)

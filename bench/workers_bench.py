@@ -28,10 +28,10 @@ from _server import start, stop  # noqa: E402
 
 BODY = orjson.dumps({"model": "chat_conversation:economy", "max_tokens": 16,
                      "messages": [{"role": "user", "content": "Say hello to the benchmark"}]})
-WRK_SCRIPT = """wrk.method = "POST"
+WRK_SCRIPT = f"""wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = [[%s]]
-""" % BODY.decode()
+wrk.body = [[{BODY.decode()}]]
+"""
 
 
 def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
