@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .auth import check_bind
 from .cli_db import DB_COMMANDS, add_db_commands
 from .routing import load_table
 from .settings import DEMO_CONFIG_PATH, RouterConfig
@@ -50,6 +51,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     load_table(config.table_path)  # fail fast, naming the file and key, before binding
+    check_bind(config.host, config.api_keys, args.insecure)  # issue 7: no open port without keys
+    if config.workers > 1:
+        from .workers import run_workers
+        return run_workers(config)
     try:
         import uvloop
         uvloop.install()

@@ -14,7 +14,7 @@ import asyncio
 import email.utils
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,10 +22,11 @@ import aiohttp
 import orjson
 
 from .breaker import BreakerBoard
+from .limits import ProviderLimits
 from .providers import Provider, UpstreamResponse
 from .routing import RouteDecision
 from .settings import RouterConfig
-from .types import ModelRef, UpstreamError, UpstreamStatusError
+from .types import ModelRef, RateLimitError, TiergateError, UpstreamError, UpstreamStatusError
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError, OSError)
@@ -100,6 +101,7 @@ class Dispatcher:
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_read=attempt_timeout)
         self._attempt_timeout = attempt_timeout
+        self.limits = ProviderLimits(config)  # issue 7: per-provider concurrency caps
 
     async def run(
         self,
@@ -175,6 +177,10 @@ class Dispatcher:
                     exc.attempts = attempts  # type: ignore[attr-defined]
                     exc.ref = ref  # type: ignore[attr-defined]
                     raise
+                except RateLimitError:  # the provider's queue is full: not its failure; try the next
+                    breaker.release_trial()
+                    self._note(attempts, Attempt(ref.provider, ref.model, "queue_full"), observer)
+                    continue
                 except BaseException:
                     breaker.release_trial()  # cancelled (client left) or a bug: not the provider's fault
                     raise
@@ -213,7 +219,7 @@ class Dispatcher:
         try:
             if not stream:
                 timeout = aiohttp.ClientTimeout(total=budget, connect=self.config.connect_timeout)
-                resp = await provider.send(path, body, headers, timeout)
+                resp = await self._send(provider, path, body, headers, timeout)
                 data = await resp.read()
                 resp.release()
                 status = resp.status
@@ -223,7 +229,7 @@ class Dispatcher:
                     raise _Retryable(Attempt(ref.provider, ref.model, "invalid_response", status))
                 return Result(200, ref, attempts, body=data)
             async with asyncio.timeout(budget):
-                resp = await provider.send(path, body, headers, self._stream_timeout)
+                resp = await self._send(provider, path, body, headers, self._stream_timeout)
                 status = resp.status
                 if status != 200:
                     data = await resp.read()
@@ -251,6 +257,13 @@ class Dispatcher:
         return Result(200, ref, attempts, stream=self._relay(resp, first, ref, state),
                       content_type=resp.headers.get("Content-Type", "text/event-stream"),
                       first_byte_at=time.perf_counter(), stream_state=state)
+
+    def _send(self, provider: Provider, path: str, body: bytes, headers: Mapping[str, str] | None,
+              timeout: aiohttp.ClientTimeout) -> Awaitable[UpstreamResponse]:
+        """The provider's send, under its concurrency cap when it has one (issue 7)."""
+        if self.limits.capacity(provider) > 0:
+            return self.limits.send(provider, path, body, headers, timeout)
+        return provider.send(path, body, headers, timeout)
 
     @staticmethod
     def _failure(status: int, data: bytes, resp: UpstreamResponse, ref: ModelRef) -> Exception:
@@ -289,9 +302,12 @@ class Dispatcher:
                 breaker.release_trial()
                 resp.close()
 
-    def _all_failed(self, decision: RouteDecision, attempts: list[Attempt]) -> UpstreamError:
+    def _all_failed(self, decision: RouteDecision, attempts: list[Attempt]) -> TiergateError:
         sent = [a for a in attempts if a.outcome not in _SKIPPED]
         reasons = "; ".join(a.describe() for a in attempts) or "no candidate"
+        if not sent and any(a.outcome == "queue_full" for a in attempts):
+            return RateLimitError(f"route {decision.name}: every candidate is at its concurrency limit "
+                                  f"({reasons}); retry shortly", retry_after=1.0)
         if not sent:
             status, code = 503, "no_provider_available"
         elif all(a.outcome == "timeout" for a in sent):
@@ -308,7 +324,7 @@ def tried(attempts: list[Attempt]) -> int:
     return sum(1 for a in attempts if a.outcome not in _SKIPPED)
 
 
-_SKIPPED = frozenset({"breaker_open", "unknown_provider"})
+_SKIPPED = frozenset({"breaker_open", "unknown_provider", "queue_full"})
 
 
 class _Retryable(Exception):

@@ -237,7 +237,7 @@ class MockProvider(Provider):
 
     def _completion(self, request: dict[str, Any], model: str) -> MockResponse:
         prompt = request.get("prompt", "")
-        prompt_text = " ".join(prompt) if isinstance(prompt, list) else str(prompt)
+        prompt_text = " ".join(map(str, prompt)) if isinstance(prompt, list) else str(prompt)
         words, finish = _answer_words(model, prompt_text, request.get("max_tokens"))
         usage = _usage(prompt_text, words)
         rid = "cmpl-mock-" + _digest(body_key(request))

@@ -9,20 +9,26 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
+from .auth import InboundAuth
 from .dispatch import tried
+from .openapi import openapi_json
 from .router import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, Router, new_request_id
 from .settings import RouterConfig
 from .telemetry import RequestRecord
 from .types import (
     InvalidRequestError,
     NotFoundError,
+    RequestTimeoutError,
     RequestTooLargeError,
     TiergateError,
     UpstreamStatusError,
@@ -31,6 +37,7 @@ from .types import (
 log = logging.getLogger("tiergate")
 
 ROUTER_KEY = web.AppKey("router", Router)
+AUTH_KEY = web.AppKey("auth", InboundAuth)
 
 # field -> accepted JSON types; None is accepted for every optional field
 _NUMBER = (int, float)
@@ -50,7 +57,7 @@ REQUIRED: dict[str, str] = {CHAT.name: "messages", COMPLETIONS.name: "prompt", E
 _TYPE_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "a boolean",
                int: "an integer", float: "a number"}
 KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health",
-               "/ready", "/health/details", "/metrics"}
+               "/ready", "/health/details", "/metrics", "/openapi.json"}
 
 
 def validate(endpoint: Endpoint, payload: Any, max_messages: int) -> None:
@@ -93,14 +100,20 @@ def error_response(exc: TiergateError, request_id: str, extra: dict[str, str] | 
                         content_type="application/json")
 
 
-async def read_json(request: web.Request, limit: int) -> Any:
+async def read_json(request: web.Request, limit: int, timeout: float | None = None) -> Any:
     length = request.content_length
     if length is not None and length > limit:
         raise RequestTooLargeError(f"request body of {length} bytes is over the limit of {limit} bytes")
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout):  # a body trickling in slower than this is cut off
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise RequestTooLargeError(f"request body is over the limit of {limit} bytes") from None
+    except TimeoutError:
+        raise RequestTimeoutError(f"the request body did not arrive within {timeout} seconds") from None
+    except (RequestPayloadError, HttpProcessingError):  # e.g. a Content-Encoding that does not decode
+        raise InvalidRequestError("the request body could not be read: its framing or Content-Encoding "
+                                  "is invalid") from None
     if not raw:
         raise InvalidRequestError("the request body is empty; send a JSON object")
     try:
@@ -156,7 +169,8 @@ def make_handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.St
         record = RequestRecord(headers.get("x-request-id") or new_request_id(), endpoint.name)
         error: BaseException | None = None
         try:
-            payload = await read_json(request, router.config.max_body_bytes)
+            request.app[AUTH_KEY].check(headers.get("Authorization"))
+            payload = await read_json(request, router.config.max_body_bytes, router.config.client_body_timeout)
             validate(endpoint, payload, router.config.max_messages)
             result = await router.dispatch(
                 endpoint, payload, record,
@@ -206,6 +220,10 @@ async def _relay_stream(request: web.Request, chunks: AsyncIterator[bytes],
 
 async def list_models(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
+    try:
+        request.app[AUTH_KEY].check(request.headers.get("Authorization"))
+    except TiergateError as exc:
+        return error_response(exc, request.headers.get("x-request-id") or new_request_id())
     return web.Response(body=orjson.dumps({"object": "list", "data": router.list_models()}),
                         content_type="application/json")
 
@@ -222,7 +240,8 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def health_details(request: web.Request) -> web.Response:
-    return web.json_response(request.app[ROUTER_KEY].get_health_status(), dumps=_dumps)
+    return web.json_response({**request.app[ROUTER_KEY].get_health_status(), "pid": os.getpid()},
+                             dumps=_dumps)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -237,6 +256,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def not_found(request: web.Request) -> web.Response:
     rid = request.headers.get("x-request-id") or new_request_id()
+    if request.path.startswith("/v1/"):
+        try:
+            request.app[AUTH_KEY].check(request.headers.get("Authorization"))
+        except TiergateError as exc:
+            return error_response(exc, rid)
     if request.path in KNOWN_PATHS:
         exc: TiergateError = InvalidRequestError(f"{request.method} is not allowed on {request.path}",
                                                  code="method_not_allowed")
@@ -244,6 +268,20 @@ async def not_found(request: web.Request) -> web.Response:
     else:
         exc = NotFoundError(f"no such endpoint: {request.method} {request.path}")
     return error_response(exc, rid)
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` as aiohttp does it; any other expectation is an OpenAI-shaped 417
+    (aiohttp's own 417 fails with a 500 on header bytes that are not UTF-8)."""
+    if request.version == HttpVersion11:
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # type: ignore[attr-defined]
+            return None
+        exc = InvalidRequestError("unsupported Expect header; only 100-continue is", code="expectation_failed")
+        exc.status = 417
+        return error_response(exc, request.headers.get("x-request-id") or new_request_id())
+    return None
 
 
 def _dumps(obj: Any) -> str:
@@ -256,6 +294,7 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
         router = Router(router)
     app = web.Application(client_max_size=router.config.max_body_bytes + 1)
     app[ROUTER_KEY] = router
+    app[AUTH_KEY] = InboundAuth(router.config.api_keys)
 
     async def router_lifetime(app: web.Application) -> AsyncIterator[None]:
         await router.initialize()
@@ -271,7 +310,10 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     app.router.add_get("/ready", ready)
     app.router.add_get("/health/details", health_details)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_json)
     app.router.add_route("*", "/{tail:.*}", not_found)
+    for route in app.router.routes():  # issue 7: no public setter; aiohttp's default 417 can 500
+        route._expect_handler = expect_continue  # type: ignore[attr-defined]
     return app
 
 

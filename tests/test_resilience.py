@@ -241,3 +241,22 @@ def test_retry_after_forms():
     assert _retry_after(None) is None and _retry_after("soon") is None
     later = datetime.now(UTC) + timedelta(seconds=30)
     assert 25 < _retry_after(format_datetime(later, usegmt=True)) <= 30
+
+
+async def test_a_provider_at_its_concurrency_cap_falls_back(upstream, backup, start_tiergate, http):
+    doc = table_doc(upstream, backup)
+    doc["providers"]["primary"]["max_concurrency"] = 1
+    running = await start_tiergate(doc, max_queue_per_provider=0)
+    gate = asyncio.Event()
+    upstream.push(Ok(gate=gate))
+    held = asyncio.create_task(post(http, running.v1 + "/chat/completions"))
+    async with asyncio.timeout(5):
+        while upstream.calls == 0:
+            await asyncio.sleep(0.01)
+    status, headers, _ = await post(http, running.v1 + "/chat/completions")
+    assert status == 200 and headers["x-tiergate-provider"] == "backup"
+    assert headers["x-tiergate-attempts"] == "1"        # the full queue was a skip, not an attempt
+    assert breaker_state(running, "primary")["failures"] == 0
+    gate.set()
+    status, headers, _ = await held
+    assert status == 200 and headers["x-tiergate-provider"] == "primary"
