@@ -105,8 +105,11 @@ async def read_json(request: web.Request, limit: int, timeout: float | None = No
     if length is not None and length > limit:
         raise RequestTooLargeError(f"request body of {length} bytes is over the limit of {limit} bytes")
     try:
-        async with asyncio.timeout(timeout):  # a body trickling in slower than this is cut off
+        if request.content.is_eof():  # the whole body has arrived already (the usual case): no timer
             raw = await request.read()
+        else:
+            async with asyncio.timeout(timeout):  # a body trickling in slower than this is cut off
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise RequestTooLargeError(f"request body is over the limit of {limit} bytes") from None
     except TimeoutError:
