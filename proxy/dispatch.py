@@ -28,6 +28,7 @@ from .routing import RouteDecision
 from .settings import RouterConfig
 from .types import ModelRef, RateLimitError, TiergateError, UpstreamError, UpstreamStatusError
 
+_TIMEOUT_SLACK_S = 0.005  # a deadline this much later than exact is not worth a new timeout object
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError, OSError)
 
@@ -98,6 +99,8 @@ class Dispatcher:
         self._sleep = sleep
         self._on_attempt = on_attempt
         attempt_timeout = config.attempt_timeout or config.timeout
+        # a non-stream attempt with (nearly) the whole budget shares one timeout object
+        self._full_timeout = aiohttp.ClientTimeout(total=attempt_timeout, connect=config.connect_timeout)
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_read=attempt_timeout)
         self._attempt_timeout = attempt_timeout
@@ -218,7 +221,8 @@ class Dispatcher:
         resp: UpstreamResponse | None = None
         try:
             if not stream:
-                timeout = aiohttp.ClientTimeout(total=budget, connect=self.config.connect_timeout)
+                timeout = (self._full_timeout if budget >= self._full_timeout.total - _TIMEOUT_SLACK_S  # type: ignore[operator]
+                           else aiohttp.ClientTimeout(total=budget, connect=self.config.connect_timeout))
                 resp = await self._send(provider, path, body, headers, timeout)
                 data = await resp.read()
                 resp.release()
@@ -321,6 +325,8 @@ class Dispatcher:
 
 def tried(attempts: list[Attempt]) -> int:
     """How many attempts really went to a provider (skips for open breakers do not count)."""
+    if len(attempts) == 1:  # the usual case
+        return 0 if attempts[0].outcome in _SKIPPED else 1
     return sum(1 for a in attempts if a.outcome not in _SKIPPED)
 
 
@@ -340,6 +346,8 @@ def stream_error_event(message: str, *, code: str, error_type: str = "upstream_e
 
 def _looks_like_json_object(data: bytes) -> bool:
     """A cheap check, not a parse (and no copy): a whole JSON object starts with { and ends with }."""
+    if data[:1] == b"{" and data[-1:] == b"}":  # the usual, compact case
+        return True
     start = 0
     end = len(data) - 1
     while start <= end and data[start] in _WHITESPACE:

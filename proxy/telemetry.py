@@ -59,13 +59,6 @@ class RequestRecord:
         return (time.perf_counter() - self.started) * 1000
 
 
-def _attempt_fields(attempt: Any) -> tuple[str, str, str]:
-    """(provider, model, outcome) of an Attempt, or of its dict form carried by UpstreamError."""
-    if isinstance(attempt, Attempt):
-        return attempt.provider, attempt.model, attempt.outcome
-    return (str(attempt.get("provider", "")), str(attempt.get("model", "")), str(attempt.get("outcome", "")))
-
-
 class Telemetry:
     """Metrics, traces and request logs of one router. `enabled=False` (ENABLE_MONITORING=false)
     leaves only the request and success counts behind `get_metrics()`."""
@@ -81,6 +74,7 @@ class Telemetry:
         self._multiproc = multiprocess_dir()
         self._sampled_at = 0.0
         self._flush_pending = False
+        self._labels: dict[ModelRef, str] = {}  # provider/model label per model, built once
         self.request_log = config.request_log.strip().lower()
         if self.request_log not in REQUEST_LOG_TARGETS:
             raise ConfigError(f"request_log = {config.request_log!r}: expected one of "
@@ -154,19 +148,25 @@ class Telemetry:
                 record.trace.finish_reasons = finish_reasons(state.tail)
         ref = record.ref
         usage = record.usage
-        paid = usage is not None and record.cache not in _UNPAID_CACHE_RESULTS
-        prompt = usage.prompt if paid else 0
-        completion = usage.completion if paid else 0
-        attempts = [_attempt_fields(a) for a in record.attempts]
-        fallback = ok and ref is not None and bool(attempts) and (
-            attempts[0][0] != ref.provider or attempts[0][1] != ref.model)
-        stats = self.stats
-        model = stats.model_label(f"{ref.provider}/{ref.model}") if ref is not None else ""
-        stats.add(model, ok, latency_s * 1000, record.cache, prompt, completion, record.cost_usd, fallback)
+        cache = record.cache
+        paid = usage is not None and cache not in _UNPAID_CACHE_RESULTS
+        prompt = usage.prompt if paid else 0  # type: ignore[union-attr]
+        completion = usage.completion if paid else 0  # type: ignore[union-attr]
+        attempts = record.attempts
+        if ref is not None:
+            first = attempts[0] if attempts else None
+            fallback = ok and first is not None and (first.provider != ref.provider or first.model != ref.model)
+            model = self._labels.get(ref)
+            if model is None:
+                model = self._labels[ref] = self.stats.model_label(f"{ref.provider}/{ref.model}")
+            provider = ref.provider
+        else:
+            fallback, model, provider = False, "", ""
+        self.stats.add(model, ok, latency_s * 1000, cache, prompt, completion, record.cost_usd, fallback)
 
         metrics = self.metrics
         if metrics is not None:
-            series = metrics.series(record.route, model, ref.provider if ref else "", record.status)
+            series = metrics.series(record.route, model, provider, record.status)
             series.requests.inc()
             series.duration.observe(latency_s)
             if record.first_byte_at is not None:
@@ -178,9 +178,9 @@ class Telemetry:
                 series.cost.inc(record.cost_usd)
             if fallback:
                 series.fallbacks.inc()
-            for provider, _, outcome in attempts:
-                metrics.attempt(provider, outcome)
-            metrics.cache_result(record.cache)
+            for attempt in attempts:
+                metrics.attempt(attempt.provider, attempt.outcome)
+            metrics.cache_result(cache)
             if self._multiproc:
                 now = time.monotonic()
                 if now - self._sampled_at >= _SAMPLE_EVERY_S:
@@ -219,7 +219,7 @@ class Telemetry:
             log.debug("flushing the request log: %s", exc)
 
     def _log_line(self, record: RequestRecord, latency_s: float, model: str,
-                  attempts: list[tuple[str, str, str]]) -> bytes:
+                  attempts: list[Attempt]) -> bytes:
         """One JSON object: what was asked, what answered, how long, what it cost, why it failed.
         Never a key or prompt text (attempts carry provider, model and outcome only)."""
         ref = record.ref
@@ -237,7 +237,7 @@ class Telemetry:
         if record.first_byte_at is not None:
             line["ttft_ms"] = round((record.first_byte_at - record.started) * 1000, 3)
         if len(attempts) > 1 or record.error:
-            line["attempt_outcomes"] = [f"{p}/{m}:{o}" for p, m, o in attempts]
+            line["attempt_outcomes"] = [f"{a.provider}/{a.model}:{a.outcome}" for a in attempts]
         state = record.stream_state
         if state is not None and state.error:
             line["stream_error"] = state.error

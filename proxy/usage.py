@@ -15,7 +15,6 @@ from typing import Any
 import orjson
 
 _USAGE_KEY = b'"usage"'
-_SPACE = b" \t\r\n"
 _MAX_CLOSING_BRACES = 8  # usage nests `*_tokens_details` objects one level deep
 _FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"([A-Za-z0-9_\-]{1,64})"')
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
@@ -41,25 +40,19 @@ def find_usage(data: bytes) -> Usage | None:
 
 
 def _usage_at(data: bytes, i: int) -> Usage | None:
-    n = len(data)
-    while i < n and data[i] in _SPACE:
-        i += 1
-    if i >= n or data[i] != 0x3A:  # ':'
+    """The object after `"usage"` at `i`: `: {` then up to the closing brace that parses."""
+    start = data.find(b"{", i, i + 16)
+    if start < 0 or data[i:start].strip() != b":":
         return None
-    i += 1
-    while i < n and data[i] in _SPACE:
-        i += 1
-    if i >= n or data[i] != 0x7B:  # '{'
-        return None
-    end = i
+    end = start
     for _ in range(_MAX_CLOSING_BRACES):
         end = data.find(b"}", end) + 1
         if end == 0:
             return None
         try:
-            obj = orjson.loads(data[i:end])
+            obj = orjson.loads(data[start:end])
         except orjson.JSONDecodeError:
-            continue
+            continue  # a nested object closed first (`*_tokens_details`): take the next brace
         return _usage_from(obj)
     return None
 
@@ -67,11 +60,15 @@ def _usage_at(data: bytes, i: int) -> Usage | None:
 def _usage_from(obj: Any) -> Usage | None:
     if not isinstance(obj, dict):
         return None
-    prompt = obj.get("prompt_tokens", obj.get("input_tokens"))
-    completion = obj.get("completion_tokens", obj.get("output_tokens", 0))
-    if not isinstance(prompt, int) or not isinstance(completion, int):
+    prompt = obj.get("prompt_tokens")
+    if prompt is None:
+        prompt = obj.get("input_tokens")
+    completion = obj.get("completion_tokens")
+    if completion is None:
+        completion = obj.get("output_tokens") or 0
+    if type(prompt) is not int or type(completion) is not int:
         return None
-    return Usage(max(0, prompt), max(0, completion or 0))
+    return Usage(prompt if prompt > 0 else 0, completion if completion > 0 else 0)
 
 
 def finish_reasons(data: bytes) -> tuple[str, ...]:
