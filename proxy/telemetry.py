@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import io
 import logging
 import sys
 import time
@@ -59,6 +60,15 @@ class RequestRecord:
         return (time.perf_counter() - self.started) * 1000
 
 
+def _buffered_stderr() -> io.BufferedWriter | None:
+    """A buffered writer on stderr's file descriptor, or None when stderr has none."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return open(fd, "wb", buffering=1 << 16, closefd=False)  # noqa: SIM115 - lives as long as the router
+
+
 class Telemetry:
     """Metrics, traces and request logs of one router. `enabled=False` (ENABLE_MONITORING=false)
     leaves only the request and success counts behind `get_metrics()`."""
@@ -79,6 +89,7 @@ class Telemetry:
         if self.request_log not in REQUEST_LOG_TARGETS:
             raise ConfigError(f"request_log = {config.request_log!r}: expected one of "
                               f"{', '.join(REQUEST_LOG_TARGETS)}", param="request_log")
+        self._log_stream = _buffered_stderr() if self.enabled and self.request_log == "stderr" else None
         if not self.enabled:
             return
         self.metrics = PrometheusMetrics(multiproc_dir=self._multiproc)
@@ -196,14 +207,13 @@ class Telemetry:
             request_log.info(self._log_line(record, latency_s, model, attempts).decode())
 
     def _write_line(self, line: bytes) -> None:
-        """Buffered bytes on stderr, flushed within `_FLUSH_AFTER_S`: no system call per request
-        (a `logging` record costs ten times more)."""
-        out = sys.stderr
-        buffer = getattr(out, "buffer", None)
-        if buffer is None:
-            out.write(line.decode())
+        """Buffered bytes on stderr's descriptor, flushed within `_FLUSH_AFTER_S`: no system call per
+        request, even under PYTHONUNBUFFERED (a `logging` record costs ten times more)."""
+        out = self._log_stream
+        if out is None:  # stderr is not a file (e.g. captured): write through
+            sys.stderr.write(line.decode())
             return
-        buffer.write(line)
+        out.write(line)
         if not self._flush_pending:
             self._flush_pending = True
             try:
@@ -213,8 +223,10 @@ class Telemetry:
 
     def flush(self) -> None:
         self._flush_pending = False
+        if self._log_stream is None:
+            return
         try:
-            sys.stderr.flush()
+            self._log_stream.flush()
         except (OSError, ValueError) as exc:  # stderr closed or gone: nothing left to tell
             log.debug("flushing the request log: %s", exc)
 
