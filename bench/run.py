@@ -98,8 +98,8 @@ def wrk(port: int, connections: int, seconds: int, script: Path) -> dict[str, fl
         ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
          f"http://127.0.0.1:{port}/v1/chat/completions"], capture_output=True, text=True, check=True).stdout
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-              "p50": to_ms(re.search(r"50%\s+(\S+)", out).group(1)),
-              "p99": to_ms(re.search(r"99%\s+(\S+)", out).group(1))}
+              "p50": to_ms(re.search(r"\n\s+50%\s+(\S+)", out).group(1)),
+              "p99": to_ms(re.search(r"\n\s+99%\s+(\S+)", out).group(1))}
     errors = 0
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:

@@ -127,7 +127,7 @@ class Dispatcher:
         candidates = decision.candidates if config.enable_fallback else decision.candidates[:1]
         max_attempts = max(1, config.max_retries)
         attempts: list[Attempt] = []
-        failures: dict[str, int] = {}
+        failures: dict[str, int] = {}  # per provider, this request
         retry_after: dict[str, float] = {}
         tried = 0
 
@@ -144,7 +144,8 @@ class Dispatcher:
                 if not breaker.allow():
                     self._note(attempts, Attempt(ref.provider, ref.model, "breaker_open"), observer)
                     continue
-                wait = self._backoff(failures.get(ref.provider, 0), retry_after.get(ref.provider))
+                wait = self._backoff(failures[ref.provider], retry_after.get(ref.provider)) \
+                    if failures and ref.provider in failures else 0.0
                 remaining = deadline - loop.time()
                 if wait:
                     if wait >= remaining:

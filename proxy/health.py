@@ -37,16 +37,13 @@ class ProviderHealth:
 
     def observe(self, ok: bool, latency_ms: float) -> None:
         self.requests += 1
-        if not ok:
-            self.failures += 1
-        sample = 0.0 if ok else 1.0
-        if self.requests == 1:
-            self.error_rate = sample
-        else:
-            self.error_rate += _ALPHA * (sample - self.error_rate)
         if ok:
-            self.avg_latency_ms = latency_ms if self.avg_latency_ms is None else (
-                self.avg_latency_ms + _ALPHA * (latency_ms - self.avg_latency_ms))
+            self.error_rate -= _ALPHA * self.error_rate
+            average = self.avg_latency_ms
+            self.avg_latency_ms = latency_ms if average is None else average + _ALPHA * (latency_ms - average)
+        else:
+            self.failures += 1
+            self.error_rate += _ALPHA * (1.0 - self.error_rate)
 
 
 class HealthMonitor:
@@ -69,10 +66,11 @@ class HealthMonitor:
 
     def observe(self, attempt: Attempt) -> None:
         """Dispatcher's per-attempt hook."""
-        if attempt.outcome in _NOT_ATTEMPTS:
+        outcome = attempt.outcome
+        if outcome in _NOT_ATTEMPTS:
             return
-        ok = attempt.outcome in ("ok", "client_error")
-        self.get(attempt.provider).observe(ok, attempt.latency_ms)
+        stats = self.stats.get(attempt.provider) or self.get(attempt.provider)
+        stats.observe(outcome == "ok" or outcome == "client_error", attempt.latency_ms)
 
     async def check(self, provider: Provider) -> None:
         stats = self.get(provider.name)

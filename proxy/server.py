@@ -53,6 +53,9 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "suffix": (str,), "best_of": (int,), "store": (bool,), "modalities": (list,),
     "reasoning_effort": (str,), "service_tier": (str,),
 }
+# the exact types orjson produces for each field (None: the field is optional)
+_EXACT_TYPES: dict[str, frozenset[type]] = {name: frozenset(types) | {type(None)}
+                                            for name, types in FIELD_TYPES.items()}
 REQUIRED: dict[str, str] = {CHAT.name: "messages", COMPLETIONS.name: "prompt", EMBEDDINGS.name: "input"}
 _TYPE_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "a boolean",
                int: "an integer", float: "a number"}
@@ -62,17 +65,16 @@ KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1
 
 def validate(endpoint: Endpoint, payload: Any, max_messages: int) -> None:
     """Type-check the fields tiergate knows; anything else goes upstream untouched."""
-    if not isinstance(payload, dict):
+    if type(payload) is not dict:
         raise InvalidRequestError("the request body must be a JSON object")
     required = REQUIRED[endpoint.name]
     if payload.get(required) is None:
         raise InvalidRequestError(f"'{required}' is a required property", param=required)
+    exact = _EXACT_TYPES
     for name, value in payload.items():
-        allowed = FIELD_TYPES.get(name)
-        if allowed is None or value is None:
-            continue
-        if type(value) is bool and bool not in allowed or not isinstance(value, allowed):
-            expected = " or ".join(_TYPE_NAMES[t] for t in allowed if t in _TYPE_NAMES)
+        allowed = exact.get(name)
+        if allowed is not None and type(value) not in allowed:  # JSON gives exact types: no subclasses
+            expected = " or ".join(_TYPE_NAMES[t] for t in FIELD_TYPES[name] if t in _TYPE_NAMES)
             raise InvalidRequestError(f"'{name}' must be {expected}", param=name)
     if endpoint is CHAT:
         messages = payload["messages"]
@@ -81,8 +83,9 @@ def validate(endpoint: Endpoint, payload: Any, max_messages: int) -> None:
         if len(messages) > max_messages:
             raise InvalidRequestError(f"'messages' has {len(messages)} messages; at most {max_messages} "
                                       "are accepted", param="messages")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        for message in messages:
+            if type(message) is not dict or type(message.get("role")) is not str:
+                i = messages.index(message)
                 raise InvalidRequestError(f"'messages[{i}]' must be an object with a string 'role'",
                                           param=f"messages[{i}]")
 

@@ -15,7 +15,6 @@ import io
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -37,16 +36,15 @@ _UNPAID_CACHE_RESULTS = frozenset({"hit", "coalesced"})  # answered without an u
 REQUEST_LOG_TARGETS = ("stderr", "logging", "off")
 
 
-@dataclass(slots=True)
 class RequestRecord:
-    request_id: str
-    endpoint: str
+    """What one request did, filled in along its path and handed to `Telemetry.finish` once.
+
+    A plain class whose defaults live on the class: creating one per request sets four fields."""
+
     route: str = ""
     stream: bool = False
-    started: float = field(default_factory=time.perf_counter)
     status: int = 0
     ref: ModelRef | None = None
-    attempts: list[Attempt] = field(default_factory=list)
     cache: str = "bypass"
     usage: Usage | None = None
     error: str | None = None
@@ -54,6 +52,12 @@ class RequestRecord:
     cost_usd: float | None = None
     stream_state: StreamState | None = None
     trace: RequestTrace | None = None
+
+    def __init__(self, request_id: str, endpoint: str):
+        self.request_id = request_id
+        self.endpoint = endpoint
+        self.started = time.perf_counter()
+        self.attempts: list[Attempt] = []
 
     @property
     def latency_ms(self) -> float:
