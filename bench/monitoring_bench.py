@@ -214,7 +214,8 @@ def micro() -> list[tuple[str, float]]:
         telemetry: Telemetry = router.telemetry
 
         def one(telemetry: Telemetry = telemetry) -> None:
-            record = RequestRecord("req", "chat.completions", route="general_purpose:standard")
+            record = RequestRecord("req", "chat.completions")
+            record.route = "general_purpose:standard"
             trace = telemetry.start_trace("chat", record, CHAT, None)
             if trace is not None:
                 trace.attempt_started(ref, None)
