@@ -308,18 +308,18 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
         await router.close()
 
     app.cleanup_ctx.append(router_lifetime)
-    app.router.add_post("/v1/chat/completions", make_handler(CHAT))
-    app.router.add_post("/v1/completions", make_handler(COMPLETIONS))
-    app.router.add_post("/v1/embeddings", make_handler(EMBEDDINGS))
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/health/details", health_details)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/openapi.json", openapi_json)
-    app.router.add_route("*", "/{tail:.*}", not_found)
-    for route in app.router.routes():  # issue 7: no public setter; aiohttp's default 417 can 500
-        route._expect_handler = expect_continue  # type: ignore[attr-defined]
+    # every route answers an unsupported `Expect` with an OpenAI-shaped 417 (aiohttp's default can 500)
+    expect = {"expect_handler": expect_continue}
+    app.router.add_post("/v1/chat/completions", make_handler(CHAT), **expect)
+    app.router.add_post("/v1/completions", make_handler(COMPLETIONS), **expect)
+    app.router.add_post("/v1/embeddings", make_handler(EMBEDDINGS), **expect)
+    app.router.add_get("/v1/models", list_models, **expect)
+    app.router.add_get("/health", health, **expect)
+    app.router.add_get("/ready", ready, **expect)
+    app.router.add_get("/health/details", health_details, **expect)
+    app.router.add_get("/metrics", metrics, **expect)
+    app.router.add_get("/openapi.json", openapi_json, **expect)
+    app.router.add_route("*", "/{tail:.*}", not_found, **expect)
     return app
 
 
