@@ -11,7 +11,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -141,12 +141,12 @@ def _timeout_header(value: str | None) -> float | None:
     return seconds
 
 
-def _upstream_headers(request: web.Request) -> dict[str, str] | None:
-    traceparent = request.headers.get("traceparent")
+def _upstream_headers(incoming: Mapping[str, str]) -> dict[str, str] | None:
+    traceparent = incoming.get("traceparent")
     if traceparent is None:
         return None
     headers = {"traceparent": traceparent}
-    tracestate = request.headers.get("tracestate")
+    tracestate = incoming.get("tracestate")
     if tracestate:
         headers["tracestate"] = tracestate
     return headers
@@ -168,21 +168,28 @@ def _result_headers(record: RequestRecord) -> dict[str, str]:
     return headers
 
 
-def make_handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def make_handler(endpoint: Endpoint, router: Router,
+                 auth: InboundAuth) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The handler of one endpoint, with the router, the keys and the limits bound once."""
+    config = router.config
+    max_body, body_timeout, max_messages = config.max_body_bytes, config.client_body_timeout, config.max_messages
+    name = endpoint.name
+    check_key = auth.check if auth.enabled else None
+
     async def handler(request: web.Request) -> web.StreamResponse:
-        router = request.app[ROUTER_KEY]
         headers = request.headers
-        record = RequestRecord(headers.get("x-request-id") or new_request_id(), endpoint.name)
+        record = RequestRecord(headers.get("x-request-id") or new_request_id(), name)
         error: BaseException | None = None
         try:
-            request.app[AUTH_KEY].check(headers.get("Authorization"))
-            payload = await read_json(request, router.config.max_body_bytes, router.config.client_body_timeout)
-            validate(endpoint, payload, router.config.max_messages)
+            if check_key is not None:
+                check_key(headers.get("Authorization"))
+            payload = await read_json(request, max_body, body_timeout)
+            validate(endpoint, payload, max_messages)
             result = await router.dispatch(
                 endpoint, payload, record,
                 use_case=headers.get("x-use-case"), tier=headers.get("x-model-tier"),
                 timeout=_timeout_header(headers.get("x-tiergate-timeout")),
-                headers=_upstream_headers(request), cache_control=headers.get("cache-control"))
+                headers=_upstream_headers(headers), cache_control=headers.get("cache-control"))
             if result.stream is None:
                 return web.Response(body=result.body, headers=_result_headers(record),
                                     content_type="application/json")
@@ -199,7 +206,7 @@ def make_handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.St
             error = exc
             if isinstance(exc, (asyncio.CancelledError, ConnectionResetError)):
                 raise
-            log.exception("unexpected error in %s (request %s)", endpoint.name, record.request_id)
+            log.exception("unexpected error in %s (request %s)", name, record.request_id)
             return error_response(TiergateError("internal error in tiergate; see its log for "
                                                 f"request {record.request_id}"), record.request_id)
         finally:
@@ -300,7 +307,7 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
         router = Router(router)
     app = web.Application(client_max_size=router.config.max_body_bytes + 1)
     app[ROUTER_KEY] = router
-    app[AUTH_KEY] = InboundAuth(router.config.api_keys)
+    auth = app[AUTH_KEY] = InboundAuth(router.config.api_keys)
 
     async def router_lifetime(app: web.Application) -> AsyncIterator[None]:
         await router.initialize()
@@ -310,9 +317,9 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     app.cleanup_ctx.append(router_lifetime)
     # every route answers an unsupported `Expect` with an OpenAI-shaped 417 (aiohttp's default can 500)
     expect = {"expect_handler": expect_continue}
-    app.router.add_post("/v1/chat/completions", make_handler(CHAT), **expect)
-    app.router.add_post("/v1/completions", make_handler(COMPLETIONS), **expect)
-    app.router.add_post("/v1/embeddings", make_handler(EMBEDDINGS), **expect)
+    app.router.add_post("/v1/chat/completions", make_handler(CHAT, router, auth), **expect)
+    app.router.add_post("/v1/completions", make_handler(COMPLETIONS, router, auth), **expect)
+    app.router.add_post("/v1/embeddings", make_handler(EMBEDDINGS, router, auth), **expect)
     app.router.add_get("/v1/models", list_models, **expect)
     app.router.add_get("/health", health, **expect)
     app.router.add_get("/ready", ready, **expect)
