@@ -11,6 +11,7 @@ merges them all.
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,35 @@ class _Pending:
             self.child.inc(value)
 
 
+class _PendingHistogram:
+    """A histogram child whose observations gather as plain bucket counts (one C bisect each)
+    and reach prometheus-client when the metrics are read."""
+
+    __slots__ = ("child", "bounds", "counts", "total")
+
+    def __init__(self, child: Any):
+        self.child = child
+        self.bounds = list(child._upper_bounds)  # prometheus-client's own bounds, +Inf last
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.total += amount
+
+    def flush(self) -> None:
+        counts = self.counts
+        if not any(counts):
+            return
+        buckets = self.child._buckets  # one value per bucket, as Histogram.observe increments them
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)
+                counts[i] = 0
+        self.child._sum.inc(self.total)
+        self.total = 0.0
+
+
 @dataclass(slots=True)
 class _RequestSeries:
     """The children one (route, model, provider, status) touches."""
@@ -118,7 +148,7 @@ class PrometheusMetrics:
         self._cache_children: dict[str, Any] = {}
         # one process: counters gather in _Pending and are flushed on read; several workers share
         # files that other processes read, so there every increment goes straight through
-        self._pending: list[_Pending] | None = None if multiproc_dir else []
+        self._pending: list[_Pending | _PendingHistogram] | None = None if multiproc_dir else []
 
     def _counter(self, child: Any) -> Any:
         if self._pending is None:
@@ -127,8 +157,15 @@ class PrometheusMetrics:
         self._pending.append(pending)
         return pending
 
+    def _histogram(self, child: Any) -> Any:
+        if self._pending is None:
+            return child
+        pending = _PendingHistogram(child)
+        self._pending.append(pending)
+        return pending
+
     def flush(self) -> None:
-        """Hand the gathered counter increments to prometheus-client."""
+        """Hand the gathered counter increments and observations to prometheus-client."""
         for pending in self._pending or ():
             pending.flush()
 
@@ -142,7 +179,7 @@ class PrometheusMetrics:
             counter = self._counter
             found = _RequestSeries(
                 counter(self.requests.labels(route, model, provider, str(status))),
-                self.duration.labels(route, model), self.ttft.labels(model),
+                self._histogram(self.duration.labels(route, model)), self._histogram(self.ttft.labels(model)),
                 counter(self.tokens.labels(model, "prompt")), counter(self.tokens.labels(model, "completion")),
                 counter(self.cost.labels(model)), counter(self.fallbacks.labels(route)))
             self._series[key] = found

@@ -34,6 +34,8 @@ _FLUSH_AFTER_S = 0.2  # the request log reaches stderr at most this late
 _SAMPLE_EVERY_S = 1.0  # multiprocess mode: how often a worker refreshes its state gauges
 _UNPAID_CACHE_RESULTS = frozenset({"hit", "coalesced"})  # answered without an upstream call of their own
 REQUEST_LOG_TARGETS = ("stderr", "logging", "off")
+_UNKNOWN = object()
+_MEMO_LIMIT = 4096  # entries in the per-model memos (labels, prices)
 
 
 class RequestRecord:
@@ -89,6 +91,8 @@ class Telemetry:
         self._sampled_at = 0.0
         self._flush_pending = False
         self._labels: dict[ModelRef, str] = {}  # provider/model label per model, built once
+        self._priced_table: Any = None
+        self._prices: dict[ModelRef, Any] = {}  # price per model for `_priced_table`
         self.request_log = config.request_log.strip().lower()
         if self.request_log not in REQUEST_LOG_TARGETS:
             raise ConfigError(f"request_log = {config.request_log!r}: expected one of "
@@ -136,13 +140,19 @@ class Telemetry:
     def _account(self, record: RequestRecord, data: bytes) -> None:
         usage = find_usage(data)
         record.usage = usage
-        if usage is None or record.ref is None:
+        ref = record.ref
+        if usage is None or ref is None:
             return
         if record.cache in _UNPAID_CACHE_RESULTS:
             record.cost_usd = 0.0
             return
         table = getattr(self._router, "_table", None)
-        price = price_for(table.pricing, record.ref.provider, record.ref.model) if table is not None else None
+        if table is not self._priced_table or len(self._prices) >= _MEMO_LIMIT:  # per table, bounded
+            self._priced_table, self._prices = table, {}
+        price = self._prices.get(ref, _UNKNOWN)
+        if price is _UNKNOWN:
+            price = self._prices[ref] = (price_for(table.pricing, ref.provider, ref.model)
+                                         if table is not None else None)
         if price is not None:
             record.cost_usd = cost_usd(usage, price)
 
@@ -173,6 +183,8 @@ class Telemetry:
             fallback = ok and first is not None and (first.provider != ref.provider or first.model != ref.model)
             model = self._labels.get(ref)
             if model is None:
+                if len(self._labels) >= _MEMO_LIMIT:  # clients may name any model: stay bounded
+                    self._labels.clear()
                 model = self._labels[ref] = self.stats.model_label(f"{ref.provider}/{ref.model}")
             provider = ref.provider
         else:

@@ -29,36 +29,34 @@ class Usage:
 
 
 def find_usage(data: bytes) -> Usage | None:
-    """The last `"usage": {...}` object in `data` (a body or a stream's tail), or None."""
+    """The last `"usage": {...}` object in `data` (a body or a stream's tail), or None.
+
+    Only that object is parsed: find `: {` after the key, then try each closing brace in turn
+    (the first one that parses closes the object; `*_tokens_details` nest one level)."""
     at = data.rfind(_USAGE_KEY)
     while at >= 0:
-        usage = _usage_at(data, at + len(_USAGE_KEY))
-        if usage is not None:
-            return usage
+        key_end = at + len(_USAGE_KEY)
+        start = data.find(b"{", key_end, key_end + 16)
+        if start >= 0 and data[key_end:start].strip() == b":":
+            end = start
+            for _ in range(_MAX_CLOSING_BRACES):
+                end = data.find(b"}", end) + 1
+                if end == 0:
+                    break
+                try:
+                    obj = orjson.loads(data[start:end])
+                except orjson.JSONDecodeError:
+                    continue
+                usage = _usage_from(obj)
+                if usage is not None:
+                    return usage
+                break
         at = data.rfind(_USAGE_KEY, 0, at)
     return None
 
 
-def _usage_at(data: bytes, i: int) -> Usage | None:
-    """The object after `"usage"` at `i`: `: {` then up to the closing brace that parses."""
-    start = data.find(b"{", i, i + 16)
-    if start < 0 or data[i:start].strip() != b":":
-        return None
-    end = start
-    for _ in range(_MAX_CLOSING_BRACES):
-        end = data.find(b"}", end) + 1
-        if end == 0:
-            return None
-        try:
-            obj = orjson.loads(data[start:end])
-        except orjson.JSONDecodeError:
-            continue  # a nested object closed first (`*_tokens_details`): take the next brace
-        return _usage_from(obj)
-    return None
-
-
 def _usage_from(obj: Any) -> Usage | None:
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         return None
     prompt = obj.get("prompt_tokens")
     if prompt is None:

@@ -210,3 +210,32 @@ def test_state_gauges_read_at_scrape_time():
     assert value(m, "tiergate_circuit_state", provider="q") == 2
     broken = SimpleNamespace(breakers=breakers, _table=None, cache=SimpleNamespace(stats=lambda: None))
     assert b"tiergate_cache_bytes 0.0" in Telemetry(config_with(), broken).render_metrics()[0]
+
+
+def test_gathered_counts_render_exactly_as_direct_observations():
+    """Single-process mode gathers increments and observations as plain numbers and hands them to
+    prometheus-client on read; the exposition must equal what direct calls produce."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from proxy.metrics import PrometheusMetrics
+
+    values = [0.0004, 0.005, 0.0051, 0.02, 0.3, 7.0, 200.0]
+    gathered, direct = PrometheusMetrics(), PrometheusMetrics(multiproc_dir=None)
+    direct._pending = None  # the multiprocess behaviour: straight through
+    for metrics in (gathered, direct):
+        series = metrics.series("r", "p/m", "p", 200)
+        for v in values:
+            series.duration.observe(v)
+            series.requests.inc()
+            series.prompt_tokens.inc(3)
+        metrics.attempt("p", "ok")
+        metrics.cache_result("miss")
+
+    def samples(metrics):
+        return sorted((s.name, tuple(sorted(s.labels.items())), s.value)
+                      for f in text_string_to_metric_families(metrics.render().decode())
+                      for s in f.samples if not s.name.endswith("_created"))
+
+    assert samples(gathered) == samples(direct)
+    assert ("tiergate_requests_total", (("model", "p/m"), ("provider", "p"), ("route", "r"), ("status", "200")),
+            7.0) in samples(gathered)
