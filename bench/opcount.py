@@ -1,0 +1,101 @@
+"""Where the Python work of one request goes: opcodes executed per request, by file and function.
+
+    python bench/opcount.py [floor|tiergate] [--upstream http://127.0.0.1:18001/v1] 2>/dev/null
+
+Deterministic where timings on a shared 2-core machine are not. Needs an upstream answering
+`POST /v1/chat/completions` (e.g. the nginx that `bench/run.py` starts, or `bench/mock_upstream.py`).
+The server runs in this process under `sys.settrace` with opcode events; the load comes from a
+separate process (aiohttp, 8 concurrent requests), so only the server's opcodes are counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import sys
+import tempfile
+from pathlib import Path
+
+from aiohttp import web
+
+HERE = Path(__file__).resolve().parent
+LOAD = """
+import asyncio, sys, aiohttp
+port, n = int(sys.argv[1]), int(sys.argv[2])
+body = b'{"model":"general_purpose","messages":[{"role":"user","content":"Hello there"}],"temperature":0.7}'
+async def main():
+    async with aiohttp.ClientSession() as s:
+        left = list(range(n))
+        async def worker():
+            while left:
+                left.pop()
+                async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                  headers={"Content-Type": "application/json"}) as r:
+                    assert r.status == 200, r.status
+                    await r.read()
+        await asyncio.gather(*(worker() for _ in range(8)))
+asyncio.run(main())
+"""
+
+
+async def main(args: argparse.Namespace) -> None:
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def tracer(frame, event, arg):  # noqa: ANN001, ANN202 - the sys.settrace signature
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            code = frame.f_code
+            counts[(code.co_filename.split("site-packages/")[-1], code.co_name)] += 1
+        return tracer
+
+    upstream = args.upstream.rstrip("/")
+    if args.target == "floor":
+        sys.path.insert(0, str(HERE))
+        import floor
+
+        app = await floor.make_app(upstream + "/chat/completions")
+    else:
+        from proxy.server import build_app
+        from proxy.settings import RouterConfig
+
+        table = Path(tempfile.mkdtemp()) / "routes.yaml"
+        table.write_text(f'providers:\n  bench: {{base_url: "{upstream}", api_key: sk-bench}}\n'
+                         "routes:\n  - {use_case: general_purpose, tier: standard, model: bench/bench-model}\n")
+        app = build_app(RouterConfig.load(table, environ={"TIERGATE_HEALTH_CHECK_INTERVAL": "0"},
+                                          dotenv_path=None))
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def load(n: int) -> None:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", LOAD, str(port), str(n))
+        assert await proc.wait() == 0, "the load generator failed (is the upstream answering?)"
+
+    await load(args.requests)  # warm up pools and caches
+    sys.settrace(tracer)
+    await load(args.requests)
+    sys.settrace(None)
+    await runner.cleanup()
+
+    n = args.requests
+    print(f"{args.target}: {sum(counts.values()) / n:.0f} opcodes per request")
+    by_file: collections.Counter[str] = collections.Counter()
+    for (path, _), count in counts.items():
+        by_file[path] += count
+    for path, count in by_file.most_common(15):
+        print(f"  {count / n:7.0f}  {path}")
+    print("  by function:")
+    for (path, name), count in counts.most_common(args.top):
+        print(f"  {count / n:7.0f}  {path}:{name}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("target", choices=("floor", "tiergate"))
+    parser.add_argument("--upstream", default="http://127.0.0.1:18001/v1")
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--top", type=int, default=40)
+    asyncio.run(main(parser.parse_args()))
