@@ -50,6 +50,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     config = load_config(args)
+    try:
+        logging.getLogger().setLevel(config.log_level.upper())  # TIERGATE_LOG_LEVEL
+    except ValueError:
+        raise ConfigError(f"log_level = {config.log_level!r}: expected DEBUG, INFO, WARNING or ERROR",
+                          param="log_level") from None
     load_table(config.table_path)  # fail fast, naming the file and key, before binding
     check_bind(config.host, config.api_keys, args.insecure)  # issue 7: no open port without keys
     if config.workers > 1:

@@ -15,7 +15,7 @@ import email.utils
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
@@ -59,7 +59,6 @@ class Result:
     content_type: str = "application/json"
     first_byte_at: float | None = None
     stream_state: StreamState | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

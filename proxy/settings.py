@@ -34,7 +34,7 @@ LEGACY_ENV = {
 }
 
 SECRET_FIELDS = frozenset({"portkey_api_key", "openrouter_api_key", "database_url", "redis_url",
-                           "api_keys", "admin_key"})
+                           "api_keys"})
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,6 @@ class RouterConfig:
     client_body_timeout: float = 30.0
     drain_timeout: float = 20.0
     api_keys: tuple[str, ...] = ()
-    admin_key: str | None = None
     # upstream calls
     enable_fallback: bool = True
     max_retries: int = 3
