@@ -150,17 +150,11 @@ class PrometheusMetrics:
         # files that other processes read, so there every increment goes straight through
         self._pending: list[_Pending | _PendingHistogram] | None = None if multiproc_dir else []
 
-    def _counter(self, child: Any) -> Any:
+    def _gathered(self, child: Any, kind: type[_Pending] | type[_PendingHistogram] = _Pending) -> Any:
+        """`child` behind a gatherer (one process), or `child` itself (several workers)."""
         if self._pending is None:
             return child
-        pending = _Pending(child)
-        self._pending.append(pending)
-        return pending
-
-    def _histogram(self, child: Any) -> Any:
-        if self._pending is None:
-            return child
-        pending = _PendingHistogram(child)
+        pending = kind(child)
         self._pending.append(pending)
         return pending
 
@@ -176,10 +170,11 @@ class PrometheusMetrics:
         if found is None:
             if len(self._series) >= _MAX_CACHED_SERIES:
                 self._drop_cached()
-            counter = self._counter
+            counter = self._gathered
             found = _RequestSeries(
                 counter(self.requests.labels(route, model, provider, str(status))),
-                self._histogram(self.duration.labels(route, model)), self._histogram(self.ttft.labels(model)),
+                counter(self.duration.labels(route, model), _PendingHistogram),
+                counter(self.ttft.labels(model), _PendingHistogram),
                 counter(self.tokens.labels(model, "prompt")), counter(self.tokens.labels(model, "completion")),
                 counter(self.cost.labels(model)), counter(self.fallbacks.labels(route)))
             self._series[key] = found
@@ -191,13 +186,13 @@ class PrometheusMetrics:
         if child is None:
             if len(self._attempt_children) >= _MAX_CACHED_SERIES:
                 self._drop_cached()
-            child = self._attempt_children[key] = self._counter(self.attempts.labels(provider, outcome))
+            child = self._attempt_children[key] = self._gathered(self.attempts.labels(provider, outcome))
         child.inc()
 
     def cache_result(self, result: str) -> None:
         child = self._cache_children.get(result)
         if child is None:
-            child = self._cache_children[result] = self._counter(self.cache.labels(result))
+            child = self._cache_children[result] = self._gathered(self.cache.labels(result))
         child.inc()
 
     def sample(self, breakers: Mapping[str, Any], table_age: float | None, cache_bytes: int | None) -> None:
