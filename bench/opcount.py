@@ -1,6 +1,6 @@
 """Where the Python work of one request goes: opcodes executed per request, by file and function.
 
-    python bench/opcount.py [floor|tiergate] [--upstream http://127.0.0.1:18001/v1] 2>/dev/null
+    python bench/opcount.py [floor|tiergate] [--upstream http://127.0.0.1:18001/v1] [--lines proxy/] 2>/dev/null
 
 Deterministic where timings on a shared 2-core machine are not. Needs an upstream answering
 `POST /v1/chat/completions` (e.g. the nginx that `bench/run.py` starts, or `bench/mock_upstream.py`).
@@ -41,12 +41,17 @@ asyncio.run(main())
 
 async def main(args: argparse.Namespace) -> None:
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    lines: collections.Counter[tuple[str, int]] = collections.Counter()
+    line_pattern = args.lines
 
     def tracer(frame, event, arg):  # noqa: ANN001, ANN202 - the sys.settrace signature
         frame.f_trace_opcodes = True
         if event == "opcode":
             code = frame.f_code
-            counts[(code.co_filename.split("site-packages/")[-1], code.co_name)] += 1
+            path = code.co_filename.split("site-packages/")[-1]
+            counts[(path, code.co_name)] += 1
+            if line_pattern and line_pattern in path:
+                lines[(path, frame.f_lineno)] += 1
         return tracer
 
     upstream = args.upstream.rstrip("/")
@@ -90,6 +95,10 @@ async def main(args: argparse.Namespace) -> None:
     print("  by function:")
     for (path, name), count in counts.most_common(args.top):
         print(f"  {count / n:7.0f}  {path}:{name}")
+    if line_pattern:
+        print(f"  by line ({line_pattern}):")
+        for (path, lineno), count in sorted(lines.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
+            print(f"  {count / n:7.1f}  {path}:{lineno}")
 
 
 if __name__ == "__main__":
@@ -98,4 +107,10 @@ if __name__ == "__main__":
     parser.add_argument("--upstream", default="http://127.0.0.1:18001/v1")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--top", type=int, default=40)
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--lines", default="", help="also count by line in files whose path contains this")
+    parser.add_argument("--asyncio", action="store_true", help="asyncio's own loop instead of uvloop")
+    arguments = parser.parse_args()
+    if not arguments.asyncio:  # as `tiergate serve` runs (and the floor): the loop's own work is in C
+        import uvloop
+        uvloop.install()
+    asyncio.run(main(arguments))

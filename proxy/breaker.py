@@ -62,6 +62,7 @@ class AsyncCircuitBreaker:
             listeners=[_StateListener(self._clock, on_state_change)], throw_new_error_on_trip=False)
         self._trial_in_flight = False
         self.name = name
+        self.clean = True  # closed, no failure counted: allow and record_success have nothing to do
 
     @property
     def state(self) -> str:
@@ -79,6 +80,8 @@ class AsyncCircuitBreaker:
 
     def allow(self) -> bool:
         """May an attempt go to this provider now? Moves open -> half-open when the timeout has passed."""
+        if self.clean:
+            return True
         state = self._cb.current_state
         if state == pybreaker.STATE_CLOSED:
             return True
@@ -93,15 +96,16 @@ class AsyncCircuitBreaker:
         return True
 
     def record_success(self) -> None:
-        self._trial_in_flight = False
-        state = self._cb.current_state
-        if state == pybreaker.STATE_CLOSED and self._cb.fail_counter == 0:
+        if self.clean:
             return  # the common case: nothing to reset
-        if state != pybreaker.STATE_OPEN:
-            self._cb.call(_noop)
+        self._trial_in_flight = False
+        if self._cb.current_state != pybreaker.STATE_OPEN:
+            self._cb.call(_noop)  # closes a half-open circuit, resets the failure count
+        self.clean = self._cb.current_state == pybreaker.STATE_CLOSED and self._cb.fail_counter == 0
 
     def record_failure(self, cause: str = "failure") -> None:
         """Count one failure; pybreaker opens the circuit at `fail_max` (or at once from half-open)."""
+        self.clean = False
         self._trial_in_flight = False
         if self._cb.current_state == pybreaker.STATE_OPEN:
             return
@@ -117,6 +121,7 @@ class AsyncCircuitBreaker:
     def reset(self) -> None:
         self._trial_in_flight = False
         self._cb.close()
+        self.clean = True
 
     def snapshot(self) -> dict[str, Any]:
         opened = self.opened_at

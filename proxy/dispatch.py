@@ -14,7 +14,7 @@ import asyncio
 import email.utils
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -103,6 +103,9 @@ class Dispatcher:
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_read=attempt_timeout)
         self._attempt_timeout = attempt_timeout
+        self._timeout = config.timeout
+        self._max_attempts = max(1, config.max_retries)
+        self._fallback = config.enable_fallback
         self.limits = ProviderLimits(config)  # issue 7: per-provider concurrency caps
 
     async def run(
@@ -119,12 +122,10 @@ class Dispatcher:
         """Send `payload` to the decision's candidates; raise UpstreamError when none answers.
 
         `observer` (tracing) sees each attempt start and end and may replace its headers."""
-        config = self.config
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + (timeout or config.timeout)
-        candidates = decision.candidates if config.enable_fallback else decision.candidates[:1]
-        max_attempts = max(1, config.max_retries)
+        deadline = loop.time() + (timeout or self._timeout)
+        candidates = decision.candidates if self._fallback else decision.candidates[:1]
+        max_attempts = self._max_attempts
         attempts: list[Attempt] = []
         failures: dict[str, int] = {}  # per provider, this request
         retry_after: dict[str, float] = {}
@@ -189,9 +190,12 @@ class Dispatcher:
                     raise
                 if not stream:
                     breaker.record_success()
-                self._note(attempts, Attempt(ref.provider, ref.model, "ok", result.status,
-                                             (loop.time() - attempt_started) * 1000), observer)
-                result.attempts = attempts
+                attempt = Attempt(ref.provider, ref.model, "ok", 200, (loop.time() - attempt_started) * 1000)
+                attempts.append(attempt)
+                if self._on_attempt is not None:
+                    self._on_attempt(attempt)
+                if observer is not None:
+                    observer.attempt_ended(attempt)
                 return result
             if not progressed:
                 break
@@ -223,7 +227,8 @@ class Dispatcher:
             if not stream:
                 timeout = (self._full_timeout if budget >= self._full_timeout.total - _TIMEOUT_SLACK_S  # type: ignore[operator]
                            else aiohttp.ClientTimeout(total=budget, connect=self.config.connect_timeout))
-                resp = await self._send(provider, path, body, headers, timeout)
+                resp = await (self.limits.send(provider, path, body, headers, timeout) if provider.capped
+                              else provider.send(path, body, headers, timeout))
                 data = await resp.read()
                 resp.release()
                 status = resp.status
@@ -233,7 +238,8 @@ class Dispatcher:
                     raise _Retryable(Attempt(ref.provider, ref.model, "invalid_response", status))
                 return Result(200, ref, attempts, body=data)
             async with asyncio.timeout(budget):
-                resp = await self._send(provider, path, body, headers, self._stream_timeout)
+                resp = await (self.limits.send(provider, path, body, headers, self._stream_timeout)
+                              if provider.capped else provider.send(path, body, headers, self._stream_timeout))
                 status = resp.status
                 if status != 200:
                     data = await resp.read()
@@ -261,13 +267,6 @@ class Dispatcher:
         return Result(200, ref, attempts, stream=self._relay(resp, first, ref, state),
                       content_type=resp.headers.get("Content-Type", "text/event-stream"),
                       first_byte_at=time.perf_counter(), stream_state=state)
-
-    def _send(self, provider: Provider, path: str, body: bytes, headers: Mapping[str, str] | None,
-              timeout: aiohttp.ClientTimeout) -> Awaitable[UpstreamResponse]:
-        """The provider's send, under its concurrency cap when it has one (issue 7)."""
-        if self.limits.capacity(provider) > 0:
-            return self.limits.send(provider, path, body, headers, timeout)
-        return provider.send(path, body, headers, timeout)
 
     @staticmethod
     def _failure(status: int, data: bytes, resp: UpstreamResponse, ref: ModelRef) -> Exception:

@@ -1,8 +1,9 @@
 """Prometheus metrics of tiergate (`GET /metrics`), on prometheus-client.
 
 Each `PrometheusMetrics` has its own registry (no process-global state for tests to reset).
-The labelled children a request touches are cached per label tuple, so the hot path is a dict
-lookup and a few `inc()`s instead of `.labels()` (which validates, converts and locks) each time.
+The labelled children are cached per label tuple, and counts gather there as plain numbers
+(telemetry adds whole batches of requests) until a scrape hands them to prometheus-client, so a
+request costs no `.labels()` (which validates, converts and locks) and no `inc()` of its own.
 With several worker processes, prometheus-client's multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`
 set before start-up) writes every worker's values to that directory and a scrape of any worker
 merges them all.
@@ -12,18 +13,20 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
-    Counter,
     Gauge,
     Histogram,
     generate_latest,
 )
+from prometheus_client import Counter as PromCounter
 from prometheus_client import multiprocess as prom_multiprocess
 
 from .breaker import STATE_VALUES
@@ -52,8 +55,8 @@ def multiprocess_dir() -> str | None:
 
 
 class _Pending:
-    """A counter child whose increments gather as a plain number on the hot path and reach
-    prometheus-client in one `inc()` when the metrics are read (a few µs saved per request)."""
+    """A counter child whose increments gather as a plain number and reach prometheus-client in
+    one `inc()` when the metrics are read (or, with several workers, after each batch)."""
 
     __slots__ = ("child", "value")
 
@@ -71,20 +74,22 @@ class _Pending:
 
 
 class _PendingHistogram:
-    """A histogram child whose observations gather as plain bucket counts (one C bisect each)
-    and reach prometheus-client when the metrics are read."""
+    """A histogram child whose observations, in milliseconds, gather as plain bucket counts and
+    reach prometheus-client (in seconds) when the metrics are read."""
 
     __slots__ = ("child", "bounds", "counts", "total")
 
     def __init__(self, child: Any):
         self.child = child
-        self.bounds = list(child._upper_bounds)  # prometheus-client's own bounds, +Inf last
+        self.bounds = [b * 1000 for b in child._upper_bounds]  # prometheus-client's own bounds, +Inf last
         self.counts = [0] * len(self.bounds)
         self.total = 0.0
 
-    def observe(self, amount: float) -> None:
-        self.counts[bisect_left(self.bounds, amount)] += 1
-        self.total += amount
+    def observe_ms(self, values: list[float]) -> None:
+        counts = self.counts
+        for i, n in Counter(map(bisect_left, repeat(self.bounds), values)).items():
+            counts[i] += n
+        self.total += sum(values)
 
     def flush(self) -> None:
         counts = self.counts
@@ -95,7 +100,7 @@ class _PendingHistogram:
             if n:
                 buckets[i].inc(n)
                 counts[i] = 0
-        self.child._sum.inc(self.total)
+        self.child._sum.inc(self.total / 1000)
         self.total = 0.0
 
 
@@ -119,23 +124,23 @@ class PrometheusMetrics:
         self.multiproc_dir = multiproc_dir
         self.registry = CollectorRegistry(auto_describe=False)
         reg = self.registry
-        self.requests = Counter("tiergate_requests_total", "Requests answered, by route, model, provider "
+        self.requests = PromCounter("tiergate_requests_total", "Requests answered, by route, model, provider "
                                 "and HTTP status", ["route", "model", "provider", "status"], registry=reg)
         self.duration = Histogram("tiergate_request_duration_seconds", "Time from request to the end of "
                                   "the response (streams: to the last chunk)", ["route", "model"],
                                   buckets=LATENCY_BUCKETS, registry=reg)
         self.ttft = Histogram("tiergate_time_to_first_token_seconds", "Streams: time from request to the "
                               "first upstream chunk", ["model"], buckets=TTFT_BUCKETS, registry=reg)
-        self.attempts = Counter("tiergate_upstream_attempts_total", "Upstream attempts by provider and "
+        self.attempts = PromCounter("tiergate_upstream_attempts_total", "Upstream attempts by provider and "
                                 "outcome (ok, http_<status>, timeout, connection, breaker_open, ...)",
                                 ["provider", "outcome"], registry=reg)
-        self.fallbacks = Counter("tiergate_fallbacks_total", "Requests answered by a model other than "
+        self.fallbacks = PromCounter("tiergate_fallbacks_total", "Requests answered by a model other than "
                                  "the first one tried", ["route"], registry=reg)
-        self.tokens = Counter("tiergate_tokens_total", "Tokens used upstream, by model and type "
+        self.tokens = PromCounter("tiergate_tokens_total", "Tokens used upstream, by model and type "
                               "(prompt, completion)", ["model", "type"], registry=reg)
-        self.cost = Counter("tiergate_cost_usd_total", "Upstream cost in USD (models with a price)",
+        self.cost = PromCounter("tiergate_cost_usd_total", "Upstream cost in USD (models with a price)",
                             ["model"], registry=reg)
-        self.cache = Counter("tiergate_cache_requests_total", "Requests by cache result (hit, miss, "
+        self.cache = PromCounter("tiergate_cache_requests_total", "Requests by cache result (hit, miss, "
                              "coalesced, bypass)", ["result"], registry=reg)
         self.cache_bytes = Gauge("tiergate_cache_bytes", "Bytes held by the response cache",
                                  registry=reg, multiprocess_mode="livesum")
@@ -144,23 +149,20 @@ class PrometheusMetrics:
         self.table_age = Gauge("tiergate_routing_table_age_seconds", "Seconds since the routing table "
                                "in use was loaded", registry=reg, multiprocess_mode="livemax")
         self._series: dict[tuple[str, str, str, int], _RequestSeries] = {}
-        self._attempt_children: dict[tuple[str, str], Any] = {}
-        self._cache_children: dict[str, Any] = {}
-        # one process: counters gather in _Pending and are flushed on read; several workers share
-        # files that other processes read, so there every increment goes straight through
-        self._pending: list[_Pending | _PendingHistogram] | None = None if multiproc_dir else []
+        self._attempt_children: dict[tuple[str, str], _Pending] = {}
+        self._cache_children: dict[str, _Pending] = {}
+        # counts gather as plain numbers and reach prometheus-client on `flush()`: when scraped, and
+        # with several workers (who read each other's files) after each batch of requests
+        self._pending: list[_Pending | _PendingHistogram] = []
 
     def _gathered(self, child: Any, kind: type[_Pending] | type[_PendingHistogram] = _Pending) -> Any:
-        """`child` behind a gatherer (one process), or `child` itself (several workers)."""
-        if self._pending is None:
-            return child
         pending = kind(child)
         self._pending.append(pending)
         return pending
 
     def flush(self) -> None:
-        """Hand the gathered counter increments and observations to prometheus-client."""
-        for pending in self._pending or ():
+        """Hand the gathered counts to prometheus-client."""
+        for pending in self._pending:
             pending.flush()
 
     def series(self, route: str, model: str, provider: str, status: int) -> _RequestSeries:
@@ -180,20 +182,20 @@ class PrometheusMetrics:
             self._series[key] = found
         return found
 
-    def attempt(self, provider: str, outcome: str) -> None:
+    def attempt(self, provider: str, outcome: str, count: int = 1) -> None:
         key = (provider, outcome)
         child = self._attempt_children.get(key)
         if child is None:
             if len(self._attempt_children) >= _MAX_CACHED_SERIES:
                 self._drop_cached()
             child = self._attempt_children[key] = self._gathered(self.attempts.labels(provider, outcome))
-        child.inc()
+        child.inc(count)
 
-    def cache_result(self, result: str) -> None:
+    def cache_result(self, result: str, count: int = 1) -> None:
         child = self._cache_children.get(result)
         if child is None:
             child = self._cache_children[result] = self._gathered(self.cache.labels(result))
-        child.inc()
+        child.inc(count)
 
     def sample(self, breakers: Mapping[str, Any], table_age: float | None, cache_bytes: int | None) -> None:
         """Set the gauges that describe state rather than traffic (at scrape time)."""
@@ -210,8 +212,7 @@ class PrometheusMetrics:
         self._series.clear()
         self._attempt_children.clear()
         self._cache_children.clear()
-        if self._pending is not None:
-            self._pending.clear()
+        self._pending.clear()
 
     def render(self) -> bytes:
         """The exposition text: this process's registry, or every worker's files in multiprocess mode."""

@@ -50,6 +50,8 @@ class Provider:
         self.has_key = _has_key(spec, config)
         self._urls: dict[str, URL] = {}
         self.session: aiohttp.ClientSession | None = None
+        cap = spec.max_concurrency  # issue 7: requests beyond a cap wait in the provider's queue
+        self.capped = (config.max_concurrent_per_provider if cap is None else cap) > 0
 
     def __repr__(self) -> str:  # never shows keys
         return f"Provider(name={self.name!r}, base_url={self.base_url!r})"

@@ -125,7 +125,8 @@ class Router:
             await provider.close()
         self.providers.clear()
         self.initialized = False
-        await asyncio.to_thread(self.telemetry.close)  # telemetry (issue 6): flush spans off the loop
+        self.telemetry.drain()  # telemetry (issue 6): count and log the last requests, then
+        await asyncio.to_thread(self.telemetry.close)  # flush spans off the loop
 
     async def __aenter__(self) -> Router:
         await self.initialize()
@@ -196,8 +197,12 @@ class Router:
         `record` is filled in; the caller hands it to `finish()` when the response has ended.
         `cache_control` is the client's Cache-Control header (no-cache, no-store).
         """
-        trace = self.telemetry.start_trace(endpoint.operation, record, payload, headers)  # issue 6
-        table = self.table
+        telemetry = self.telemetry
+        trace = (telemetry.start_trace(endpoint.operation, record, payload, headers)  # issue 6
+                 if telemetry.tracing is not None else None)
+        table = self._table
+        if table is None:
+            table = self.table  # raises: not initialized
         decision = table.resolve(use_case, tier, payload.get("model"))
         record.route = decision.name
         stream = bool(payload.get("stream")) and endpoint.streamable
@@ -220,7 +225,7 @@ class Router:
         record.ref = result.ref
         record.attempts = result.attempts
         record.first_byte_at = result.first_byte_at
-        self.telemetry.on_result(record, result)  # issue 6: usage and cost before the response goes out
+        telemetry.on_result(record, result)  # issue 6: usage and cost before the response goes out
         return result
 
     async def _forward(self, endpoint: Endpoint, payload: dict[str, Any], decision: Any, stream: bool,

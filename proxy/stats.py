@@ -31,6 +31,19 @@ class LatencyRing:
         if self._count < self._size:
             self._count += 1
 
+    def extend(self, values: list[float]) -> None:
+        """Add many at once (two slice copies, however many values)."""
+        size = self._size
+        if len(values) > size:
+            values = values[-size:]
+        n, at = len(values), self._next
+        head = min(n, size - at)
+        self._values[at:at + head] = array("d", values[:head])
+        if head < n:
+            self._values[:n - head] = array("d", values[head:])
+        self._next = (at + n) % size
+        self._count = min(size, self._count + n)
+
     def percentiles(self, *qs: float) -> list[float | None]:
         """Nearest-rank percentiles (q in 0..100) of the values held."""
         if not self._count:
@@ -67,6 +80,15 @@ class Tally:
         if ring._count < ring._size:
             ring._count += 1
 
+    def add_many(self, succeeded: int, latencies_ms: list[float], prompt: int, completion: int,
+                 cost: float) -> None:
+        self.requests += len(latencies_ms)
+        self.succeeded += succeeded
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.cost_usd += cost
+        self.latency.extend(latencies_ms)
+
     def view(self) -> dict[str, Any]:
         p50, p95, p99 = self.latency.percentiles(50, 95, 99)
         return {
@@ -80,7 +102,7 @@ class Tally:
 
 
 class RequestStats:
-    """Everything `get_metrics()` reports, updated once per request."""
+    """Everything `get_metrics()` reports, updated per batch of finished requests."""
 
     def __init__(self, reservoir: int = RESERVOIR_SIZE, max_models: int = MAX_MODELS):
         self.overall = Tally(reservoir)
@@ -99,15 +121,21 @@ class RequestStats:
 
     def add(self, model: str, ok: bool, latency_ms: float, cache: str, prompt: int, completion: int,
             cost: float | None, fallback: bool) -> None:
-        self.overall.add(ok, latency_ms, prompt, completion, cost)
+        """One request."""
+        self.add_group(model, ok, [latency_ms], cache, prompt, completion, cost or 0.0, int(fallback))
+
+    def add_group(self, model: str, ok: bool, latencies_ms: list[float], cache: str, prompt: int,
+                  completion: int, cost: float, fallbacks: int) -> None:
+        """Requests that share model, outcome and cache result: their latencies, summed tokens and cost."""
+        succeeded = len(latencies_ms) if ok else 0
+        self.overall.add_many(succeeded, latencies_ms, prompt, completion, cost)
         if model:
             tally = self.models.get(model)
             if tally is None:
                 tally = self.models[model] = Tally(self._reservoir)
-            tally.add(ok, latency_ms, prompt, completion, cost)
-        self.cache[cache] = self.cache.get(cache, 0) + 1
-        if fallback:
-            self.fallbacks += 1
+            tally.add_many(succeeded, latencies_ms, prompt, completion, cost)
+        self.cache[cache] = self.cache.get(cache, 0) + len(latencies_ms)
+        self.fallbacks += fallbacks
 
     def snapshot(self) -> dict[str, Any]:
         out = self.overall.view()

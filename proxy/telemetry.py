@@ -15,6 +15,9 @@ import io
 import logging
 import sys
 import time
+from collections import Counter
+from itertools import chain
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import orjson
@@ -30,12 +33,22 @@ from .usage import Usage, cost_usd, find_usage, finish_reasons, price_for, respo
 log = logging.getLogger("tiergate")
 request_log = logging.getLogger("tiergate.requests")
 
-_FLUSH_AFTER_S = 0.2  # the request log reaches stderr at most this late
+_DRAIN_AFTER_S = 0.2  # a finished request is counted and logged at most this late...
+_BATCH_SIZE = 256  # ...or as soon as this many have finished
 _SAMPLE_EVERY_S = 1.0  # multiprocess mode: how often a worker refreshes its state gauges
 _UNPAID_CACHE_RESULTS = frozenset({"hit", "coalesced"})  # answered without an upstream call of their own
 REQUEST_LOG_TARGETS = ("stderr", "logging", "off")
 _UNKNOWN = object()
 _MEMO_LIMIT = 4096  # entries in the per-model memos (labels, prices)
+_USAGE, _COST, _ATTEMPTS = attrgetter("usage"), attrgetter("cost_usd"), attrgetter("attempts")
+_PROMPT, _COMPLETION = itemgetter(0), itemgetter(1)
+_ATTEMPT_KEY = attrgetter("provider", "outcome")
+
+
+def _answered_by_fallback(record: RequestRecord) -> bool:
+    """Answered, by a model other than the first one tried."""
+    first, ref = record.attempts[0], record.ref
+    return ref is not None and 200 <= record.status < 400 and (first.provider, first.model) != (ref.provider, ref.model)
 
 
 class RequestRecord:
@@ -51,6 +64,7 @@ class RequestRecord:
     usage: Usage | None = None
     error: str | None = None
     first_byte_at: float | None = None
+    ended: float = 0.0
     cost_usd: float | None = None
     stream_state: StreamState | None = None
     trace: RequestTrace | None = None
@@ -89,7 +103,9 @@ class Telemetry:
         self.tracing: Tracing | None = None
         self._multiproc = multiprocess_dir()
         self._sampled_at = 0.0
-        self._flush_pending = False
+        self._finished: list[RequestRecord] = []  # ended, not yet counted (see `drain`)
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._batch = 1 if self._multiproc else _BATCH_SIZE  # several workers: counted at once
         self._labels: dict[ModelRef, str] = {}  # provider/model label per model, built once
         self._priced_table: Any = None
         self._prices: dict[ModelRef, Any] = {}  # price per model for `_priced_table`
@@ -159,11 +175,11 @@ class Telemetry:
     # -- the end of the request -----------------------------------------------------------------
 
     def finish(self, record: RequestRecord) -> None:
-        """Count the request in every sink: metrics, statistics, its span and its log line."""
-        latency_s = time.perf_counter() - record.started
-        ok = 200 <= record.status < 400
+        """The request has ended: its span ends now; it is counted in metrics and statistics and its
+        log line written with the next batch (within `_DRAIN_AFTER_S`, or on any read)."""
+        record.ended = time.perf_counter()
         if not self.enabled:
-            self.stats.overall.add(ok, latency_s * 1000, 0, 0, None)
+            self.stats.overall.add(200 <= record.status < 400, (record.ended - record.started) * 1000, 0, 0, None)
             return
         state = record.stream_state
         if state is not None and record.usage is None and state.tail:
@@ -171,93 +187,129 @@ class Telemetry:
             if record.trace is not None and record.trace.recording:
                 record.trace.response_model = response_model(state.tail)
                 record.trace.finish_reasons = finish_reasons(state.tail)
-        ref = record.ref
-        usage = record.usage
-        cache = record.cache
-        paid = usage is not None and cache not in _UNPAID_CACHE_RESULTS
-        prompt = usage.prompt if paid else 0  # type: ignore[union-attr]
-        completion = usage.completion if paid else 0  # type: ignore[union-attr]
-        attempts = record.attempts
-        if ref is not None:
-            first = attempts[0] if attempts else None
-            fallback = ok and first is not None and (first.provider != ref.provider or first.model != ref.model)
-            model = self._labels.get(ref)
-            if model is None:
-                if len(self._labels) >= _MEMO_LIMIT:  # clients may name any model: stay bounded
-                    self._labels.clear()
-                model = self._labels[ref] = self.stats.model_label(f"{ref.provider}/{ref.model}")
-            provider = ref.provider
-        else:
-            fallback, model, provider = False, "", ""
-        self.stats.add(model, ok, latency_s * 1000, cache, prompt, completion, record.cost_usd, fallback)
+        if record.trace is not None:
+            record.trace.finish(record)
+        finished = self._finished
+        finished.append(record)
+        if len(finished) >= self._batch:
+            self.drain()
+        elif self._drain_timer is None:
+            try:
+                self._drain_timer = asyncio.get_running_loop().call_later(_DRAIN_AFTER_S, self.drain)
+            except RuntimeError:  # no loop (a synchronous caller): count it now
+                self.drain()
 
-        metrics = self.metrics
-        if metrics is not None:
-            series = metrics.series(record.route, model, provider, record.status)
-            series.requests.inc()
-            series.duration.observe(latency_s)
-            if record.first_byte_at is not None:
-                series.ttft.observe(record.first_byte_at - record.started)
-            if paid:
+    def drain(self) -> None:
+        """Count the finished requests in metrics and statistics, and write their log lines.
+
+        Requests that share route, model, status, cache result and streaming are counted together;
+        the per-request work is a grouping step and the log line."""
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        records = self._finished
+        if not records:
+            return
+        self._finished = []
+        groups: dict[tuple[str, ModelRef | None, int, str, bool], list[RequestRecord]] = {}
+        retried: list[RequestRecord] = []  # more than one attempt: maybe answered by a fallback
+        for record in records:
+            key = (record.route, record.ref, record.status, record.cache, record.stream)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [record]
+            else:
+                group.append(record)
+            if len(record.attempts) > 1:
+                retried.append(record)
+        fallbacks = {id(r) for r in retried if _answered_by_fallback(r)}
+        stats, metrics = self.stats, self.metrics
+        for (route, ref, status, cache, stream), group in groups.items():
+            ok = 200 <= status < 400
+            model = self._model_label(ref) if ref is not None else ""
+            latencies_ms = [(r.ended - r.started) * 1000 for r in group]
+            if cache in _UNPAID_CACHE_RESULTS:
+                prompt = completion = 0
+            else:
+                usages = list(filter(None, map(_USAGE, group)))
+                prompt, completion = sum(map(_PROMPT, usages)), sum(map(_COMPLETION, usages))
+            cost = sum(filter(None, map(_COST, group)))
+            fell_back = sum(1 for r in group if id(r) in fallbacks) if fallbacks else 0
+            stats.add_group(model, ok, latencies_ms, cache, prompt, completion, cost, fell_back)
+            if metrics is None:
+                continue
+            series = metrics.series(route, model, ref.provider if ref is not None else "", status)
+            series.requests.inc(len(group))
+            series.duration.observe_ms(latencies_ms)
+            if stream:
+                series.ttft.observe_ms([(r.first_byte_at - r.started) * 1000 for r in group
+                                        if r.first_byte_at is not None])
+            if prompt or completion:
                 series.prompt_tokens.inc(prompt)
                 series.completion_tokens.inc(completion)
-            if record.cost_usd:
-                series.cost.inc(record.cost_usd)
-            if fallback:
-                series.fallbacks.inc()
-            for attempt in attempts:
-                metrics.attempt(attempt.provider, attempt.outcome)
-            metrics.cache_result(cache)
-            if self._multiproc:
+            if cost:
+                series.cost.inc(cost)
+            if fell_back:
+                series.fallbacks.inc(fell_back)
+            metrics.cache_result(cache, len(group))
+        if metrics is not None:
+            for (provider, outcome), n in Counter(map(_ATTEMPT_KEY, chain.from_iterable(map(_ATTEMPTS, records)))
+                                                  ).items():
+                metrics.attempt(provider, outcome, n)
+            if self._multiproc:  # the other workers read this one's counts from the shared files
+                metrics.flush()
                 now = time.monotonic()
                 if now - self._sampled_at >= _SAMPLE_EVERY_S:
                     self._sampled_at = now
                     self.sample()
+        self._write_log(records)
 
-        if record.trace is not None:
-            record.trace.finish(record)
+    def _model_label(self, ref: ModelRef) -> str:
+        """`provider/model`, built once per model (bounded: clients may name any model)."""
+        model = self._labels.get(ref)
+        if model is None:
+            if len(self._labels) >= _MEMO_LIMIT:
+                self._labels.clear()
+            model = self._labels[ref] = self.stats.model_label(f"{ref.provider}/{ref.model}")
+        return model
+
+    def _write_log(self, records: list[RequestRecord]) -> None:
+        """The batch's log lines: one write on stderr's descriptor (even under PYTHONUNBUFFERED),
+        or `logging` records (ten times dearer), or nothing."""
         target = self.request_log
-        if target == "stderr":
-            self._write_line(self._log_line(record, latency_s, model, attempts) + b"\n")
-        elif target == "logging" and request_log.isEnabledFor(logging.INFO):
-            request_log.info(self._log_line(record, latency_s, model, attempts).decode())
-
-    def _write_line(self, line: bytes) -> None:
-        """Buffered bytes on stderr's descriptor, flushed within `_FLUSH_AFTER_S`: no system call per
-        request, even under PYTHONUNBUFFERED (a `logging` record costs ten times more)."""
-        out = self._log_stream
-        if out is None:  # stderr is not a file (e.g. captured): write through
-            sys.stderr.write(line.decode())
+        if target == "off" or (target == "logging" and not request_log.isEnabledFor(logging.INFO)):
             return
-        out.write(line)
-        if not self._flush_pending:
-            self._flush_pending = True
-            try:
-                asyncio.get_running_loop().call_later(_FLUSH_AFTER_S, self.flush)
-            except RuntimeError:  # no loop (a synchronous caller): write through
-                self.flush()
-
-    def flush(self) -> None:
-        self._flush_pending = False
-        if self._log_stream is None:
+        wall = time.time() - time.perf_counter()  # perf_counter readings -> wall-clock time
+        lines = [self._log_line(record, wall) for record in records]
+        if target == "logging":
+            for line in lines:
+                request_log.info(line.decode())
+            return
+        lines.append(b"")
+        data = b"\n".join(lines)
+        out = self._log_stream
+        if out is None:  # stderr is not a file (e.g. captured): through sys.stderr
+            sys.stderr.write(data.decode())
             return
         try:
-            self._log_stream.flush()
+            out.write(data)
+            out.flush()
         except (OSError, ValueError) as exc:  # stderr closed or gone: nothing left to tell
-            log.debug("flushing the request log: %s", exc)
+            log.debug("writing the request log: %s", exc)
 
-    def _log_line(self, record: RequestRecord, latency_s: float, model: str,
-                  attempts: list[Attempt]) -> bytes:
+    def _log_line(self, record: RequestRecord, wall: float) -> bytes:
         """One JSON object: what was asked, what answered, how long, what it cost, why it failed.
         Never a key or prompt text (attempts carry provider, model and outcome only)."""
         ref = record.ref
         usage = record.usage
+        attempts = record.attempts
         line: dict[str, Any] = {
-            "ts": round(time.time(), 3), "level": "info" if record.status < 500 else "error",
+            "ts": round(record.ended + wall, 3), "level": "info" if record.status < 500 else "error",
             "msg": "request", "request_id": record.request_id, "endpoint": record.endpoint,
-            "route": record.route, "model": model or None, "provider": ref.provider if ref else None,
-            "status": record.status, "latency_ms": round(latency_s * 1000, 3), "stream": record.stream,
-            "cache": record.cache, "attempts": tried(record.attempts),
+            "route": record.route, "model": self._model_label(ref) if ref else None,
+            "provider": ref.provider if ref else None, "status": record.status,
+            "latency_ms": round((record.ended - record.started) * 1000, 3), "stream": record.stream,
+            "cache": record.cache, "attempts": tried(attempts),
             "prompt_tokens": usage.prompt if usage else None,
             "completion_tokens": usage.completion if usage else None,
             "cost_usd": record.cost_usd, "error": record.error,
@@ -297,19 +349,22 @@ class Telemetry:
         """`GET /metrics`: the exposition text and its content type."""
         if self.metrics is None:
             raise RuntimeError("monitoring is off")
+        self.drain()
         self.sample()
         return self.metrics.render(), CONTENT_TYPE
 
     def snapshot(self) -> dict[str, Any]:
         """`Router.get_metrics()`."""
+        self.drain()
         out = self.stats.snapshot()
         out["monitoring"] = self.enabled
         out["tracing"] = self.tracing is not None
         return out
 
     def close(self) -> None:
-        """Flush traces and logs, retire this process's live gauges (blocking: call it off the loop)."""
-        self.flush()
+        """Count and log what is left, flush traces, retire this process's live gauges (blocking:
+        call it off the loop)."""
+        self.drain()
         if self.tracing is not None:
             self.tracing.close()
         if self.metrics is not None:

@@ -213,26 +213,33 @@ def test_state_gauges_read_at_scrape_time():
 
 
 def test_gathered_counts_render_exactly_as_direct_observations():
-    """Single-process mode gathers increments and observations as plain numbers and hands them to
-    prometheus-client on read; the exposition must equal what direct calls produce."""
+    """Counts gather as plain numbers (observations in ms, in batches) and reach prometheus-client on
+    read; the exposition must equal what prometheus-client's own calls produce."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from proxy.metrics import PrometheusMetrics
 
     values = [0.0004, 0.005, 0.0051, 0.02, 0.3, 7.0, 200.0]
-    gathered, direct = PrometheusMetrics(), PrometheusMetrics(multiproc_dir=None)
-    direct._pending = None  # the multiprocess behaviour: straight through
-    for metrics in (gathered, direct):
-        series = metrics.series("r", "p/m", "p", 200)
-        for v in values:
-            series.duration.observe(v)
-            series.requests.inc()
-            series.prompt_tokens.inc(3)
-        metrics.attempt("p", "ok")
-        metrics.cache_result("miss")
+    gathered, direct = PrometheusMetrics(), PrometheusMetrics()
+    series = gathered.series("r", "p/m", "p", 200)
+    series.duration.observe_ms([v * 1000 for v in values[:3]])
+    series.duration.observe_ms([v * 1000 for v in values[3:]])
+    series.requests.inc(len(values))
+    series.prompt_tokens.inc(3 * len(values))
+    gathered.attempt("p", "ok", 2)
+    gathered.cache_result("miss")
+    for v in values:
+        direct.duration.labels("r", "p/m").observe(v)
+        direct.requests.labels("r", "p/m", "p", "200").inc()
+        direct.tokens.labels("p/m", "prompt").inc(3)
+    direct.attempts.labels("p", "ok").inc(2)
+    direct.cache.labels("miss").inc()
+    for child in (direct.ttft.labels("p/m"), direct.tokens.labels("p/m", "completion"), direct.cost.labels("p/m"),
+                  direct.fallbacks.labels("r")):
+        assert child is not None  # the children a series creates, at zero
 
     def samples(metrics):
-        return sorted((s.name, tuple(sorted(s.labels.items())), s.value)
+        return sorted((s.name, tuple(sorted(s.labels.items())), round(s.value, 9))
                       for f in text_string_to_metric_families(metrics.render().decode())
                       for s in f.samples if not s.name.endswith("_created"))
 
