@@ -150,7 +150,7 @@ def split_response(result: Result, members: list[_Member], total_inputs: int) ->
         if usage:
             own["usage"] = {**usage, **{name: values[n] for name, values in shares.items()}}
         parts.append(Result(200, result.ref, result.attempts, body=orjson.dumps(own),
-                            content_type=result.content_type))
+                            content_type=result.content_type, tries=result.tries))
     return parts
 
 

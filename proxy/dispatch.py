@@ -59,6 +59,7 @@ class Result:
     content_type: str = "application/json"
     first_byte_at: float | None = None
     stream_state: StreamState | None = None
+    tries: int = 0  # attempts that reached a provider (see `tried`)
 
 
 @dataclass(slots=True)
@@ -129,12 +130,12 @@ class Dispatcher:
         attempts: list[Attempt] = []
         failures: dict[str, int] = {}  # per provider, this request
         retry_after: dict[str, float] = {}
-        tried = 0
+        sent = 0
 
-        while tried < max_attempts:
+        while sent < max_attempts:
             progressed = False
             for ref in candidates:
-                if tried >= max_attempts:
+                if sent >= max_attempts:
                     break
                 provider = self.providers.get(ref.provider)
                 if provider is None:
@@ -150,12 +151,12 @@ class Dispatcher:
                 if wait:
                     if wait >= remaining:
                         breaker.release_trial()
-                        tried = max_attempts
+                        sent = max_attempts
                         break
                     await self._sleep(wait)
                     remaining = deadline - loop.time()
                 progressed = True
-                tried += 1
+                sent += 1
                 payload["model"] = ref.model
                 body = orjson.dumps(payload)
                 attempt_started = loop.time()
@@ -171,7 +172,7 @@ class Dispatcher:
                     if failure.retry_after is not None:
                         retry_after[ref.provider] = failure.retry_after
                     if loop.time() >= deadline:
-                        tried = max_attempts
+                        sent = max_attempts
                         break
                     continue
                 except UpstreamStatusError as exc:
@@ -196,6 +197,7 @@ class Dispatcher:
                     self._on_attempt(attempt)
                 if observer is not None:
                     observer.attempt_ended(attempt)
+                result.tries = 1 if len(attempts) == 1 else tried(attempts)
                 return result
             if not progressed:
                 break
@@ -234,7 +236,7 @@ class Dispatcher:
                 status = resp.status
                 if status != 200:
                     raise self._failure(status, data, resp, ref)
-                if not _looks_like_json_object(data):
+                if (data[:1] != b"{" or data[-1:] != b"}") and not _looks_like_json_object(data):  # compact: skip
                     raise _Retryable(Attempt(ref.provider, ref.model, "invalid_response", status))
                 return Result(200, ref, attempts, body=data)
             async with asyncio.timeout(budget):

@@ -22,6 +22,7 @@ log = logging.getLogger("tiergate.health")
 
 _ALPHA = 0.1  # weight of the newest sample in the moving averages
 _NOT_ATTEMPTS = frozenset({"breaker_open", "unknown_provider"})
+_ANSWERED = frozenset({"ok", "client_error"})  # the provider answered (a client error is the client's)
 
 
 @dataclass(slots=True)
@@ -38,7 +39,8 @@ class ProviderHealth:
     def observe(self, ok: bool, latency_ms: float) -> None:
         self.requests += 1
         if ok:
-            self.error_rate -= _ALPHA * self.error_rate
+            if self.error_rate:
+                self.error_rate -= _ALPHA * self.error_rate
             average = self.avg_latency_ms
             self.avg_latency_ms = latency_ms if average is None else average + _ALPHA * (latency_ms - average)
         else:
@@ -70,7 +72,7 @@ class HealthMonitor:
         if outcome in _NOT_ATTEMPTS:
             return
         stats = self.stats.get(attempt.provider) or self.get(attempt.provider)
-        stats.observe(outcome == "ok" or outcome == "client_error", attempt.latency_ms)
+        stats.observe(outcome in _ANSWERED, attempt.latency_ms)
 
     async def check(self, provider: Provider) -> None:
         stats = self.get(provider.name)

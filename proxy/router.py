@@ -166,6 +166,7 @@ class Router:
         self.breakers.configure({name: (spec.failure_threshold, spec.recovery_timeout)
                                  for name, spec in table.providers.items()})
         self._table = table
+        self.telemetry.table_changed()
         if retired:
             loop = asyncio.get_running_loop()
             self._retired.update(retired)
@@ -224,6 +225,7 @@ class Router:
         record.status = result.status
         record.ref = result.ref
         record.attempts = result.attempts
+        record.tries = result.tries
         record.first_byte_at = result.first_byte_at
         telemetry.on_result(record, result)  # issue 6: usage and cost before the response goes out
         return result
@@ -246,6 +248,7 @@ class Router:
                 record.status = error.status
                 record.error = error.code or error.error_type
                 record.attempts = getattr(error, "attempts", None) or record.attempts
+                record.tries = tried(record.attempts)
             else:
                 record.status = 499 if isinstance(error, asyncio.CancelledError) else 500
                 record.error = type(error).__name__
@@ -444,7 +447,7 @@ def _metadata(record: RequestRecord) -> dict[str, Any]:
     return {"request_id": record.request_id, "route": record.route,
             "provider": record.ref.provider if record.ref else None,
             "model": str(record.ref) if record.ref else None,
-            "attempts": tried(record.attempts), "cache": record.cache}
+            "attempts": record.tries, "cache": record.cache}
 
 
 # --- factory ---------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def _result_headers(record: RequestRecord) -> dict[str, str]:
         "x-request-id": record.request_id,
         "x-tiergate-route": record.route,
         "x-tiergate-cache": record.cache,
-        "x-tiergate-attempts": str(tried(record.attempts)),
+        "x-tiergate-attempts": str(record.tries),
     }
     if ref is not None:
         headers["x-tiergate-model"] = f"{ref.provider}/{ref.model}"
@@ -202,6 +202,7 @@ def make_handler(endpoint: Endpoint, router: Router,
             if isinstance(exc, UpstreamStatusError) and getattr(exc, "ref", None) is not None:
                 record.ref = exc.ref  # type: ignore[attr-defined]
                 record.attempts = exc.attempts  # type: ignore[attr-defined]
+                record.tries = tried(record.attempts)
                 extra = _result_headers(record)
             return error_response(exc, record.request_id, extra)
         except BaseException as exc:

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from .dispatch import Attempt, Result, StreamState, tried
+from .dispatch import Attempt, Result, StreamState
 from .metrics import CONTENT_TYPE, PrometheusMetrics, multiprocess_dir
 from .settings import RouterConfig
 from .stats import RequestStats
@@ -65,6 +65,7 @@ class RequestRecord:
     error: str | None = None
     first_byte_at: float | None = None
     ended: float = 0.0
+    tries: int = 0  # attempts that reached a provider
     cost_usd: float | None = None
     stream_state: StreamState | None = None
     trace: RequestTrace | None = None
@@ -107,8 +108,7 @@ class Telemetry:
         self._drain_timer: asyncio.TimerHandle | None = None
         self._batch = 1 if self._multiproc else _BATCH_SIZE  # several workers: counted at once
         self._labels: dict[ModelRef, str] = {}  # provider/model label per model, built once
-        self._priced_table: Any = None
-        self._prices: dict[ModelRef, Any] = {}  # price per model for `_priced_table`
+        self._prices: dict[ModelRef, Any] = {}  # price per model in the current table (see `table_changed`)
         self.request_log = config.request_log.strip().lower()
         if self.request_log not in REQUEST_LOG_TARGETS:
             raise ConfigError(f"request_log = {config.request_log!r}: expected one of "
@@ -162,15 +162,19 @@ class Telemetry:
         if record.cache in _UNPAID_CACHE_RESULTS:
             record.cost_usd = 0.0
             return
-        table = getattr(self._router, "_table", None)
-        if table is not self._priced_table or len(self._prices) >= _MEMO_LIMIT:  # per table, bounded
-            self._priced_table, self._prices = table, {}
         price = self._prices.get(ref, _UNKNOWN)
         if price is _UNKNOWN:
+            if len(self._prices) >= _MEMO_LIMIT:  # clients may name any model: stay bounded
+                self._prices.clear()
+            table = getattr(self._router, "_table", None)
             price = self._prices[ref] = (price_for(table.pricing, ref.provider, ref.model)
                                          if table is not None else None)
         if price is not None:
             record.cost_usd = cost_usd(usage, price)
+
+    def table_changed(self) -> None:
+        """A new routing table (its `pricing` may differ): forget the memoised prices."""
+        self._prices = {}
 
     # -- the end of the request -----------------------------------------------------------------
 
@@ -211,6 +215,8 @@ class Telemetry:
         if not records:
             return
         self._finished = []
+        if len(self._labels) >= _MEMO_LIMIT:  # clients may name any model: stay bounded
+            self._labels.clear()
         groups: dict[tuple[str, ModelRef | None, int, str, bool], list[RequestRecord]] = {}
         retried: list[RequestRecord] = []  # more than one attempt: maybe answered by a fallback
         for record in records:
@@ -265,11 +271,9 @@ class Telemetry:
         self._write_log(records)
 
     def _model_label(self, ref: ModelRef) -> str:
-        """`provider/model`, built once per model (bounded: clients may name any model)."""
+        """`provider/model`, built once per model (the memo is bounded in `drain`)."""
         model = self._labels.get(ref)
         if model is None:
-            if len(self._labels) >= _MEMO_LIMIT:
-                self._labels.clear()
             model = self._labels[ref] = self.stats.model_label(f"{ref.provider}/{ref.model}")
         return model
 
@@ -279,8 +283,7 @@ class Telemetry:
         target = self.request_log
         if target == "off" or (target == "logging" and not request_log.isEnabledFor(logging.INFO)):
             return
-        wall = time.time() - time.perf_counter()  # perf_counter readings -> wall-clock time
-        lines = [self._log_line(record, wall) for record in records]
+        lines = self._log_lines(records)
         if target == "logging":
             for line in lines:
                 request_log.info(line.decode())
@@ -297,31 +300,33 @@ class Telemetry:
         except (OSError, ValueError) as exc:  # stderr closed or gone: nothing left to tell
             log.debug("writing the request log: %s", exc)
 
-    def _log_line(self, record: RequestRecord, wall: float) -> bytes:
-        """One JSON object: what was asked, what answered, how long, what it cost, why it failed.
-        Never a key or prompt text (attempts carry provider, model and outcome only)."""
-        ref = record.ref
-        usage = record.usage
-        attempts = record.attempts
-        line: dict[str, Any] = {
-            "ts": round(record.ended + wall, 3), "level": "info" if record.status < 500 else "error",
-            "msg": "request", "request_id": record.request_id, "endpoint": record.endpoint,
-            "route": record.route, "model": self._model_label(ref) if ref else None,
-            "provider": ref.provider if ref else None, "status": record.status,
-            "latency_ms": round((record.ended - record.started) * 1000, 3), "stream": record.stream,
-            "cache": record.cache, "attempts": tried(attempts),
-            "prompt_tokens": usage.prompt if usage else None,
-            "completion_tokens": usage.completion if usage else None,
-            "cost_usd": record.cost_usd, "error": record.error,
-        }
-        if record.first_byte_at is not None:
-            line["ttft_ms"] = round((record.first_byte_at - record.started) * 1000, 3)
-        if len(attempts) > 1 or record.error:
-            line["attempt_outcomes"] = [f"{a.provider}/{a.model}:{a.outcome}" for a in attempts]
-        state = record.stream_state
-        if state is not None and state.error:
-            line["stream_error"] = state.error
-        return orjson.dumps(line)
+    def _log_lines(self, records: list[RequestRecord]) -> list[bytes]:
+        """One JSON object per request: what was asked, what answered, how long, what it cost, why it
+        failed. Never a key or prompt text (attempts carry provider, model and outcome only)."""
+        wall = time.time() - time.perf_counter()  # perf_counter readings -> wall-clock time
+        labels = self._labels  # every model of the batch has its label by now
+        lines = []
+        for record in records:
+            ref, usage, status = record.ref, record.usage, record.status
+            line: dict[str, Any] = {
+                "ts": round(record.ended + wall, 3), "level": "error" if status >= 500 else "info",
+                "msg": "request", "request_id": record.request_id, "endpoint": record.endpoint,
+                "route": record.route, "model": labels.get(ref), "provider": ref and ref.provider,
+                "status": status, "latency_ms": round((record.ended - record.started) * 1000, 3),
+                "stream": record.stream, "cache": record.cache, "attempts": record.tries,
+                "prompt_tokens": usage and usage.prompt, "completion_tokens": usage and usage.completion,
+                "cost_usd": record.cost_usd, "error": record.error,
+            }
+            if record.stream or record.error or len(record.attempts) > 1:  # the rarer fields
+                if record.first_byte_at is not None:
+                    line["ttft_ms"] = round((record.first_byte_at - record.started) * 1000, 3)
+                if len(record.attempts) > 1 or record.error:
+                    line["attempt_outcomes"] = [f"{a.provider}/{a.model}:{a.outcome}" for a in record.attempts]
+                state = record.stream_state
+                if state is not None and state.error:
+                    line["stream_error"] = state.error
+            lines.append(orjson.dumps(line))
+        return lines
 
     # -- reading --------------------------------------------------------------------------------
 

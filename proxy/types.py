@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -40,9 +40,9 @@ DEFAULT_USE_CASE = UseCase.GENERAL_PURPOSE
 DEFAULT_TIER = ModelTier.STANDARD
 
 
-@dataclass(frozen=True, slots=True)
-class ModelRef:
-    """A concrete model at a provider: `provider/model-id`."""
+class ModelRef(NamedTuple):
+    """A concrete model at a provider: `provider/model-id`. A named tuple: hashed and compared in C
+    (it keys the per-model memos of every request)."""
 
     provider: str
     model: str

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import orjson
 
 _USAGE_KEY = b'"usage"'
+_KEY_LENGTH = len(_USAGE_KEY)
 _MAX_CLOSING_BRACES = 8  # usage nests `*_tokens_details` objects one level deep
 _FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"([A-Za-z0-9_\-]{1,64})"')
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
@@ -33,7 +34,7 @@ def find_usage(data: bytes) -> Usage | None:
     (the first one that parses closes the object; `*_tokens_details` nest one level)."""
     at = data.rfind(_USAGE_KEY)
     while at >= 0:
-        key_end = at + len(_USAGE_KEY)
+        key_end = at + _KEY_LENGTH
         start = data.find(b"{", key_end, key_end + 16)
         if start >= 0 and data[key_end:start].strip() == b":":
             end = start
@@ -45,6 +46,12 @@ def find_usage(data: bytes) -> Usage | None:
                     obj = orjson.loads(data[start:end])
                 except orjson.JSONDecodeError:
                     continue
+                if type(obj) is not dict:
+                    break
+                prompt = obj.get("prompt_tokens")
+                completion = obj.get("completion_tokens")
+                if type(prompt) is int and type(completion) is int and prompt >= 0 and completion >= 0:
+                    return Usage(prompt, completion)  # OpenAI's names, the usual case
                 usage = _usage_from(obj)
                 if usage is not None:
                     return usage
@@ -53,9 +60,8 @@ def find_usage(data: bytes) -> Usage | None:
     return None
 
 
-def _usage_from(obj: Any) -> Usage | None:
-    if type(obj) is not dict:
-        return None
+def _usage_from(obj: dict[str, Any]) -> Usage | None:
+    """Embeddings (no completion tokens) and the Responses API's names."""
     prompt = obj.get("prompt_tokens")
     if prompt is None:
         prompt = obj.get("input_tokens")
