@@ -2,7 +2,8 @@
 
 One command: `python bench/run.py` (needs nginx and wrk from Debian: apt-get install nginx-light wrk).
 tiergate and the floor are pinned to core 0, nginx and wrk to core 1. For each target: latency
-p50/p99 at concurrency 1, requests/s at concurrency 64, errors, and the server's RSS after the load.
+p50/p99 at concurrency 1, requests/s and the server's CPU time per request at concurrency 64, errors,
+and the server's RSS after the load. Floor and tiergate are measured in interleaved rounds (medians).
 Writes bench/out/last.md and prints the table.
 """
 
@@ -12,6 +13,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -86,6 +88,12 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def to_ms(value: str) -> float:
     m = re.match(r"([\d.]+)(us|ms|s)", value)
     assert m, value
@@ -115,6 +123,7 @@ def wrk(port: int, connections: int, seconds: int, script: Path) -> dict[str, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved floor/tiergate rounds (medians)")
     parser.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for tiergate")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "taskset"):
@@ -142,15 +151,24 @@ def main() -> None:
         procs.append(tiergate)
         wait_port(FLOOR_PORT)
         wait_port(TIERGATE_PORT)
-        rows = {}
-        for name, port, pid in (("direct", UPSTREAM_PORT, None), ("floor", FLOOR_PORT, floor.pid),
-                                ("tiergate", TIERGATE_PORT, tiergate.pid)):
+        runs: dict[str, list[dict[str, float]]] = {"direct": [], "floor": [], "tiergate": []}
+        targets = {"direct": (UPSTREAM_PORT, None), "floor": (FLOOR_PORT, floor.pid),
+                   "tiergate": (TIERGATE_PORT, tiergate.pid)}
+        order = ["direct"] + ["floor", "tiergate"] * args.rounds  # interleaved: drift hits both alike
+        for name in order:
+            port, pid = targets[name]
             wrk(port, 8, 2, script)  # warm up pools and caches
             c1 = wrk(port, 1, args.seconds, script)
+            cpu_before = cpu_seconds(pid) if pid else 0.0
             c64 = wrk(port, 64, args.seconds, script)
-            rows[name] = {"p50": c1["p50"], "p99": c1["p99"], "rps": c64["rps"],
-                          "errors": c1["errors"] + c64["errors"],
-                          "rss": rss_mib(pid) if pid else float("nan")}
+            cpu = (cpu_seconds(pid) - cpu_before) / c64["requests"] * 1e6 if pid else float("nan")
+            runs[name].append({"p50": c1["p50"], "p99": c1["p99"], "rps": c64["rps"], "cpu": cpu,
+                               "errors": c1["errors"] + c64["errors"],
+                               "rss": rss_mib(pid) if pid else float("nan")})
+        rows = {name: {key: (sum(r[key] for r in found) if key == "errors" else
+                             max(r[key] for r in found) if key == "rss" else
+                             statistics.median(r[key] for r in found)) for key in found[0]}
+                for name, found in runs.items()}
     finally:
         for p in procs:
             p.terminate()
@@ -160,17 +178,21 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
     d, f, t = rows["direct"], rows["floor"], rows["tiergate"]
-    lines = ["| target | p50 ms (c=1) | p99 ms (c=1) | added p50 / p99 ms | req/s (c=64) | errors | RSS MiB |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"medians of {args.rounds} interleaved round(s) of {args.seconds} s per measurement", "",
+             "| target | p50 ms (c=1) | p99 ms (c=1) | added p50 / p99 ms | req/s (c=64) | CPU µs/req (c=64) "
+             "| errors | RSS MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows.items():
         added = "-" if name == "direct" else f"{r['p50'] - d['p50']:.3f} / {r['p99'] - d['p99']:.3f}"
         rss = "-" if r["rss"] != r["rss"] else f"{r['rss']:.1f}"
-        lines.append(f"| {name} | {r['p50']:.3f} | {r['p99']:.3f} | {added} | {r['rps']:.0f} | "
+        cpu = "-" if r["cpu"] != r["cpu"] else f"{r['cpu']:.1f}"
+        lines.append(f"| {name} | {r['p50']:.3f} | {r['p99']:.3f} | {added} | {r['rps']:.0f} | {cpu} | "
                      f"{int(r['errors'])} | {rss} |")
     lines.append("")
     lines.append(f"tiergate vs floor: added p50 {(t['p50'] - f['p50']):+.3f} ms (target <= +0.1), "
                  f"added p99 {t['p99'] - d['p99']:.3f} ms (target <= 1), "
-                 f"req/s {100 * t['rps'] / f['rps']:.1f}% of floor (target >= 85%), "
+                 f"req/s {100 * t['rps'] / f['rps']:.1f}% of floor (target >= 85%; by CPU per request "
+                 f"{100 * f['cpu'] / t['cpu']:.1f}%), "
                  f"RSS {t['rss']:.1f} MiB (target < 60)")
     text = "\n".join(lines)
     print(text)

@@ -123,8 +123,8 @@ class Dispatcher:
         """Send `payload` to the decision's candidates; raise UpstreamError when none answers.
 
         `observer` (tracing) sees each attempt start and end and may replace its headers."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (timeout or self._timeout)
+        clock = time.perf_counter  # monotonic, sub-microsecond (uvloop's clock() ticks in ms)
+        deadline = clock() + (timeout or self._timeout)
         candidates = decision.candidates if self._fallback else decision.candidates[:1]
         max_attempts = self._max_attempts
         attempts: list[Attempt] = []
@@ -147,38 +147,38 @@ class Dispatcher:
                     continue
                 wait = self._backoff(failures[ref.provider], retry_after.get(ref.provider)) \
                     if failures and ref.provider in failures else 0.0
-                remaining = deadline - loop.time()
+                remaining = deadline - clock()
                 if wait:
                     if wait >= remaining:
                         breaker.release_trial()
                         sent = max_attempts
                         break
                     await self._sleep(wait)
-                    remaining = deadline - loop.time()
+                    remaining = deadline - clock()
                 progressed = True
                 sent += 1
                 payload["model"] = ref.model
                 body = orjson.dumps(payload)
-                attempt_started = loop.time()
+                attempt_started = clock()
                 attempt_headers = headers if observer is None else observer.attempt_started(ref, headers)
                 try:
                     result = await self._attempt(provider, path, body, attempt_headers, stream,
                                                  min(remaining, self._attempt_timeout), ref, attempts)
                 except _Retryable as failure:
-                    failure.attempt.latency_ms = (loop.time() - attempt_started) * 1000
+                    failure.attempt.latency_ms = (clock() - attempt_started) * 1000
                     self._note(attempts, failure.attempt, observer)
                     breaker.record_failure(failure.attempt.outcome)
                     failures[ref.provider] = failures.get(ref.provider, 0) + 1
                     if failure.retry_after is not None:
                         retry_after[ref.provider] = failure.retry_after
-                    if loop.time() >= deadline:
+                    if clock() >= deadline:
                         sent = max_attempts
                         break
                     continue
                 except UpstreamStatusError as exc:
                     breaker.record_success()  # the provider answered; the request was at fault
                     self._note(attempts, Attempt(ref.provider, ref.model, "client_error", exc.status,
-                                                 (loop.time() - attempt_started) * 1000), observer)
+                                                 (clock() - attempt_started) * 1000), observer)
                     exc.attempts = attempts  # type: ignore[attr-defined]
                     exc.ref = ref  # type: ignore[attr-defined]
                     raise
@@ -191,7 +191,7 @@ class Dispatcher:
                     raise
                 if not stream:
                     breaker.record_success()
-                attempt = Attempt(ref.provider, ref.model, "ok", 200, (loop.time() - attempt_started) * 1000)
+                attempt = Attempt(ref.provider, ref.model, "ok", 200, (clock() - attempt_started) * 1000)
                 attempts.append(attempt)
                 if self._on_attempt is not None:
                     self._on_attempt(attempt)

@@ -283,13 +283,11 @@ class Telemetry:
         target = self.request_log
         if target == "off" or (target == "logging" and not request_log.isEnabledFor(logging.INFO)):
             return
-        lines = self._log_lines(records)
+        data = self._log_lines(records)
         if target == "logging":
-            for line in lines:
+            for line in data.splitlines():
                 request_log.info(line.decode())
             return
-        lines.append(b"")
-        data = b"\n".join(lines)
         out = self._log_stream
         if out is None:  # stderr is not a file (e.g. captured): through sys.stderr
             sys.stderr.write(data.decode())
@@ -300,32 +298,33 @@ class Telemetry:
         except (OSError, ValueError) as exc:  # stderr closed or gone: nothing left to tell
             log.debug("writing the request log: %s", exc)
 
-    def _log_lines(self, records: list[RequestRecord]) -> list[bytes]:
+    def _log_lines(self, records: list[RequestRecord]) -> bytearray:
         """One JSON object per request: what was asked, what answered, how long, what it cost, why it
         failed. Never a key or prompt text (attempts carry provider, model and outcome only)."""
         wall = time.time() - time.perf_counter()  # perf_counter readings -> wall-clock time
+        # times to the millisecond, latencies to the microsecond, by truncation (round() costs 0.3 µs)
         labels = self._labels  # every model of the batch has its label by now
-        lines = []
+        lines = bytearray()  # each line appended as it is made: its bytes freed at once (4x cheaper)
         for record in records:
             ref, usage, status = record.ref, record.usage, record.status
             line: dict[str, Any] = {
-                "ts": round(record.ended + wall, 3), "level": "error" if status >= 500 else "info",
+                "ts": int((record.ended + wall) * 1000) / 1000, "level": "error" if status >= 500 else "info",
                 "msg": "request", "request_id": record.request_id, "endpoint": record.endpoint,
                 "route": record.route, "model": labels.get(ref), "provider": ref and ref.provider,
-                "status": status, "latency_ms": round((record.ended - record.started) * 1000, 3),
+                "status": status, "latency_ms": int((record.ended - record.started) * 1e6) / 1000,
                 "stream": record.stream, "cache": record.cache, "attempts": record.tries,
                 "prompt_tokens": usage and usage.prompt, "completion_tokens": usage and usage.completion,
                 "cost_usd": record.cost_usd, "error": record.error,
             }
             if record.stream or record.error or len(record.attempts) > 1:  # the rarer fields
                 if record.first_byte_at is not None:
-                    line["ttft_ms"] = round((record.first_byte_at - record.started) * 1000, 3)
+                    line["ttft_ms"] = int((record.first_byte_at - record.started) * 1e6) / 1000
                 if len(record.attempts) > 1 or record.error:
                     line["attempt_outcomes"] = [f"{a.provider}/{a.model}:{a.outcome}" for a in record.attempts]
                 state = record.stream_state
                 if state is not None and state.error:
                     line["stream_error"] = state.error
-            lines.append(orjson.dumps(line))
+            lines += orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
         return lines
 
     # -- reading --------------------------------------------------------------------------------

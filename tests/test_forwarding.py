@@ -59,6 +59,7 @@ async def test_route_defaults_and_system_prompt(tiergate, upstream, http):
 async def test_auth_headers_client_key_never_forwarded(tiergate, upstream, backup, http):
     await post(http, tiergate.v1 + "/chat/completions", CHAT, {"Authorization": "Bearer client-own-key"})
     assert upstream.requests[-1].headers["Authorization"] == f"Bearer {PRIMARY_KEY}"
+    assert upstream.requests[-1].headers["User-Agent"] == "tiergate/0.1"  # ours, not aiohttp's
     upstream.push(Fail(500))
     status, headers, _ = await post(http, tiergate.v1 + "/chat/completions", CHAT,
                                     {"Authorization": "Bearer client-own-key"})
