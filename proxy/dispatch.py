@@ -123,7 +123,7 @@ class Dispatcher:
         """Send `payload` to the decision's candidates; raise UpstreamError when none answers.
 
         `observer` (tracing) sees each attempt start and end and may replace its headers."""
-        clock = time.perf_counter  # monotonic, sub-microsecond (uvloop's clock() ticks in ms)
+        clock = time.perf_counter  # monotonic, sub-microsecond (uvloop's loop.time() ticks in ms)
         deadline = clock() + (timeout or self._timeout)
         candidates = decision.candidates if self._fallback else decision.candidates[:1]
         max_attempts = self._max_attempts

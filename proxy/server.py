@@ -130,9 +130,7 @@ async def read_json(request: web.Request, limit: int, timeout: float | None = No
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
 
 
-def _timeout_header(value: str | None) -> float | None:
-    if value is None:
-        return None
+def _timeout_header(value: str) -> float:
     try:
         seconds = float(value)
     except ValueError:
@@ -143,11 +141,8 @@ def _timeout_header(value: str | None) -> float | None:
     return seconds
 
 
-def _upstream_headers(incoming: Mapping[str, str]) -> dict[str, str] | None:
-    traceparent = incoming.get("traceparent")
-    if traceparent is None:
-        return None
-    headers = {"traceparent": traceparent}
+def _upstream_headers(incoming: Mapping[str, str]) -> dict[str, str]:
+    headers = {"traceparent": incoming["traceparent"]}
     tracestate = incoming.get("tracestate")
     if tracestate:
         headers["tracestate"] = tracestate
@@ -190,8 +185,9 @@ def make_handler(endpoint: Endpoint, router: Router,
             result = await router.dispatch(
                 endpoint, payload, record,
                 use_case=headers.get("x-use-case"), tier=headers.get("x-model-tier"),
-                timeout=_timeout_header(headers.get("x-tiergate-timeout")),
-                headers=_upstream_headers(headers), cache_control=headers.get("cache-control"))
+                timeout=_timeout_header(headers["x-tiergate-timeout"]) if "x-tiergate-timeout" in headers else None,
+                headers=_upstream_headers(headers) if "traceparent" in headers else None,
+                cache_control=headers.get("cache-control"))
             if result.stream is None:
                 return web.Response(body=result.body, headers=_result_headers(record),
                                     content_type="application/json")

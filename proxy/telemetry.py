@@ -69,12 +69,12 @@ class RequestRecord:
     cost_usd: float | None = None
     stream_state: StreamState | None = None
     trace: RequestTrace | None = None
+    attempts: list[Attempt] | tuple[()] = ()  # the dispatcher's list, once there is one
 
     def __init__(self, request_id: str, endpoint: str):
         self.request_id = request_id
         self.endpoint = endpoint
         self.started = time.perf_counter()
-        self.attempts: list[Attempt] = []
 
     @property
     def latency_ms(self) -> float:

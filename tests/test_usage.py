@@ -31,6 +31,25 @@ def test_usage_with_spaces_null_and_missing():
     assert find_usage(b'{"usage": {"prompt_tokens": 1') is None  # cut off
 
 
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},          # OpenAI's layout: the fast path
+    {"prompt_tokens": 12, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 1}},
+    {"prompt_tokens": 3, "completion_tokens": 4.5},                              # not whole numbers: no usage
+    {"prompt_tokens": 3, "completion_tokens": -1},                               # negative: clamped to 0
+    {"prompt_tokens": 3, "completion_tokens": 45},
+    {"completion_tokens": 2, "prompt_tokens": 8},                                # other order: the general path
+    {"prompt_tokens": 123456789012, "completion_tokens": 0},
+])
+def test_the_fast_path_agrees_with_a_full_parse(usage):
+    body = orjson.dumps({"id": "x", "choices": [], "usage": usage})
+    parsed = orjson.loads(body)["usage"]
+    prompt, completion = parsed.get("prompt_tokens"), parsed.get("completion_tokens")
+    expected = (Usage(max(prompt, 0), max(completion, 0))
+                if type(prompt) is int and type(completion) is int else None)
+    assert find_usage(body) == expected
+    assert find_usage(orjson.dumps({"usage": usage}, option=orjson.OPT_INDENT_2)) == expected  # with whitespace
+
+
 def test_usage_from_a_stream_tail():
     events = [{"choices": [{"delta": {"content": "hi"}, "finish_reason": None}], "usage": None},
               {"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": None},
