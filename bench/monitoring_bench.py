@@ -21,6 +21,7 @@ import tempfile
 import time
 import timeit
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -220,16 +221,111 @@ def micro() -> list[tuple[str, float]]:
             if trace is not None:
                 trace.attempt_started(ref, None)
                 trace.attempt_ended(Attempt("bench", "bench-model", "ok", 200, 1.0))
-            record.status, record.ref = 200, ref
+            record.status, record.ref, record.tries = 200, ref, 1
             record.attempts = [Attempt("bench", "bench-model", "ok", 200, 1.0)]
-            telemetry.on_result(record, Result(200, ref, record.attempts, body=ANSWER))
+            telemetry.on_result(record, Result(200, ref, record.attempts, body=ANSWER, tries=1))
             telemetry.finish(record)
 
-        m = 20_000
+        async def batch(one: Any = one, telemetry: Telemetry = telemetry) -> None:
+            for _ in range(256):  # finished requests are counted and logged in batches, as in the server
+                one()
+            telemetry.drain()
+
+        m = 80
+        loop = asyncio.new_event_loop()
         with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # the request log lines
-            out.append((label, timeit.timeit(one, number=m) / m * 1e6))
+            telemetry._log_stream = None  # through sys.stderr (devnull), not the process's own stderr
+            seconds = timeit.timeit(lambda b=batch, lp=loop: lp.run_until_complete(b()), number=m)
+            out.append((label, seconds / m / 256 * 1e6))
+        loop.close()
         if provider is not None:
             provider.shutdown()
+    return out + tracing_breakdown()
+
+
+def tracing_breakdown() -> list[tuple[str, float]]:
+    """Where tracing's per-request time goes (two spans: the request's and one attempt's), in µs."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from proxy.dispatch import Attempt
+    from proxy.telemetry import RequestRecord
+    from proxy.tracing import Tracing, provider_from_env
+    from proxy.types import ModelRef
+    from proxy.usage import Usage
+
+    ref = ModelRef("bench", "bench-model")
+
+    def request(tracing: Tracing) -> None:
+        record = RequestRecord("req-1", "chat.completions")
+        record.route = "general_purpose:standard"
+        trace = tracing.start("chat", record.started, CHAT, None)
+        assert trace is not None
+        trace.attempt_started(ref, None)
+        attempt = Attempt("bench", "bench-model", "ok", 200, 1.0)
+        trace.attempt_ended(attempt)
+        record.status, record.ref, record.attempts, record.tries = 200, ref, [attempt], 1
+        record.usage, record.cost_usd = Usage(12, 3), 1e-5
+        trace.response_model, trace.finish_reasons = "bench-model", ("stop",)
+        trace.finish(record)
+
+    def per_request(tracing: Tracing, n: int = 20_000) -> float:
+        return min(timeit.repeat(lambda: request(tracing), number=n, repeat=3)) / n * 1e6
+
+    out = []
+    for label, processors in (("tracing, request path: request + attempt span (SDK spans)", ()),
+                              ("... + BatchSpanProcessor.on_end (queueing only)", (BatchSpanProcessor(
+                                  InMemorySpanExporter(), max_queue_size=1 << 22, max_export_batch_size=1 << 22,
+                                  schedule_delay_millis=1e9),))):
+        provider = TracerProvider()
+        for processor in processors:
+            provider.add_span_processor(processor)
+        out.append((label, per_request(Tracing(provider))))
+        provider.shutdown()
+
+    own = provider_from_env({"OTEL_TRACES_EXPORTER": "console"})  # for tiergate's own resource
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=own.resource)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    own.shutdown()
+    tracing = Tracing(provider)
+    for _ in range(256):
+        request(tracing)
+    spans = exporter.get_finished_spans()  # a batch of 512, as the BatchSpanProcessor sends
+    per = len(spans) / 2
+    out.append(("tracing, export thread: OTLP protobuf encoding (encode_spans, batch of 512)",
+                min(timeit.repeat(lambda: encode_spans(spans), number=20, repeat=3)) / 20 / per * 1e6))
+    message = encode_spans(spans)
+    out.append(("tracing, export thread: serialising", min(timeit.repeat(message.SerializePartialToString,
+                                                                         number=200, repeat=3)) / 200 / per * 1e6))
+
+    class Sink(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    otlp = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{server.server_port}/v1/traces")
+    data = message.SerializePartialToString()
+    out.append(("tracing, export thread: HTTP POST of the batch (incl. the loopback sink's handling)",
+                min(timeit.repeat(lambda: otlp._client.export(data), number=50, repeat=3)) / 50 / per * 1e6))
+    otlp.shutdown()
+    server.shutdown()
+    provider.shutdown()
     return out
 
 

@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from proxy.dispatch import Attempt
 from proxy.tracing import exporter_from_env
 
 from .conftest import BACKUP_KEY, PRIMARY_KEY, table_doc
@@ -209,3 +210,48 @@ async def test_spans_exported_over_otlp_http(upstream, http):
     assert attrs["gen_ai.usage.input_tokens"].int_value == 10
     child = next(span for _, span in spans if span.name == "chat model-a")
     assert child.parent_span_id == request.span_id
+
+
+async def test_sampled_out_request_propagates_and_records_nothing(upstream, http, spans):
+    provider, exporter = spans  # the default sampler follows the client's decision: not sampled
+    async with running(table_doc(upstream), config_with(), tracer_provider=provider) as (url, _):
+        async with http.post(url + "/v1/chat/completions", json=CHAT,
+                             headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"}) as resp:
+            assert resp.status == 200
+    assert exporter.get_finished_spans() == ()
+    version, trace_id, span_id, flags = upstream.requests[-1].headers["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", TRACE_ID, "00") and span_id != PARENT_ID
+
+
+def test_upstream_traceparent_is_what_the_w3c_propagator_writes(spans):
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from proxy.tracing import Tracing
+    from proxy.types import ModelRef
+
+    provider, exporter = spans
+    client = {"traceparent": TRACEPARENT, "tracestate": "vendor=1"}
+    request = Tracing(provider).start("chat", 0.0, {"model": "auto"}, client)
+    sent = request.attempt_started(ModelRef("p", "m"), {"x-extra": "1"})
+    request.attempt_ended(Attempt("p", "m", "ok", 200, 1.0))
+    [attempt] = exporter.get_finished_spans()
+    expected: dict[str, str] = {"x-extra": "1"}
+    TraceContextTextMapPropagator().inject(expected, trace.set_span_in_context(trace.NonRecordingSpan(
+        attempt.context)))
+    assert sent == expected and sent["tracestate"] == "vendor=1"
+    assert sent["traceparent"].split("-")[1] == TRACE_ID
+
+
+def test_own_provider_hashes_its_resource_once():
+    from opentelemetry.sdk.resources import Resource
+
+    from proxy.tracing import provider_from_env
+
+    made = provider_from_env({"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "svc"})
+    resource = made.resource
+    assert resource.attributes["service.name"] == "svc"
+    plain = Resource(resource.attributes, resource.schema_url)
+    assert resource == plain and hash(resource) == hash(plain)
+    assert {resource: 1}[plain] == 1  # the OTLP encoder groups spans by resource
+    made.shutdown()
