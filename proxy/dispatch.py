@@ -142,7 +142,7 @@ class Dispatcher:
                     self._note(attempts, Attempt(ref.provider, ref.model, "unknown_provider"), observer)
                     continue
                 breaker = self.breakers.get(ref.provider)
-                if not breaker.allow():
+                if not breaker.clean and not breaker.allow():  # a clean (closed, no failures) breaker allows
                     self._note(attempts, Attempt(ref.provider, ref.model, "breaker_open"), observer)
                     continue
                 wait = self._backoff(failures[ref.provider], retry_after.get(ref.provider)) \
@@ -189,7 +189,7 @@ class Dispatcher:
                 except BaseException:
                     breaker.release_trial()  # cancelled (client left) or a bug: not the provider's fault
                     raise
-                if not stream:
+                if not stream and not breaker.clean:
                     breaker.record_success()
                 attempt = Attempt(ref.provider, ref.model, "ok", 200, (clock() - attempt_started) * 1000)
                 attempts.append(attempt)

@@ -36,17 +36,6 @@ class ProviderHealth:
     last_check_error: str | None = None
     models_available: int | None = None
 
-    def observe(self, ok: bool, latency_ms: float) -> None:
-        self.requests += 1
-        if ok:
-            if self.error_rate:
-                self.error_rate -= _ALPHA * self.error_rate
-            average = self.avg_latency_ms
-            self.avg_latency_ms = latency_ms if average is None else average + _ALPHA * (latency_ms - average)
-        else:
-            self.failures += 1
-            self.error_rate += _ALPHA * (1.0 - self.error_rate)
-
 
 class HealthMonitor:
     """Keeps a ProviderHealth per provider and runs the active checks."""
@@ -67,12 +56,21 @@ class HealthMonitor:
         return stats
 
     def observe(self, attempt: Attempt) -> None:
-        """Dispatcher's per-attempt hook."""
+        """Dispatcher's per-attempt hook: moving averages of the error rate and latency."""
         outcome = attempt.outcome
         if outcome in _NOT_ATTEMPTS:
             return
         stats = self.stats.get(attempt.provider) or self.get(attempt.provider)
-        stats.observe(outcome in _ANSWERED, attempt.latency_ms)
+        stats.requests += 1
+        if outcome in _ANSWERED:
+            if stats.error_rate:
+                stats.error_rate -= _ALPHA * stats.error_rate
+            average = stats.avg_latency_ms
+            latency = attempt.latency_ms
+            stats.avg_latency_ms = latency if average is None else average + _ALPHA * (latency - average)
+        else:
+            stats.failures += 1
+            stats.error_rate += _ALPHA * (1.0 - stats.error_rate)
 
     async def check(self, provider: Provider) -> None:
         stats = self.get(provider.name)

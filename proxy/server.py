@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from itertools import repeat
 from typing import Any
 
 import orjson
@@ -54,10 +53,9 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "suffix": (str,), "best_of": (int,), "store": (bool,), "modalities": (list,),
     "reasoning_effort": (str,), "service_tier": (str,),
 }
-# (field, type) pairs that are valid: JSON gives exact types (no subclasses); None is accepted for every
-# optional field. A request's pairs minus these are its unknown fields (passed on) and its wrong ones.
-_VALID_PAIRS = frozenset((name, t) for name, types in FIELD_TYPES.items() for t in (*types, type(None)))
-_DICT, _STR = {dict}, {str}
+# the exact types orjson produces for each field (None: the field is optional)
+_EXACT_TYPES: dict[str, frozenset[type]] = {name: frozenset(types) | {type(None)}
+                                            for name, types in FIELD_TYPES.items()}
 REQUIRED: dict[str, str] = {CHAT.name: "messages", COMPLETIONS.name: "prompt", EMBEDDINGS.name: "input"}
 _TYPE_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "a boolean",
                int: "an integer", float: "a number"}
@@ -72,12 +70,12 @@ def validate(endpoint: Endpoint, payload: Any, max_messages: int) -> None:
     required = REQUIRED[endpoint.name]
     if payload.get(required) is None:
         raise InvalidRequestError(f"'{required}' is a required property", param=required)
-    pairs = zip(payload, map(type, payload.values()), strict=True)
-    if not _VALID_PAIRS.issuperset(pairs):  # an unknown field, or a known one of the wrong type
-        for name, value in payload.items():
-            if name in FIELD_TYPES and (name, type(value)) not in _VALID_PAIRS:
-                expected = " or ".join(_TYPE_NAMES[t] for t in FIELD_TYPES[name] if t in _TYPE_NAMES)
-                raise InvalidRequestError(f"'{name}' must be {expected}", param=name)
+    exact = _EXACT_TYPES
+    for name, value in payload.items():
+        allowed = exact.get(name)
+        if allowed is not None and type(value) not in allowed:  # JSON gives exact types: no subclasses
+            expected = " or ".join(_TYPE_NAMES[t] for t in FIELD_TYPES[name] if t in _TYPE_NAMES)
+            raise InvalidRequestError(f"'{name}' must be {expected}", param=name)
     if endpoint is CHAT:
         messages = payload["messages"]
         if not messages:
@@ -85,11 +83,10 @@ def validate(endpoint: Endpoint, payload: Any, max_messages: int) -> None:
         if len(messages) > max_messages:
             raise InvalidRequestError(f"'messages' has {len(messages)} messages; at most {max_messages} "
                                       "are accepted", param="messages")
-        if {*map(type, messages)} != _DICT or {*map(type, map(dict.get, messages, repeat("role")))} != _STR:
-            for i, message in enumerate(messages):
-                if type(message) is not dict or type(message.get("role")) is not str:
-                    raise InvalidRequestError(f"'messages[{i}]' must be an object with a string 'role'",
-                                              param=f"messages[{i}]")
+        for i, message in enumerate(messages):
+            if type(message) is not dict or type(message.get("role")) is not str:
+                raise InvalidRequestError(f"'messages[{i}]' must be an object with a string 'role'",
+                                          param=f"messages[{i}]")
 
 
 def error_response(exc: TiergateError, request_id: str, extra: dict[str, str] | None = None) -> web.Response:
