@@ -13,21 +13,6 @@ from typing import Any
 
 from .routing import parse_route
 from .settings import RouterConfig
-from .store import (
-    DB_ERRORS,
-    StoreError,
-    connect,
-    delete_route,
-    describe_dsn,
-    describe_error,
-    init_db,
-    list_routes,
-    provider_names,
-    read_snapshot,
-    record_discovery,
-    require_dsn,
-    set_route,
-)
 from .types import ConfigError, ModelTier, UseCase
 
 
@@ -77,19 +62,23 @@ DB_COMMANDS = {"db": cmd_db, "routes": cmd_routes, "discover": cmd_discover}
 
 def _run(coro: Any) -> Any:
     """Run one command's coroutine; a database problem becomes a one-line message and exit 1."""
+    from . import store  # asyncpg is loaded only for the database commands
+
     try:
         return asyncio.run(coro)
-    except StoreError as exc:
+    except store.StoreError as exc:
         print(f"tiergate: {exc.message}", file=sys.stderr)
         return 1
-    except DB_ERRORS as exc:
-        print(f"tiergate: database error: {describe_error(exc)}", file=sys.stderr)
+    except store.DB_ERRORS as exc:
+        print(f"tiergate: database error: {store.describe_error(exc)}", file=sys.stderr)
         return 1
 
 
 async def _db_init(config: RouterConfig, source: str | None) -> int:
-    report = await init_db(config, source)
-    where = describe_dsn(require_dsn(config))
+    from . import store  # asyncpg is loaded only for the database commands
+
+    report = await store.init_db(config, source)
+    where = store.describe_dsn(store.require_dsn(config))
     if not report.changed:
         print(f"{where}: schema up to date, tables not empty: nothing to do")
         return 0
@@ -103,11 +92,13 @@ async def _db_init(config: RouterConfig, source: str | None) -> int:
 
 
 async def _routes_list(config: RouterConfig, args: argparse.Namespace) -> int:
-    conn = await connect(config)
+    from . import store  # asyncpg is loaded only for the database commands
+
+    conn = await store.connect(config)
     try:
-        rows = await list_routes(conn, config.db_timeout)
+        rows = await store.list_routes(conn, config.db_timeout)
         try:
-            problems = list((await read_snapshot(conn, config)).table.problems)
+            problems = list((await store.read_snapshot(conn, config)).table.problems)
         except ConfigError as exc:
             problems = [exc.message]
     finally:
@@ -124,9 +115,11 @@ async def _routes_list(config: RouterConfig, args: argparse.Namespace) -> int:
 
 
 async def _routes_set(config: RouterConfig, args: argparse.Namespace) -> int:
-    conn = await connect(config)
+    from . import store  # asyncpg is loaded only for the database commands
+
+    conn = await store.connect(config)
     try:
-        providers = await provider_names(conn, config.db_timeout)
+        providers = await store.provider_names(conn, config.db_timeout)
         raw: dict[str, Any] = {"use_case": args.use_case, "tier": args.tier, "model": args.model}
         values: dict[str, Any] = {"model": args.model}
         for key, value in (("fallbacks", args.fallbacks), ("max_tokens", args.max_tokens),
@@ -137,7 +130,7 @@ async def _routes_set(config: RouterConfig, args: argparse.Namespace) -> int:
             parse_route(raw, dict.fromkeys(providers))
         except ValueError as exc:
             raise ConfigError(f"routes set {args.use_case} {args.tier}: {exc}") from None
-        await set_route(conn, args.use_case, args.tier, values, config.db_timeout)
+        await store.set_route(conn, args.use_case, args.tier, values, config.db_timeout)
     finally:
         await conn.close(timeout=config.db_timeout)
     print(f"route {args.use_case}:{args.tier} -> {args.model}")
@@ -145,9 +138,11 @@ async def _routes_set(config: RouterConfig, args: argparse.Namespace) -> int:
 
 
 async def _routes_delete(config: RouterConfig, args: argparse.Namespace) -> int:
-    conn = await connect(config)
+    from . import store  # asyncpg is loaded only for the database commands
+
+    conn = await store.connect(config)
     try:
-        deleted = await delete_route(conn, args.use_case.lower(), args.tier.lower(), config.db_timeout)
+        deleted = await store.delete_route(conn, args.use_case.lower(), args.tier.lower(), config.db_timeout)
     finally:
         await conn.close(timeout=config.db_timeout)
     if not deleted:
@@ -158,18 +153,19 @@ async def _routes_delete(config: RouterConfig, args: argparse.Namespace) -> int:
 
 
 async def _discover(config: RouterConfig) -> int:
+    from . import store  # asyncpg is loaded only for the database commands
     from .router import Router
 
-    conn = await connect(config)
+    conn = await store.connect(config)
     try:
-        table = (await read_snapshot(conn, config)).table
+        table = (await store.read_snapshot(conn, config)).table
         router = Router(config, table=table)
         await router.initialize()
         try:
             found = await router.discover_available_models()
         finally:
             await router.close()
-        vanished = await record_discovery(conn, found.models, config.db_timeout)
+        vanished = await store.record_discovery(conn, found.models, config.db_timeout)
     finally:
         await conn.close(timeout=config.db_timeout)
     for provider, models in found.models.items():

@@ -88,7 +88,10 @@ class Provider:
         """POST `body` (already JSON) to `base_url + path`; await it for the response, which the
         caller releases. A plain function returning aiohttp's awaitable: one coroutine fewer per call."""
         assert self.session is not None, "provider not started"
-        return self.session.post(self._urls.get(path) or self.url(path), data=body, headers=headers, timeout=timeout)
+        url = self._urls.get(path)
+        if url is None:
+            url = self.url(path)
+        return self.session.post(url, data=body, headers=headers, timeout=timeout)
 
     async def get_json(self, path: str, timeout: float) -> Any:
         """GET a JSON document (health checks, model discovery)."""

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -27,7 +27,6 @@ from .health import HealthMonitor
 from .providers import Provider, make_provider
 from .routing import RoutingTable, load_table
 from .settings import RouterConfig
-from .store import RouteStore
 from .telemetry import RequestRecord, Telemetry
 from .types import (
     InvalidRequestError,
@@ -37,6 +36,9 @@ from .types import (
     UpstreamError,
     UseCase,
 )
+
+if TYPE_CHECKING:
+    from .store import RouteStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,8 @@ class Router:
             self._table = load_table(self.config.table_path,
                                      allow_model_override=self.config.allow_model_override)
         if self.dynamic and self.config.database_dsn:  # Postgres table; the file is the fallback
+            from .store import RouteStore  # asyncpg is loaded only by routers that use the database
+
             self._store = RouteStore(self.config, self.apply_table)
             self._table = await self._store.load_initial(self._table)
         await self.apply_table(self._table)
