@@ -354,7 +354,8 @@ async def serve(config: RouterConfig, *, started: asyncio.Event | None = None,
     # in-flight requests' (aiohttp's requests, responses, buffers, tasks) and finished requests waiting
     # for their telemetry batch: with Python's default threshold (700 net allocations) that meant
     # several collections a second costing ~8% of the CPU at concurrency 64. Collect less often.
-    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+    thresholds = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, *thresholds[1:])
     if started is not None:
         started.set()
     try:
@@ -363,3 +364,4 @@ async def serve(config: RouterConfig, *, started: asyncio.Event | None = None,
         router.draining = True
         log.info("draining: waiting up to %ss for in-flight requests", config.drain_timeout)
         await runner.cleanup()
+        gc.set_threshold(*thresholds)
