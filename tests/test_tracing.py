@@ -255,3 +255,29 @@ def test_own_provider_hashes_its_resource_once():
     assert resource == plain and hash(resource) == hash(plain)
     assert {resource: 1}[plain] == 1  # the OTLP encoder groups spans by resource
     made.shutdown()
+
+
+def test_sampled_out_requests_own_provider_propagates_without_sdk_spans(monkeypatch):
+    """tiergate's own provider (OTEL_* variables): under a sampled-out request span the attempt's
+    context is made directly (a new span id, the request's trace and flags), as the SDK would."""
+    from proxy.tracing import Tracing, provider_from_env
+    from proxy.types import ModelRef
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    provider = provider_from_env({"OTEL_TRACES_EXPORTER": "console"})
+    tracing = Tracing(provider, owned=True)
+    for client in ({"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00", "tracestate": "vendor=1"}, None):
+        request = tracing.start("chat", 0.0, {"model": "auto"}, client)
+        assert request is not None and not request.recording
+        sent = [request.attempt_started(ModelRef("p", "m"), None) for _ in range(2)]
+        request.attempt_ended(Attempt("p", "m", "ok", 200, 1.0))
+        ids = [h["traceparent"].split("-") for h in sent]
+        parent = request.span.get_span_context()
+        flags = f"{parent.trace_flags:02x}"  # not sampled (the SDK may add W3C's random-trace-id flag)
+        assert flags in ("00", "02") and all(version == "00" and f == flags for version, _, _, f in ids)
+        assert {trace_id for _, trace_id, _, _ in ids} == {f"{parent.trace_id:032x}"}
+        assert len({span_id for _, _, span_id, _ in ids} | {f"{parent.span_id:016x}"}) == 3
+        if client:
+            assert ids[0][1] == TRACE_ID and all(h["tracestate"] == "vendor=1" for h in sent)
+    tracing.close()
