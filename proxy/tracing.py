@@ -79,9 +79,35 @@ def provider_from_env(env: Mapping[str, str]) -> Any:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     created = Resource.create({SERVICE_NAME: env.get("OTEL_SERVICE_NAME") or "tiergate"})
-    provider = TracerProvider(resource=_hashed_once(created))
+    provider = TracerProvider(resource=_hashed_once(created), sampler=sampler_from_env(env))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def sampler_from_env(env: Mapping[str, str]) -> Any:
+    """The sampler `OTEL_TRACES_SAMPLER` / `_ARG` name in `env` (which includes `.env`), or None
+    (the SDK then reads the process environment, defaulting to parentbased_always_on)."""
+    from opentelemetry.sdk.trace import sampling
+
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if not name:
+        return None
+    try:
+        ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG") or 1.0)
+    except ValueError:
+        ratio = 1.0
+    ratio = min(max(ratio, 0.0), 1.0)
+    samplers = {"always_on": lambda: sampling.ALWAYS_ON, "always_off": lambda: sampling.ALWAYS_OFF,
+                "traceidratio": lambda: sampling.TraceIdRatioBased(ratio),
+                "parentbased_always_on": lambda: sampling.ParentBased(sampling.ALWAYS_ON),
+                "parentbased_always_off": lambda: sampling.ParentBased(sampling.ALWAYS_OFF),
+                "parentbased_traceidratio": lambda: sampling.ParentBasedTraceIdRatio(ratio)}
+    make = samplers.get(name)
+    if make is None:
+        log.warning("OTEL_TRACES_SAMPLER=%s is not supported (use one of %s); sampling every request",
+                    name, ", ".join(samplers))
+        return sampling.ParentBased(sampling.ALWAYS_ON)
+    return make()
 
 
 def _hashed_once(resource: Any) -> Any:

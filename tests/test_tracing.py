@@ -281,3 +281,18 @@ def test_sampled_out_requests_own_provider_propagates_without_sdk_spans(monkeypa
         if client:
             assert ids[0][1] == TRACE_ID and all(h["tracestate"] == "vendor=1" for h in sent)
     tracing.close()
+
+
+def test_sampler_named_in_the_settings_env_including_dotenv():
+    from opentelemetry.sdk.trace import sampling
+
+    from proxy.tracing import sampler_from_env
+
+    assert sampler_from_env({}) is None  # the SDK reads the process environment
+    ratio = sampler_from_env({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"})
+    assert isinstance(ratio, sampling.ParentBasedTraceIdRatio) and "0.25" in ratio.get_description()
+    assert sampler_from_env({"OTEL_TRACES_SAMPLER": "always_off"}) is sampling.ALWAYS_OFF
+    assert sampler_from_env({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "x"}
+                            ).get_description() == sampling.TraceIdRatioBased(1.0).get_description()
+    unknown = sampler_from_env({"OTEL_TRACES_SAMPLER": "jaeger_remote"})
+    assert isinstance(unknown, sampling.ParentBased)
