@@ -34,7 +34,7 @@ log = logging.getLogger("tiergate")
 request_log = logging.getLogger("tiergate.requests")
 
 _DRAIN_AFTER_S = 0.2  # a finished request is counted and logged at most this late...
-_BATCH_SIZE = 256  # ...or as soon as this many have finished
+_BATCH_SIZE = 64  # ...or as soon as this many have finished
 _SAMPLE_EVERY_S = 1.0  # multiprocess mode: how often a worker refreshes its state gauges
 _UNPAID_CACHE_RESULTS = frozenset({"hit", "coalesced"})  # answered without an upstream call of their own
 REQUEST_LOG_TARGETS = ("stderr", "logging", "off")

@@ -102,3 +102,37 @@ def test_unknown_request_log_target_is_a_config_error():
 
     with pytest.raises(ConfigError, match="request_log"):
         Telemetry(config_with(request_log="syslog"))
+
+
+async def test_finished_requests_are_counted_in_batches_and_on_every_read(capsys):
+    """The request path only queues a finished request; a full batch, the timer (within 200 ms) or
+    any read counts and logs it, in the order requests finished."""
+    import asyncio
+
+    from proxy.telemetry import _BATCH_SIZE, RequestRecord, Telemetry
+    from proxy.types import ModelRef
+
+    telemetry = Telemetry(config_with())
+    ref = ModelRef("p", "m")
+
+    def finish(request_id: str) -> None:
+        record = RequestRecord(request_id, "chat.completions")
+        record.route, record.status, record.ref = "general_purpose:standard", 200, ref
+        telemetry.finish(record)
+
+    for i in range(_BATCH_SIZE - 1):
+        finish(f"r{i}")
+    assert telemetry.stats.overall.requests == 0  # queued
+    finish(f"r{_BATCH_SIZE - 1}")
+    assert telemetry.stats.overall.requests == _BATCH_SIZE  # a full batch is counted at once
+    finish("late")
+    deadline = asyncio.get_running_loop().time() + 5
+    while telemetry.stats.overall.requests == _BATCH_SIZE and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    assert telemetry.stats.overall.requests == _BATCH_SIZE + 1  # the timer counted it, no read needed
+    finish("read")
+    assert telemetry.snapshot()["requests"] == _BATCH_SIZE + 2  # a read counts what finished before it
+    lines = [orjson.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert [line["request_id"] for line in lines] == [f"r{i}" for i in range(_BATCH_SIZE)] + ["late", "read"]
+    assert all(line["model"] == "p/m" and line["status"] == 200 for line in lines)
+    telemetry.close()
