@@ -316,7 +316,7 @@ class Telemetry:
                 "prompt_tokens": usage and usage.prompt, "completion_tokens": usage and usage.completion,
                 "cost_usd": record.cost_usd, "error": record.error,
             }
-            if record.stream or record.error or len(record.attempts) > 1:  # the rarer fields
+            if record.stream or record.error or len(record.attempts) > 1 or record.trace:  # the rarer fields
                 if record.first_byte_at is not None:
                     line["ttft_ms"] = int((record.first_byte_at - record.started) * 1e6) / 1000
                 if len(record.attempts) > 1 or record.error:
@@ -324,6 +324,10 @@ class Telemetry:
                 state = record.stream_state
                 if state is not None and state.error:
                     line["stream_error"] = state.error
+                if record.trace is not None:  # tracing on: the line names its trace
+                    context = record.trace.span.get_span_context()
+                    if context.is_valid:
+                        line["trace_id"] = f"{context.trace_id:032x}"
             lines += orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
         return lines
 

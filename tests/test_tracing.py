@@ -296,3 +296,20 @@ def test_sampler_named_in_the_settings_env_including_dotenv():
                             ).get_description() == sampling.TraceIdRatioBased(1.0).get_description()
     unknown = sampler_from_env({"OTEL_TRACES_SAMPLER": "jaeger_remote"})
     assert isinstance(unknown, sampling.ParentBased)
+
+
+async def test_request_log_line_names_its_trace(upstream, http, spans, caplog):
+    import logging
+
+    import orjson
+
+    provider, _ = spans
+    caplog.set_level(logging.INFO)
+    async with running(table_doc(upstream), config_with(request_log="logging"), tracer_provider=provider) as (url, _):
+        async with http.post(url + "/v1/chat/completions", json=CHAT, headers={"traceparent": TRACEPARENT}) as resp:
+            assert resp.status == 200
+        async with http.post(url + "/v1/chat/completions", json=CHAT) as resp:
+            assert resp.status == 200
+    lines = [orjson.loads(r.getMessage()) for r in caplog.records if r.name == "tiergate.requests"]
+    assert lines[0]["trace_id"] == TRACE_ID
+    assert len(lines[1]["trace_id"]) == 32 and lines[1]["trace_id"] != TRACE_ID  # a trace tiergate started
