@@ -14,7 +14,7 @@ import asyncio
 import email.utils
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -191,12 +191,8 @@ class Dispatcher:
                     raise
                 if not stream and not breaker.clean:
                     breaker.record_success()
-                attempt = Attempt(ref.provider, ref.model, "ok", 200, (clock() - attempt_started) * 1000)
-                attempts.append(attempt)
-                if self._on_attempt is not None:
-                    self._on_attempt(attempt)
-                if observer is not None:
-                    observer.attempt_ended(attempt)
+                self._note(attempts, Attempt(ref.provider, ref.model, "ok", 200, (clock() - attempt_started) * 1000),
+                           observer)
                 result.tries = 1 if len(attempts) == 1 else tried(attempts)
                 return result
             if not progressed:
@@ -229,19 +225,17 @@ class Dispatcher:
             if not stream:
                 timeout = (self._full_timeout if budget >= self._full_timeout.total - _TIMEOUT_SLACK_S  # type: ignore[operator]
                            else aiohttp.ClientTimeout(total=budget, connect=self.config.connect_timeout))
-                resp = await (self.limits.send(provider, path, body, headers, timeout) if provider.capped
-                              else provider.send(path, body, headers, timeout))
+                resp = await self._send(provider, path, body, headers, timeout)
                 data = await resp.read()
                 resp.release()
                 status = resp.status
                 if status != 200:
                     raise self._failure(status, data, resp, ref)
-                if (data[:1] != b"{" or data[-1:] != b"}") and not _looks_like_json_object(data):  # compact: skip
+                if not _looks_like_json_object(data):
                     raise _Retryable(Attempt(ref.provider, ref.model, "invalid_response", status))
                 return Result(200, ref, attempts, body=data)
             async with asyncio.timeout(budget):
-                resp = await (self.limits.send(provider, path, body, headers, self._stream_timeout)
-                              if provider.capped else provider.send(path, body, headers, self._stream_timeout))
+                resp = await self._send(provider, path, body, headers, self._stream_timeout)
                 status = resp.status
                 if status != 200:
                     data = await resp.read()
@@ -269,6 +263,13 @@ class Dispatcher:
         return Result(200, ref, attempts, stream=self._relay(resp, first, ref, state),
                       content_type=resp.headers.get("Content-Type", "text/event-stream"),
                       first_byte_at=time.perf_counter(), stream_state=state)
+
+    def _send(self, provider: Provider, path: str, body: bytes, headers: Mapping[str, str] | None,
+              timeout: aiohttp.ClientTimeout) -> Awaitable[UpstreamResponse]:
+        """The provider's send, under its concurrency cap when it has one (issue 7)."""
+        if provider.capped:
+            return self.limits.send(provider, path, body, headers, timeout)
+        return provider.send(path, body, headers, timeout)
 
     @staticmethod
     def _failure(status: int, data: bytes, resp: UpstreamResponse, ref: ModelRef) -> Exception:

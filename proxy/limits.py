@@ -100,16 +100,11 @@ class ProviderLimits:
     """The slots of every provider, created on first use from the provider's spec."""
 
     def __init__(self, config: RouterConfig):
-        self._default = config.max_concurrent_per_provider
         self._max_queue = max(0, config.max_queue_per_provider)
         self._slots: dict[str, ProviderSlots] = {}
 
-    def capacity(self, provider: Provider) -> int:
-        cap = provider.spec.max_concurrency
-        return self._default if cap is None else cap
-
     def slots(self, provider: Provider) -> ProviderSlots | None:
-        cap = self.capacity(provider)
+        cap = provider.capacity
         if cap <= 0:
             return None
         slots = self._slots.get(provider.name)

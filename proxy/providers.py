@@ -51,7 +51,8 @@ class Provider:
         self._urls: dict[str, URL] = {}
         self.session: aiohttp.ClientSession | None = None
         cap = spec.max_concurrency  # issue 7: requests beyond a cap wait in the provider's queue
-        self.capped = (config.max_concurrent_per_provider if cap is None else cap) > 0
+        self.capacity = config.max_concurrent_per_provider if cap is None else cap  # 0: no cap
+        self.capped = self.capacity > 0
 
     def __repr__(self) -> str:  # never shows keys
         return f"Provider(name={self.name!r}, base_url={self.base_url!r})"
