@@ -17,6 +17,7 @@ from typing import Any
 
 from .dispatch import Attempt
 from .providers import Provider
+from .types import cancel_and_wait
 
 log = logging.getLogger("tiergate.health")
 
@@ -95,13 +96,8 @@ class HealthMonitor:
             self._task = asyncio.create_task(self._loop(), name="tiergate-health-checks")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _loop(self) -> None:
         while True:

@@ -25,7 +25,7 @@ import orjson
 
 from .routing import RoutingTable, table_from_dict
 from .settings import PACKAGE_ROOT, RouterConfig
-from .types import ConfigError, ModelRef, TiergateError
+from .types import ConfigError, ModelRef, TiergateError, cancel_and_wait
 
 log = logging.getLogger("tiergate.store")
 
@@ -442,13 +442,8 @@ class RouteStore:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="tiergate-route-store")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self._close_listener()
         if self._pool is not None:
             try:

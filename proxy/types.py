@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
@@ -226,3 +228,12 @@ class UpstreamStatusError(TiergateError):
 
     def to_body(self) -> bytes:
         return self.body
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task (if any) and wait until it has stopped."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
