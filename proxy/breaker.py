@@ -1,4 +1,7 @@
-"""An asyncio adapter over pybreaker: one circuit breaker per provider.
+"""An asyncio adapter over pybreaker: one circuit breaker per deployment (provider + model).
+
+A deployment is what fails: one model of a provider can be rate-limited or down while the
+provider's other models answer, so breakers and rate-limit cooldowns are kept per deployment.
 
 pybreaker guards synchronous calls (its async support is Tornado-only). An upstream attempt here
 spans awaits, so the adapter splits a call in two: `allow()` before the attempt and
@@ -9,6 +12,7 @@ closed on a successful trial, open again on a failed one). In half-open, one tri
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -45,7 +49,10 @@ class _StateListener(pybreaker.CircuitBreakerListener):
 
 
 class AsyncCircuitBreaker:
-    """One provider's breaker. `clock` returns an aware datetime (injectable for tests)."""
+    """One deployment's breaker. `clock` returns an aware datetime (injectable for tests).
+
+    Besides pybreaker's states it holds a rate-limit cooldown: a 429 is not a failure of the
+    deployment (it answered), but sending to it again before its `Retry-After` only earns another 429."""
 
     def __init__(
         self,
@@ -62,7 +69,9 @@ class AsyncCircuitBreaker:
             listeners=[_StateListener(self._clock, on_state_change)], throw_new_error_on_trip=False)
         self._trial_in_flight = False
         self.name = name
-        self.clean = True  # closed, no failure counted: allow and record_success have nothing to do
+        self.provider, _, self.model = name.partition("/")
+        self.cooldown_until = 0.0  # time.monotonic() before which a rate-limited deployment is skipped
+        self.clean = True  # closed, no failure counted, no cooldown: allow and record_success do nothing
 
     @property
     def state(self) -> str:
@@ -78,8 +87,28 @@ class AsyncCircuitBreaker:
             return None
         return self._cb._state_storage.opened_at
 
+    def cooling(self) -> float:
+        """Seconds left of a rate-limit cooldown (0 when none)."""
+        if not self.cooldown_until:
+            return 0.0
+        left = self.cooldown_until - time.monotonic()
+        if left > 0:
+            return left
+        self.cooldown_until = 0.0
+        self.clean = self._cb.current_state == pybreaker.STATE_CLOSED and self._cb.fail_counter == 0
+        return 0.0
+
+    def cool_down(self, seconds: float) -> None:
+        """Skip this deployment for `seconds` (its Retry-After): a rate limit, not a failure."""
+        self._trial_in_flight = False
+        until = time.monotonic() + max(0.0, seconds)
+        if until > self.cooldown_until:
+            self.cooldown_until = until
+            self.clean = False
+
     def allow(self) -> bool:
-        """May an attempt go to this provider now? Moves open -> half-open when the timeout has passed."""
+        """May an attempt go to this deployment now (the breaker's say; a cooldown is asked apart,
+        with `cooling()`)? Moves open -> half-open when the timeout has passed."""
         if self.clean:
             return True
         state = self._cb.current_state
@@ -101,7 +130,8 @@ class AsyncCircuitBreaker:
         self._trial_in_flight = False
         if self._cb.current_state != pybreaker.STATE_OPEN:
             self._cb.call(_noop)  # closes a half-open circuit, resets the failure count
-        self.clean = self._cb.current_state == pybreaker.STATE_CLOSED and self._cb.fail_counter == 0
+        self.clean = (self._cb.current_state == pybreaker.STATE_CLOSED and self._cb.fail_counter == 0
+                      and not self.cooldown_until)
 
     def record_failure(self, cause: str = "failure") -> None:
         """Count one failure; pybreaker opens the circuit at `fail_max` (or at once from half-open)."""
@@ -120,17 +150,23 @@ class AsyncCircuitBreaker:
 
     def reset(self) -> None:
         self._trial_in_flight = False
+        self.cooldown_until = 0.0
         self._cb.close()
         self.clean = True
 
     def snapshot(self) -> dict[str, Any]:
         opened = self.opened_at
-        return {"state": self.state, "failures": self.failures,
-                "opened_at": opened.isoformat() if opened else None}
+        cooling = self.cooling()
+        return {"provider": self.provider, "model": self.model, "state": self.state,
+                "failures": self.failures, "opened_at": opened.isoformat() if opened else None,
+                "cooldown_s": round(cooling, 3) if cooling else 0.0}
 
 
 class BreakerBoard:
-    """The breakers of all providers, created once per provider name."""
+    """The breakers of all deployments, created on first use and keyed `provider/model`.
+
+    Thresholds come from the deployment's provider (the table's `failure_threshold`,
+    `recovery_timeout`), else the board's defaults."""
 
     def __init__(
         self,
@@ -148,13 +184,15 @@ class BreakerBoard:
         self._clock = clock
         self._on_state_change = on_state_change
         self._breakers: dict[str, AsyncCircuitBreaker] = {}
+        self._by_ref: dict[tuple[str, str], AsyncCircuitBreaker] = {}
         for name in names:
             self.get(name)
 
     def get(self, name: str) -> AsyncCircuitBreaker:
+        """The breaker of deployment `name` (`provider/model`; a bare provider name works too)."""
         breaker = self._breakers.get(name)
         if breaker is None:
-            fail_max, reset_timeout = self.overrides.get(name, (None, None))
+            fail_max, reset_timeout = self.overrides.get(name.partition("/")[0], (None, None))
             breaker = AsyncCircuitBreaker(
                 name, fail_max=fail_max or self.fail_max,
                 reset_timeout=reset_timeout if reset_timeout is not None else self.reset_timeout,
@@ -162,13 +200,29 @@ class BreakerBoard:
             self._breakers[name] = breaker
         return breaker
 
+    def of(self, ref: tuple[str, str]) -> AsyncCircuitBreaker:
+        """The breaker of a `ModelRef` (a tuple lookup on the hot path, no string built)."""
+        breaker = self._by_ref.get(ref)
+        if breaker is None:
+            breaker = self._by_ref[ref] = self.get(f"{ref[0]}/{ref[1]}")
+        return breaker
+
     def configure(self, overrides: dict[str, tuple[int | None, float | None]]) -> None:
         """Apply per-provider thresholds from a new table; existing breakers keep their state."""
         self.overrides = overrides
-        for name, (fail_max, reset_timeout) in overrides.items():
-            breaker = self.get(name)
+        for breaker in self._breakers.values():
+            fail_max, reset_timeout = overrides.get(breaker.provider, (None, None))
             breaker._cb.fail_max = fail_max or self.fail_max
             breaker._cb.reset_timeout = reset_timeout if reset_timeout is not None else self.reset_timeout
+
+    def provider_states(self) -> dict[str, str]:
+        """Per provider: `open` when every known deployment of it is open, else the worst other state."""
+        out: dict[str, list[str]] = {}
+        for breaker in self._breakers.values():
+            out.setdefault(breaker.provider, []).append(breaker.state)
+        return {name: ("open" if all(s == "open" for s in states) else
+                       "half-open" if "half-open" in states or "open" in states else "closed")
+                for name, states in out.items()}
 
     def items(self) -> Iterable[tuple[str, AsyncCircuitBreaker]]:
         return self._breakers.items()

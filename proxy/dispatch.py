@@ -1,20 +1,23 @@
 """The attempt loop: try a route's candidates in order until one answers.
 
-For each candidate: skip it if its provider's breaker is open; send the request through the
-provider's pooled session under the per-attempt and overall deadlines; on a retryable failure
-(connection error, timeout, 5xx, 408, 429) count it against the breaker and move on, backing
-off (and honouring Retry-After) only before trying a provider that already failed. A client
-error (other 4xx) is passed back at once. A stream is handed back once its first chunk has
-arrived, so a failure before the first byte falls back like any other.
+For each candidate (a deployment: provider + model): skip it while its breaker is open or while it
+cools down after a rate limit; take a slot of its provider's pool (tiergate's own queue, bounded by
+the request's deadline); send the request under its budgets; on a retryable failure (connection
+error, timeout, 5xx, 408, 429, an answer that is not one) count it and move on, backing off (and
+honouring Retry-After) only before trying a deployment that already failed this request. A client
+error (other 4xx) is passed back at once. A stream is handed back once its first chunk has arrived,
+so a failure before the first byte falls back like any other; later, it ends with the provider's
+final event or with an SSE error event, never with a silent cut.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,15 +25,37 @@ import aiohttp
 import orjson
 
 from .breaker import BreakerBoard
-from .limits import ProviderLimits
+from .limits import ProviderLimits, ProviderSlots
 from .providers import Provider, UpstreamResponse
 from .routing import RouteDecision
 from .settings import RouterConfig
-from .types import ModelRef, RateLimitError, TiergateError, UpstreamError, UpstreamStatusError
+from .types import (
+    InvalidRequestError,
+    ModelRef,
+    RateLimitError,
+    TiergateError,
+    UpstreamError,
+    UpstreamStatusError,
+)
+
+log = logging.getLogger("tiergate")
 
 _TIMEOUT_SLACK_S = 0.005  # a deadline this much later than exact is not worth a new timeout object
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError, OSError)
+# the list a successful answer of each endpoint must carry; anything else is not an answer
+ANSWER_SHAPES = {"/chat/completions": "choices", "/completions": "choices", "/embeddings": "data",
+                 "/responses": "output"}
+DONE = b"data: [DONE]"  # the end of a chat/completions stream
+_SSE_STARTS = (b"data:", b"event:", b":", b"id:", b"retry:")
+_ERROR_EVENT = b'data: {"error"'
+_INF = float("inf")
+# the provider's response headers a client must not get from tiergate's answer: hop-by-hop ones, the
+# framing and encoding of a body tiergate re-frames, and cookies for the provider's own domain
+DROPPED_RESPONSE_HEADERS = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+    "transfer-encoding", "upgrade", "content-length", "content-encoding", "content-type", "date", "server",
+    "set-cookie", "alt-svc", "strict-transport-security"})
 
 
 @dataclass(slots=True)
@@ -39,7 +64,7 @@ class Attempt:
 
     provider: str
     model: str
-    outcome: str  # ok | client_error | http_<status> | timeout | connection | invalid_response | breaker_open
+    outcome: str  # ok | client_error | http_<status> | timeout | connection | invalid_response | breaker_open | ...
     status: int | None = None
     latency_ms: float = 0.0
 
@@ -49,7 +74,10 @@ class Attempt:
 
 @dataclass(slots=True)
 class Result:
-    """What answered and how. Exactly one of `body` and `stream` is set."""
+    """What answered and how. Exactly one of `body` and `stream` is set.
+
+    `headers` are the provider's response headers (relayed to the client); `data` is the parsed
+    non-stream body when dispatch parsed it to check it is an answer."""
 
     status: int
     ref: ModelRef
@@ -60,6 +88,8 @@ class Result:
     first_byte_at: float | None = None
     stream_state: StreamState | None = None
     tries: int = 0  # attempts that reached a provider (see `tried`)
+    headers: Mapping[str, str] | None = None
+    data: Any = None
 
 
 @dataclass(slots=True)
@@ -82,7 +112,7 @@ class AttemptObserver(Protocol):
 
 
 class Dispatcher:
-    """Runs the attempt loop over pooled providers guarded by breakers."""
+    """Runs the attempt loop over pooled providers guarded by per-deployment breakers."""
 
     def __init__(
         self,
@@ -98,16 +128,20 @@ class Dispatcher:
         self.config = config
         self._sleep = sleep
         self._on_attempt = on_attempt
-        attempt_timeout = config.attempt_timeout or config.timeout
-        # a non-stream attempt with (nearly) the whole budget shares one timeout object
-        self._full_timeout = aiohttp.ClientTimeout(total=attempt_timeout, connect=config.connect_timeout)
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, connect=config.connect_timeout, sock_read=attempt_timeout)
-        self._attempt_timeout = attempt_timeout
+        self._attempt_timeout = config.attempt_timeout or _INF
+        self._first_byte = config.first_byte_timeout
+        self._connect = config.connect_timeout
         self._timeout = config.timeout
+        # a non-stream attempt with (nearly) the whole budget shares one timeout object
+        self._full_timeout = aiohttp.ClientTimeout(total=min(config.timeout, self._attempt_timeout),
+                                                   sock_connect=config.connect_timeout)
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout, sock_read=config.stream_idle_timeout)
         self._max_attempts = max(1, config.max_retries)
+        self._max_body = config.max_response_bytes
         self._fallback = config.enable_fallback
-        self.limits = ProviderLimits(config)  # issue 7: per-provider concurrency caps
+        self.limits = ProviderLimits(config)
+        self._logged: set[tuple[str, str]] = set()
 
     async def run(
         self,
@@ -119,17 +153,27 @@ class Dispatcher:
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
         observer: AttemptObserver | None = None,
+        done_marker: bytes = DONE,
     ) -> Result:
         """Send `payload` to the decision's candidates; raise UpstreamError when none answers.
 
-        `observer` (tracing) sees each attempt start and end and may replace its headers."""
+        `timeout` is the client's deadline (else the route's, else the setting for non-stream calls;
+        a stream has none by default). `headers` are the client's, to forward (lower-case names).
+        `observer` (tracing) sees each attempt start and end and may replace its headers.
+        `done_marker` is the bytes a complete stream of this endpoint ends with."""
         clock = time.perf_counter  # monotonic, sub-microsecond (uvloop's loop.time() ticks in ms)
-        deadline = clock() + (timeout or self._timeout)
+        route = decision.route
+        limit = route.timeout if route is not None and route.timeout else (None if stream else self._timeout)
+        if limit is not None and (timeout is None or limit < timeout):  # the client may only shorten it
+            timeout = limit
+        deadline = clock() + timeout if timeout else _INF
         candidates = decision.candidates if self._fallback else decision.candidates[:1]
+        plans = decision.plans
         max_attempts = self._max_attempts
         attempts: list[Attempt] = []
-        failures: dict[str, int] = {}  # per provider, this request
-        retry_after: dict[str, float] = {}
+        failures: dict[ModelRef, int] = {}  # per deployment, this request
+        retry_after: dict[ModelRef, float] = {}
+        last: _Retryable | None = None  # the failure that decides the answer when none answers
         sent = 0
 
         while sent < max_attempts:
@@ -141,12 +185,19 @@ class Dispatcher:
                 if provider is None:
                     self._note(attempts, Attempt(ref.provider, ref.model, "unknown_provider"), observer)
                     continue
-                breaker = self.breakers.get(ref.provider)
-                if not breaker.clean and not breaker.allow():  # a clean (closed, no failures) breaker allows
-                    self._note(attempts, Attempt(ref.provider, ref.model, "breaker_open"), observer)
-                    continue
-                wait = self._backoff(failures[ref.provider], retry_after.get(ref.provider)) \
-                    if failures and ref.provider in failures else 0.0
+                breaker = self.breakers.of(ref)
+                wait = 0.0
+                if ref in failures:  # tried by this request already: its own backoff / Retry-After
+                    wait = self._backoff(failures[ref], retry_after.get(ref))
+                    if wait < 0:  # the provider asked for longer than is worth waiting here
+                        continue
+                if not breaker.clean:
+                    if ref not in failures and breaker.cooling():
+                        self._note(attempts, Attempt(ref.provider, ref.model, "cooldown"), observer)
+                        continue
+                    if not breaker.allow():
+                        self._note(attempts, Attempt(ref.provider, ref.model, "breaker_open"), observer)
+                        continue
                 remaining = deadline - clock()
                 if wait:
                     if wait >= remaining:
@@ -155,22 +206,52 @@ class Dispatcher:
                         break
                     await self._sleep(wait)
                     remaining = deadline - clock()
+                plan = plans.get(ref) if plans else None
+                outgoing = payload if plan is None else plan.apply(payload)
+                outgoing["model"] = ref.model
+                try:
+                    body = orjson.dumps(outgoing)
+                except (orjson.JSONEncodeError, TypeError):
+                    breaker.release_trial()
+                    raise InvalidRequestError("the request body cannot be forwarded: it is nested too deeply "
+                                              "or holds a value JSON cannot carry") from None
+                attempt_started = clock()
+                attempt_headers = headers
+                if attempt_headers and not provider.protected.isdisjoint(attempt_headers):
+                    attempt_headers = {k: v for k, v in attempt_headers.items() if k not in provider.protected}
+                if observer is not None:
+                    attempt_headers = observer.attempt_started(ref, attempt_headers)
+                slots = self.limits.slots(provider)
+                if slots is not None:
+                    try:
+                        await slots.acquire(None if remaining == _INF else max(0.0, remaining))
+                    except (RateLimitError, TimeoutError):  # tiergate's own queue: not the provider's fault
+                        breaker.release_trial()
+                        self._note(attempts, Attempt(ref.provider, ref.model, "queue_full"), observer)
+                        continue
+                    except BaseException:
+                        breaker.release_trial()
+                        raise
                 progressed = True
                 sent += 1
-                payload["model"] = ref.model
-                body = orjson.dumps(payload)
-                attempt_started = clock()
-                attempt_headers = headers if observer is None else observer.attempt_started(ref, headers)
+                first_byte = plan.first_byte_timeout if plan is not None and plan.first_byte_timeout \
+                    else self._first_byte
                 try:
                     result = await self._attempt(provider, path, body, attempt_headers, stream,
-                                                 min(remaining, self._attempt_timeout), ref, attempts)
+                                                 deadline - clock(), first_byte, ref, attempts, slots,
+                                                 done_marker)
                 except _Retryable as failure:
                     failure.attempt.latency_ms = (clock() - attempt_started) * 1000
                     self._note(attempts, failure.attempt, observer)
-                    breaker.record_failure(failure.attempt.outcome)
-                    failures[ref.provider] = failures.get(ref.provider, 0) + 1
+                    last = failure
+                    if failure.attempt.status == 429:  # a rate limit: the deployment answered; cool it down
+                        breaker.cool_down(min(failure.retry_after if failure.retry_after is not None
+                                              else self.config.rate_limit_cooldown, self.config.cooldown_cap))
+                    else:
+                        breaker.record_failure(failure.attempt.outcome)
+                    failures[ref] = failures.get(ref, 0) + 1
                     if failure.retry_after is not None:
-                        retry_after[ref.provider] = failure.retry_after
+                        retry_after[ref] = failure.retry_after
                     if clock() >= deadline:
                         sent = max_attempts
                         break
@@ -182,10 +263,6 @@ class Dispatcher:
                     exc.attempts = attempts  # type: ignore[attr-defined]
                     exc.ref = ref  # type: ignore[attr-defined]
                     raise
-                except RateLimitError:  # the provider's queue is full: not its failure; try the next
-                    breaker.release_trial()
-                    self._note(attempts, Attempt(ref.provider, ref.model, "queue_full"), observer)
-                    continue
                 except BaseException:
                     breaker.release_trial()  # cancelled (client left) or a bug: not the provider's fault
                     raise
@@ -197,7 +274,7 @@ class Dispatcher:
                 return result
             if not progressed:
                 break
-        raise self._all_failed(decision, attempts)
+        raise self._all_failed(decision, attempts, last)
 
     def _note(self, attempts: list[Attempt], attempt: Attempt, observer: AttemptObserver | None = None) -> None:
         attempts.append(attempt)
@@ -207,44 +284,59 @@ class Dispatcher:
             observer.attempt_ended(attempt)
 
     def _backoff(self, failures: int, retry_after: float | None) -> float:
-        """Exponential backoff with full jitter before re-trying a provider that failed."""
+        """Exponential backoff with full jitter before re-trying a deployment that failed; -1 when
+        its Retry-After is longer than tiergate waits within one request (the client gets the 429)."""
         if failures == 0:
             return 0.0
         if retry_after is not None:
-            return min(retry_after, self.config.retry_after_cap)
+            return retry_after if retry_after <= self.config.retry_after_cap else -1.0
         base = self.config.retry_backoff * (2 ** (failures - 1))
         return min(random.uniform(base / 2, base), self.config.retry_after_cap)
 
     async def _attempt(self, provider: Provider, path: str, body: bytes,
-                       headers: Mapping[str, str] | None, stream: bool, budget: float,
-                       ref: ModelRef, attempts: list[Attempt]) -> Result:
+                       headers: Mapping[str, str] | None, stream: bool, budget: float, first_byte: float,
+                       ref: ModelRef, attempts: list[Attempt], slots: ProviderSlots | None,
+                       done_marker: bytes) -> Result:
         """One try. A non-stream attempt runs under aiohttp's own total timeout (cheaper than
-        asyncio.timeout); a stream is bounded until its first chunk, then by the per-chunk gap."""
+        asyncio.timeout); a stream is bounded until its first chunk, then by the gap between chunks."""
         resp: UpstreamResponse | None = None
         try:
             if not stream:
+                budget = min(budget, self._attempt_timeout)
                 timeout = (self._full_timeout if budget >= self._full_timeout.total - _TIMEOUT_SLACK_S  # type: ignore[operator]
-                           else aiohttp.ClientTimeout(total=budget, connect=self.config.connect_timeout))
-                resp = await self._send(provider, path, body, headers, timeout)
-                data = await resp.read()
+                           else aiohttp.ClientTimeout(total=max(budget, 0.001), sock_connect=self._connect))
+                resp = await provider.send(path, body, headers, timeout)
+                if slots is not None:
+                    resp = self.limits.hold(resp, slots)
+                    slots = None
+                data = await self._read(resp, ref)
                 resp.release()
                 status = resp.status
                 if status != 200:
-                    raise self._failure(status, data, resp, ref)
-                if not _looks_like_json_object(data):
-                    raise _Retryable(Attempt(ref.provider, ref.model, "invalid_response", status))
-                return Result(200, ref, attempts, body=data)
-            async with asyncio.timeout(budget):
-                resp = await self._send(provider, path, body, headers, self._stream_timeout)
+                    raise self._failure(status, data, resp, ref, provider)
+                return Result(200, ref, attempts, body=data, headers=resp.headers,
+                              data=self._answer(path, data, ref))
+            async with asyncio.timeout(min(budget, first_byte)):
+                resp = await provider.send(path, body, headers, self._stream_timeout)
+                if slots is not None:
+                    resp = self.limits.hold(resp, slots)
+                    slots = None
                 status = resp.status
                 if status != 200:
-                    data = await resp.read()
+                    data = await self._read(resp, ref)
                     resp.release()
-                    raise self._failure(status, data, resp, ref)
+                    raise self._failure(status, data, resp, ref, provider)
+                content_type = resp.headers.get("Content-Type", "")
+                if not content_type.startswith("text/event-stream"):  # a JSON body or a page, not a stream
+                    resp.close()
+                    raise _Retryable(Attempt(ref.provider, ref.model, "not_a_stream", status))
                 first = await resp.content.readany()
                 if not first:
                     resp.close()
                     raise _Retryable(Attempt(ref.provider, ref.model, "empty_stream", status))
+                if first.startswith(_ERROR_EVENT) or not first.lstrip().startswith(_SSE_STARTS):
+                    resp.close()  # an error event before any content, or bytes that are not SSE: fall back
+                    raise _Retryable(Attempt(ref.provider, ref.model, "stream_error", status))
         except TimeoutError:
             if resp is not None:
                 resp.close()
@@ -255,52 +347,104 @@ class Dispatcher:
             raise _Retryable(Attempt(ref.provider, ref.model, "connection")) from None
         except (_Retryable, UpstreamStatusError):
             raise
+        except Exception as exc:  # anything else inside an attempt is that attempt's failure, never a 500
+            if resp is not None:
+                resp.close()
+            self._log_once(ref, exc)
+            raise _Retryable(Attempt(ref.provider, ref.model, "error")) from None
         except BaseException:
             if resp is not None:
                 resp.close()
             raise
+        finally:
+            if slots is not None:  # never reached aiohttp's response: hand the slot back
+                slots.release()
         state = StreamState()
-        return Result(200, ref, attempts, stream=self._relay(resp, first, ref, state),
-                      content_type=resp.headers.get("Content-Type", "text/event-stream"),
-                      first_byte_at=time.perf_counter(), stream_state=state)
+        return Result(200, ref, attempts, stream=self._relay(resp, first, ref, state, done_marker),
+                      content_type=content_type, first_byte_at=time.perf_counter(), stream_state=state,
+                      headers=resp.headers)
 
-    def _send(self, provider: Provider, path: str, body: bytes, headers: Mapping[str, str] | None,
-              timeout: aiohttp.ClientTimeout) -> Awaitable[UpstreamResponse]:
-        """The provider's send, under its concurrency cap when it has one (issue 7)."""
-        if provider.capped:
-            return self.limits.send(provider, path, body, headers, timeout)
-        return provider.send(path, body, headers, timeout)
+    async def _read(self, resp: UpstreamResponse, ref: ModelRef) -> bytes:
+        """The whole body, refusing one over `max_response_bytes` (a failed attempt, not a memory blow-up)."""
+        limit = self._max_body
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) <= limit:
+            return await resp.read()
+        if length is not None and length.isdigit():
+            resp.close()
+            raise _Retryable(Attempt(ref.provider, ref.model, "too_large"))
+        parts = []
+        size = 0
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                resp.close()
+                raise _Retryable(Attempt(ref.provider, ref.model, "too_large"))
+            parts.append(chunk)
+        return b"".join(parts)
 
     @staticmethod
-    def _failure(status: int, data: bytes, resp: UpstreamResponse, ref: ModelRef) -> Exception:
+    def _answer(path: str, data: bytes, ref: ModelRef) -> Any:
+        """The parsed body when it is an answer of its endpoint; else the attempt failed (a 200 that
+        carries `{"error": ...}`, or is not JSON, is never passed on as a success, nor cached)."""
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise _Retryable(Attempt(ref.provider, ref.model, "invalid_response", 200)) from None
+        if type(parsed) is not dict:
+            raise _Retryable(Attempt(ref.provider, ref.model, "invalid_response", 200))
+        key = ANSWER_SHAPES.get(path)
+        if key is not None and type(parsed.get(key)) is not list:
+            outcome = "error_body" if "error" in parsed else "invalid_response"
+            raise _Retryable(Attempt(ref.provider, ref.model, outcome, 200), body=data)
+        return parsed
+
+    def _log_once(self, ref: ModelRef, exc: BaseException) -> None:
+        key = (ref.provider, type(exc).__name__)
+        if key not in self._logged and len(self._logged) < 256:
+            self._logged.add(key)
+            log.error("an attempt at %s failed inside tiergate: %s (counted as a failed attempt)",
+                      ref.provider, type(exc).__name__)
+
+    @staticmethod
+    def _failure(status: int, data: bytes, resp: UpstreamResponse, ref: ModelRef, provider: Provider) -> Exception:
         if status in RETRYABLE_STATUS or status >= 500:
             return _Retryable(Attempt(ref.provider, ref.model, f"http_{status}", status),
-                              _retry_after(resp.headers.get("Retry-After")))
-        return UpstreamStatusError(status, data, resp.headers.get("Content-Type", "application/json"))
+                              _retry_after(resp.headers), body=provider.redact(data), headers=resp.headers)
+        return UpstreamStatusError(status, provider.redact(data), resp.headers.get("Content-Type", "application/json"),
+                                   headers=resp.headers)
 
     async def _relay(self, resp: UpstreamResponse, first: bytes, ref: ModelRef,
-                     state: StreamState) -> AsyncIterator[bytes]:
-        """Yield upstream chunks as they arrive; a failure mid-stream ends it with an SSE error event."""
-        breaker = self.breakers.get(ref.provider)
+                     state: StreamState, done_marker: bytes) -> AsyncIterator[bytes]:
+        """Yield upstream chunks as they arrive. The stream is complete only when the provider's final
+        event came; a break, an idle timeout or an end without it ends the client's stream with an SSE
+        error event (the OpenAI SDK raises it), never with a clean end that looks complete."""
+        breaker = self.breakers.of(ref)
         clean = False
+        done = False
         try:
             chunk = first
             while chunk:
                 state.chunks += 1
                 state.bytes += len(chunk)
                 state.tail = (state.tail + chunk)[-4096:]
+                if not done and done_marker in chunk:
+                    done = True
                 yield chunk
                 chunk = await resp.content.readany()
+            if not done and done_marker not in state.tail:
+                raise _Incomplete
             clean = True
             state.completed = True
             breaker.record_success()
-        except (TimeoutError, *_CONNECTION_ERRORS) as exc:
-            cause = "timeout" if isinstance(exc, TimeoutError) else "connection"
+        except (TimeoutError, _Incomplete, *_CONNECTION_ERRORS) as exc:
+            cause = ("timeout" if isinstance(exc, TimeoutError) else
+                     "incomplete" if isinstance(exc, _Incomplete) else "connection")
             state.error = cause
             breaker.record_failure(cause)
-            yield stream_error_event(
-                f"the upstream stream from {ref} broke off ({cause}) after {state.chunks} chunks",
-                code=f"upstream_{cause}")
+            what = "ended before its final event" if cause == "incomplete" else f"broke off ({cause})"
+            yield stream_error_event(f"the upstream stream from {ref} {what} after {state.chunks} chunks",
+                                     code=f"upstream_{cause}")
         finally:
             if clean:
                 resp.release()
@@ -308,21 +452,40 @@ class Dispatcher:
                 breaker.release_trial()
                 resp.close()
 
-    def _all_failed(self, decision: RouteDecision, attempts: list[Attempt]) -> TiergateError:
+    def _all_failed(self, decision: RouteDecision, attempts: list[Attempt],
+                    last: _Retryable | None) -> TiergateError:
+        """One error for the whole request, of the status class the deciding failure had: the last
+        provider's 429 stays a 429 with its Retry-After, its 5xx that 5xx; unreachable is 502, a deadline 504."""
         sent = [a for a in attempts if a.outcome not in _SKIPPED]
         reasons = "; ".join(a.describe() for a in attempts) or "no candidate"
-        if not sent and any(a.outcome == "queue_full" for a in attempts):
-            return RateLimitError(f"route {decision.name}: every candidate is at its concurrency limit "
-                                  f"({reasons}); retry shortly", retry_after=1.0)
+        summary = f"route {decision.name}: every candidate failed ({reasons})"
         if not sent:
-            status, code = 503, "no_provider_available"
-        elif all(a.outcome == "timeout" for a in sent):
-            status, code = 504, "upstream_timeout"
-        else:
-            status, code = 502, "upstream_failed"
-        return UpstreamError(
-            f"route {decision.name}: every candidate failed ({reasons})",
-            status=status, code=code, attempts=attempts)
+            if any(a.outcome == "queue_full" for a in attempts):
+                return RateLimitError(f"route {decision.name}: every candidate is at its concurrency limit "
+                                      f"({reasons}); retry shortly", retry_after=1.0)
+            cooling = [self.breakers.of(ModelRef(a.provider, a.model)).cooling()
+                       for a in attempts if a.outcome == "cooldown"]
+            if cooling:
+                return UpstreamError(f"route {decision.name}: every candidate is rate-limited ({reasons})",
+                                     status=429, code="rate_limit_exceeded", error_type="rate_limit_error",
+                                     attempts=attempts, retry_after=max(0.001, min(cooling)))
+            return UpstreamError(summary, status=503, code="no_provider_available", attempts=attempts)
+        decisive = sent[-1]
+        if last is not None and last.attempt is decisive and decisive.status is not None and decisive.status != 200:
+            provider_error = _error_fields(last.body)
+            message = provider_error.get("message")
+            return UpstreamError(
+                f"{message} ({summary})" if isinstance(message, str) and message else summary,
+                status=decisive.status, attempts=attempts, headers=last.headers, tried=True,
+                retry_after=last.retry_after if decisive.status == 429 else None,
+                code=_str_or(provider_error.get("code"), "rate_limit_exceeded" if decisive.status == 429
+                             else "upstream_failed"),
+                error_type=_str_or(provider_error.get("type"), "rate_limit_error" if decisive.status == 429
+                                   else "upstream_error"),
+                param=provider_error.get("param") if isinstance(provider_error.get("param"), str) else None)
+        if decisive.outcome == "timeout":
+            return UpstreamError(summary, status=504, code="upstream_timeout", attempts=attempts, tried=True)
+        return UpstreamError(summary, status=502, code="upstream_failed", attempts=attempts, tried=True)
 
 
 def tried(attempts: list[Attempt]) -> int:
@@ -332,13 +495,23 @@ def tried(attempts: list[Attempt]) -> int:
     return sum(1 for a in attempts if a.outcome not in _SKIPPED)
 
 
-_SKIPPED = frozenset({"breaker_open", "unknown_provider", "queue_full"})
+_SKIPPED = frozenset({"breaker_open", "cooldown", "unknown_provider", "queue_full"})
 
 
 class _Retryable(Exception):
-    def __init__(self, attempt: Attempt, retry_after: float | None = None):
+    """A failed attempt that moves on to the next candidate; keeps what the provider said (its error
+    body, redacted, and headers) in case this failure decides the answer."""
+
+    def __init__(self, attempt: Attempt, retry_after: float | None = None, *, body: bytes | None = None,
+                 headers: Mapping[str, str] | None = None):
         self.attempt = attempt
         self.retry_after = retry_after
+        self.body = body
+        self.headers = headers
+
+
+class _Incomplete(Exception):
+    """The upstream stream ended cleanly but without its final event."""
 
 
 def stream_error_event(message: str, *, code: str, error_type: str = "upstream_error") -> bytes:
@@ -346,23 +519,35 @@ def stream_error_event(message: str, *, code: str, error_type: str = "upstream_e
                                                "param": None, "code": code}}) + b"\n\n"
 
 
-def _looks_like_json_object(data: bytes) -> bool:
-    """A cheap check, not a parse (and no copy): a whole JSON object starts with { and ends with }."""
-    if data[:1] == b"{" and data[-1:] == b"}":  # the usual, compact case
-        return True
-    start = 0
-    end = len(data) - 1
-    while start <= end and data[start] in _WHITESPACE:
-        start += 1
-    while end > start and data[end] in _WHITESPACE:
-        end -= 1
-    return start < end and data[start] == 0x7B and data[end] == 0x7D
+def _error_fields(body: bytes | None) -> dict[str, Any]:
+    """The provider's `{"error": {...}}` fields, when its error body has them."""
+    if not body:
+        return {}
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, dict):
+        return error
+    if isinstance(error, str):
+        return {"message": error}
+    return {}
 
 
-_WHITESPACE = frozenset(b" \t\r\n")
+def _str_or(value: Any, default: str) -> str:
+    return value if isinstance(value, str) and value else default
 
 
-def _retry_after(value: str | None) -> float | None:
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from `retry-after-ms` (OpenAI's, more precise) or `Retry-After` (seconds or a date)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("Retry-After")
     if not value:
         return None
     try:

@@ -1,9 +1,11 @@
 """Per-provider caps on concurrent upstream requests, each with a bounded wait queue.
 
-A provider's cap is its `max_concurrency` in the table, else `max_concurrent_per_provider`
-(0 = unlimited). At most `max_queue_per_provider` callers wait for a slot; one more is refused
-at once with a 429 and `Retry-After`, so an overloaded provider never builds an unbounded queue.
-A slot is held until the upstream response is released or closed (for a stream: its end).
+A provider's cap is its `max_concurrency` in the table, else `max_concurrent_per_provider`, and never
+more than its connection pool: a request waits for a slot here, in tiergate's own queue, not inside
+aiohttp's connector, so that waiting is never mistaken for a slow provider (no breaker failure, no
+connect budget spent). At most `max_queue_per_provider` callers wait, each within its own deadline;
+one more is refused at once with a 429 and `Retry-After`. A slot is held until the upstream
+response is released or closed (for a stream: its end).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class ProviderSlots:
     def queued(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
+    async def acquire(self, timeout: float | None = None) -> None:
+        """Take a slot, waiting at most `timeout` seconds (TimeoutError past it)."""
         if self.active < self.capacity and not self._waiters:
             self.active += 1
             return
@@ -47,7 +50,8 @@ class ProviderSlots:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            await waiter  # the releaser counted us in `active` before waking us
+            async with asyncio.timeout(timeout):
+                await waiter  # the releaser counted us in `active` before waking us
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # woken and cancelled at once: hand the slot on
@@ -111,6 +115,11 @@ class ProviderLimits:
         if slots is None or slots.capacity != cap:
             slots = self._slots[provider.name] = ProviderSlots(provider.name, cap, self._max_queue)
         return slots
+
+    @staticmethod
+    def hold(resp: UpstreamResponse, slots: ProviderSlots) -> UpstreamResponse:
+        """The response, releasing its slot when dispatch releases or closes it."""
+        return _SlotResponse(resp, slots)  # type: ignore[return-value]
 
     async def send(self, provider: Provider, path: str, body: bytes, headers: Mapping[str, str] | None,
                    timeout: aiohttp.ClientTimeout) -> UpstreamResponse:

@@ -48,11 +48,18 @@ class Provider:
         self.base_url = spec.base_url
         self.headers = build_headers(spec, config)
         self.has_key = _has_key(spec, config)
+        # forwarded client headers never replace these: the table's headers and the provider's key
+        self.protected = frozenset(name.lower() for name, _ in spec.headers) | frozenset(
+            () if spec.pass_client_key else {"authorization", spec.api_key_header.lower()})
+        self._secrets = _secret_patterns(provider_key(spec, config))
         self._urls: dict[str, URL] = {}
         self.session: aiohttp.ClientSession | None = None
-        cap = spec.max_concurrency  # issue 7: requests beyond a cap wait in the provider's queue
-        self.capacity = config.max_concurrent_per_provider if cap is None else cap  # 0: no cap
-        self.capped = self.capacity > 0
+        # Requests beyond the pool wait in tiergate's own queue (bounded, within their deadline), never
+        # inside aiohttp's connector, where waiting would look like a slow provider.
+        self.pool_limit = max(1, config.connection_pool_size + config.connection_pool_overflow)
+        cap = spec.max_concurrency if spec.max_concurrency is not None else config.max_concurrent_per_provider
+        self.capacity = min(cap, self.pool_limit) if cap and cap > 0 else self.pool_limit
+        self.capped = True
 
     def __repr__(self) -> str:  # never shows keys
         return f"Provider(name={self.name!r}, base_url={self.base_url!r})"
@@ -67,7 +74,7 @@ class Provider:
         if self.session is not None:
             return
         connector = aiohttp.TCPConnector(
-            limit=self.config.connection_pool_size + self.config.connection_pool_overflow,
+            limit=self.pool_limit,
             limit_per_host=0,
             keepalive_timeout=30.0,
             ttl_dns_cache=300,
@@ -75,7 +82,8 @@ class Provider:
         self.session = aiohttp.ClientSession(
             connector=connector,
             headers=self.headers,
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout),
+            # sock_connect, not connect: the connect budget is for the provider's TCP/TLS handshake only
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
             auto_decompress=True,
         )
 
@@ -93,6 +101,13 @@ class Provider:
         if url is None:
             url = self.url(path)
         return self.session.post(url, data=body, headers=headers, timeout=timeout)
+
+    def redact(self, data: bytes) -> bytes:
+        """An upstream error body without tiergate's key for this provider, whole or in part (OpenAI
+        quotes a wrong key's first and last characters)."""
+        for pattern in self._secrets:
+            data = pattern.sub(b"[redacted]", data)
+        return data
 
     async def get_json(self, path: str, timeout: float) -> Any:
         """GET a JSON document (health checks, model discovery)."""
@@ -132,6 +147,15 @@ def provider_key(spec: ProviderSpec, config: RouterConfig) -> str | None:
     if spec.api_key_env and config.env.get(spec.api_key_env):
         return config.env[spec.api_key_env]
     return getattr(config, f"{spec.name.replace('-', '_')}_api_key", None)
+
+
+def _secret_patterns(key: str | None) -> tuple[re.Pattern[bytes], ...]:
+    if not key or len(key) < 8:
+        return ()
+    raw = key.encode()
+    return (re.compile(re.escape(raw)),
+            re.compile(re.escape(raw[:8]) + rb"[^\s\"',]*"),      # sk-proj-****...abcd
+            re.compile(rb"(?:[*.x]|\xe2\x80\xa6){3,}" + re.escape(raw[-4:])))  # a masked middle, then the last four
 
 
 def _has_key(spec: ProviderSpec, config: RouterConfig) -> bool:

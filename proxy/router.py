@@ -49,11 +49,12 @@ class Endpoint:
     path: str
     operation: str  # the OpenTelemetry GenAI operation name
     streamable: bool
+    kind: str = "chat"  # which of a route's models serve it: chat, embeddings, completions
 
 
 CHAT = Endpoint("chat.completions", "/chat/completions", "chat", True)
-COMPLETIONS = Endpoint("completions", "/completions", "text_completion", True)
-EMBEDDINGS = Endpoint("embeddings", "/embeddings", "embeddings", False)
+COMPLETIONS = Endpoint("completions", "/completions", "text_completion", True, "completions")
+EMBEDDINGS = Endpoint("embeddings", "/embeddings", "embeddings", False, "embeddings")
 
 
 _ID_PREFIX = "req_" + os.urandom(6).hex()
@@ -95,6 +96,7 @@ class Router:
         self.draining = False
         self._store: RouteStore | None = None  # the table from Postgres (dynamic routers)
         self._discovered: tuple[str, ...] = ()  # provider/model ids found by the last discovery
+        self._byok = False
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -170,6 +172,7 @@ class Router:
         self.breakers.configure({name: (spec.failure_threshold, spec.recovery_timeout)
                                  for name, spec in table.providers.items()})
         self._table = table
+        self._byok = any(spec.pass_client_key for spec in table.providers.values())
         self.telemetry.table_changed()
         if retired:
             loop = asyncio.get_running_loop()
@@ -182,6 +185,11 @@ class Router:
             if provider in self._retired:
                 self._retired.discard(provider)
                 await provider.close()
+
+    @property
+    def byok(self) -> bool:
+        """Does a provider of the table take the client's own key (`pass_client_key`)?"""
+        return self._byok
 
     # -- the one dispatch path ------------------------------------------------------------------
 
@@ -208,7 +216,7 @@ class Router:
         table = self._table
         if table is None:
             table = self.table  # raises: not initialized
-        decision = table.resolve(use_case, tier, payload.get("model"))
+        decision = table.resolve(use_case, tier, payload.get("model"), endpoint.kind)
         record.route = decision.name
         stream = bool(payload.get("stream")) and endpoint.streamable
         record.stream = stream
@@ -256,6 +264,11 @@ class Router:
             else:
                 record.status = 499 if isinstance(error, asyncio.CancelledError) else 500
                 record.error = type(error).__name__
+        else:
+            state = record.stream_state
+            if state is not None and state.error is not None:  # a stream that broke counts as what it was
+                record.error = f"stream_{state.error}"
+                record.status = 504 if state.error == "timeout" else 502
         self.telemetry.finish(record)
 
     # -- library API ------------------------------------------------------------------------
@@ -317,7 +330,7 @@ class Router:
         try:
             result = await self.dispatch(endpoint, payload, record, use_case=_value(use_case),
                                          tier=_value(tier))
-            data = orjson.loads(result.body or b"{}")
+            data = result.data if result.data is not None else orjson.loads(result.body or b"{}")
             return LLMResponse(
                 id=data.get("id", ""), model=data.get("model", result.ref.model),
                 choices=data.get("choices", []), usage=data.get("usage") or {},

@@ -6,6 +6,7 @@ file or from Postgres) is a new snapshot swapped in whole, so a request never se
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -48,15 +49,65 @@ class ProviderSpec:
     recovery_timeout: float | None = None
     max_concurrency: int | None = None
     models: tuple[str, ...] = ()
+    first_byte_timeout: float | None = None
+    pass_client_key: bool = False  # bring-your-own-key: the client's Authorization goes upstream
+
+
+@dataclass(frozen=True, slots=True)
+class ParamRule:
+    """What a model does not accept: request fields dropped, fields renamed, and how long it may
+    think before its first chunk. Applied per attempt, so a fallback of another family gets its own."""
+
+    drop: frozenset[str] = frozenset()
+    rename: tuple[tuple[str, str], ...] = ()
+    first_byte_timeout: float | None = None
+
+    def apply(self, payload: dict[str, Any]) -> dict[str, Any]:
+        if not self.drop and not self.rename:
+            return payload
+        out = {k: v for k, v in payload.items() if k not in self.drop}
+        for old, new in self.rename:
+            if old in out:
+                value = out.pop(old)
+                out.setdefault(new, value)
+        return out
+
+
+# What the common reasoning families refuse (OpenAI o-series, gpt-5): sampling parameters are fixed
+# and `max_tokens` is `max_completion_tokens`. First match wins; a table's `model_rules` come first.
+_REASONING_DROP = frozenset({"temperature", "top_p", "presence_penalty", "frequency_penalty", "logprobs",
+                             "top_logprobs", "logit_bias"})
+_REASONING = ParamRule(_REASONING_DROP, (("max_tokens", "max_completion_tokens"),), 120.0)
+BUILTIN_MODEL_RULES: tuple[tuple[str, ParamRule], ...] = (
+    ("gpt-5-chat*", ParamRule()),
+    ("o1*", _REASONING), ("o3*", _REASONING), ("o4*", _REASONING), ("gpt-5*", _REASONING),
+)
+
+
+def match_rule(ref: ModelRef, rules: Iterable[tuple[str, ParamRule]]) -> ParamRule | None:
+    """The first rule whose pattern matches `provider/model`, the model id, or its last segment
+    (`openrouter/openai/o3-mini` is matched by `o3*`)."""
+    full = f"{ref.provider}/{ref.model}".lower()
+    model = ref.model.lower()
+    last = model.rsplit("/", 1)[-1]
+    for pattern, rule in rules:
+        if fnmatch.fnmatchcase(last, pattern) or fnmatch.fnmatchcase(model, pattern) \
+                or fnmatch.fnmatchcase(full, pattern):
+            return rule
+    return None
 
 
 @dataclass(frozen=True, slots=True)
 class RouteDecision:
-    """Where one request goes: the route's name, its candidates in order, and its defaults."""
+    """Where one request goes: the route's name, its candidates in order, and its defaults.
+
+    `plans` holds, per candidate that has one, its ParamRule (fields it refuses, its first-byte
+    budget): empty for the usual candidate, so the attempt loop pays one dict lookup."""
 
     name: str
     candidates: tuple[ModelRef, ...]
     route: Route | None = None
+    plans: Mapping[ModelRef, ParamRule] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -80,8 +131,12 @@ class RoutingTable:
         source: str = "memory",
         problems: Iterable[str] = (),
         allow_model_override: bool = True,
+        model_rules: Iterable[tuple[str, ParamRule]] = (),
+        embeddings: tuple[ModelRef, ...] = (),
     ):
         self.providers: dict[str, ProviderSpec] = dict(providers)
+        self.model_rules: tuple[tuple[str, ParamRule], ...] = (*model_rules, *BUILTIN_MODEL_RULES)
+        self.embeddings = embeddings
         self.routes: dict[tuple[UseCase, ModelTier], Route] = {(r.use_case, r.tier): r for r in routes}
         if not self.routes:
             raise ConfigError(f"{source}: routes: the table has no route")
@@ -92,14 +147,24 @@ class RoutingTable:
         self.allow_model_override = allow_model_override
         self.loaded_at = time.time()
 
+        self._plans: dict[ModelRef, ParamRule] = {}
         default = self.routes.get((DEFAULT_USE_CASE, DEFAULT_TIER)) or next(iter(self.routes.values()))
-        self.default = RouteDecision(default.name, default.candidates, default)
-        decisions = {key: RouteDecision(r.name, r.candidates, r) for key, r in self.routes.items()}
+        self.default = self._decision(default.name, default.candidates, default)
+        decisions = {key: self._decision(r.name, r.candidates, r) for key, r in self.routes.items()}
         # header lookups: (use_case, tier) strings -> decision, for every valid pair
         self._by_pair: dict[tuple[str, str], RouteDecision] = {}
+        # per kind of call other than chat: the route's own models for it, else the table's (embeddings)
+        self._by_kind: dict[str, dict[tuple[str, str], RouteDecision | None]] = {"embeddings": {}, "completions": {}}
         for uc in UseCase:
             for tier in ModelTier:
                 self._by_pair[(uc.value, tier.value)] = decisions.get((uc, tier), self.default)
+                route = self._by_pair[(uc.value, tier.value)].route
+                for kind, table_default in (("embeddings", embeddings), ("completions", ())):
+                    models = getattr(route, kind, ()) if route is not None else ()
+                    models = models or table_default
+                    self._by_kind[kind][(uc.value, tier.value)] = (
+                        self._decision(route.name if route is not None else "default", models, route)
+                        if models else None)
         # body `model` lookups: "use_case:tier", "use_case", aliases, default names
         self._by_model: dict[str, RouteDecision] = {name: self.default for name in DEFAULT_MODEL_NAMES}
         for (uc, tier), decision in self._by_pair.items():
@@ -107,12 +172,44 @@ class RoutingTable:
         for uc in UseCase:
             self._by_model[uc.value] = self._by_pair[(uc.value, DEFAULT_TIER.value)]
         for alias, ref in self.aliases.items():
-            self._by_model[alias] = RouteDecision(f"alias:{alias}", (ref,))
+            self._by_model[alias] = self._decision(f"alias:{alias}", (ref,))
+
+    def _decision(self, name: str, candidates: tuple[ModelRef, ...], route: Route | None = None) -> RouteDecision:
+        plans = {}
+        for ref in candidates:
+            plan = self.plan(ref, route)
+            if plan is not None:
+                plans[ref] = plan
+        return RouteDecision(name, candidates, route, plans)
+
+    def plan(self, ref: ModelRef, route: Route | None = None) -> ParamRule | None:
+        """The candidate's rule (fields it refuses) with its first-byte budget: the route's, else the
+        model rule's, else its provider's; None when nothing differs from the defaults."""
+        rule = self._plans.get(ref)
+        if rule is None and ref not in self._plans:
+            rule = match_rule(ref, self.model_rules)
+            spec = self.providers.get(ref.provider)
+            provider_budget = spec.first_byte_timeout if spec is not None else None
+            if provider_budget is not None and (rule is None or rule.first_byte_timeout is None):
+                base = rule or ParamRule()
+                rule = ParamRule(base.drop, base.rename, provider_budget)
+            if len(self._plans) < 4096:  # overrides name arbitrary models: keep the memo bounded
+                self._plans[ref] = rule  # type: ignore[assignment]
+        if route is not None and route.first_byte_timeout is not None:
+            base = rule or ParamRule()
+            return ParamRule(base.drop, base.rename, route.first_byte_timeout)
+        return rule
 
     # -- resolution (hot path) ------------------------------------------------------------
 
-    def resolve(self, use_case: str | None, tier: str | None, model: Any) -> RouteDecision:
-        """Headers first, then the body's `model`, then the default route."""
+    def resolve(self, use_case: str | None, tier: str | None, model: Any, kind: str = "chat") -> RouteDecision:
+        """Headers first, then the body's `model`, then the default route.
+
+        `kind` is the kind of call (chat, embeddings, completions): a route serves embeddings and
+        completions only with models named for them (else the body's `model` decides), so a chat
+        model is never sent an embeddings call."""
+        if kind != "chat":
+            return self._resolve_kind(kind, use_case, tier, model)
         if use_case is not None or tier is not None:
             key = ((use_case or DEFAULT_USE_CASE.value).strip().lower(),
                    (tier or DEFAULT_TIER.value).strip().lower())
@@ -137,12 +234,39 @@ class RoutingTable:
                 raise UnknownRouteError(
                     f"model override {model!r} is not allowed here; use a route ({self._route_names()})",
                     param="model")
-            return RouteDecision("override", (ModelRef(provider, model_id),))
+            ref = ModelRef(provider, model_id)
+            return RouteDecision("override", (ref,), None, _one_plan(ref, self.plan(ref)))
         raise UnknownRouteError(
             f"unknown model {model!r}. Use a route name ({self._route_names()}), "
             f"a use case ({', '.join(_USE_CASES)}), an alias ({', '.join(self.aliases) or 'none'}) "
             f"or provider/model with a provider of {', '.join(self.providers)}",
             param="model")
+
+    def _resolve_kind(self, kind: str, use_case: str | None, tier: str | None, model: Any) -> RouteDecision:
+        by_kind = self._by_kind[kind]
+        if use_case is not None or tier is not None:
+            key = ((use_case or DEFAULT_USE_CASE.value).strip().lower(),
+                   (tier or DEFAULT_TIER.value).strip().lower())
+            if key not in self._by_pair:
+                raise self._unknown_pair(*key)
+            decision = by_kind[key]
+            if decision is not None:
+                return decision
+        if isinstance(model, str) and model.strip().lower() not in DEFAULT_MODEL_NAMES:
+            named = self._by_model.get(model) or self._by_model.get(model.strip().lower())
+            if named is not None and named.route is not None:  # a route's name: its models for this kind
+                uc, tr = named.route.use_case.value, named.route.tier.value
+                decision = by_kind[(uc, tr)]
+                if decision is None:
+                    raise UnknownRouteError(f"route {named.name} has no {kind} model; name one in the "
+                                            f"route's {kind}_model or send a model in the body", param="model")
+                return decision
+            return self.resolve(None, None, model)
+        decision = by_kind[(DEFAULT_USE_CASE.value, DEFAULT_TIER.value)]
+        if decision is None:
+            raise UnknownRouteError(f"no {kind} model: send one in the body's model (an alias or provider/model) "
+                                    f"or name one in the table ({kind}_model)", param="model")
+        return decision
 
     def _unknown_pair(self, use_case: str, tier: str) -> UnknownRouteError:
         if use_case not in _USE_CASES:
@@ -179,6 +303,10 @@ class RoutingTable:
                 "system_prompt": r.system_prompt,
                 "cache": r.cache,
                 "cache_ttl": r.cache_ttl,
+                "timeout": r.timeout,
+                "first_byte_timeout": r.first_byte_timeout,
+                "embeddings_model": [str(m) for m in r.embeddings],
+                "completions_model": [str(m) for m in r.completions],
             }
             for r in self.routes.values()
         ]
@@ -258,6 +386,24 @@ def table_from_dict(
         except (TypeError, ValueError) as exc:
             problems.append(f"pricing.{ref}: {exc}")
 
+    rules: list[tuple[str, ParamRule]] = []
+    raw_rules = doc.get("model_rules") or {}
+    if not isinstance(raw_rules, dict):
+        problems.append("model_rules: must be a mapping of model pattern to {drop, rename, first_byte_timeout}")
+        raw_rules = {}
+    for pattern, raw in raw_rules.items():
+        try:
+            rules.append((str(pattern).lower(), parse_rule(raw)))
+        except ValueError as exc:
+            problems.append(f"model_rules.{pattern}: {exc}")
+
+    embeddings: tuple[ModelRef, ...] = ()
+    if doc.get("embeddings_model"):
+        try:
+            embeddings = _model_list(doc.get("embeddings_model"), providers)
+        except ValueError as exc:
+            problems.append(f"embeddings_model: {exc}")
+
     routes: list[Route] = []
     seen: dict[tuple[UseCase, ModelTier], int] = {}
     raw_routes = doc.get("routes")
@@ -286,14 +432,45 @@ def table_from_dict(
     if not routes:
         raise ConfigError(f"{label}: routes: no valid route" + (f" ({'; '.join(problems)})" if problems else ""))
     return RoutingTable(providers, routes, aliases, pricing, source=source, problems=problems,
-                        allow_model_override=allow_model_override)
+                        allow_model_override=allow_model_override, model_rules=rules, embeddings=embeddings)
+
+
+def parse_rule(raw: Any) -> ParamRule:
+    if not isinstance(raw, dict):
+        raise ValueError("must be a mapping with drop, rename and/or first_byte_timeout")
+    unknown = set(raw) - {"drop", "rename", "first_byte_timeout"}
+    if unknown:
+        raise ValueError(f"unknown key {sorted(unknown)[0]!r} (allowed: drop, rename, first_byte_timeout)")
+    drop = raw.get("drop") or []
+    rename = raw.get("rename") or {}
+    if not isinstance(drop, (list, tuple)) or not all(isinstance(d, str) for d in drop):
+        raise ValueError("drop: must be a list of request field names")
+    if not isinstance(rename, dict):
+        raise ValueError("rename: must be a mapping of field name to new name")
+    first_byte = _opt_float(raw, "first_byte_timeout")
+    if first_byte is not None and first_byte <= 0:
+        raise ValueError("first_byte_timeout: must be a positive number of seconds")
+    return ParamRule(frozenset(drop), tuple((str(k), str(v)) for k, v in rename.items()), first_byte)
+
+
+def _model_list(raw: Any, providers: Mapping[str, ProviderSpec]) -> tuple[ModelRef, ...]:
+    """One provider/model or a list of them (the first, then its fallbacks)."""
+    items = raw if isinstance(raw, (list, tuple)) else [raw]
+    if not items:
+        raise ValueError("must name at least one provider/model")
+    return tuple(_model_ref(item, providers) for item in items)
+
+
+def _one_plan(ref: ModelRef, plan: ParamRule | None) -> Mapping[ModelRef, ParamRule]:
+    return {ref: plan} if plan is not None else {}
 
 
 def parse_provider(name: str, raw: Any) -> ProviderSpec:
     if not isinstance(raw, dict):
         raise ValueError("must be a mapping with base_url (or kind: mock)")
     allowed = {"base_url", "kind", "api_key", "api_key_env", "api_key_header", "headers",
-               "failure_threshold", "recovery_timeout", "max_concurrency", "models"}
+               "failure_threshold", "recovery_timeout", "max_concurrency", "models", "first_byte_timeout",
+               "pass_client_key"}
     unknown = set(raw) - allowed
     if unknown:
         raise ValueError(f"unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(allowed))})")
@@ -325,11 +502,14 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
         recovery_timeout=_opt_float(raw, "recovery_timeout"),
         max_concurrency=_opt_int(raw, "max_concurrency"),
         models=tuple(str(m) for m in models),
+        first_byte_timeout=_positive(raw, "first_byte_timeout"),
+        pass_client_key=raw.get("pass_client_key") is True,
     )
 
 
 ROUTE_KEYS = frozenset({"use_case", "tier", "model", "fallbacks", "max_tokens", "temperature",
-                        "system_prompt", "cache", "cache_ttl", "enabled"})
+                        "system_prompt", "cache", "cache_ttl", "enabled", "timeout", "first_byte_timeout",
+                        "embeddings_model", "completions_model"})
 
 
 def parse_route(raw: Any, providers: Mapping[str, ProviderSpec]) -> Route | None:
@@ -372,8 +552,16 @@ def parse_route(raw: Any, providers: Mapping[str, ProviderSpec]) -> Route | None
     cache_ttl = _opt_int(raw, "cache_ttl")
     if cache_ttl is not None and cache_ttl < 0:
         raise ValueError("cache_ttl: must be zero or more seconds")
+    kinds = {}
+    for kind in ("embeddings", "completions"):
+        try:
+            kinds[kind] = _model_list(raw[f"{kind}_model"], providers) if raw.get(f"{kind}_model") else ()
+        except ValueError as exc:
+            raise ValueError(f"{kind}_model: {exc}") from None
     return Route(use_case, tier, model, tuple(fallbacks), max_tokens, temperature,
-                 _opt_str(raw.get("system_prompt")), cache, cache_ttl)
+                 _opt_str(raw.get("system_prompt")), cache, cache_ttl,
+                 _positive(raw, "timeout"), _positive(raw, "first_byte_timeout"),
+                 kinds["embeddings"], kinds["completions"])
 
 
 def _model_ref(raw: Any, providers: Mapping[str, ProviderSpec]) -> ModelRef:
@@ -400,6 +588,13 @@ def _opt_int(raw: Mapping[str, Any], key: str) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         raise ValueError(f"{key}: {value!r} is not a whole number") from None
+
+
+def _positive(raw: Mapping[str, Any], key: str) -> float | None:
+    value = _opt_float(raw, key)
+    if value is not None and not value > 0:
+        raise ValueError(f"{key}: must be a positive number of seconds")
+    return value
 
 
 def _opt_float(raw: Mapping[str, Any], key: str) -> float | None:

@@ -7,6 +7,7 @@ once, resolve and dispatch through the router, and write upstream bytes back unc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -20,7 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from .auth import InboundAuth
-from .dispatch import tried
+from .dispatch import DROPPED_RESPONSE_HEADERS, stream_error_event, tried
 from .openapi import openapi_json
 from .router import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, Router, new_request_id
 from .settings import RouterConfig
@@ -40,6 +41,16 @@ GC_THRESHOLD = 10_000  # net allocations between first-generation collections (P
 
 ROUTER_KEY = web.AppKey("router", Router)
 AUTH_KEY = web.AppKey("auth", InboundAuth)
+INFLIGHT_KEY = web.AppKey("inflight", set)  # the handler tasks of requests in flight (drained at shutdown)
+DRAIN = "tiergate is shutting down"  # the cancel message that ends a stream still open after the drain
+
+# Client headers that never go upstream: hop-by-hop ones, the framing of a body tiergate re-encodes,
+# tiergate's own, and the client's Authorization (replaced by the provider's key unless the provider
+# takes the client's own: `pass_client_key`). Every other header goes as the client sent it.
+NOT_FORWARDED = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+    "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length", "content-type",
+    "content-encoding", "accept-encoding", "expect", "x-use-case", "x-model-tier", "authorization", "cookie"})
 
 # field -> accepted JSON types; None is accepted for every optional field
 _NUMBER = (int, float)
@@ -92,16 +103,54 @@ def validate(endpoint: Endpoint, payload: Any, max_messages: int) -> None:
 
 
 def error_response(exc: TiergateError, request_id: str, extra: dict[str, str] | None = None) -> web.Response:
-    headers = {"x-request-id": request_id}
+    """The error in OpenAI's shape. An error decided upstream carries the provider's headers
+    (Retry-After, x-ratelimit-*, its x-request-id) and `x-should-retry: false`: tiergate has spent its
+    attempts already, so the SDK does not multiply them."""
+    upstream = getattr(exc, "headers", None)
+    headers = relayed_headers(upstream, request_id) if upstream else {"x-request-id": request_id}
     if extra:
         headers.update(extra)
+    if getattr(exc, "tried", False):
+        headers["x-should-retry"] = "false"
     if isinstance(exc, UpstreamStatusError):
         return web.Response(body=exc.body, status=exc.status, headers=headers,
                             content_type=exc.content_type.split(";")[0])
-    if getattr(exc, "retry_after", None) is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))  # type: ignore[attr-defined]
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None and "retry-after" not in {k.lower() for k in headers}:
+        headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+        headers["retry-after-ms"] = str(max(1, int(retry_after * 1000)))
     return web.Response(body=exc.to_body(), status=exc.status, headers=headers,
                         content_type="application/json")
+
+
+def relayed_headers(upstream: Mapping[str, str] | None, request_id: str) -> dict[str, str]:
+    """The provider's response headers a client would have had from it, and the request ids: the
+    provider's `x-request-id` stays (the SDK reports it), tiergate's goes in `x-tiergate-request-id`."""
+    headers: dict[str, str] = {}
+    if upstream:
+        dropped = DROPPED_RESPONSE_HEADERS
+        for name, value in upstream.items():
+            if name.lower() not in dropped:
+                headers[name] = value
+    if "x-request-id" not in headers and "X-Request-Id" not in headers and not (
+            upstream and "x-request-id" in upstream):
+        headers["x-request-id"] = request_id
+    headers["x-tiergate-request-id"] = request_id
+    return headers
+
+
+def forwarded_headers(incoming: Mapping[str, str], drop: frozenset[str], keep_authorization: bool) -> dict[str, str]:
+    """The client's headers that go upstream (lower-case names), for the provider to act on as it would
+    on a direct call (OpenAI-Organization, OpenAI-Project, OpenAI-Beta, Idempotency-Key, vendors')."""
+    out: dict[str, str] = {}
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in drop or lower.startswith("x-tiergate-"):
+            if lower == "authorization" and keep_authorization:
+                out[lower] = value
+            continue
+        out[lower] = value
+    return out
 
 
 async def read_json(request: web.Request, limit: int, timeout: float | None = None) -> Any:
@@ -140,22 +189,30 @@ def _timeout_header(value: str) -> float:
     return seconds
 
 
-def _upstream_headers(incoming: Mapping[str, str]) -> dict[str, str]:
-    headers = {"traceparent": incoming["traceparent"]}
-    tracestate = incoming.get("tracestate")
-    if tracestate:
-        headers["tracestate"] = tracestate
-    return headers
+def _sdk_timeout(value: str) -> float | None:
+    """The OpenAI SDK's own read timeout (`x-stainless-read-timeout`): waiting longer helps no one."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 < seconds < 86400 else None
 
 
-def _result_headers(record: RequestRecord) -> dict[str, str]:
+def _deadline(headers: Mapping[str, str], stream: bool) -> float | None:
+    timeout = _timeout_header(headers["x-tiergate-timeout"]) if "x-tiergate-timeout" in headers else None
+    if not stream and "x-stainless-read-timeout" in headers:
+        sdk = _sdk_timeout(headers["x-stainless-read-timeout"])
+        if sdk is not None and (timeout is None or sdk < timeout):
+            timeout = sdk
+    return timeout
+
+
+def _result_headers(record: RequestRecord, upstream: Mapping[str, str] | None = None) -> dict[str, str]:
     ref = record.ref
-    headers = {
-        "x-request-id": record.request_id,
-        "x-tiergate-route": record.route,
-        "x-tiergate-cache": record.cache,
-        "x-tiergate-attempts": str(record.tries),
-    }
+    headers = relayed_headers(upstream, record.request_id)
+    headers["x-tiergate-route"] = record.route
+    headers["x-tiergate-cache"] = record.cache
+    headers["x-tiergate-attempts"] = str(record.tries)
     if ref is not None:
         headers["x-tiergate-model"] = f"{ref.provider}/{ref.model}"
         headers["x-tiergate-provider"] = ref.provider
@@ -171,11 +228,15 @@ def make_handler(endpoint: Endpoint, router: Router,
     max_body, body_timeout, max_messages = config.max_body_bytes, config.client_body_timeout, config.max_messages
     name = endpoint.name
     check_key = auth.check if auth.enabled else None
+    drop = NOT_FORWARDED | frozenset(h.lower() for h in config.drop_headers)
 
     async def handler(request: web.Request) -> web.StreamResponse:
         headers = request.headers
         record = RequestRecord(headers.get("x-request-id") or new_request_id(), name)
         error: BaseException | None = None
+        inflight = request.app[INFLIGHT_KEY]
+        task = asyncio.current_task()
+        inflight.add(task)
         try:
             if check_key is not None:
                 check_key(headers.get("Authorization"))
@@ -184,13 +245,13 @@ def make_handler(endpoint: Endpoint, router: Router,
             result = await router.dispatch(
                 endpoint, payload, record,
                 use_case=headers.get("x-use-case"), tier=headers.get("x-model-tier"),
-                timeout=_timeout_header(headers["x-tiergate-timeout"]) if "x-tiergate-timeout" in headers else None,
-                headers=_upstream_headers(headers) if "traceparent" in headers else None,
+                timeout=_deadline(headers, payload.get("stream") is True),
+                headers=forwarded_headers(headers, drop, router.byok),
                 cache_control=headers.get("cache-control"))
             if result.stream is None:
-                return web.Response(body=result.body, headers=_result_headers(record),
+                return web.Response(body=result.body, headers=_result_headers(record, result.headers),
                                     content_type="application/json")
-            return await _relay_stream(request, result.stream, record)
+            return await _relay_stream(request, result.stream, record, result.headers)
         except TiergateError as exc:
             error = exc
             extra = {"x-tiergate-route": record.route} if record.route else None
@@ -199,7 +260,11 @@ def make_handler(endpoint: Endpoint, router: Router,
                 record.attempts = exc.attempts  # type: ignore[attr-defined]
                 record.tries = tried(record.attempts)
                 extra = _result_headers(record)
+                del extra["x-request-id"]  # the provider's, relayed by error_response
             return error_response(exc, record.request_id, extra)
+        except (orjson.JSONEncodeError, RecursionError):  # e.g. a body nested deeper than JSON re-encoding allows
+            error = InvalidRequestError("the request body cannot be forwarded: it is nested too deeply")
+            return error_response(error, record.request_id)
         except BaseException as exc:
             error = exc
             if isinstance(exc, (asyncio.CancelledError, ConnectionResetError)):
@@ -208,6 +273,7 @@ def make_handler(endpoint: Endpoint, router: Router,
             return error_response(TiergateError("internal error in tiergate; see its log for "
                                                 f"request {record.request_id}"), record.request_id)
         finally:
+            inflight.discard(task)
             router.finish(record, error)
 
     handler.__name__ = f"handle_{endpoint.operation}"
@@ -215,8 +281,8 @@ def make_handler(endpoint: Endpoint, router: Router,
 
 
 async def _relay_stream(request: web.Request, chunks: AsyncIterator[bytes],
-                        record: RequestRecord) -> web.StreamResponse:
-    response = web.StreamResponse(status=200, headers=_result_headers(record))
+                        record: RequestRecord, upstream: Mapping[str, str] | None = None) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers=_result_headers(record, upstream))
     response.content_type = "text/event-stream"
     response.headers["Cache-Control"] = "no-cache"
     try:
@@ -224,6 +290,19 @@ async def _relay_stream(request: web.Request, chunks: AsyncIterator[bytes],
         async for chunk in chunks:
             await response.write(chunk)
         await response.write_eof()
+    except asyncio.CancelledError as exc:
+        if DRAIN not in exc.args:
+            raise
+        # still open when the drain ran out: end it with an error event the SDK raises, not a clean end
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        if record.stream_state is not None:
+            record.stream_state.error = "shutdown"
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.write(stream_error_event("tiergate is shutting down; the stream was cut before "
+                                                    "its end", code="server_shutting_down"))
+            await response.write_eof()
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
     return response
@@ -305,6 +384,7 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
         router = Router(router)
     app = web.Application(client_max_size=router.config.max_body_bytes + 1)
     app[ROUTER_KEY] = router
+    app[INFLIGHT_KEY] = set()
     auth = app[AUTH_KEY] = InboundAuth(router.config.api_keys)
 
     async def router_lifetime(app: web.Application) -> AsyncIterator[None]:
@@ -334,8 +414,8 @@ async def serve(config: RouterConfig, *, started: asyncio.Event | None = None,
     let in-flight requests and streams finish up to `drain_timeout`, and close the pools."""
     router = Router(config, dynamic=bool(config.database_dsn))  # DATABASE_URL: the table lives in Postgres
     app = build_app(router)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=config.drain_timeout)
+    # tiergate drains itself (see `drain`); aiohttp's own shutdown then only closes what is left
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024,
                        reuse_port=True if config.workers > 1 else None)
@@ -363,5 +443,22 @@ async def serve(config: RouterConfig, *, started: asyncio.Event | None = None,
     finally:
         router.draining = True
         log.info("draining: waiting up to %ss for in-flight requests", config.drain_timeout)
+        await site.stop()  # no new connections
+        await drain(app, config.drain_timeout)
         await runner.cleanup()
         gc.set_threshold(*thresholds)
+
+
+async def drain(app: web.Application, timeout: float) -> None:
+    """Let requests in flight finish for up to `timeout` seconds, then end the ones still running:
+    a stream gets an SSE error event (never a clean end that looks complete)."""
+    inflight: set[asyncio.Task[Any]] = app[INFLIGHT_KEY]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while inflight and (left := deadline - loop.time()) > 0:
+        await asyncio.wait(set(inflight), timeout=left)
+    if inflight:
+        log.warning("drain: %d requests still running after %ss; ending them", len(inflight), timeout)
+        for task in list(inflight):
+            task.cancel(DRAIN)
+        await asyncio.wait(set(inflight), timeout=1.0)

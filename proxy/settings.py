@@ -59,15 +59,25 @@ class RouterConfig:
     # upstream calls
     enable_fallback: bool = True
     max_retries: int = 3
-    timeout: float = 30.0
+    # LLM calls last seconds to minutes (the OpenAI SDK itself waits 600 s): the overall deadline of a
+    # non-stream call; a stream has none by default, only its idle bound between chunks
+    timeout: float = 600.0
     connect_timeout: float = 5.0
-    attempt_timeout: float | None = None
+    # until a stream's first chunk: past it the attempt failed and the next candidate is tried
+    first_byte_timeout: float = 15.0
+    stream_idle_timeout: float = 60.0
+    attempt_timeout: float | None = None  # a non-stream attempt (default: what is left of the deadline)
     retry_backoff: float = 0.1
     retry_after_cap: float = 5.0
-    connection_pool_size: int = 100
-    connection_pool_overflow: int = 20
+    rate_limit_cooldown: float = 1.0  # a 429 without Retry-After skips its deployment this long
+    cooldown_cap: float = 60.0
+    # streams hold a connection for their whole length: a sidecar holds thousands at once
+    connection_pool_size: int = 2048
+    connection_pool_overflow: int = 2048
     max_concurrent_per_provider: int = 0
-    max_queue_per_provider: int = 0
+    max_queue_per_provider: int = 1024
+    max_response_bytes: int = 64 * 1024 * 1024
+    drop_headers: tuple[str, ...] = ()
     breaker_failure_threshold: int = 5
     breaker_recovery_timeout: float = 60.0
     health_check_interval: float = 60.0

@@ -76,6 +76,10 @@ class Route:
     system_prompt: str | None = None
     cache: str = "auto"
     cache_ttl: int | None = None
+    timeout: float | None = None  # overall deadline of this route's calls (default: the setting)
+    first_byte_timeout: float | None = None  # a reasoning model may think long before its first chunk
+    embeddings: tuple[ModelRef, ...] = ()  # the models of `/v1/embeddings` calls on this route
+    completions: tuple[ModelRef, ...] = ()  # the models of legacy `/v1/completions` calls
 
     @property
     def name(self) -> str:
@@ -202,29 +206,43 @@ class RequestTimeoutError(InvalidRequestError):
 
 
 class UpstreamError(TiergateError):
-    """No candidate could answer; the status says why (502 unreachable, 503 none available, 504 timeout)."""
+    """No candidate could answer. The status is the class the client would have had from the provider
+    whose failure decided it (its 429 stays a 429, its 503 a 503); a provider that could not be
+    reached is a 502, a deadline a 504, no candidate available a 503.
+
+    `headers` are the deciding provider's response headers (Retry-After, x-ratelimit-*, ...);
+    `tried` says that tiergate spent its attempts upstream, so a client should not retry on top."""
 
     status = 502
     error_type = "upstream_error"
     code = "upstream_unreachable"
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 attempts: list[Any] | None = None):
-        super().__init__(message, code=code)
+                 attempts: list[Any] | None = None, error_type: str | None = None, param: str | None = None,
+                 headers: Any = None, retry_after: float | None = None, tried: bool = False):
+        super().__init__(message, code=code, param=param)
         if status is not None:
             self.status = status
+        if error_type is not None:
+            self.error_type = error_type
         self.attempts = attempts or []
+        self.headers = headers
+        self.retry_after = retry_after
+        self.tried = tried
 
 
 class UpstreamStatusError(TiergateError):
     """An upstream answered with a client error (4xx) that is passed through as it came."""
 
-    def __init__(self, status: int, body: bytes, content_type: str = "application/json"):
+    tried = True
+
+    def __init__(self, status: int, body: bytes, content_type: str = "application/json", headers: Any = None):
         super().__init__(f"upstream answered {status}")
         self.status = status
         self.body = body
         self.content_type = content_type
         self.error_type = "upstream_error"
+        self.headers = headers
 
     def to_body(self) -> bytes:
         return self.body

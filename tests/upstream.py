@@ -32,6 +32,8 @@ class Fail:
     status: int = 500
     retry_after: float | str | None = None
     body: bytes | None = None
+    retry_after_ms: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +66,37 @@ class InvalidJson:
 
 
 @dataclass
+class CloseEarly:
+    """A stream framed by connection close (no chunked encoding) that stops after `after` events."""
+
+    after: int = 2
+
+
+@dataclass
+class NotAStream:
+    """Answer a stream request with a 200 that is not SSE: a JSON completion or an HTML page."""
+
+    html: bool = False
+
+
+@dataclass
+class ErrorIn200:
+    """A 200 whose body is an OpenAI error object (some gateways do this)."""
+
+
+@dataclass
+class FakeJson:
+    """A 200 that begins with { and ends with } but is not JSON."""
+
+
+@dataclass
+class Huge:
+    """A valid 200 chat completion of about `size` bytes."""
+
+    size: int = 1 << 20
+
+
+@dataclass
 class Flaky:
     """Fail with `status` at random with probability `rate`, else answer normally."""
 
@@ -72,7 +105,10 @@ class Flaky:
     rng: random.Random = field(default_factory=lambda: random.Random(7))
 
 
-Action = Ok | Fail | Reset | Hang | BreakStream | StallStream | InvalidJson | Flaky
+Action = (Ok | Fail | Reset | Hang | BreakStream | StallStream | InvalidJson | Flaky | CloseEarly | NotAStream
+          | ErrorIn200 | FakeJson | Huge)
+
+OPENAI_VERSION = "2020-10-01"
 
 
 @dataclass
@@ -110,6 +146,7 @@ class MockUpstream:
 
     async def start(self, port: int = 0) -> MockUpstream:
         app = web.Application()
+        app.on_response_prepare.append(self._openai_headers)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
@@ -129,6 +166,14 @@ class MockUpstream:
 
     # -- behaviour ----------------------------------------------------------------------------
 
+    async def _openai_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """The headers OpenAI sends with every answer, so tests can see them relayed."""
+        response.headers.setdefault("x-request-id", f"req_{self.name}_{len(self.requests)}")
+        response.headers.setdefault("openai-processing-ms", "42")
+        response.headers.setdefault("openai-version", OPENAI_VERSION)
+        response.headers.setdefault("x-ratelimit-limit-requests", "10000")
+        response.headers.setdefault("x-ratelimit-remaining-requests", "9999")
+
     def _next(self) -> Action:
         return self.script.pop(0) if self.script else self.default
 
@@ -142,9 +187,11 @@ class MockUpstream:
 
     async def _fail_or_none(self, request: web.Request, action: Action) -> web.StreamResponse | None:
         if isinstance(action, Fail):
-            headers = {}
+            headers = dict(action.headers)
             if action.retry_after is not None:
                 headers["Retry-After"] = str(action.retry_after)
+            if action.retry_after_ms is not None:
+                headers["retry-after-ms"] = str(action.retry_after_ms)
             body = action.body or orjson.dumps({"error": {"message": f"{self.name} failed with {action.status}",
                                                           "type": "server_error" if action.status >= 500
                                                           else "invalid_request_error",
@@ -164,6 +211,13 @@ class MockUpstream:
             return web.Response(status=503)
         if isinstance(action, InvalidJson):
             return web.Response(status=200, body=b"<html>not json", content_type="application/json")
+        if isinstance(action, ErrorIn200):
+            return web.Response(status=200, content_type="application/json", body=orjson.dumps(
+                {"error": {"message": "overloaded", "type": "server_error", "param": None, "code": None}}))
+        if isinstance(action, FakeJson):
+            return web.Response(status=200, body=b'{"choices": [oops]}', content_type="application/json")
+        if isinstance(action, NotAStream) and action.html:
+            return web.Response(status=200, body=b"<html><body>maintenance</body></html>", content_type="text/html")
         if isinstance(action, Ok) and action.delay:
             try:
                 await asyncio.sleep(action.delay)
@@ -183,7 +237,9 @@ class MockUpstream:
         words = content.split(" ")
         usage = {"prompt_tokens": 10, "completion_tokens": len(words), "total_tokens": 10 + len(words)}
         rid = f"chatcmpl-{self.name}-{len(self.requests)}"
-        if not body.get("stream"):
+        if isinstance(action, Huge):
+            content = "x" * action.size
+        if not body.get("stream") or isinstance(action, NotAStream):
             if isinstance(action, Ok) and action.gate is not None:  # hold the answer until the gate opens
                 await action.gate.wait()
             self.completed += 1
@@ -204,6 +260,12 @@ class MockUpstream:
         return await self._stream(request, events, action)
 
     async def _stream(self, request: web.Request, events: list[dict[str, Any]], action: Action) -> web.StreamResponse:
+        if isinstance(action, CloseEarly):  # HTTP/1.1 without length or chunks: the body ends at close
+            assert request.transport is not None
+            request.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                                    + b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events[:action.after]))
+            request.transport.close()
+            raise asyncio.CancelledError()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         try:
