@@ -144,8 +144,9 @@ class PrometheusMetrics:
                              "coalesced, bypass)", ["result"], registry=reg)
         self.cache_bytes = Gauge("tiergate_cache_bytes", "Bytes held by the response cache",
                                  registry=reg, multiprocess_mode="livesum")
-        self.circuit = Gauge("tiergate_circuit_state", "Circuit breaker state per provider (0 closed, "
-                             "1 half-open, 2 open)", ["provider"], registry=reg, multiprocess_mode="livemax")
+        self.circuit = Gauge("tiergate_circuit_state", "Circuit breaker state per deployment (0 closed, "
+                             "1 half-open, 2 open)", ["provider", "model"], registry=reg,
+                             multiprocess_mode="livemax")
         self.table_age = Gauge("tiergate_routing_table_age_seconds", "Seconds since the routing table "
                                "in use was loaded", registry=reg, multiprocess_mode="livemax")
         self._series: dict[tuple[str, str, str, int], _RequestSeries] = {}
@@ -200,7 +201,8 @@ class PrometheusMetrics:
     def sample(self, breakers: Mapping[str, Any], table_age: float | None, cache_bytes: int | None) -> None:
         """Set the gauges that describe state rather than traffic (at scrape time)."""
         for name, breaker in breakers.items():
-            self.circuit.labels(name).set(STATE_VALUES.get(breaker.state, 0))
+            provider, _, model = name.partition("/")
+            self.circuit.labels(provider, model).set(STATE_VALUES.get(breaker.state, 0))
         if table_age is not None:
             self.table_age.set(table_age)
         if cache_bytes is not None:

@@ -171,6 +171,8 @@ class Router:
                 del self.providers[provider.name]
         self.breakers.configure({name: (spec.failure_threshold, spec.recovery_timeout)
                                  for name, spec in table.providers.items()})
+        for ref in table.models():  # every deployment of the table shows in health from the start
+            self.breakers.of(ref)
         self._table = table
         self._byok = any(spec.pass_client_key for spec in table.providers.values())
         self.telemetry.table_changed()
@@ -379,11 +381,11 @@ class Router:
         """Overall status, providers, breakers, the routing table's source and age, uptime."""
         table = self._table
         breakers = self.breakers.snapshot()
-        providers = self.health.snapshot({name: b["state"] for name, b in breakers.items()})
+        providers = self.health.snapshot(self.breakers.provider_states())
         unavailable = sum(1 for p in providers.values() if not p["available"])
         if table is None or (providers and unavailable == len(providers)):
             status = "unhealthy"
-        elif unavailable or table.problems:
+        elif unavailable or table.problems or any(b["state"] != "closed" for b in breakers.values()):
             status = "degraded"
         else:
             status = "healthy"

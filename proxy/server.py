@@ -32,6 +32,7 @@ from .types import (
     RequestTimeoutError,
     RequestTooLargeError,
     TiergateError,
+    UpstreamError,
     UpstreamStatusError,
 )
 
@@ -255,6 +256,8 @@ def make_handler(endpoint: Endpoint, router: Router,
         except TiergateError as exc:
             error = exc
             extra = {"x-tiergate-route": record.route} if record.route else None
+            if extra is not None and isinstance(exc, UpstreamError):
+                extra["x-tiergate-attempts"] = str(tried(exc.attempts))
             if isinstance(exc, UpstreamStatusError) and getattr(exc, "ref", None) is not None:
                 record.ref = exc.ref  # type: ignore[attr-defined]
                 record.attempts = exc.attempts  # type: ignore[attr-defined]

@@ -84,7 +84,8 @@ async def test_upstream_errors_map_to_sdk_exceptions(client, upstream, backup):
     backup.default = Fail(503)
     with pytest.raises(openai.InternalServerError) as err:
         await client.chat.completions.create(model="general_purpose", messages=MESSAGES)
-    assert err.value.status_code == 502
+    assert err.value.status_code == 500  # the deciding (last) failure: the primary's 500
+    assert err.value.response.headers["x-should-retry"] == "false"
     assert "primary/model-a: http_500" in err.value.message and "backup/model-b: http_503" in err.value.message
 
 

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from .conftest import BACKUP_KEY, PRIMARY_KEY, table_doc
-from .upstream import CloseEarly, ErrorIn200, FakeJson, Fail, Hang, Huge, NotAStream, Ok, StallStream
+from .upstream import CloseEarly, ErrorIn200, Fail, FakeJson, Hang, Huge, NotAStream, Ok, StallStream
 
 CHAT = {"model": "general_purpose", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}

@@ -59,7 +59,7 @@ async def test_route_defaults_and_system_prompt(tiergate, upstream, http):
 async def test_auth_headers_client_key_never_forwarded(tiergate, upstream, backup, http):
     await post(http, tiergate.v1 + "/chat/completions", CHAT, {"Authorization": "Bearer client-own-key"})
     assert upstream.requests[-1].headers["Authorization"] == f"Bearer {PRIMARY_KEY}"
-    assert upstream.requests[-1].headers["User-Agent"] == "tiergate/0.1"  # ours, not aiohttp's
+    assert upstream.requests[-1].headers["User-Agent"].startswith("Python/")  # the client's own, not aiohttp's
     upstream.push(Fail(500))
     status, headers, _ = await post(http, tiergate.v1 + "/chat/completions", CHAT,
                                     {"Authorization": "Bearer client-own-key"})
@@ -71,7 +71,8 @@ async def test_auth_headers_client_key_never_forwarded(tiergate, upstream, backu
 
 async def test_incoming_request_id_is_kept(tiergate, http):
     _, headers, _ = await post(http, tiergate.v1 + "/chat/completions", CHAT, {"x-request-id": "abc-123"})
-    assert headers["x-request-id"] == "abc-123"
+    assert headers["x-tiergate-request-id"] == "abc-123"
+    assert headers["x-request-id"] == "req_primary_1"  # the provider's own, as the SDK reports it
 
 
 async def test_alias_and_override_models(tiergate, upstream, http):

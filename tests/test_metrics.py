@@ -105,10 +105,10 @@ async def test_breaker_state_is_exported(upstream, http):
     async with running(doc, config_with(breaker_failure_threshold=2, max_retries=1)) as (url, _):
         for _ in range(2):
             status, _, _ = await post(http, url + "/v1/chat/completions", CHAT)
-            assert status == 502
+            assert status == 503  # the provider's own
         m = await scrape(http, url)
-    assert value(m, "tiergate_circuit_state", provider="primary") == 2
-    assert value(m, "tiergate_requests_total", status="502", model="") == 2
+    assert value(m, "tiergate_circuit_state", provider="primary", model="model-a") == 2
+    assert value(m, "tiergate_requests_total", status="503", model="") == 2
 
 
 async def test_no_secret_in_metrics(upstream, backup, http):

@@ -96,13 +96,13 @@ async def test_no_secret_in_any_output(tmp_path):
             upstream.push(Fail(401))
             assert await call(http, "POST", "/v1/chat/completions", chat, auth, "upstream 401") == 401
             upstream.push(Fail(500), Fail(500), Fail(500))
-            assert await call(http, "POST", "/v1/chat/completions", chat, auth, "upstream 500") == 502
+            assert await call(http, "POST", "/v1/chat/completions", chat, auth, "upstream 500") == 500
             assert await call(http, "POST", "/v1/chat/completions", chat,
                               {**auth, "X-Use-Case": "code_generation", "X-Model-Tier": "premium"},
                               "unreachable") == 502
             upstream.push(Fail(503), Fail(503))
             assert await call(http, "POST", "/v1/chat/completions", chat,
-                              {**auth, "X-Use-Case": "debugging"}, "fallback to dead") == 502
+                              {**auth, "X-Use-Case": "debugging"}, "fallback to dead") == 503
             upstream.push(Hang())
             assert await call(http, "POST", "/v1/chat/completions", chat,
                               {**auth, "x-tiergate-timeout": "0.3"}, "timeout") == 504
