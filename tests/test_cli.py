@@ -73,6 +73,10 @@ async def test_serve_demo_answers_the_openai_sdk(tmp_path):
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+    # `tiergate serve` writes one JSON line per request on stderr (a library stays quiet)
+    assert proc.stderr is not None
+    lines = [line for line in (await proc.stderr.read()).decode().splitlines() if line.startswith("{")]
+    assert len(lines) == 2 and all('"request_id"' in line for line in lines)
 
 
 async def test_serve_collects_young_objects_less_often_while_it_runs():

@@ -128,7 +128,7 @@ async def test_bad_rows_are_rejected_one_by_one(schema: Schema, upstream: MockUp
     router = Router(config, table=table_from_dict(doc, source="file:test.yaml"), dynamic=True)
     await router.initialize()
     try:
-        health = router.get_health_status()
+        health = await router.get_health_status()
         table = health["routing_table"]
         assert table["source"] == "database" and table["database"]["state"] == "connected"
         problems = table["problems"]
@@ -155,7 +155,7 @@ async def test_a_static_router_never_touches_the_database(schema: Schema):
         router = await get_llm_router(dynamic=False, config=config)
         try:
             assert router.table.source.startswith("file:")
-            assert "database" not in router.get_health_status()["routing_table"]
+            assert "database" not in (await router.get_health_status())["routing_table"]
         finally:
             await router.close()
         assert forwarder.accepted == 0
