@@ -72,6 +72,8 @@ def _run(coro: Any) -> Any:
 
     try:
         return asyncio.run(coro)
+    except BrokenPipeError:
+        raise  # stdout's reader went away (`tiergate routes list | head`): not a database error
     except store.StoreError as exc:
         print(f"tiergate: {exc.message}", file=sys.stderr)
         return 1

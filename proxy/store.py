@@ -596,6 +596,10 @@ class RouteStore:
 
     # -- inspection ---------------------------------------------------------------------------
 
+    def last_refresh_age(self) -> float | None:
+        """Seconds since the tables were last read successfully (None: not yet)."""
+        return None if self.last_refresh is None else max(0.0, time.time() - self.last_refresh)
+
     def health(self, table: RoutingTable) -> dict[str, Any]:
         """What `/health/details` says about the table's source and the database."""
         source = table.source
@@ -606,8 +610,7 @@ class RouteStore:
             "database": {
                 "state": self.state,
                 "listening": self._listener is not None and not self._listener.is_closed(),
-                "last_refresh_age_s": None if self.last_refresh is None
-                else round(max(0.0, time.time() - self.last_refresh), 3),
+                "last_refresh_age_s": None if self.last_refresh is None else round(self.last_refresh_age(), 3),
                 "reloads": self.reloads,
                 "error": self.last_error,
             },

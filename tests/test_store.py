@@ -299,6 +299,6 @@ async def test_cli_says_clearly_when_the_database_is_unset_or_unreachable(tmp_pa
 async def test_cli_against_a_database_without_tables_says_run_db_init(schema: Schema, tmp_path: Path):
     commands = [("routes", "list"), ("routes", "delete", "debugging", "premium"),
                 ("routes", "set", "debugging", "premium", "--model", "openrouter/x"), ("discover",)]
-    for code, out, err in await asyncio.gather(*(cli(*args, database_url=schema.url, cwd=tmp_path)
+    for code, _out, err in await asyncio.gather(*(cli(*args, database_url=schema.url, cwd=tmp_path)
                                                  for args in commands)):
         assert code == 1 and err == "tiergate: the database has no tiergate tables: run `tiergate db init`\n", err
