@@ -138,18 +138,20 @@ class Router:
         self.closed = True
         self.initialized = False
         self._table = None  # a call after close() raises RouterClosedError (see `table`)
-        if self._store is not None:
-            await self._store.stop()
-            self._store = None
-        await self.health.stop()
-        if self.batcher is not None:
-            await self.batcher.close()
-        await self.cache.close()
-        await self._close_retired(list(self._retired))
-        for provider in list(self.providers.values()):
-            await provider.close()
-        self.providers.clear()
-        self._closed_event.set()
+        try:
+            if self._store is not None:
+                await self._store.stop()
+                self._store = None
+            await self.health.stop()
+            if self.batcher is not None:
+                await self.batcher.close()
+            await self.cache.close()
+        finally:  # the pools are closed even when stopping something above failed
+            await self._close_retired(list(self._retired))
+            for provider in list(self.providers.values()):
+                await provider.close()
+            self.providers.clear()
+            self._closed_event.set()
         self.telemetry.drain()  # telemetry (issue 6): count and log the last requests, then
         await asyncio.to_thread(self.telemetry.close)  # flush spans off the loop
 

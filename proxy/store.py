@@ -10,7 +10,6 @@ table keeps serving. Every query has the `db_timeout` deadline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import re
@@ -450,8 +449,7 @@ class RouteStore:
         self._stopping = True
         self._wake.set()
         if self._task is not None and not self._task.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._task), self.config.db_timeout)
+            await asyncio.wait({self._task}, timeout=self.config.db_timeout)  # neither raises nor cancels
         await cancel_and_wait(self._task)
         self._task = None
         await self._close_listener()

@@ -95,6 +95,7 @@ class MockUpstream:
         self.requests: list[Received] = []
         self.model_pricing: dict[str, dict[str, str]] = {}
         self.model_context: dict[str, int] = {}  # context_length listed by GET /models
+        self.listings = 0  # GET /models answered
         self.cancelled = 0
         self.completed = 0
         self._stopping = asyncio.Event()
@@ -266,6 +267,7 @@ class MockUpstream:
             content_type="application/json")
 
     async def _models(self, request: web.Request) -> web.Response:
+        self.listings += 1
         data = []
         for m in self.models:
             entry: dict[str, Any] = {"id": m, "object": "model", "created": 1700000000, "owned_by": self.name}
