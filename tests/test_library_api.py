@@ -299,3 +299,20 @@ async def test_close_does_not_cancel_a_database_connect_half_way():
         loop.set_exception_handler(previous)
         server.close()
     assert problems == []
+
+
+async def test_close_after_the_loop_cancelled_the_store_still_closes_the_pools(upstream, tmp_path):
+    """At the end of asyncio.run() every task is cancelled at once, the store's among them; the
+    shared router's close() that follows must still close the providers' pools."""
+    async with fresh_schema() as schema:
+        path = write_table(tmp_path / "routes.yaml", upstream)
+        config = make_config(database_url=schema.url, health_check_interval=0)
+        await init_db(config, path)
+        router = await create_router(DynamicLLMRouter, config=config)
+        assert (await router.get_health_status())["routing_table"]["source"] == "database"
+        provider = router.providers["primary"]
+        store_task = router._store._task
+        store_task.cancel()
+        await asyncio.wait({store_task})
+        await router.close()
+        assert provider.session is None and router._store is None
