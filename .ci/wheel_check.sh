@@ -37,7 +37,7 @@ unset PYTHONPATH
 export PATH="$work/venv/bin:$PATH"
 where="$(python -c 'import proxy; print(proxy.__file__)')"
 case "$where" in "$work/venv/"*) ;; *) fail "proxy imported from $where, not the venv";; esac
-env | grep -q '^TIERGATE_CONFIG=' && unset TIERGATE_CONFIG
+unset TIERGATE_CONFIG DATABASE_URL   # the shipped tables, as a fresh install has them
 
 tiergate check >"$work/check.out" || fail "tiergate check failed: $(cat "$work/check.out")"
 grep -q "OK, " "$work/check.out" || fail "tiergate check: $(cat "$work/check.out")"
@@ -66,6 +66,7 @@ with urllib.request.urlopen(request, timeout=10) as resp:
 assert answer["choices"][0]["message"]["content"] == "Mock answer from gpt-4o-mini: hello", answer
 EOF
 kill "$server_pid"; wait "$server_pid" || true; server_pid=""
+grep -q '"request_id"' "$work/serve.err" || fail "tiergate serve wrote no request log line on stderr"
 
 psql "$base_url" -qAtc "CREATE SCHEMA $schema" >/dev/null
 case "$base_url" in *\?*) sep="&";; *) sep="?";; esac

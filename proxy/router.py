@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tiergate")
 
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """One OpenAI operation tiergate forwards."""
@@ -576,20 +577,18 @@ async def get_llm_router(dynamic: bool | None = None, config: RouterConfig | Non
     for other in [lp for lp in _shared if lp.is_closed()]:
         _shared.pop(other, None)
     shared = _shared.get(loop)
-    if shared is not None and shared.router.closed:
+    if shared is not None and (shared.router.closed or _failed(shared.ready)):
         shared = None
     if shared is None:
         dynamic = bool(dynamic)
         router = _router_class(dynamic)(config)
-        shared = _Shared(router, dynamic, loop.create_task(router.initialize()))
-        _shared[loop] = shared
-        try:
-            await shared.ready
-        except BaseException:
-            if _shared.get(loop) is shared:
-                del _shared[loop]
-            raise
+        shared = _shared[loop] = _Shared(router, dynamic, loop.create_task(router.initialize()))
         loop.create_task(_close_with_loop(router), name="tiergate-shared-router")
+        try:
+            await asyncio.shield(shared.ready)  # a caller cancelled meanwhile leaves it to the next
+        except Exception:
+            await router.close()  # what a failed start-up opened; the next call tries again
+            raise
         return router
     if dynamic is not None and dynamic != shared.dynamic:
         raise ConfigError(f"get_llm_router(dynamic={dynamic}): the shared router was made with "
@@ -602,6 +601,10 @@ async def get_llm_router(dynamic: bool | None = None, config: RouterConfig | Non
                           f"for another")
     await asyncio.shield(shared.ready)
     return shared.router
+
+
+def _failed(task: asyncio.Task[None]) -> bool:
+    return task.done() and (task.cancelled() or task.exception() is not None)
 
 
 async def get_unified_router(config: RouterConfig | None = None) -> Router:

@@ -316,3 +316,16 @@ async def test_close_after_the_loop_cancelled_the_store_still_closes_the_pools(u
         await asyncio.wait({store_task})
         await router.close()
         assert provider.session is None and router._store is None
+
+
+async def test_a_failed_first_start_is_not_kept(tmp_path, upstream):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routes: [{use_case: poetry, tier: premium, model: x/y}]\n")
+    with pytest.raises(ConfigError):
+        await get_llm_router(config=file_config(bad))
+    config = file_config(write_table(tmp_path / "routes.yaml", upstream))
+    router = await get_llm_router(config=config)  # another config: the failed one bound nothing
+    try:
+        assert (await router.complete("hi")).content == "primary answered model-a"
+    finally:
+        await router.close()
