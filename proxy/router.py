@@ -27,7 +27,7 @@ from .dispatch import Dispatcher, Result, tried
 from .health import HealthMonitor
 from .providers import Provider, make_provider
 from .routing import RoutingTable, load_table
-from .settings import RouterConfig
+from .settings import RouterConfig, check_service_urls
 from .telemetry import RequestRecord, Telemetry
 from .types import (
     ConfigError,
@@ -119,6 +119,8 @@ class Router:
                         "routing from %s", self._table.source)
         if self.dynamic and self.config.database_dsn:  # Postgres table; the file is the fallback
             from .store import RouteStore  # asyncpg is loaded only by routers that use the database
+
+            check_service_urls(self.config)  # a malformed DATABASE_URL: ConfigError, not asyncpg's ValueError
 
             self._store = RouteStore(self.config, self.apply_table)
             self._table = await self._store.load_initial(self._table)

@@ -329,3 +329,12 @@ async def test_a_failed_first_start_is_not_kept(tmp_path, upstream):
         assert (await router.complete("hi")).content == "primary answered model-a"
     finally:
         await router.close()
+
+
+async def test_a_dynamic_router_with_a_malformed_database_url_is_a_config_error(upstream):
+    config = make_config(database_url="postgresql://tg:pw-s3cret@127.0.0.1:54x32/db")
+    router = DynamicLLMRouter(config, table=table_from_dict(table_doc(upstream), source="t"))
+    with pytest.raises(ConfigError, match="DATABASE_URL is malformed: the port") as err:
+        await router.initialize()
+    assert "s3cret" not in str(err.value)
+    await router.close()
