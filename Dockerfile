@@ -18,12 +18,13 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# The package and its embedded tables. Installed editable so `config/` is found next to `proxy/`
-# (a mounted table is named by TIERGATE_CONFIG instead).
-COPY README.md ./
-COPY config ./config
-COPY proxy ./proxy
-RUN pip install --no-deps -e . \
+# The package, installed as a user installs it (a wheel, not editable): the embedded tables and SQL
+# migrations travel inside it as package data. The source is removed afterwards, so nothing is
+# imported from it. A mounted table is named by TIERGATE_CONFIG.
+COPY pyproject.toml README.md /tmp/tiergate-src/
+COPY proxy /tmp/tiergate-src/proxy
+RUN pip install --no-deps /tmp/tiergate-src \
+    && rm -rf /tmp/tiergate-src \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin tiergate
 
 USER 10001

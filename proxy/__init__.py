@@ -6,7 +6,19 @@
                                    tier=ModelTier.ECONOMY)
 """
 
-from .router import Router, create_router, get_llm_router, router_context
+from .asgi import fastapi_exception_handler
+from .discovery import DiscoveredModel, Discovery
+from .router import (
+    BaseLLMRouter,
+    DynamicLLMRouter,
+    Router,
+    UnifiedLLMRouter,
+    create_router,
+    get_dynamic_router,
+    get_llm_router,
+    get_unified_router,
+    router_context,
+)
 from .routing import RouteDecision, RoutingTable, load_table
 from .settings import RouterConfig
 from .types import (
@@ -18,6 +30,7 @@ from .types import (
     ModelTier,
     RateLimitError,
     Route,
+    RouterClosedError,
     TiergateError,
     UnknownRouteError,
     UpstreamError,
@@ -26,9 +39,11 @@ from .types import (
 )
 
 __all__ = [
-    "AuthenticationError", "ConfigError", "InvalidRequestError", "LLMResponse", "ModelRef",
-    "ModelTier", "RateLimitError", "Route", "RouteDecision", "Router", "RouterConfig",
-    "RoutingTable", "TiergateError", "UnknownRouteError", "UpstreamError", "UpstreamStatusError",
-    "UseCase", "create_router", "get_llm_router", "load_table", "router_context",
+    "AuthenticationError", "BaseLLMRouter", "ConfigError", "DiscoveredModel", "Discovery",
+    "DynamicLLMRouter", "InvalidRequestError", "LLMResponse", "ModelRef", "ModelTier", "RateLimitError",
+    "Route", "RouteDecision", "Router", "RouterClosedError", "RouterConfig", "RoutingTable",
+    "TiergateError", "UnifiedLLMRouter", "UnknownRouteError", "UpstreamError", "UpstreamStatusError",
+    "UseCase", "create_router", "fastapi_exception_handler", "get_dynamic_router", "get_llm_router",
+    "get_unified_router", "load_table", "router_context",
 ]
 __version__ = "0.1.0"

@@ -223,12 +223,16 @@ def redis_cache_from_url(url: str, *, timeout: float, namespace: str = "tiergate
     db = (parts.path or "/0").strip("/") or "0"
     if not db.isdigit():
         raise ConfigError("redis_url: the path must be a database number", param="redis_url")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ConfigError("redis_url: the port is not a number from 1 to 65535", param="redis_url") from None
     pool_kwargs: dict[str, Any] = {"socket_timeout": timeout}
     if parts.username:
         pool_kwargs["username"] = unquote(parts.username)
     return TiergateRedisCache(
         serializer=CachedResponseSerializer(), namespace=namespace, timeout=timeout,
-        endpoint=parts.hostname or "127.0.0.1", port=parts.port or 6379, db=int(db),
+        endpoint=parts.hostname or "127.0.0.1", port=port, db=int(db),
         password=unquote(parts.password) if parts.password else None,
         create_connection_timeout=timeout, ssl=parts.scheme == "rediss",
         connection_pool_kwargs=pool_kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from .auth import check_bind
 from .cli_db import DB_COMMANDS, add_db_commands
 from .routing import load_table
-from .settings import DEMO_CONFIG_PATH, RouterConfig
+from .settings import DEMO_CONFIG_PATH, SERVE_DEFAULTS, RouterConfig, check_service_urls
 from .types import ConfigError
 
 
@@ -43,7 +44,7 @@ def load_config(args: argparse.Namespace) -> RouterConfig:
         overrides["database_url"] = ""  # the demo never touches a database, even with DATABASE_URL set
     for name in ("host", "port", "workers"):
         overrides[name] = getattr(args, name, None)
-    return RouterConfig.load(overrides=overrides)
+    return RouterConfig.load(overrides=overrides, defaults=SERVE_DEFAULTS)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -56,6 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"log_level = {config.log_level!r}: expected DEBUG, INFO, WARNING or ERROR",
                           param="log_level") from None
     load_table(config.table_path)  # fail fast, naming the file and key, before binding
+    check_service_urls(config)  # a malformed DATABASE_URL / Redis URL: one line, not a traceback
     check_bind(config.host, config.api_keys, args.insecure)  # issue 7: no open port without keys
     if config.workers > 1:
         from .workers import run_workers
@@ -92,12 +94,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe (`tiergate check | head`) shows up here, inside the try
+        return code
     except ConfigError as exc:
         print(f"tiergate: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away: nothing left to say. Point stdout at /dev/null so the interpreter's
+        # own flush at exit does not raise again (the recipe of Python's `signal` docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .routing import parse_route
-from .settings import RouterConfig
+from .settings import RouterConfig, check_service_urls
 from .types import ConfigError, ModelTier, UseCase
 
 
@@ -42,19 +42,25 @@ def add_db_commands(sub: Any) -> None:
     sub.add_parser("discover", help="list each provider's models into llm_models, with prices where given")
 
 
+def load_config() -> RouterConfig:
+    config = RouterConfig.load()
+    check_service_urls(config)  # a malformed DATABASE_URL: one line naming what is wrong, no traceback
+    return config
+
+
 def cmd_db(args: argparse.Namespace) -> int:
-    return _run(_db_init(RouterConfig.load(), args.source))
+    return _run(_db_init(load_config(), args.source))
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
-    config = RouterConfig.load()
+    config = load_config()
     action: Callable[[RouterConfig, argparse.Namespace], Any] = {
         "list": _routes_list, "set": _routes_set, "delete": _routes_delete}[args.routes_command]
     return _run(action(config, args))
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
-    return _run(_discover(RouterConfig.load()))
+    return _run(_discover(load_config()))
 
 
 DB_COMMANDS = {"db": cmd_db, "routes": cmd_routes, "discover": cmd_discover}
@@ -66,8 +72,13 @@ def _run(coro: Any) -> Any:
 
     try:
         return asyncio.run(coro)
+    except BrokenPipeError:
+        raise  # stdout's reader went away (`tiergate routes list | head`): not a database error
     except store.StoreError as exc:
         print(f"tiergate: {exc.message}", file=sys.stderr)
+        return 1
+    except store.UndefinedTableError:
+        print(f"tiergate: {store.NOT_INITIALIZED}", file=sys.stderr)
         return 1
     except store.DB_ERRORS as exc:
         print(f"tiergate: database error: {store.describe_error(exc)}", file=sys.stderr)

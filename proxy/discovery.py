@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiohttp
@@ -22,6 +22,8 @@ log = logging.getLogger("tiergate.discovery")
 
 @dataclass(frozen=True, slots=True)
 class DiscoveredModel:
+    """One model a provider lists: `id` as the provider names it, `ref` as tiergate does."""
+
     provider: str
     model: str
     context_window: int | None = None
@@ -29,22 +31,33 @@ class DiscoveredModel:
     output_price: float | None = None  # USD per million output tokens
 
     @property
+    def id(self) -> str:
+        return self.model
+
+    @property
     def ref(self) -> str:
         return f"{self.provider}/{self.model}"
 
     def dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "id": self.model, "ref": self.ref}
 
 
-@dataclass
-class Discovery:
-    """What each provider listed; providers that could not be asked are in `errors` instead."""
+class Discovery(list[DiscoveredModel]):
+    """The models found, every provider's in turn: a list. Beside it, `models` groups them by
+    provider (one that answered with none is there, empty) and `errors` maps each provider that
+    could not be asked to the reason."""
 
-    models: dict[str, list[DiscoveredModel]] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
+    def __init__(self) -> None:
+        super().__init__()
+        self.models: dict[str, list[DiscoveredModel]] = {}
+        self.errors: dict[str, str] = {}
+
+    def add(self, provider: str, models: list[DiscoveredModel]) -> None:
+        self.models[provider] = models
+        self.extend(models)
 
     def all(self) -> list[DiscoveredModel]:
-        return [m for found in self.models.values() for m in found]
+        return list(self)
 
 
 def parse_listing(provider: str, body: Any) -> list[DiscoveredModel]:
@@ -81,7 +94,7 @@ async def discover(providers: Mapping[str, Provider], timeout: float) -> Discove
             raise answer
         else:
             try:
-                result.models[name] = parse_listing(name, answer)
+                result.add(name, parse_listing(name, answer))
             except ValueError as exc:
                 result.errors[name] = str(exc)
         if name in result.errors:

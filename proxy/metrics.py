@@ -41,6 +41,8 @@ METRIC_NAMES = (
     "tiergate_fallbacks_total", "tiergate_tokens_total", "tiergate_cost_usd_total",
     "tiergate_cache_requests_total", "tiergate_cache_bytes", "tiergate_circuit_state",
     "tiergate_routing_table_age_seconds",
+    # only with a routing table in Postgres (DATABASE_URL)
+    "tiergate_database_up", "tiergate_database_last_refresh_age_seconds",
 )
 
 
@@ -149,6 +151,12 @@ class PrometheusMetrics:
                              multiprocess_mode="livemax")
         self.table_age = Gauge("tiergate_routing_table_age_seconds", "Seconds since the routing table "
                                "in use was loaded", registry=reg, multiprocess_mode="livemax")
+        self.database_up = Gauge("tiergate_database_up", "1 while the routing table's database answers, "
+                                 "0 while it does not (only with DATABASE_URL)", registry=reg,
+                                 multiprocess_mode="livemin")
+        self.database_refresh_age = Gauge("tiergate_database_last_refresh_age_seconds", "Seconds since the "
+                                          "routing table was last read from the database", registry=reg,
+                                          multiprocess_mode="livemax")
         self._series: dict[tuple[str, str, str, int], _RequestSeries] = {}
         self._attempt_children: dict[tuple[str, str], _Pending] = {}
         self._cache_children: dict[str, _Pending] = {}
@@ -207,6 +215,12 @@ class PrometheusMetrics:
             self.table_age.set(table_age)
         if cache_bytes is not None:
             self.cache_bytes.set(cache_bytes)
+
+    def sample_database(self, up: bool, last_refresh_age: float | None) -> None:
+        """The routing table's database (at scrape time): reachable, and how long since a good read."""
+        self.database_up.set(1 if up else 0)
+        if last_refresh_age is not None:
+            self.database_refresh_age.set(last_refresh_age)
 
     def _drop_cached(self) -> None:
         """Forget the cached children (prometheus-client keeps the series themselves)."""

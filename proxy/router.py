@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -26,12 +27,14 @@ from .dispatch import Dispatcher, Result, tried
 from .health import HealthMonitor
 from .providers import Provider, make_provider
 from .routing import RoutingTable, load_table
-from .settings import RouterConfig
+from .settings import RouterConfig, check_service_urls
 from .telemetry import RequestRecord, Telemetry
 from .types import (
+    ConfigError,
     InvalidRequestError,
     LLMResponse,
     ModelTier,
+    RouterClosedError,
     TiergateError,
     UpstreamError,
     UseCase,
@@ -39,6 +42,8 @@ from .types import (
 
 if TYPE_CHECKING:
     from .store import RouteStore
+
+log = logging.getLogger("tiergate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,7 @@ class Router:
         self.config = config or RouterConfig.load()
         self.dynamic = dynamic
         self._table = table
+        self._given_table = table  # what initialize() starts from again after a close()
         self.providers: dict[str, Provider] = {}
         self._retired: set[Provider] = set()  # replaced or removed, closed after a grace period
         self.breakers = BreakerBoard(fail_max=self.config.breaker_failure_threshold,
@@ -93,6 +99,8 @@ class Router:
                         if self.config.enable_batching else None)
         self.started_at = time.time()
         self.initialized = False
+        self.closed = False  # close() was called: requests get RouterClosedError, not a routing error
+        self._closed_event = asyncio.Event()
         self.draining = False
         self._store: RouteStore | None = None  # the table from Postgres (dynamic routers)
         self._discovered: tuple[str, ...] = ()  # provider/model ids found by the last discovery
@@ -104,11 +112,17 @@ class Router:
         """Load the table, start the providers' pools. Fails fast on a bad table."""
         if self.initialized:
             return
+        self._table = self._given_table
         if self._table is None:
             self._table = load_table(self.config.table_path,
                                      allow_model_override=self.config.allow_model_override)
+        if self.dynamic and not self.config.database_dsn:
+            log.warning("a dynamic router follows the database, but DATABASE_URL is not set: "
+                        "routing from %s", self._table.source)
         if self.dynamic and self.config.database_dsn:  # Postgres table; the file is the fallback
             from .store import RouteStore  # asyncpg is loaded only by routers that use the database
+
+            check_service_urls(self.config)  # a malformed DATABASE_URL: ConfigError, not asyncpg's ValueError
 
             self._store = RouteStore(self.config, self.apply_table)
             self._table = await self._store.load_initial(self._table)
@@ -117,20 +131,32 @@ class Router:
             self._store.start()
         self.health.start()
         self.initialized = True
+        self.closed = False
+        self._closed_event.clear()
+        for warning in self.key_warnings():  # once per provider, at start-up
+            log.warning("%s: its calls will fail upstream", warning)
 
     async def close(self) -> None:
-        if self._store is not None:
-            await self._store.stop()
-            self._store = None
-        await self.health.stop()
-        if self.batcher is not None:
-            await self.batcher.close()
-        await self.cache.close()
-        await self._close_retired(list(self._retired))
-        for provider in list(self.providers.values()):
-            await provider.close()
-        self.providers.clear()
+        """Stop the background tasks and close every pool. Calling it again does nothing."""
+        if self.closed:
+            return
+        self.closed = True
         self.initialized = False
+        self._table = None  # a call after close() raises RouterClosedError (see `table`)
+        try:
+            if self._store is not None:
+                await self._store.stop()
+                self._store = None
+            await self.health.stop()
+            if self.batcher is not None:
+                await self.batcher.close()
+            await self.cache.close()
+        finally:  # the pools are closed even when stopping something above failed
+            await self._close_retired(list(self._retired))
+            for provider in list(self.providers.values()):
+                await provider.close()
+            self.providers.clear()
+            self._closed_event.set()
         self.telemetry.drain()  # telemetry (issue 6): count and log the last requests, then
         await asyncio.to_thread(self.telemetry.close)  # flush spans off the loop
 
@@ -143,9 +169,16 @@ class Router:
 
     # -- the table --------------------------------------------------------------------------
 
+    async def wait_closed(self) -> None:
+        """Return once `close()` has run."""
+        await self._closed_event.wait()
+
     @property
     def table(self) -> RoutingTable:
         if self._table is None:
+            if self.closed:
+                raise RouterClosedError("the router is closed: make a new one (get_llm_router() or "
+                                        "create_router()) instead of using it after close()")
             raise RuntimeError("the router is not initialized: await router.initialize() first")
         return self._table
 
@@ -369,7 +402,10 @@ class Router:
 
     async def discover_available_models(self) -> Discovery:
         """Ask each provider of the table for its models (`GET /models`); a dynamic router also
-        upserts them into `llm_models` and marks the ones no longer listed unavailable."""
+        upserts them into `llm_models` and marks the ones no longer listed unavailable.
+
+        Returns the models found, a list of `DiscoveredModel` (provider, id, prices, context window);
+        its `errors` maps each provider that could not be asked to the reason."""
         providers = {n: self.providers[n] for n in self.table.providers if n in self.providers}
         found = await discover(providers, self.config.timeout)
         self._discovered = tuple(m.ref for m in found.all())
@@ -377,8 +413,19 @@ class Router:
             await self._store.record_discovery(found.models)
         return found
 
-    def get_health_status(self) -> dict[str, Any]:
-        """Overall status, providers, breakers, the routing table's source and age, uptime."""
+    def key_warnings(self) -> list[str]:
+        """One line per provider of the table that has no API key to send."""
+        out = []
+        for name, provider in self.providers.items():
+            if not provider.has_key:
+                spec = provider.spec
+                where = f"{spec.api_key_env} is unset" if spec.api_key_env else "none in the table"
+                out.append(f"provider {name} has no API key ({where})")
+        return out
+
+    async def get_health_status(self) -> dict[str, Any]:
+        """Overall status, providers, circuit breakers, the routing table's source and age, uptime,
+        cache, and warnings (providers without a key). A coroutine, as the migration guides await it."""
         table = self._table
         breakers = self.breakers.snapshot()
         providers = self.health.snapshot(self.breakers.provider_states())
@@ -403,6 +450,7 @@ class Router:
                 "problems": list(table.problems)},
             "cache": self.cache.stats(),
             "batching": self.batcher.stats() if self.batcher is not None else None,
+            "warnings": self.key_warnings(),
         }
         if database is not None:
             health["routing_table"].update(database)
@@ -471,29 +519,128 @@ def _metadata(record: RequestRecord) -> dict[str, Any]:
 
 # --- factory ---------------------------------------------------------------------------------
 
-_shared: Router | None = None
-_shared_lock: asyncio.Lock | None = None
+
+class UnifiedLLMRouter(Router):
+    """A router on the file table (`config/routes.yaml`, `TIERGATE_CONFIG`); never connects to Postgres."""
+
+    def __init__(self, config: RouterConfig | None = None, **kwargs: Any):
+        super().__init__(config, dynamic=False, **kwargs)
 
 
-async def create_router(config: RouterConfig | None = None, *, dynamic: bool = False,
+class DynamicLLMRouter(Router):
+    """A router that follows the routing table in Postgres (`DATABASE_URL`), the file as its fallback."""
+
+    def __init__(self, config: RouterConfig | None = None, **kwargs: Any):
+        super().__init__(config, dynamic=True, **kwargs)
+
+
+# The type to annotate with (a FastAPI dependency's, for one): every router is one.
+BaseLLMRouter = Router
+
+
+def _router_class(dynamic: bool) -> type[Router]:
+    return DynamicLLMRouter if dynamic else UnifiedLLMRouter
+
+
+async def create_router(cls_or_config: type[Router] | RouterConfig | None = None, *,
+                        config: RouterConfig | None = None, dynamic: bool | None = None,
                         table: RoutingTable | None = None) -> Router:
-    """A new, initialized router (the caller closes it)."""
-    router = Router(config, table=table, dynamic=dynamic)
+    """A new, initialized router (the caller closes it).
+
+    `create_router(UnifiedLLMRouter)`, `create_router(DynamicLLMRouter, config=...)`,
+    `create_router(config)` or `create_router(config, dynamic=True)`."""
+    if isinstance(cls_or_config, type):
+        if not issubclass(cls_or_config, Router):
+            raise TypeError(f"create_router(): {cls_or_config.__name__} is not a router class")
+        cls = cls_or_config
+        if cls in (UnifiedLLMRouter, DynamicLLMRouter):
+            if dynamic is not None and dynamic != (cls is DynamicLLMRouter):
+                raise TypeError(f"create_router(): {cls.__name__} with dynamic={dynamic}")
+            router = cls(config, table=table)
+        else:
+            router = cls(config, table=table, dynamic=bool(dynamic))
+    else:
+        if cls_or_config is not None and config is not None:
+            raise TypeError("create_router(): a config given twice")
+        router = _router_class(bool(dynamic))(cls_or_config or config, table=table)
     await router.initialize()
     return router
 
 
-async def get_llm_router(dynamic: bool = False, config: RouterConfig | None = None) -> Router:
-    """The process's shared router: created and initialized on the first call, the same after."""
-    global _shared, _shared_lock
-    if _shared is not None and _shared.initialized:
-        return _shared
-    if _shared_lock is None:
-        _shared_lock = asyncio.Lock()
-    async with _shared_lock:
-        if _shared is None or not _shared.initialized:
-            _shared = await create_router(config, dynamic=dynamic)
-    return _shared
+@dataclass(eq=False)
+class _Shared:
+    """The shared router of one event loop, and what it was asked for."""
+
+    router: Router
+    dynamic: bool
+    ready: asyncio.Task[None]
+
+
+# One shared router per event loop: a router's pools and tasks belong to the loop that made them, so
+# a new loop (a second asyncio.run(), a second TestClient block) gets a router of its own. Entries of
+# closed loops are dropped on the next call.
+_shared: dict[asyncio.AbstractEventLoop, _Shared] = {}
+
+
+async def get_llm_router(dynamic: bool | None = None, config: RouterConfig | None = None) -> Router:
+    """The shared router of the running event loop: created and initialized on the first call, the
+    same one after (until it is closed; a closed one is replaced by the next call).
+
+    `dynamic=True` follows the routing table in Postgres. A later call that asks for something else
+    (another `dynamic`, a `config` that differs from the router's) raises ConfigError instead of
+    handing out a router configured otherwise: use `create_router()` for a second one. The router is
+    closed when its loop ends (asyncio.run() cancels it), or by `await router.close()`."""
+    loop = asyncio.get_running_loop()
+    for other in [lp for lp in _shared if lp.is_closed()]:
+        _shared.pop(other, None)
+    shared = _shared.get(loop)
+    if shared is not None and (shared.router.closed or _failed(shared.ready)):
+        shared = None
+    if shared is None:
+        dynamic = bool(dynamic)
+        router = _router_class(dynamic)(config)
+        shared = _shared[loop] = _Shared(router, dynamic, loop.create_task(router.initialize()))
+        loop.create_task(_close_with_loop(router), name="tiergate-shared-router")
+        try:
+            await asyncio.shield(shared.ready)  # a caller cancelled meanwhile leaves it to the next
+        except Exception:
+            await router.close()  # what a failed start-up opened; the next call tries again
+            raise
+        return router
+    if dynamic is not None and dynamic != shared.dynamic:
+        raise ConfigError(f"get_llm_router(dynamic={dynamic}): the shared router was made with "
+                          f"dynamic={shared.dynamic}; close it first, or use create_router() for another")
+    if config is not None and config != shared.router.config:
+        changed = sorted(f.name for f in fields(config) if f.compare
+                         and getattr(config, f.name) != getattr(shared.router.config, f.name))
+        raise ConfigError(f"get_llm_router(config=...): the shared router was made with another config "
+                          f"(differs in {', '.join(changed)}); close it first, or use create_router() "
+                          f"for another")
+    await asyncio.shield(shared.ready)
+    return shared.router
+
+
+def _failed(task: asyncio.Task[None]) -> bool:
+    return task.done() and (task.cancelled() or task.exception() is not None)
+
+
+async def get_unified_router(config: RouterConfig | None = None) -> Router:
+    """The shared router on the file table: `get_llm_router(dynamic=False, config=config)`."""
+    return await get_llm_router(dynamic=False, config=config)
+
+
+async def get_dynamic_router(config: RouterConfig | None = None) -> Router:
+    """The shared router following Postgres: `get_llm_router(dynamic=True, config=config)`."""
+    return await get_llm_router(dynamic=True, config=config)
+
+
+async def _close_with_loop(router: Router) -> None:
+    """Close the shared router when its loop ends: asyncio.run() cancels the tasks left at the end."""
+    try:
+        await router.wait_closed()
+    except asyncio.CancelledError:
+        await router.close()
+        raise
 
 
 @asynccontextmanager

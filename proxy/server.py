@@ -333,7 +333,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def health_details(request: web.Request) -> web.Response:
-    return web.json_response({**request.app[ROUTER_KEY].get_health_status(), "pid": os.getpid()},
+    return web.json_response({**await request.app[ROUTER_KEY].get_health_status(), "pid": os.getpid()},
                              dumps=_dumps)
 
 

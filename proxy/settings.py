@@ -2,6 +2,8 @@
 
 The environment includes a `.env` file in the working directory (real environment variables win
 over it). Settings are read once, at start-up; request code never looks at the environment.
+`RouterConfig(field=value, ...)` merges the same way, the fields given winning (as the migration
+guides build it); `RouterConfig.defaults()` is the built-in defaults alone.
 """
 
 from __future__ import annotations
@@ -10,14 +12,19 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from .types import ConfigError
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_PATH = PACKAGE_ROOT / "config" / "routes.yaml"
-DEMO_CONFIG_PATH = PACKAGE_ROOT / "config" / "demo.yaml"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the checkout (tests, docs); not there once installed
+# The embedded tables and SQL migrations ship inside the package (package data), so an installed
+# wheel finds them; `config/` at the top of the checkout is the user-facing copy.
+DATA_DIR = Path(str(resources.files(__package__ or "proxy").joinpath("data")))
+DEFAULT_CONFIG_PATH = DATA_DIR / "routes.yaml"
+DEMO_CONFIG_PATH = DATA_DIR / "demo.yaml"
+MIGRATIONS_DIR = DATA_DIR / "sql"
 
 # Environment names kept from the migration guides; every other field reads TIERGATE_<FIELD>.
 LEGACY_ENV = {
@@ -38,8 +45,8 @@ SECRET_FIELDS = frozenset({"portkey_api_key", "openrouter_api_key", "database_ur
 
 
 @dataclass(frozen=True)
-class RouterConfig:
-    """All of tiergate's settings. Field names follow the migration guides."""
+class _Settings:
+    """The fields and their built-in defaults; `RouterConfig` adds how they are merged."""
 
     # provider keys (a provider's `api_key_env` in the table names where its key comes from)
     portkey_api_key: str | None = None
@@ -102,9 +109,44 @@ class RouterConfig:
     enable_monitoring: bool = True
     log_level: str = "INFO"
     log_prompts: bool = False
-    request_log: str = "stderr"  # one JSON line per request: stderr (cheapest) | logging | off
+    # one JSON line per request: stderr (cheapest) | logging | off. A library stays quiet unless the
+    # application configures logging; `tiergate serve` defaults to stderr (see SERVE_DEFAULTS).
+    request_log: str = "logging"
     # the merged environment (with .env), kept to resolve `api_key_env` names in the table
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+
+# Defaults of `tiergate serve` that differ from the library's (below the file and the environment).
+SERVE_DEFAULTS: Mapping[str, Any] = {"request_log": "stderr"}
+
+
+class RouterConfig(_Settings):
+    """All of tiergate's settings. Field names follow the migration guides.
+
+    `RouterConfig(cache_ttl=7200)` is `RouterConfig.load()` with `cache_ttl` given: the fields named
+    win, the others come from the config file and the environment (a `.env` included).
+    """
+
+    def __init__(self, **given: Any):
+        if given.keys() >= _INIT_FIELDS:  # every field named (dataclasses.replace): taken as is
+            super().__init__(**given)
+            return
+        unknown = sorted(given.keys() - _INIT_FIELDS)
+        if unknown:
+            raise TypeError(f"RouterConfig() got an unexpected keyword argument {unknown[0]!r}")
+        loaded = RouterConfig.load(config_path=given.get("config_path"), overrides=given, keep_none=True)
+        super().__init__(**{f.name: getattr(loaded, f.name) for f in fields(loaded)})
+
+    @classmethod
+    def defaults(cls, **given: Any) -> RouterConfig:
+        """The built-in defaults (with `given` fields), reading no file and no environment."""
+        return cls._literal(given)
+
+    @classmethod
+    def _literal(cls, values: Mapping[str, Any]) -> RouterConfig:
+        config = cls.__new__(cls)
+        _Settings.__init__(config, **values)
+        return config
 
     def __repr__(self) -> str:
         shown = []
@@ -141,14 +183,18 @@ class RouterConfig:
         environ: Mapping[str, str] | None = None,
         dotenv_path: str | os.PathLike[str] | None = ".env",
         overrides: Mapping[str, Any] | None = None,
+        defaults: Mapping[str, Any] | None = None,
+        keep_none: bool = False,
     ) -> RouterConfig:
-        """Merge defaults < the config file's `settings:` < environment (+ .env) < overrides."""
+        """Merge defaults < `defaults` < the config file's `settings:` < environment (+ .env) < overrides.
+
+        An override of None is ignored (an unset CLI flag) unless `keep_none`."""
         env = dict(read_dotenv(dotenv_path)) if dotenv_path else {}
         env.update(os.environ if environ is None else environ)
-        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        overrides = {k: v for k, v in (overrides or {}).items() if keep_none or v is not None}
 
         path = overrides.get("config_path") or config_path or env.get("TIERGATE_CONFIG")
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = dict(defaults or {})
         if path:
             values["config_path"] = str(path)
         file_settings = _file_settings(Path(path) if path else DEFAULT_CONFIG_PATH)
@@ -168,7 +214,50 @@ class RouterConfig:
             if name not in known:
                 raise ConfigError(f"{source}: unknown setting {name!r}", param=name)
             kwargs[name] = raw if name == "env" else _coerce(name, hints[name], raw, source)
-        return cls(**kwargs)
+        return cls._literal(kwargs)
+
+
+_URL_SCHEMES = {
+    "database_url": ("DATABASE_URL", ("postgresql", "postgres", "postgresql+asyncpg"),
+                     "postgresql://user@host:5432/db"),
+    "redis_url": ("TIERGATE_REDIS_URL", ("redis", "rediss"), "redis://host:6379/0"),
+}
+
+
+def check_service_urls(config: _Settings) -> None:
+    """Raise ConfigError for a malformed DATABASE_URL or Redis URL, naming the part at fault
+    before anything tries to connect with it. No part of the URL is quoted: a password holding a
+    `/` or `@` would be read as host or port."""
+    for name, (variable, schemes, example) in _URL_SCHEMES.items():
+        url = getattr(config, name)
+        if url:
+            problem = _url_problem(url, schemes)
+            if problem:
+                raise ConfigError(f"{variable} is malformed: {problem} (expected e.g. {example})", param=name)
+
+
+def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in schemes:
+        return f"the scheme must be {' or '.join(s + '://' for s in schemes)}"
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    hosts = netloc.rpartition("@")[2]  # the credentials are never looked at, nor shown
+    for spec in hosts.split(","):  # asyncpg accepts host1:port1,host2:port2
+        if spec.startswith("["):
+            host, bracket, port = spec[1:].partition("]")
+            if not bracket or (port and not port.startswith(":")):
+                return "a host in [brackets] is not a valid IPv6 address"
+            port = port[1:]
+        else:
+            host, _, port = spec.partition(":")
+        if any(c in host for c in " []\\"):
+            return "a host name is not valid"
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            return "the port is not a number from 1 to 65535"
+    return None
+
+
+_INIT_FIELDS = frozenset(f.name for f in fields(_Settings) if f.init)
 
 
 def read_dotenv(path: str | os.PathLike[str]) -> dict[str, str]:

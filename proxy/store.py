@@ -24,15 +24,16 @@ import asyncpg
 import orjson
 
 from .routing import RoutingTable, table_from_dict
-from .settings import PACKAGE_ROOT, RouterConfig
+from .settings import MIGRATIONS_DIR, RouterConfig
 from .types import ConfigError, ModelRef, TiergateError, cancel_and_wait
 
 log = logging.getLogger("tiergate.store")
 
-MIGRATIONS_DIR = PACKAGE_ROOT / "config" / "sql"
 CHANNEL = "tiergate_config"
 FIRST_BACKOFF = 0.05
 MAX_BACKOFF = 5.0
+NOT_INITIALIZED = "the database has no tiergate tables: run `tiergate db init`"
+UndefinedTableError = asyncpg.UndefinedTableError
 # what a lost, refused, slow or failing database raises
 DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -261,8 +262,7 @@ async def read_snapshot(conn: asyncpg.Connection, config: RouterConfig) -> Snaps
                 """SELECT provider, model, input_price_per_million, output_price_per_million, available
                    FROM llm_models ORDER BY provider, model""", timeout=timeout)
     except asyncpg.UndefinedTableError:
-        raise StoreError("the database has no tiergate tables: run `tiergate db init`",
-                         code="database_not_initialized") from None
+        raise StoreError(NOT_INITIALIZED, code="database_not_initialized") from None
     doc = rows_to_doc(providers, routes, aliases, models)
     fingerprint = hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).digest()
     labels = [f"llm_routes ({r['use_case']}, {r['tier']})" for r in routes]
@@ -411,6 +411,7 @@ class RouteStore:
         self._listener: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
         self._fingerprint: bytes | None = None
         self.schema: str | None = None
         self.state = "connecting"
@@ -442,6 +443,13 @@ class RouteStore:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="tiergate-route-store")
 
     async def stop(self) -> None:
+        # Let the loop leave at its next step rather than cancelling it mid-connect: asyncpg, cancelled
+        # during its SSL negotiation, leaves a failed future behind ("Future exception was never
+        # retrieved"). Every step is bounded by db_timeout; past that it is cancelled anyway.
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None and not self._task.done():
+            await asyncio.wait({self._task}, timeout=self.config.db_timeout)  # neither raises nor cancels
         await cancel_and_wait(self._task)
         self._task = None
         await self._close_listener()
@@ -458,14 +466,16 @@ class RouteStore:
     async def _run(self) -> None:
         backoff = FIRST_BACKOFF
         cap = max(FIRST_BACKOFF, min(MAX_BACKOFF, self.config.refresh_interval))
-        while True:
+        while not self._stopping:
             try:
                 if self._listener is None or self._listener.is_closed():
                     await self._listen()
+                    if self._stopping:
+                        break
                     await self.refresh()  # catch up with whatever changed while not listening
                     backoff = FIRST_BACKOFF
                 ticked = await self._wait(self.config.refresh_interval)
-                if self._listener is None or self._listener.is_closed():
+                if self._stopping or self._listener is None or self._listener.is_closed():
                     continue
                 if ticked:  # a quiet interval: make sure the LISTEN connection still answers
                     await self._listener.execute("SELECT 1", timeout=self.config.db_timeout)
@@ -480,7 +490,7 @@ class RouteStore:
             else:
                 continue
             await self._close_listener()
-            await asyncio.sleep(backoff)  # retry with backoff; stop() cancels it
+            await self._wait(backoff)  # retry with backoff; stop() wakes it
             backoff = min(cap, backoff * 2)
 
     async def _wait(self, interval: float) -> bool:
@@ -584,6 +594,10 @@ class RouteStore:
 
     # -- inspection ---------------------------------------------------------------------------
 
+    def last_refresh_age(self) -> float | None:
+        """Seconds since the tables were last read successfully (None: not yet)."""
+        return None if self.last_refresh is None else max(0.0, time.time() - self.last_refresh)
+
     def health(self, table: RoutingTable) -> dict[str, Any]:
         """What `/health/details` says about the table's source and the database."""
         source = table.source
@@ -594,8 +608,7 @@ class RouteStore:
             "database": {
                 "state": self.state,
                 "listening": self._listener is not None and not self._listener.is_closed(),
-                "last_refresh_age_s": None if self.last_refresh is None
-                else round(max(0.0, time.time() - self.last_refresh), 3),
+                "last_refresh_age_s": None if self.last_refresh is None else round(self.last_refresh_age(), 3),
                 "reloads": self.reloads,
                 "error": self.last_error,
             },

@@ -352,6 +352,9 @@ class Telemetry:
                 log.debug("cache stats unavailable: %s", exc)
         metrics.sample(dict(router.breakers.items()), table.age() if table is not None else None,
                        cache_bytes if isinstance(cache_bytes, (int, float)) else None)
+        store = getattr(router, "_store", None)  # a routing table in Postgres
+        if store is not None:
+            metrics.sample_database(store.state == "connected", store.last_refresh_age())
 
     def render_metrics(self) -> tuple[bytes, str]:
         """`GET /metrics`: the exposition text and its content type."""

@@ -255,3 +255,11 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+class RouterClosedError(TiergateError):
+    """The router was closed: it has no pools left to send with."""
+
+    status = 503
+    error_type = "service_unavailable"
+    code = "router_closed"

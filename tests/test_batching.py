@@ -37,7 +37,7 @@ async def test_concurrent_requests_are_split_back_in_order(upstream, start_tierg
         assert body["model"] == "text-embed" and body["object"] == "list"
         usage_total += body["usage"]["total_tokens"]
     assert usage_total == total  # the mock's usage is one token per input: the shares add up
-    assert running.router.get_health_status()["batching"]["batches"] == 1
+    assert (await running.router.get_health_status())["batching"]["batches"] == 1
 
 
 async def test_different_options_or_models_are_not_mixed(upstream, start_tiergate, http):

@@ -42,7 +42,7 @@ async def test_deterministic_request_miss_then_hit_with_the_same_bytes(tiergate,
     assert status == 200 and headers["x-tiergate-cache"] == "hit"
     assert second == first and upstream.calls == 1
     assert headers["x-tiergate-model"] == "primary/model-a" and headers["x-tiergate-attempts"] == "0"
-    stats = tiergate.router.get_health_status()["cache"]
+    stats = (await tiergate.router.get_health_status())["cache"]
     assert stats["hits"] == 1 and stats["misses"] == 1 and stats["entries"] == 1 and stats["bytes"] > len(first)
     assert tiergate.router.get_metrics()["cache"]["hits"] == 1
 

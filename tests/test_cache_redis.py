@@ -79,7 +79,7 @@ async def test_two_sidecars_share_one_redis(upstream, start_tiergate, http, redi
     assert status == 200 and headers["x-tiergate-cache"] == "hit"
     assert second == first and upstream.calls == 1
     assert headers["x-tiergate-model"] == "primary/model-a"
-    redis_stats = b.router.get_health_status()["cache"]["redis"]
+    redis_stats = (await b.router.get_health_status())["cache"]["redis"]
     assert redis_stats["available"] is True and redis_stats["hits"] == 1
     # b keeps what it read from Redis in memory: the next hit does not ask Redis
     assert (await post(http, b.v1 + "/chat/completions", CHAT))[1]["x-tiergate-cache"] == "hit"
@@ -118,7 +118,7 @@ async def test_redis_slow_is_bounded_by_the_timeout(upstream, start_tiergate, ht
                                        redis_timeout=0.05)
         status, headers, _ = await post(http, running.v1 + "/chat/completions", CHAT)
         assert status == 200 and headers["x-tiergate-cache"] == "miss"
-        redis_stats = running.router.get_health_status()["cache"]["redis"]
+        redis_stats = (await running.router.get_health_status())["cache"]["redis"]
         assert redis_stats["available"] is False and "Timeout" in redis_stats["last_error"]
         assert accepted  # it did try
     finally:

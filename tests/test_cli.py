@@ -73,6 +73,10 @@ async def test_serve_demo_answers_the_openai_sdk(tmp_path):
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+    # `tiergate serve` writes one JSON line per request on stderr (a library stays quiet)
+    assert proc.stderr is not None
+    lines = [line for line in (await proc.stderr.read()).decode().splitlines() if line.startswith("{")]
+    assert len(lines) == 2 and all('"request_id"' in line for line in lines)
 
 
 async def test_serve_collects_young_objects_less_often_while_it_runs():
@@ -96,3 +100,38 @@ async def test_serve_collects_young_objects_less_often_while_it_runs():
         await asyncio.wait_for(task, 30)
         gc.unfreeze()  # serve froze this test process's objects
     assert gc.get_threshold() == before
+
+
+def test_check_into_a_closed_pipe_ends_quietly():
+    """`tiergate check | head`: the reader has gone; no BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "proxy", "check", "--demo"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, env=ENV, timeout=60)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1
+    assert done.stderr == ""
+
+
+MALFORMED = [("DATABASE_URL", "postgresql://tg:pw-s3cret@127.0.0.1:54x32/db", "DATABASE_URL is malformed: the port"),
+             ("DATABASE_URL", "postgresql://tg:pw-s3cret@127.0.0.1:99999/db", "DATABASE_URL is malformed: the port"),
+             ("DATABASE_URL", "postgresql://tg:pw-s3cret@[::1/db", "DATABASE_URL is malformed: a host"),
+             ("DATABASE_URL", "mysql://tg:pw-s3cret@127.0.0.1/db", "DATABASE_URL is malformed: the scheme"),
+             ("TIERGATE_REDIS_URL", "redis://:pw-s3cret@127.0.0.1:63x79/0", "TIERGATE_REDIS_URL is malformed")]
+
+
+def test_malformed_service_urls_stop_each_command_with_one_line(tmp_path):
+    table = tmp_path / "routes.yaml"
+    table.write_text(DEMO_CONFIG_PATH.read_text())
+    for variable, url, message in MALFORMED:
+        commands = [("serve", "--config", str(table), "--port", str(free_port()))]
+        if variable == "DATABASE_URL":
+            commands += [("db", "init"), ("routes", "list")]
+        for args in commands:
+            done = subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True,
+                                  env={**ENV, variable: url}, cwd=str(tmp_path), timeout=60)
+            assert done.returncode == 2, (args, url, done.stderr)
+            assert done.stderr.startswith(f"tiergate: {message}"), (args, url, done.stderr)
+            assert "Traceback" not in done.stderr and "s3cret" not in done.stderr + done.stdout

@@ -18,7 +18,7 @@ from proxy.settings import LEGACY_ENV, PACKAGE_ROOT, RouterConfig
 DEPLOY = PACKAGE_ROOT / "deploy"
 # written by the observability work in another branch; referenced here, checked when present
 FROM_OTHER_BRANCHES = {DEPLOY / "prometheus.yml", DEPLOY / "grafana" / "llm_routing.json"}
-PORT = RouterConfig().port
+PORT = RouterConfig.defaults().port
 
 
 def known_env(name: str) -> bool:
@@ -49,7 +49,9 @@ def test_dockerfile():
     assert user and user[-1] not in ("root", "0")
     # dependencies are installed from pyproject.toml alone, before the source is copied
     assert text.index("COPY pyproject.toml") < text.index("pip install -r") < text.index("COPY proxy")
-    assert "COPY config" in text and "pip install --no-deps -e ." in text  # config/ beside proxy/
+    # installed as a user would (not editable): the tables come with the package, not from config/
+    assert "pip install --no-deps /tmp/tiergate-src" in text and "pip install --no-deps -e" not in text
+    assert "COPY config" not in text
     assert f"EXPOSE {PORT}" in text
     health = text[text.index("HEALTHCHECK"):]
     assert "/health" in health.split("\n\n")[0]
@@ -74,7 +76,7 @@ def test_compose_stack():
     assert "?" in env["TIERGATE_API_KEYS"]  # required: compose refuses to start without keys
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
     assert tg["depends_on"]["postgres"]["condition"] == "service_healthy"
-    assert int(tg["stop_grace_period"].rstrip("s")) > RouterConfig().drain_timeout
+    assert int(tg["stop_grace_period"].rstrip("s")) > RouterConfig.defaults().drain_timeout
 
     # every file the stack mounts exists (or comes from the observability branch)
     for name, service in services.items():

@@ -82,7 +82,7 @@ async def test_create_router_and_demo_table_with_mock_provider():
         assert chunks[-1]["usage"]["completion_tokens"] > 0
         vectors = await router.embed("text", model="text-embedding-3-small")
         assert len(vectors["data"][0]["embedding"]) == 8
-        assert router.get_health_status()["status"] == "healthy"
+        assert (await router.get_health_status())["status"] == "healthy"
     finally:
         await router.close()
 

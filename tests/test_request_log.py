@@ -76,8 +76,25 @@ async def test_no_key_or_prompt_in_any_log_under_error_paths(upstream, backup, h
         assert secret not in everything
 
 
-async def test_default_request_log_is_a_json_line_on_stderr(upstream, http, capsys):
-    async with running(table_doc(upstream), config_with()) as (url, _):
+async def test_in_process_the_request_log_is_quiet_unless_logging_is_configured(upstream, http, capsys, caplog):
+    """The library default goes through the `tiergate.requests` logger (nothing on stderr);
+    `tiergate serve` keeps the stderr line (tests/test_cli.py)."""
+    assert config_with().request_log == "logging"
+    async with running(table_doc(upstream), config_with()) as (url, router):
+        async with http.post(url + "/v1/chat/completions", json=CHAT, headers={"x-request-id": "r-8"}) as resp:
+            assert resp.status == 200
+        router.telemetry.drain()
+        assert '"request_id"' not in capsys.readouterr().err and request_lines(caplog) == []
+        caplog.set_level(logging.INFO, logger="tiergate.requests")  # the application turns it on
+        async with http.post(url + "/v1/chat/completions", json=CHAT, headers={"x-request-id": "r-9"}) as resp:
+            assert resp.status == 200
+    assert [line["request_id"] for line in request_lines(caplog)] == ["r-9"]
+    assert FIELDS <= set(request_lines(caplog)[0])
+    assert '"request_id"' not in capsys.readouterr().err
+
+
+async def test_request_log_on_stderr(upstream, http, capsys):
+    async with running(table_doc(upstream), config_with(request_log="stderr")) as (url, _):
         async with http.post(url + "/v1/chat/completions", json=CHAT, headers={"x-request-id": "r-9"}) as resp:
             assert resp.status == 200
     lines = [orjson.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
@@ -112,7 +129,7 @@ async def test_finished_requests_are_counted_in_batches_and_on_every_read(capsys
     from proxy.telemetry import _BATCH_SIZE, RequestRecord, Telemetry
     from proxy.types import ModelRef
 
-    telemetry = Telemetry(config_with())
+    telemetry = Telemetry(config_with(request_log="stderr"))
     ref = ModelRef("p", "m")
 
     def finish(request_id: str) -> None:

@@ -53,7 +53,7 @@ async def test_each_failure_falls_back_to_the_next_candidate(tiergate, upstream,
     counted = 0 if outcome == "http_429" else 1  # a rate limit cools the deployment down; not a failure
     assert breaker_state(tiergate, "primary/model-a") == {"state": "closed", "failures": counted, "opened_at": None}
     assert breaker_state(tiergate, "backup/model-b")["failures"] == 0
-    health = tiergate.router.get_health_status()
+    health = await tiergate.router.get_health_status()
     assert health["providers"]["primary"]["error_rate"] > 0
 
 
@@ -235,13 +235,13 @@ async def test_ready_and_health_details(tiergate, upstream, http):
 async def test_active_health_checks_run_in_the_background(upstream, start_tiergate):
     running = await start_tiergate(table_doc(upstream), health_check_interval=0.05)
     async with asyncio.timeout(5):
-        while running.router.get_health_status()["providers"]["primary"]["last_check"] is None:
+        while (await running.router.get_health_status())["providers"]["primary"]["last_check"] is None:
             await asyncio.sleep(0.01)
     await upstream.stop()   # the provider goes away: the next check says so
     async with asyncio.timeout(5):
-        while running.router.get_health_status()["providers"]["primary"]["available"]:
+        while (await running.router.get_health_status())["providers"]["primary"]["available"]:
             await asyncio.sleep(0.01)
-    status = running.router.get_health_status()
+    status = await running.router.get_health_status()
     assert status["status"] == "unhealthy"
     assert status["providers"]["primary"]["last_check_error"]
 

@@ -15,7 +15,7 @@ def test_precedence(tmp_path):
     dotenv.write_text("export CACHE_TTL=20\nTIERGATE_TIMEOUT='8'\nOPENROUTER_API_KEY=sk-from-dotenv # note\n")
     config = RouterConfig.load(table, environ={"TIERGATE_TIMEOUT": "9"}, dotenv_path=dotenv,
                                overrides={"max_retries": 6})
-    assert RouterConfig().cache_ttl == 3600
+    assert RouterConfig.defaults().cache_ttl == 3600
     assert config.cache_ttl == 20          # .env over the file
     assert config.timeout == 9.0           # real environment over .env
     assert config.max_retries == 6         # CLI flags over everything

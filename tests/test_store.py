@@ -128,7 +128,7 @@ async def test_bad_rows_are_rejected_one_by_one(schema: Schema, upstream: MockUp
     router = Router(config, table=table_from_dict(doc, source="file:test.yaml"), dynamic=True)
     await router.initialize()
     try:
-        health = router.get_health_status()
+        health = await router.get_health_status()
         table = health["routing_table"]
         assert table["source"] == "database" and table["database"]["state"] == "connected"
         problems = table["problems"]
@@ -155,7 +155,7 @@ async def test_a_static_router_never_touches_the_database(schema: Schema):
         router = await get_llm_router(dynamic=False, config=config)
         try:
             assert router.table.source.startswith("file:")
-            assert "database" not in router.get_health_status()["routing_table"]
+            assert "database" not in (await router.get_health_status())["routing_table"]
         finally:
             await router.close()
         assert forwarder.accepted == 0
@@ -294,3 +294,11 @@ async def test_cli_says_clearly_when_the_database_is_unset_or_unreachable(tmp_pa
                                cwd=tmp_path)
     assert code == 1 and f"cannot reach the database at 127.0.0.1:{port}/x" in err
     assert "hunter2" not in err + out and "Traceback" not in err
+
+
+async def test_cli_against_a_database_without_tables_says_run_db_init(schema: Schema, tmp_path: Path):
+    commands = [("routes", "list"), ("routes", "delete", "debugging", "premium"),
+                ("routes", "set", "debugging", "premium", "--model", "openrouter/x"), ("discover",)]
+    for code, _out, err in await asyncio.gather(*(cli(*args, database_url=schema.url, cwd=tmp_path)
+                                                 for args in commands)):
+        assert code == 1 and err == "tiergate: the database has no tiergate tables: run `tiergate db init`\n", err

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +130,8 @@ class MockUpstream:
         self.script: list[Action] = []
         self.requests: list[Received] = []
         self.model_pricing: dict[str, dict[str, str]] = {}
+        self.model_context: dict[str, int] = {}  # context_length listed by GET /models
+        self.listings = 0  # GET /models answered
         self.cancelled = 0
         self.completed = 0
         self._stopping = asyncio.Event()
@@ -324,10 +329,30 @@ class MockUpstream:
             content_type="application/json")
 
     async def _models(self, request: web.Request) -> web.Response:
+        self.listings += 1
         data = []
         for m in self.models:
             entry: dict[str, Any] = {"id": m, "object": "model", "created": 1700000000, "owned_by": self.name}
             if m in self.model_pricing:
                 entry["pricing"] = self.model_pricing[m]
+            if m in self.model_context:
+                entry["context_length"] = self.model_context[m]
             data.append(entry)
         return web.json_response({"object": "list", "data": data})
+
+
+@contextmanager
+def upstream_in_thread(name: str = "primary") -> Iterator[MockUpstream]:
+    """A MockUpstream on an event loop of its own thread, for code that runs (and closes) its own
+    loops: `asyncio.run()` twice, FastAPI's TestClient."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name=f"upstream-{name}", daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(MockUpstream(name).start(), loop).result(10)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
