@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .types import ConfigError
+from .urls import parse_url, redact_credentials
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PACKAGE_ROOT / "config" / "routes.yaml"
@@ -95,6 +96,18 @@ class RouterConfig:
     request_log: str = "stderr"  # one JSON line per request: stderr (cheapest) | logging | off
     # the merged environment (with .env), kept to resolve `api_key_env` names in the table
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # a malformed URL is a clear message at start-up (credentials masked), not a traceback later
+        for name, env_name, schemes in (
+                ("database_url", "DATABASE_URL", ("postgresql", "postgres", "postgresql+asyncpg")),
+                ("redis_url", "TIERGATE_REDIS_URL", ("redis", "rediss"))):
+            value = getattr(self, name)
+            if value:
+                try:
+                    parse_url(value, name=env_name, schemes=schemes, credentials=True)
+                except ValueError as exc:
+                    raise ConfigError(str(exc), param=name) from None
 
     def __repr__(self) -> str:
         shown = []
@@ -213,7 +226,7 @@ def _file_settings(path: Path) -> dict[str, Any]:
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(redact_credentials(f"{path}: not valid YAML: {exc}")) from None
     if not isinstance(doc, dict):
         return {}
     settings = doc.get("settings") or {}

@@ -26,6 +26,7 @@ import orjson
 from .routing import RoutingTable, table_from_dict
 from .settings import PACKAGE_ROOT, RouterConfig
 from .types import ConfigError, ModelRef, TiergateError, cancel_and_wait
+from .urls import redact_credentials
 
 log = logging.getLogger("tiergate.store")
 
@@ -76,6 +77,7 @@ def describe_error(exc: BaseException, dsn: str | None = None) -> str:
     password = _password(dsn)
     if password:
         text = text.replace(password, "***")
+    text = redact_credentials(text)
     return f"{type(exc).__name__}: {text}" if not isinstance(exc, TimeoutError) else text
 
 
