@@ -37,6 +37,8 @@ LEGACY_ENV = {
 SECRET_FIELDS = frozenset({"portkey_api_key", "openrouter_api_key", "database_url", "redis_url",
                            "api_keys"})
 
+METRICS_AUTH = ("key", "open")
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -56,7 +58,14 @@ class RouterConfig:
     max_messages: int = 2048
     client_body_timeout: float = 30.0
     drain_timeout: float = 20.0
+    header_timeout: float = 10.0  # seconds to receive a request's headers (a silent connection: closed)
+    keepalive_timeout: float = 75.0  # seconds an idle keep-alive connection stays open
+    max_connections: int = 0  # open inbound connections per process; 0: from the descriptor limit
     api_keys: tuple[str, ...] = ()
+    # GET /metrics: `key` needs an inbound key when api_keys are set (it reveals traffic); `open` never
+    metrics_auth: str = "key"
+    metrics_port: int = 0  # > 0: /metrics (only) also served on metrics_host:metrics_port, without a key
+    metrics_host: str = "127.0.0.1"
     # upstream calls
     enable_fallback: bool = True
     max_retries: int = 3
@@ -108,6 +117,10 @@ class RouterConfig:
                     parse_url(value, name=env_name, schemes=schemes, credentials=True)
                 except ValueError as exc:
                     raise ConfigError(str(exc), param=name) from None
+
+        if self.metrics_auth not in METRICS_AUTH:
+            raise ConfigError(f"metrics_auth = {self.metrics_auth!r}: expected one of {', '.join(METRICS_AUTH)}",
+                              param="metrics_auth")
 
     def __repr__(self) -> str:
         shown = []
