@@ -41,9 +41,15 @@ class ConnectionLimits:
     max_connections: int  # open inbound connections; at the cap the oldest idle one is closed
 
 
+def headroom(cap: int) -> int:
+    """Connections accepted beyond the cap while none is idle (just accepted, not yet read)."""
+    return max(16, cap // 4)
+
+
 def descriptor_budget(configured: int) -> int:
-    """The connection cap: `configured`, or (0) half of the descriptors this process may open
-    beyond a reserve, since each inbound request may hold one upstream connection too. The soft
+    """The connection cap: `configured`, or (0) a third of the descriptors this process may open
+    beyond a reserve, since each inbound request may hold one upstream connection too and the cap
+    has a headroom above it. The soft
     descriptor limit is raised to the hard one first (as Go's runtime does)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
@@ -56,7 +62,7 @@ def descriptor_budget(configured: int) -> int:
         return configured
     if soft == resource.RLIM_INFINITY:
         return 100_000
-    return max(16, (soft - RESERVED_DESCRIPTORS) // 2)
+    return max(16, (soft - RESERVED_DESCRIPTORS) * 2 // 5)
 
 
 class RateLimitedLog:
@@ -169,16 +175,21 @@ class GuardedServer(web.Server):
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
-        if len(self._connections) <= self.limits.max_connections:
+        open_now = len(self._connections)
+        if open_now <= self.limits.max_connections:
             return
         victim = self._oldest_idle()
         if victim is not None:
             self.evicted += 1
             victim.force_close()
             return
+        # nothing idle: connections just accepted have not been read yet (a burst of them arrives in
+        # one go); take them into the headroom, where they either send a request or turn idle
+        if open_now <= self.limits.max_connections + headroom(self.limits.max_connections):
+            return
         self.refused += 1
         self.refused_log.warning("tiergate: %d connections open, none idle (TIERGATE_MAX_CONNECTIONS): "
-                                 "refusing new ones with 503", len(self._connections) - 1)
+                                 "refusing new ones with 503", open_now - 1)
         transport.write(_BUSY)
         handler.force_close()
 
