@@ -54,6 +54,8 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8100
     workers: int = 1
+    worker_restart_backoff: float = 0.5  # seconds before a dead worker is restarted; doubles per quick death
+    worker_restart_backoff_max: float = 30.0  # the longest wait; a worker that ran this long resets it
     max_body_bytes: int = 8 * 1024 * 1024
     max_messages: int = 2048
     client_body_timeout: float = 30.0
