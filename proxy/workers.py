@@ -35,7 +35,7 @@ def _worker_main(config: RouterConfig, listening: Any) -> None:
     from .server import serve
     from .types import ConfigError
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=config.log_level.upper(), format="%(message)s")  # checked by `serve`
     try:
         import uvloop
         uvloop.install()
