@@ -47,10 +47,9 @@ def headroom(cap: int) -> int:
 
 
 def descriptor_budget(configured: int) -> int:
-    """The connection cap: `configured`, or (0) a third of the descriptors this process may open
-    beyond a reserve, since each inbound request may hold one upstream connection too and the cap
-    has a headroom above it. The soft
-    descriptor limit is raised to the hard one first (as Go's runtime does)."""
+    """The connection cap: `configured`, or (0) two fifths of the descriptors this process may open
+    beyond a reserve: each inbound request may hold an upstream connection too, and the cap has a
+    headroom above it. The soft descriptor limit is raised to the hard one first (as Go's runtime does)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
         try:
