@@ -41,7 +41,7 @@ def parse_url(url: str, *, name: str, schemes: Iterable[str], credentials: bool)
     except ValueError as exc:
         raise ValueError(f"{name}: {shown!r} is not a valid URL ({exc})") from None
     if parts.scheme not in allowed:
-        raise ValueError(f"{name}: {shown!r} must start with {' or '.join(s + '://' for s in allowed)}")
+        raise ValueError(f"{name}: {shown!r} is not a URL starting with {' or '.join(s + '://' for s in allowed)}")
     if not parts.hostname and not credentials:  # DSNs may name a socket directory in the query instead
         raise ValueError(f"{name}: {shown!r} has no host")
     if not credentials and (parts.username is not None or parts.password is not None):

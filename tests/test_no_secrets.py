@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import aiohttp
 import orjson
@@ -162,7 +163,19 @@ def test_redact_credentials_masks_every_form():
     assert redact_credentials("mail me at a@b.c, see https://h/x") == "mail me at a@b.c, see https://h/x"
 
 
-def test_credentials_in_a_base_url_are_refused_by_check_and_serve_and_never_echoed(tmp_path):
+async def run_all(*runs: tuple[tuple[str, ...], dict[str, str]], cwd: Any) -> list[tuple[int, str, str]]:
+    """`python -m proxy ARGS` with extra environment, side by side; (exit code, stdout, stderr) each."""
+    async def one(args: tuple[str, ...], extra: dict[str, str]) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", *args, env={**ENV, "PYTHONPATH": os.getcwd(), **extra}, cwd=str(cwd),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    return await asyncio.gather(*(one(args, extra) for args, extra in runs))
+
+
+async def test_credentials_in_a_base_url_are_refused_by_check_and_serve_and_never_echoed(tmp_path):
     """`check` and `serve` refuse the table at load time; the message masks the password."""
     doc = {"providers": {"creds": {"base_url": creds_url(free_port()), "api_key": "sk-x"}},
            "routes": [{"use_case": "general_purpose", "tier": "standard", "model": "creds/m"}]}
@@ -171,37 +184,37 @@ def test_credentials_in_a_base_url_are_refused_by_check_and_serve_and_never_echo
     # a YAML syntax error on the line of such a URL: the parser quotes the line
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text(f'providers:\n  creds: {{base_url: "{creds_url(1)}", api_key: [}}\n')
-    env = {**ENV, "PYTHONPATH": os.getcwd()}
-    for args in (("check", "--config", str(table)), ("serve", "--config", str(table), "--port", "0"),
-                 ("check", "--config", str(bad_yaml))):
-        done = subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True,
-                              env=env, cwd=str(tmp_path), timeout=20)
-        out = done.stdout + done.stderr
-        assert done.returncode == 2, (args, out)
-        assert "Traceback" not in out and URL_PASSWORD not in out and "s3cr3t" not in out, (args, out)
+    runs = (("check", "--config", str(table)), ("serve", "--config", str(table), "--port", "0"),
+            ("check", "--config", str(bad_yaml)))
+    results = await run_all(*((args, {}) for args in runs), cwd=tmp_path)
+    for args, (code, out, err) in zip(runs, results, strict=True):
+        assert code == 2, (args, out + err)
+        assert "Traceback" not in out + err and URL_PASSWORD not in out + err and "s3cr3t" not in out + err
         if args[-1] != str(bad_yaml):
-            assert f"providers.creds: base_url: 'http://{URL_USER}:***@127.0.0.1:" in done.stderr, out
-            assert "holds credentials" in done.stderr, out
+            assert f"providers.creds: base_url: 'http://{URL_USER}:***@127.0.0.1:" in err, err
+            assert "holds credentials" in err, err
 
 
-def test_malformed_database_and_redis_urls_are_one_masked_line(tmp_path):
+async def test_malformed_database_and_redis_urls_are_one_masked_line(tmp_path):
     """serve, db init and routes list with a DATABASE_URL / TIERGATE_REDIS_URL that does not parse."""
-    env = {**ENV, "PYTHONPATH": os.getcwd()}
     cases = [
-        ({"DATABASE_URL": f"postgresql://admin:{URL_PASSWORD}@127.0.0.1:54x2/db"}, "DATABASE_URL", "admin:***@"),
-        ({"DATABASE_URL": f"postgresql://admin:{URL_PASSWORD}@[::1/db"}, "DATABASE_URL", "admin:***@"),
-        ({"DATABASE_URL": f"mysql://admin:{URL_PASSWORD}@127.0.0.1/db"}, "DATABASE_URL", "admin:***@"),
-        ({"TIERGATE_REDIS_URL": f"redis://:{URL_PASSWORD}@127.0.0.1:63x9/0"}, "TIERGATE_REDIS_URL", "redis://***@"),
+        (("serve", "--port", "0"), {"DATABASE_URL": f"postgresql://admin:{URL_PASSWORD}@127.0.0.1:54x2/db"},
+         "DATABASE_URL", "admin:***@"),
+        (("db", "init"), {"DATABASE_URL": f"postgresql://admin:{URL_PASSWORD}@[::1/db"}, "DATABASE_URL",
+         "admin:***@"),
+        (("routes", "list"), {"DATABASE_URL": f"mysql://admin:{URL_PASSWORD}@127.0.0.1/db"}, "DATABASE_URL",
+         "admin:***@"),
+        (("routes", "list"), {"DATABASE_URL": f"postgresql://admin:{URL_PASSWORD}@127.0.0.1:99999/db"},
+         "DATABASE_URL", "admin:***@"),
+        (("serve", "--port", "0"), {"TIERGATE_REDIS_URL": f"redis://:{URL_PASSWORD}@127.0.0.1:63x9/0"},
+         "TIERGATE_REDIS_URL", "redis://***@"),
     ]
-    for extra, name, masked in cases:
-        for args in (("serve", "--port", "0"), ("db", "init"), ("routes", "list")):
-            done = subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True,
-                                  env={**env, **extra}, cwd=str(tmp_path), timeout=20)
-            out = done.stdout + done.stderr
-            assert done.returncode == 2, (args, extra, out)
-            assert "Traceback" not in out and URL_PASSWORD not in out, (args, extra, out)
-            assert done.stderr.startswith(f"tiergate: {name}: ") and masked in done.stderr, (args, extra, out)
-            assert len(done.stderr.strip().splitlines()) == 1, out
+    results = await run_all(*((args, extra) for args, extra, _, _ in cases), cwd=tmp_path)
+    for (args, extra, name, masked), (code, out, err) in zip(cases, results, strict=True):
+        assert code == 2, (args, extra, out + err)
+        assert "Traceback" not in out + err and URL_PASSWORD not in out + err, (args, extra, out + err)
+        assert err.startswith(f"tiergate: {name}: ") and masked in err, (args, extra, err)
+        assert len(err.strip().splitlines()) == 1, err
 
 
 async def test_credentials_in_a_database_provider_row_are_rejected_and_masked(tmp_path):
