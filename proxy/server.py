@@ -366,7 +366,10 @@ async def serve(config: RouterConfig, *, started: Any = None, stop: asyncio.Even
         await web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_port=reuse_port).start()
         if config.metrics_port:  # stopped after the main site's drain: scrapes see the end
             where = f"{config.metrics_host}:{config.metrics_port} (metrics_port)"
-            metrics_runner = web.AppRunner(build_metrics_app(router), access_log=None, shutdown_timeout=1.0)
+            # a scraper needs a connection or two: a small cap keeps a flood there from costing descriptors
+            metrics_runner = GuardedAppRunner(build_metrics_app(router), access_log=None, shutdown_timeout=1.0,
+                                              limits=ConnectionLimits(config.header_timeout,
+                                                                      config.keepalive_timeout, 32))
             await metrics_runner.setup()
             await web.TCPSite(metrics_runner, config.metrics_host, config.metrics_port, reuse_port=reuse_port).start()
     except OSError as exc:  # a port in use, an address not on this host: one line, not a traceback
