@@ -176,7 +176,7 @@ async def run_all(*runs: tuple[tuple[str, ...], dict[str, str]], cwd: Any) -> li
 
 
 async def test_credentials_in_a_base_url_are_refused_by_check_and_serve_and_never_echoed(tmp_path):
-    """`check` and `serve` refuse the table at load time; the message masks the password."""
+    """`check`, `serve` and `db init` refuse the table at load time; the message masks the password."""
     doc = {"providers": {"creds": {"base_url": creds_url(free_port()), "api_key": "sk-x"}},
            "routes": [{"use_case": "general_purpose", "tier": "standard", "model": "creds/m"}]}
     table = tmp_path / "routes.yaml"
@@ -185,8 +185,9 @@ async def test_credentials_in_a_base_url_are_refused_by_check_and_serve_and_neve
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text(f'providers:\n  creds: {{base_url: "{creds_url(1)}", api_key: [}}\n')
     runs = (("check", "--config", str(table)), ("serve", "--config", str(table), "--port", "0"),
-            ("check", "--config", str(bad_yaml)))
-    results = await run_all(*((args, {}) for args in runs), cwd=tmp_path)
+            ("db", "init", "--from", str(table)), ("check", "--config", str(bad_yaml)))
+    # db init checks the file before it connects: the database is never reached
+    results = await run_all(*((args, {"DATABASE_URL": "postgresql://127.0.0.1:1/x"}) for args in runs), cwd=tmp_path)
     for args, (code, out, err) in zip(runs, results, strict=True):
         assert code == 2, (args, out + err)
         assert "Traceback" not in out + err and URL_PASSWORD not in out + err and "s3cr3t" not in out + err
