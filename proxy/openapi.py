@@ -97,12 +97,13 @@ SPEC: dict[str, Any] = {
                        extra={"503": {"description": "not ready", "content": {"application/json": {
                            "schema": _JSON_OBJECT}}}}),
         "/health/details": _get("Providers, circuit breakers, routing table source and age", _JSON_OBJECT),
-        "/metrics": _get("Prometheus metrics", {"type": "string"}, content_type="text/plain"),
+        "/metrics": _get("Prometheus metrics", {"type": "string"}, content_type="text/plain", auth=True),
         "/openapi.json": _get("This document", _JSON_OBJECT),
     },
     "components": {
         "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
-                                           "description": "required on /v1/* when TIERGATE_API_KEYS is set"}},
+                                           "description": "required on /v1/* and /metrics when TIERGATE_API_KEYS is "
+                                                          "set (/metrics: unless TIERGATE_METRICS_AUTH=open)"}},
         "schemas": {"Error": {
             "type": "object", "required": ["error"],
             "properties": {"error": {

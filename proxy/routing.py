@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from .types import (
     CACHE_POLICIES,
@@ -26,6 +25,7 @@ from .types import (
     UnknownRouteError,
     UseCase,
 )
+from .urls import parse_url, redact_credentials
 
 PROVIDER_KINDS = ("openai", "mock")
 DEFAULT_MODEL_NAMES = frozenset({"", "auto", "default", "tiergate"})
@@ -330,7 +330,8 @@ def load_table(path: str | Path, *, allow_model_override: bool = True) -> Routin
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        # the parser quotes the offending line, which may be a base_url with credentials
+        raise ConfigError(redact_credentials(f"{p}: not valid YAML: {exc}")) from None
     return table_from_dict(doc, source=f"file:{p}", strict=True,
                            allow_model_override=allow_model_override)
 
@@ -427,6 +428,7 @@ def table_from_dict(
         seen[key] = i
         routes.append(route)
 
+    problems = [redact_credentials(p) for p in problems]  # they are logged and shown in /health/details
     if problems and strict:
         raise ConfigError(f"{label}: " + f"\n{label}: ".join(problems))
     if not routes:
@@ -481,9 +483,9 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
         raise ValueError(f"kind: {kind!r} is not one of {', '.join(PROVIDER_KINDS)}")
     base_url = str(raw.get("base_url") or "").rstrip("/")
     if kind == "openai":
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"base_url: {base_url!r} is not an http(s) URL")
+        # credentials in the URL are refused: aiohttp will not combine them with the key's header, so
+        # every request to the provider would fail; and the URL is quoted in messages (masked)
+        parse_url(base_url, name="base_url", schemes=("http", "https"), credentials=False)
     headers = raw.get("headers") or {}
     if not isinstance(headers, dict):
         raise ValueError("headers: must be a mapping of header name to value")

@@ -21,12 +21,14 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from .auth import InboundAuth
+from .connections import ConnectionLimits, GuardedAppRunner, descriptor_budget
 from .dispatch import DROPPED_RESPONSE_HEADERS, stream_error_event, tried
 from .openapi import openapi_json
 from .router import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, Router, new_request_id
 from .settings import RouterConfig
 from .telemetry import RequestRecord
 from .types import (
+    ConfigError,
     InvalidRequestError,
     NotFoundError,
     RequestTimeoutError,
@@ -337,14 +339,32 @@ async def health_details(request: web.Request) -> web.Response:
                              dumps=_dumps)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition (issue 6); the whole pod's in multiprocess mode."""
-    telemetry = request.app[ROUTER_KEY].telemetry
-    if telemetry.metrics is None:
-        return error_response(NotFoundError("metrics are off (ENABLE_MONITORING=false)"),
-                              request.headers.get("x-request-id") or new_request_id())
-    body, content_type = telemetry.render_metrics()
-    return web.Response(body=body, headers={"Content-Type": content_type})
+def make_metrics_handler(router: Router,
+                         auth: InboundAuth | None) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """Prometheus exposition; the whole pod's in multiprocess mode. With `auth`, it needs a key
+    (the counts reveal traffic: models, routes, volumes), like `/v1/*`."""
+    telemetry = router.telemetry
+    check_key = auth.check if auth is not None and auth.enabled else None
+
+    async def metrics(request: web.Request) -> web.Response:
+        try:
+            if check_key is not None:
+                check_key(request.headers.get("Authorization"))
+            if telemetry.metrics is None:
+                raise NotFoundError("metrics are off (ENABLE_MONITORING=false)")
+        except TiergateError as exc:
+            return error_response(exc, request.headers.get("x-request-id") or new_request_id())
+        body, content_type = telemetry.render_metrics()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    return metrics
+
+
+def build_metrics_app(router: Router) -> web.Application:
+    """`GET /metrics` alone, without a key, for `metrics_host:metrics_port` (Prometheus scrapes)."""
+    app = web.Application()
+    app.router.add_get("/metrics", make_metrics_handler(router, None))
+    return app
 
 
 async def not_found(request: web.Request) -> web.Response:
@@ -405,24 +425,44 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     app.router.add_get("/health", health, **expect)
     app.router.add_get("/ready", ready, **expect)
     app.router.add_get("/health/details", health_details, **expect)
-    app.router.add_get("/metrics", metrics, **expect)
+    metrics_auth = auth if router.config.metrics_auth == "key" else None
+    app.router.add_get("/metrics", make_metrics_handler(router, metrics_auth), **expect)
     app.router.add_get("/openapi.json", openapi_json, **expect)
     app.router.add_route("*", "/{tail:.*}", not_found, **expect)
     return app
 
 
-async def serve(config: RouterConfig, *, started: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None) -> None:
+async def serve(config: RouterConfig, *, started: Any = None, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or `stop`): then refuse new connections, mark not ready,
-    let in-flight requests and streams finish up to `drain_timeout`, and close the pools."""
+    let in-flight requests and streams finish up to `drain_timeout`, and close the pools.
+    `started` (anything with `set()`, e.g. a multiprocessing Event) is set once listening."""
     router = Router(config, dynamic=bool(config.database_dsn))  # DATABASE_URL: the table lives in Postgres
     app = build_app(router)
+    limits = ConnectionLimits(config.header_timeout, config.keepalive_timeout,
+                              descriptor_budget(config.max_connections))
     # tiergate drains itself (see `drain`); aiohttp's own shutdown then only closes what is left
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
+    runner = GuardedAppRunner(app, limits=limits, handler_cancellation=True, access_log=None,
+                              shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=1024,
-                       reuse_port=True if config.workers > 1 else None)
-    await site.start()
+    reuse_port = True if config.workers > 1 else None
+    metrics_runner = None
+    try:
+        where = f"{config.host}:{config.port}"
+        site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_port=reuse_port)
+        await site.start()
+        if config.metrics_port:  # stopped after the main site's drain: scrapes see the end
+            where = f"{config.metrics_host}:{config.metrics_port} (metrics_port)"
+            # a scraper needs a connection or two: a small cap keeps a flood there from costing descriptors
+            metrics_runner = GuardedAppRunner(build_metrics_app(router), access_log=None, shutdown_timeout=1.0,
+                                              limits=ConnectionLimits(config.header_timeout,
+                                                                      config.keepalive_timeout, 32))
+            await metrics_runner.setup()
+            await web.TCPSite(metrics_runner, config.metrics_host, config.metrics_port, reuse_port=reuse_port).start()
+    except OSError as exc:  # a port in use, an address not on this host: one line, not a traceback
+        await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+        raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -449,6 +489,8 @@ async def serve(config: RouterConfig, *, started: asyncio.Event | None = None,
         await site.stop()  # no new connections
         await drain(app, config.drain_timeout)
         await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         gc.set_threshold(*thresholds)
 
 

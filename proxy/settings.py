@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .types import ConfigError
+from .urls import parse_url, redact_credentials
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the checkout (tests, docs); not there once installed
 # The embedded tables and SQL migrations ship inside the package (package data), so an installed
@@ -43,6 +44,8 @@ LEGACY_ENV = {
 SECRET_FIELDS = frozenset({"portkey_api_key", "openrouter_api_key", "database_url", "redis_url",
                            "api_keys"})
 
+METRICS_AUTH = ("key", "open")
+
 
 @dataclass(frozen=True)
 class _Settings:
@@ -58,11 +61,20 @@ class _Settings:
     host: str = "127.0.0.1"
     port: int = 8100
     workers: int = 1
+    worker_restart_backoff: float = 0.5  # seconds before a dead worker is restarted; doubles per quick death
+    worker_restart_backoff_max: float = 30.0  # the longest wait; a worker that ran this long resets it
     max_body_bytes: int = 8 * 1024 * 1024
     max_messages: int = 2048
     client_body_timeout: float = 30.0
     drain_timeout: float = 20.0
+    header_timeout: float = 10.0  # seconds to receive a request's headers (a silent connection: closed)
+    keepalive_timeout: float = 75.0  # seconds an idle keep-alive connection stays open
+    max_connections: int = 0  # open inbound connections per process; 0: from the descriptor limit
     api_keys: tuple[str, ...] = ()
+    # GET /metrics: `key` needs an inbound key when api_keys are set (it reveals traffic); `open` never
+    metrics_auth: str = "key"
+    metrics_port: int = 0  # > 0: /metrics (only) also served on metrics_host:metrics_port, without a key
+    metrics_host: str = "127.0.0.1"
     # upstream calls
     enable_fallback: bool = True
     max_retries: int = 3
@@ -114,6 +126,22 @@ class _Settings:
     request_log: str = "logging"
     # the merged environment (with .env), kept to resolve `api_key_env` names in the table
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # a malformed URL is a clear message at start-up (credentials masked), not a traceback later
+        for name, env_name, schemes in (
+                ("database_url", "DATABASE_URL", ("postgresql", "postgres", "postgresql+asyncpg")),
+                ("redis_url", "TIERGATE_REDIS_URL", ("redis", "rediss"))):
+            value = getattr(self, name)
+            if value:
+                try:
+                    parse_url(value, name=env_name, schemes=schemes, credentials=True)
+                except ValueError as exc:
+                    raise ConfigError(str(exc), param=name) from None
+
+        if self.metrics_auth not in METRICS_AUTH:
+            raise ConfigError(f"metrics_auth = {self.metrics_auth!r}: expected one of {', '.join(METRICS_AUTH)}",
+                              param="metrics_auth")
 
 
 # Defaults of `tiergate serve` that differ from the library's (below the file and the environment).
@@ -312,7 +340,7 @@ def _file_settings(path: Path) -> dict[str, Any]:
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(redact_credentials(f"{path}: not valid YAML: {exc}")) from None
     if not isinstance(doc, dict):
         return {}
     settings = doc.get("settings") or {}

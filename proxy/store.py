@@ -10,11 +10,12 @@ table keeps serving. Every query has the `db_timeout` deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import orjson
 from .routing import RoutingTable, table_from_dict
 from .settings import MIGRATIONS_DIR, RouterConfig
 from .types import ConfigError, ModelRef, TiergateError, cancel_and_wait
+from .urls import redact_credentials
 
 log = logging.getLogger("tiergate.store")
 
@@ -77,6 +79,7 @@ def describe_error(exc: BaseException, dsn: str | None = None) -> str:
     password = _password(dsn)
     if password:
         text = text.replace(password, "***")
+    text = redact_credentials(text)
     return f"{type(exc).__name__}: {text}" if not isinstance(exc, TimeoutError) else text
 
 
@@ -417,6 +420,8 @@ class RouteStore:
         self.state = "connecting"
         self.last_error: str | None = None
         self.last_refresh: float | None = None  # time.time() of the last successful read
+        self.checked_at: float | None = None  # time.time() of the last query that set `state`, either way
+        self._waiting_since: float | None = None  # a query has been waiting for the server since then
         self.reloads = 0  # tables swapped in from the database
         self.available_models: tuple[ModelRef, ...] = ()
 
@@ -478,7 +483,8 @@ class RouteStore:
                 if self._stopping or self._listener is None or self._listener.is_closed():
                     continue
                 if ticked:  # a quiet interval: make sure the LISTEN connection still answers
-                    await self._listener.execute("SELECT 1", timeout=self.config.db_timeout)
+                    with self._querying():
+                        await self._listener.execute("SELECT 1", timeout=self.config.db_timeout)
                 await self.refresh()
             except asyncio.CancelledError:
                 raise
@@ -504,10 +510,12 @@ class RouteStore:
         return False
 
     async def _listen(self) -> None:
-        conn = await connect(self.config)
+        with self._querying():
+            conn = await connect(self.config)
         try:
-            self.schema = await conn.fetchval("SELECT current_schema()", timeout=self.config.db_timeout)
-            await conn.add_listener(CHANNEL, self._on_notify)
+            with self._querying():
+                self.schema = await conn.fetchval("SELECT current_schema()", timeout=self.config.db_timeout)
+                await conn.add_listener(CHANNEL, self._on_notify)
         except BaseException:
             conn.terminate()
             raise
@@ -541,8 +549,19 @@ class RouteStore:
 
     async def _read(self) -> Snapshot:
         assert self._pool is not None, "load_initial() first"
-        async with self._pool.acquire(timeout=self.config.db_timeout) as conn:
-            return await read_snapshot(conn, self.config)
+        with self._querying():
+            async with self._pool.acquire(timeout=self.config.db_timeout) as conn:
+                return await read_snapshot(conn, self.config)
+
+    @contextlib.contextmanager
+    def _querying(self) -> Iterator[None]:
+        """Mark a query to the server as waiting, for health: a stopped (not closed) server shows
+        as a query waiting this long, not as the last answer's `connected`."""
+        self._waiting_since = time.time()
+        try:
+            yield
+        finally:
+            self._waiting_since = None
 
     async def _accept_and_apply(self, snapshot: Snapshot) -> bool:
         changed = snapshot.fingerprint != self._fingerprint
@@ -563,7 +582,7 @@ class RouteStore:
         self.available_models = snapshot.available_models
         self.state = "connected"
         self.last_error = None
-        self.last_refresh = time.time()
+        self.last_refresh = self.checked_at = time.time()
 
     def _note_failure(self, exc: BaseException, *, quiet: bool = False) -> None:
         if isinstance(exc, StoreError) and exc.code == "database_not_initialized":
@@ -580,6 +599,7 @@ class RouteStore:
             log.warning("routing table: database %s (%s); serving the last good table", state, message)
         self.state = state
         self.last_error = message
+        self.checked_at = time.time()
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -603,13 +623,22 @@ class RouteStore:
         source = table.source
         if source != "database":
             source = f"{source.partition(':')[0]} ({_FALLBACK_REASON.get(self.state, 'database ' + self.state)})"
+        now = time.time()
         return {
             "source": source,
             "database": {
+                # what the last query that finished saw, and how long ago; `waiting_s`: a query sent
+                # since has had no answer for this long (a stopped server answers nothing, not an error)
                 "state": self.state,
+                "state_age_s": _age(self.checked_at, now),
+                "waiting_s": _age(self._waiting_since, now),
                 "listening": self._listener is not None and not self._listener.is_closed(),
-                "last_refresh_age_s": None if self.last_refresh is None else round(self.last_refresh_age(), 3),
+                "last_refresh_age_s": _age(self.last_refresh, now),
                 "reloads": self.reloads,
                 "error": self.last_error,
             },
         }
+
+
+def _age(since: float | None, now: float) -> float | None:
+    return None if since is None else round(max(0.0, now - since), 3)

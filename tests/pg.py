@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
+import pwd
+import shutil
+import signal
+import socket
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -165,3 +171,94 @@ async def serve_router(router: Router) -> Served:
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return Served(f"http://127.0.0.1:{port}", router, runner)
+
+
+# --- a private PostgreSQL cluster the test may stop and freeze -----------------------------------
+
+
+@dataclass
+class PrivateCluster:
+    """A throw-away PostgreSQL on a loopback port (initdb in a temporary directory). `freeze()`
+    SIGSTOPs its postmaster and backends: the server still holds every connection open but answers
+    nothing, as a host that hangs would. Only this cluster's processes are ever signalled."""
+
+    directory: str
+    port: int
+    run_as: tuple[int, int] | None  # (uid, gid) when the tests run as root (PostgreSQL refuses root)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _pids(self) -> list[int]:
+        postmaster = int(open(os.path.join(self.directory, "data", "postmaster.pid")).readline())
+        pids = [postmaster]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = open(f"/proc/{entry}/stat").read()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
+                    pids.append(int(entry))
+        return pids
+
+    def freeze(self) -> None:
+        for pid in self._pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self._pids():
+            os.kill(pid, signal.SIGCONT)
+
+
+def _pg_tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for candidate in sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True):
+        return candidate
+    return None
+
+
+@contextlib.asynccontextmanager
+async def private_cluster() -> AsyncIterator[PrivateCluster]:
+    """initdb + pg_ctl start on a free port in a temporary directory; stopped and removed after."""
+    initdb, pg_ctl = _pg_tool("initdb"), _pg_tool("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        reason = "PostgreSQL's initdb/pg_ctl are not installed: cannot run a private cluster"
+        if os.environ.get("TIERGATE_TEST_REQUIRE_SERVICES") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    run_as = None
+    directory = tempfile.mkdtemp(prefix="tiergate-pg-")
+    if os.geteuid() == 0:
+        account = pwd.getpwnam("postgres")
+        run_as = (account.pw_uid, account.pw_gid)
+        os.chown(directory, *run_as)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cluster = PrivateCluster(directory, port, run_as)
+    as_user: dict[str, Any] = {"user": run_as[0], "group": run_as[1], "extra_groups": []} if run_as else {}
+    data = os.path.join(directory, "data")
+
+    async def run(*args: str) -> None:
+        proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.PIPE, cwd=directory, **as_user)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, f"{args[0]} failed: {err.decode()[-2000:]}"
+
+    started = False
+    try:
+        await run(initdb, "-D", data, "-A", "trust", "-U", "postgres", "--no-sync", "--no-instructions")
+        await run(pg_ctl, "-D", data, "-l", os.path.join(directory, "log"), "-w", "-t", "30", "-o",
+                  f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off "
+                  "-c synchronous_commit=off -c full_page_writes=off", "start")
+        started = True
+        yield cluster
+    finally:
+        if started:
+            cluster.thaw()
+            await run(pg_ctl, "-D", data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(directory, ignore_errors=True)

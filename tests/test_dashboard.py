@@ -53,4 +53,7 @@ def test_prometheus_config_scrapes_the_sidecar():
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     [job] = [j for j in config["scrape_configs"] if j["job_name"] == "tiergate"]
     assert job["metrics_path"] == "/metrics"
-    assert "127.0.0.1:8100" in job["static_configs"][0]["targets"]
+    # the compose stack's tiergate, on the port that serves /metrics without a key
+    assert "tiergate:9464" in job["static_configs"][0]["targets"]
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert compose["services"]["tiergate"]["environment"]["TIERGATE_METRICS_PORT"] == "9464"

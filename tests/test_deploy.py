@@ -128,6 +128,12 @@ def test_k8s_sidecar(tmp_path):
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         assert tg[probe]["httpGet"]["port"] in (port, tg["ports"][0]["name"])
 
+    # Prometheus scrapes the metrics port (GET /metrics without a key), not the API port
+    metrics_port = next(p["containerPort"] for p in tg["ports"] if p["name"] == "metrics")
+    assert int(env["TIERGATE_METRICS_PORT"]["value"]) == metrics_port != port
+    annotations = docs["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(metrics_port)
+
     drain = float(env["TIERGATE_DRAIN_TIMEOUT"]["value"])
     assert pod["terminationGracePeriodSeconds"] >= drain + 5
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import aiohttp
 import orjson
@@ -142,3 +143,125 @@ def test_no_secret_in_config_errors(tmp_path):
         assert done.returncode == 2, (args, done.stderr)
         assert "Traceback" not in done.stderr
         assert_clean(f"tiergate {' '.join(args)}", done.stdout + done.stderr)
+
+
+# --- credentials inside URLs ----------------------------------------------------------------------
+
+URL_USER, URL_PASSWORD = "tguser", "URLPASS-s3cr3t-x1y2"
+
+
+def creds_url(port: int) -> str:
+    return f"http://{URL_USER}:{URL_PASSWORD}@127.0.0.1:{port}/v1"
+
+
+def test_redact_credentials_masks_every_form():
+    from proxy.urls import redact_credentials
+
+    assert redact_credentials("at https://u:p%40ss@h:1/v1 and redis://:pw@r/0") == \
+        "at https://u:***@h:1/v1 and redis://***@r/0"
+    assert redact_credentials("'https://sk-token@api.example/v1'") == "'https://***@api.example/v1'"
+    assert redact_credentials("postgresql://a:b@c@h/db?x=1") == "postgresql://a:***@h/db?x=1"
+    assert redact_credentials("mail me at a@b.c, see https://h/x") == "mail me at a@b.c, see https://h/x"
+
+
+async def run_all(*runs: tuple[tuple[str, ...], dict[str, str]], cwd: Any) -> list[tuple[int, str, str]]:
+    """`python -m proxy ARGS` with extra environment, side by side; (exit code, stdout, stderr) each."""
+    async def one(args: tuple[str, ...], extra: dict[str, str]) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", *args, env={**ENV, "PYTHONPATH": os.getcwd(), **extra}, cwd=str(cwd),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    return await asyncio.gather(*(one(args, extra) for args, extra in runs))
+
+
+async def test_credentials_in_a_base_url_are_refused_by_check_and_serve_and_never_echoed(tmp_path):
+    """`check`, `serve` and `db init` refuse the table at load time; the message masks the password."""
+    doc = {"providers": {"creds": {"base_url": creds_url(free_port()), "api_key": "sk-x"}},
+           "routes": [{"use_case": "general_purpose", "tier": "standard", "model": "creds/m"}]}
+    table = tmp_path / "routes.yaml"
+    table.write_text(yaml.safe_dump(doc))
+    # a YAML syntax error on the line of such a URL: the parser quotes the line
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text(f'providers:\n  creds: {{base_url: "{creds_url(1)}", api_key: [}}\n')
+    runs = (("check", "--config", str(table)), ("serve", "--config", str(table), "--port", "0"),
+            ("db", "init", "--from", str(table)), ("check", "--config", str(bad_yaml)))
+    # db init checks the file before it connects: the database is never reached
+    results = await run_all(*((args, {"DATABASE_URL": "postgresql://127.0.0.1:1/x"}) for args in runs), cwd=tmp_path)
+    for args, (code, out, err) in zip(runs, results, strict=True):
+        assert code == 2, (args, out + err)
+        assert "Traceback" not in out + err and URL_PASSWORD not in out + err and "s3cr3t" not in out + err
+        if args[-1] != str(bad_yaml):
+            assert f"providers.creds: base_url: 'http://{URL_USER}:***@127.0.0.1:" in err, err
+            assert "holds credentials" in err, err
+
+
+async def test_malformed_database_and_redis_urls_are_one_masked_line(tmp_path):
+    """serve, db init and routes list with a DATABASE_URL / TIERGATE_REDIS_URL that does not parse."""
+    cases = [
+        (("serve", "--port", "0"), {"DATABASE_URL": f"postgresql://admin:{URL_PASSWORD}@127.0.0.1:54x2/db"},
+         "DATABASE_URL", "admin:***@"),
+        (("db", "init"), {"DATABASE_URL": f"postgresql://admin:{URL_PASSWORD}@[::1/db"}, "DATABASE_URL",
+         "admin:***@"),
+        (("routes", "list"), {"DATABASE_URL": f"mysql://admin:{URL_PASSWORD}@127.0.0.1/db"}, "DATABASE_URL",
+         "admin:***@"),
+        (("routes", "list"), {"DATABASE_URL": f"postgresql://admin:{URL_PASSWORD}@127.0.0.1:99999/db"},
+         "DATABASE_URL", "admin:***@"),
+        (("serve", "--port", "0"), {"TIERGATE_REDIS_URL": f"redis://:{URL_PASSWORD}@127.0.0.1:63x9/0"},
+         "TIERGATE_REDIS_URL", "redis://***@"),
+    ]
+    results = await run_all(*((args, extra) for args, extra, _, _ in cases), cwd=tmp_path)
+    for (args, extra, name, masked), (code, out, err) in zip(cases, results, strict=True):
+        assert code == 2, (args, extra, out + err)
+        assert "Traceback" not in out + err and URL_PASSWORD not in out + err, (args, extra, out + err)
+        assert err.startswith(f"tiergate: {name}: ") and masked in err, (args, extra, err)
+        assert len(err.strip().splitlines()) == 1, err
+
+
+async def test_credentials_in_a_database_provider_row_are_rejected_and_masked(tmp_path):
+    """A provider row whose base_url holds credentials: left out when the table loads, and listed,
+    masked, by `tiergate routes list`, a running `tiergate serve`'s /health/details and its log."""
+    from .pg import fresh_schema
+    from .test_store import cli
+
+    upstream = await MockUpstream("primary").start()
+    doc = {"providers": {"primary": {"base_url": upstream.url, "api_key": "sk-primary"}},
+           "routes": [{"use_case": "general_purpose", "tier": "standard", "model": "primary/model-a"}]}
+    table = tmp_path / "routes.yaml"
+    table.write_text(yaml.safe_dump(doc))
+    try:
+        async with fresh_schema() as schema:
+            code, _, err = await cli("db", "init", "--from", str(table), database_url=schema.url, cwd=tmp_path)
+            assert code == 0, err
+            await schema.conn.execute(
+                "INSERT INTO llm_providers (name, base_url, api_key) VALUES ('creds', $1, 'sk-x')",
+                creds_url(free_port()))
+            await schema.conn.execute(
+                "INSERT INTO llm_routes (use_case, tier, model) VALUES ('debugging', 'premium', 'creds/m')")
+            code, out, err = await cli("routes", "list", database_url=schema.url, cwd=tmp_path)
+            assert code == 0, err
+            assert f"rejected: llm_providers creds: base_url: 'http://{URL_USER}:***@127.0.0.1:" in out, out
+            assert URL_PASSWORD not in out + err
+
+            port = free_port()
+            env = {**ENV, "DATABASE_URL": schema.url, "PYTHONPATH": os.getcwd()}
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy", "serve", "--config", str(table), "--port", str(port),
+                env=env, cwd=str(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                await wait_healthy(url, proc)
+                async with aiohttp.ClientSession() as http:
+                    async with http.get(url + "/health/details") as resp:
+                        details = await resp.text()
+                problems = orjson.loads(details)["routing_table"]["problems"]
+                assert any(f"'http://{URL_USER}:***@127.0.0.1:" in p for p in problems), problems
+                assert URL_PASSWORD not in details
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(proc.wait(), 30)
+            out = (await proc.stdout.read()).decode() + (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+            assert f"http://{URL_USER}:***@" in out and URL_PASSWORD not in out, out
+    finally:
+        await upstream.stop()

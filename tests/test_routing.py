@@ -119,6 +119,10 @@ def test_shipped_tables_cover_every_use_case_and_tier():
     (lambda d: d["routes"].append(dict(d["routes"][0])), "routes[3]: duplicate route general_purpose:standard"),
     (lambda d: d["providers"]["p"].update(base_url="ftp://x"), "providers.p: base_url: 'ftp://x' is not"),
     (lambda d: d["providers"]["p"].update(kind="grpc"), "providers.p: kind: 'grpc' is not one of"),
+    (lambda d: d["providers"]["p"].update(base_url="http://h:80x/v1"),
+     "providers.p: base_url: 'http://h:80x/v1' is not a valid URL"),
+    (lambda d: d["providers"]["p"].update(base_url="https://sk-token@h/v1"),
+     "providers.p: base_url: 'https://***@h/v1' holds credentials"),
     (lambda d: d.update(routes=[]), "routes: must be a non-empty list"),
 ])
 def test_bad_tables_name_the_file_and_key(tmp_path, mutate, expected):
