@@ -140,14 +140,15 @@ async def test_a_deeply_nested_body_is_a_400_not_a_500(tiergate, http, depth):
         assert (await resp.json())["error"]["type"] == "invalid_request_error"
 
 
-async def test_a_provider_url_with_credentials_and_a_key_fails_the_attempt_not_the_request(
-        upstream, backup, start_tiergate, http):
+async def test_a_failure_inside_an_attempt_is_an_attempt_failure_not_a_500(upstream, backup, start_tiergate, http):
+    # a header aiohttp refuses to send: the attempt fails inside tiergate; the fallback answers
     doc = table_doc(upstream, backup)
-    doc["providers"]["primary"]["base_url"] = upstream.url.replace("http://", "http://user:pw@")
-    running = await start_tiergate(doc)
-    status, headers, raw = await post(http, running.v1 + "/chat/completions")
-    assert status == 200 and headers["x-tiergate-model"] == "backup/model-b"
-    assert b"pw" not in raw
+    doc["providers"]["primary"]["headers"] = {"x-broken": "a\r\nb"}
+    running = await start_tiergate(doc, breaker_failure_threshold=2)
+    for _ in range(2):
+        status, headers, _ = await post(http, running.v1 + "/chat/completions")
+        assert status == 200 and headers["x-tiergate-model"] == "backup/model-b"
+    assert running.router.breakers.get("primary/model-a").state == "open"  # counted, so it is skipped
 
 
 # -- relayed errors never carry tiergate's provider keys ----------------------------------------
