@@ -56,8 +56,9 @@ METRIC_NAMES = (
 # the GenAI metrics' attributes, as labels (gen_ai.response.model is left out: it would need the
 # response's `model` read from every body, and the request model names the deployment already)
 GENAI_ATTRIBUTES = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model",
-                    "server.address", "server.port", "error.type")
+                    "server.address", "server.port")
 GENAI_LABELS = tuple(map(label_name, GENAI_ATTRIBUTES))
+ERROR_LABEL = label_name("error.type")  # on the duration only (the conventions' other metrics have none)
 MODALITY_LABEL = label_name("gen_ai.token.modality")
 TOKEN_TYPE_LABEL = label_name("gen_ai.token.type")
 
@@ -158,7 +159,7 @@ class _GenAIFamilies:
         labels = list(GENAI_LABELS)
         self.names = names
         self.duration = Histogram(prometheus_name(names.duration, "s"), "GenAI client inference operation "
-                                  "duration (OpenTelemetry GenAI conventions)", labels,
+                                  "duration (OpenTelemetry GenAI conventions)", [*labels, ERROR_LABEL],
                                   buckets=DURATION_BUCKETS, registry=registry)
         self.time_to_first_chunk = Histogram(
             prometheus_name(names.time_to_first_chunk, "s"), "Streams: time to receive the first chunk",
@@ -173,10 +174,10 @@ class _GenAIFamilies:
                                       "output tokens used", [*labels, TOKEN_TYPE_LABEL], buckets=TOKEN_BUCKETS,
                                       registry=registry) if names.token_usage else None)
 
-    def series(self, values: tuple[str, ...], gathered: Any) -> _GenAISeries:
+    def series(self, values: tuple[str, ...], error: str, gathered: Any) -> _GenAISeries:
         token_usage = self.token_usage
         return _GenAISeries(
-            gathered(self.duration.labels(*values), _PendingHistogram),
+            gathered(self.duration.labels(*values, error), _PendingHistogram),
             gathered(self.time_to_first_chunk.labels(*values), _PendingHistogram),
             gathered(self.time_per_output_chunk.labels(*values), _PendingHistogram),
             {kind: gathered(counter.labels(*values, "unknown")) for kind, counter in self.usage.items()},
@@ -262,7 +263,8 @@ class PrometheusMetrics:
         if found is None:
             if len(self._genai_series) >= _MAX_CACHED_SERIES:
                 self._drop_cached()
-            found = self._genai_series[key] = [family.series(key, self._gathered) for family in self.genai]
+            found = self._genai_series[key] = [family.series(key[:-1], error, self._gathered)
+                                               for family in self.genai]
         return found
 
     def spans_dropped_total(self, total: int) -> None:
