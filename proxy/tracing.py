@@ -118,6 +118,9 @@ class Tracing:
         self.cache_write_attributes = tuple(n.cache_write_attribute for n in names)
         self._tracer = (provider.get_tracer("tiergate", schema_url=names[0].schema_url)
                         if provider is not None else None)
+        # tiergate's own provider hands its spans to an exporter process (see provider_from_env)
+        processors = getattr(getattr(provider, "_active_span_processor", None), "_span_processors", ()) if owned else ()
+        self._hand_offs = [p for p in processors if isinstance(p, HandOffSpanProcessor)]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, log_prompts: bool = False, export: str = "process",
@@ -131,10 +134,7 @@ class Tracing:
 
     def dropped_spans(self) -> int:
         """Spans tiergate's own exporter hand-off had to drop (its queue was full), so far."""
-        if not self._owned or self.provider is None:
-            return 0
-        processors = getattr(getattr(self.provider, "_active_span_processor", None), "_span_processors", ())
-        return sum(p.dropped for p in processors if isinstance(p, HandOffSpanProcessor))
+        return sum(p.dropped for p in self._hand_offs)
 
     def start(self, operation: str, started: float, payload: Mapping[str, Any],
               headers: Mapping[str, str] | None) -> RequestTrace | None:
