@@ -220,6 +220,7 @@ class PrometheusMetrics:
                                          "span exporter process dropped (its queue was full)", registry=reg)
         self._spans_dropped_seen = 0
         self.genai = [_GenAIFamilies(names, reg) for names in genai]
+        self.genai_token_histograms = any(family.token_usage is not None for family in self.genai)
         self._genai_series: dict[tuple[str, ...], list[_GenAISeries]] = {}
         self._series: dict[tuple[str, str, str, int], _RequestSeries] = {}
         self._attempt_children: dict[tuple[str, str], _Pending] = {}

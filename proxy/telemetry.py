@@ -43,6 +43,7 @@ _UNKNOWN = object()
 _MEMO_LIMIT = 4096  # entries in the per-model memos (labels, prices)
 _USAGE, _COST, _ATTEMPTS = attrgetter("usage"), attrgetter("cost_usd"), attrgetter("attempts")
 _PROMPT, _COMPLETION = itemgetter(0), itemgetter(1)
+_CACHE_READ, _CACHE_WRITE, _REASONING = itemgetter(2), itemgetter(3), itemgetter(4)
 _ATTEMPT_KEY = attrgetter("provider", "outcome")
 
 
@@ -267,13 +268,15 @@ class Telemetry:
             model = self._model_label(ref) if ref is not None else ""
             latencies_ms = [(r.ended - r.started) * 1000 for r in group]
             if cache in _UNPAID_CACHE_RESULTS:
-                prompt = completion = 0
+                prompt = completion = cache_read = reasoning = 0
+                usages = []
             else:
                 usages = list(filter(None, map(_USAGE, group)))
                 prompt, completion = sum(map(_PROMPT, usages)), sum(map(_COMPLETION, usages))
+                cache_read, reasoning = sum(map(_CACHE_READ, usages)), sum(map(_REASONING, usages))
             cost = sum(filter(None, map(_COST, group)))
             fell_back = sum(1 for r in group if id(r) in fallbacks) if fallbacks else 0
-            stats.add_group(model, ok, latencies_ms, cache, prompt, completion, cost, fell_back)
+            stats.add_group(model, ok, latencies_ms, cache, prompt, completion, cost, fell_back, cache_read, reasoning)
             if metrics is None:
                 continue
             series = metrics.series(route, model, ref.provider if ref is not None else "", status)
@@ -291,7 +294,8 @@ class Telemetry:
                 series.fallbacks.inc(fell_back)
             metrics.cache_result(cache, len(group))
             if cache not in _UNPAID_CACHE_RESULTS:
-                self._count_genai(metrics, group, endpoint, ref, status, error, stream, latencies_ms)
+                self._count_genai(metrics, group, endpoint, ref, status, error, stream, latencies_ms,
+                                  (prompt, completion, cache_read, sum(map(_CACHE_WRITE, usages)), reasoning))
         if metrics is not None:
             for (provider, outcome), n in Counter(map(_ATTEMPT_KEY, chain.from_iterable(map(_ATTEMPTS, records)))
                                                   ).items():
@@ -306,7 +310,7 @@ class Telemetry:
 
     def _count_genai(self, metrics: PrometheusMetrics, group: list[RequestRecord], endpoint: str,
                      ref: ModelRef | None, status: int, error: str | None, stream: bool,
-                     latencies_ms: list[float]) -> None:
+                     latencies_ms: list[float], tokens: tuple[int, int, int, int, int]) -> None:
         """The GenAI client inference metrics of a group of requests that called a provider."""
         operation = OPERATION_OF_ENDPOINT.get(endpoint, endpoint)
         if operation not in INFERENCE_OPERATIONS:
@@ -320,7 +324,8 @@ class Telemetry:
         else:
             provider, model = ref.provider, ref.model
         error_type = (error or str(status)) if error or status >= 400 else ""
-        usages = [r.usage for r in group if r.usage is not None]
+        prompt, completion, cache_read, cache_write, reasoning = tokens
+        usages = [r.usage for r in group if r.usage is not None] if metrics.genai_token_histograms else ()
         for series in metrics.genai_series(operation, provider, model, self._server(provider), error_type):
             series.duration.observe_ms(latencies_ms)
             if stream:
@@ -333,11 +338,11 @@ class Telemetry:
                             (r.ended - r.first_byte_at) * 1000 / (state.chunks - 1), state.chunks - 1)
             usage_counters = series.usage
             if usage_counters:  # every inference counted, 0 when no usage came back
-                usage_counters["input"].inc(sum(u.prompt for u in usages))
-                usage_counters["output"].inc(sum(u.completion for u in usages))
-                usage_counters["cache_read"].inc(sum(u.cache_read for u in usages))
-                usage_counters["cache_write"].inc(sum(u.cache_write for u in usages))
-                usage_counters["reasoning"].inc(sum(u.reasoning for u in usages))
+                usage_counters["input"].inc(prompt)
+                usage_counters["output"].inc(completion)
+                usage_counters["cache_read"].inc(cache_read)
+                usage_counters["cache_write"].inc(cache_write)
+                usage_counters["reasoning"].inc(reasoning)
             if series.token_usage and usages:
                 # the helper takes thousandths of the histogram's unit (its own is seconds, given in ms)
                 series.token_usage["input"].observe_ms([u.prompt * 1000 for u in usages])

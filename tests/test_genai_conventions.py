@@ -273,8 +273,10 @@ async def test_metrics_are_the_conventions_under_their_prometheus_names(upstream
     # the stream: time to first chunk once, time per output chunk once per chunk after the first
     assert value(samples, "gen_ai_client_inference_time_to_first_chunk_seconds_count") == 1
     assert value(samples, "gen_ai_client_inference_time_per_output_chunk_seconds_count") >= 1
-    # tiergate's own metrics are still there
+    # tiergate's own metrics are still there, and get_metrics() has the token details too
     assert value(samples, "tiergate_requests_total") == 5
+    tokens = router.get_metrics()["tokens"]
+    assert tokens["cached_prompt"] == 6 and tokens["reasoning"] == 1 and tokens["prompt"] == 33
 
 
 def test_dashboard_uses_the_genai_metrics():
