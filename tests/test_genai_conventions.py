@@ -181,7 +181,9 @@ def spans() -> tuple[TracerProvider, InMemorySpanExporter]:
 
 async def test_span_attributes_are_the_conventions(upstream, backup, http, spans):
     provider, exporter = spans
-    async with running(table_doc(upstream, backup), config_with(), tracer_provider=provider) as (url, _):
+    doc = {**table_doc(upstream, backup), "pricing": {"primary/model-a": {"input": 1.0, "output": 2.0,
+                                                                          "cached_input": 0.5}}}
+    async with running(doc, config_with(), tracer_provider=provider) as (url, _):
         await traffic(http, url, upstream, backup)
     finished = exporter.get_finished_spans()
     assert len(finished) >= 7
@@ -196,6 +198,8 @@ async def test_span_attributes_are_the_conventions(upstream, backup, http, spans
     assert detailed["gen_ai.usage.cache_read.input_tokens"] == 6
     assert detailed["gen_ai.usage.cache_write.input_tokens"] == 2
     assert detailed["gen_ai.usage.reasoning.output_tokens"] == 1
+    # 4 uncached input tokens at 1.0, 6 cached at 0.5, 3 output at 2.0 (USD per 1M)
+    assert detailed["tiergate.cost_usd"] == pytest.approx((4 * 1.0 + 6 * 0.5 + 3 * 2.0) / 1e6)
     assert detailed["server.address"] == "127.0.0.1" and detailed["server.port"] == upstream.port
     assert requests[1].attributes["gen_ai.request.stream"] is True
     assert requests[1].attributes["gen_ai.response.time_to_first_chunk"] > 0
