@@ -5,8 +5,11 @@ tracing exported over OTLP/HTTP, against a mock upstream on loopback.
 
 tiergate runs as `tiergate serve` in its own process (uvloop); the mock upstream, an OTLP/HTTP sink
 and the load generator share this process. The modes are interleaved over several rounds and the
-median round is reported, because the machine is shared. A micro-benchmark of the per-request
-telemetry work (labelled-children cache vs `.labels()`, `Telemetry.finish`) follows.
+median round is reported, because the machine is shared. CPU is measured per process: the serving
+process, and the span exporter process it starts (`TIERGATE_TRACE_EXPORT=process`). The tracing
+modes take the steps one at a time and together: one span per request (`TIERGATE_TRACE_ATTEMPTS=auto`)
+or a child span per attempt (`always`), export from a child process or from a thread of the serving
+process, OTLP protobuf or JSON. A micro-benchmark of the per-request telemetry work follows.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ async def otlp_sink() -> tuple[web.AppRunner, int, list[int]]:
 
     async def traces(request: web.Request) -> web.Response:
         received[0] += len(await request.read())
-        return web.Response(body=b"", content_type="application/x-protobuf")
+        return web.Response(body=b"{}" if request.content_type == "application/json" else b"",
+                            content_type=request.content_type)
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/traces", traces)
@@ -120,8 +124,31 @@ async def load(url: str, requests: int, concurrency: int) -> tuple[float, list[f
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc), which sharing the machine disturbs
     far less than wall-clock throughput."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of `pid` (the span exporter process)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+async def settled(pids: list[int], deadline_s: float = 20.0) -> None:
+    """Until these processes use no CPU for 0.3 s (or the deadline passes)."""
+    deadline = time.monotonic() + deadline_s
+    last = sum(map(cpu_seconds, pids))
+    while pids and time.monotonic() < deadline:
+        await asyncio.sleep(0.3)
+        now = sum(map(cpu_seconds, pids))
+        if now == last:
+            return
+        last = now
 
 
 def pct(values: list[float], q: float) -> float:
@@ -129,20 +156,35 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-async def macro(args: argparse.Namespace) -> dict[str, list[tuple[float, float, float, float]]]:
+def tracing_mode(sink_port: int, attempts: str, export: str, protocol: str, **extra: str) -> dict[str, str]:
+    return {"ENABLE_MONITORING": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+            "TIERGATE_TRACE_ATTEMPTS": attempts, "TIERGATE_TRACE_EXPORT": export,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": protocol, **extra}
+
+
+async def macro(args: argparse.Namespace) -> dict[str, list[tuple[float, float, float, float, float]]]:
     up_runner, up_port = await mock_upstream()
     sink_runner, sink_port, received = await otlp_sink()
+    every = "traces, every request"
     modes = {
         "monitoring off": {"ENABLE_MONITORING": "false"},
         "metrics + logs": {"ENABLE_MONITORING": "true"},
-        "metrics + logs + OTLP traces": {"ENABLE_MONITORING": "true",
-                                         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}"},
-        "... traces sampled at 10%": {"ENABLE_MONITORING": "true",
-                                      "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
-                                      "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-                                      "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+        f"{every}: span per attempt, export thread, protobuf (previous build's shape)":
+            tracing_mode(sink_port, "always", "thread", "http/protobuf"),
+        f"{every}: one span, export thread, protobuf": tracing_mode(sink_port, "auto", "thread", "http/protobuf"),
+        f"{every}: one span, export thread, JSON": tracing_mode(sink_port, "auto", "thread", "http/json"),
+        f"{every}: span per attempt, export process, protobuf":
+            tracing_mode(sink_port, "always", "process", "http/protobuf"),
+        f"{every}: one span, export process, protobuf (default)":
+            tracing_mode(sink_port, "auto", "process", "http/protobuf"),
+        f"{every}: one span, export process, JSON": tracing_mode(sink_port, "auto", "process", "http/json"),
+        "traces sampled at 10% (default shape)": tracing_mode(
+            sink_port, "auto", "process", "http/protobuf", OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+            OTEL_TRACES_SAMPLER_ARG="0.1"),
     }
-    results: dict[str, list[tuple[float, float, float, float]]] = {m: [] for m in modes}
+    if args.modes:
+        modes = {m: env for m, env in modes.items() if any(word in m for word in args.modes)}
+    results: dict[str, list[tuple[float, float, float, float, float]]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "routes.yaml"
         write_table(table, up_port)
@@ -153,15 +195,22 @@ async def macro(args: argparse.Namespace) -> dict[str, list[tuple[float, float, 
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"
                 try:
                     await load(url, args.warmup, args.concurrency)
+                    exporters = children(proc.pid)
+                    await settled(exporters)  # started (imports done) and done with the warm-up's spans
                     cpu_before = cpu_seconds(proc.pid)
+                    export_before = sum(map(cpu_seconds, exporters))
                     rps, lat = await load(url, args.requests, args.concurrency)
                     cpu_us = (cpu_seconds(proc.pid) - cpu_before) / args.requests * 1e6
+                    # the exporter process catches up after the load: give it its batch delay
+                    await asyncio.sleep(0.6 if exporters else 0)
+                    export_us = (sum(map(cpu_seconds, exporters)) - export_before) / args.requests * 1e6
                 finally:
                     proc.terminate()
                     await proc.wait()
-                results[mode].append((rps, pct(lat, 50), pct(lat, 99), cpu_us))
-                print(f"round {round_no + 1} {mode:<30} {rps:8.0f} req/s  p50 {pct(lat, 50):6.2f} ms  "
-                      f"p99 {pct(lat, 99):6.2f} ms  tiergate CPU {cpu_us:6.0f} µs/req", flush=True)
+                results[mode].append((rps, pct(lat, 50), pct(lat, 99), cpu_us, export_us))
+                print(f"round {round_no + 1} {mode:<70} {rps:8.0f} req/s  p50 {pct(lat, 50):6.2f} ms  "
+                      f"p99 {pct(lat, 99):6.2f} ms  tiergate CPU {cpu_us:6.0f} µs/req  exporter process "
+                      f"{export_us:5.0f} µs/req  load {os.getloadavg()[0]:.1f}", flush=True)
     await up_runner.cleanup()
     await sink_runner.cleanup()
     print(f"(the OTLP sink received {received[0]} bytes of spans)")
@@ -244,19 +293,21 @@ def micro() -> list[tuple[str, float]]:
 
 
 def tracing_breakdown() -> list[tuple[str, float]]:
-    """Where tracing's per-request time goes (two spans: the request's and one attempt's), in µs."""
+    """Where tracing's per-request CPU time goes, step by step, in µs (CPU time of this process)."""
     import threading
+    from collections import deque
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from proxy.dispatch import Attempt
+    from proxy.span_export import HandOffSpanProcessor, _rebuild, json_exporter_available, own_resource
     from proxy.telemetry import RequestRecord
-    from proxy.tracing import Tracing, provider_from_env
+    from proxy.tracing import Tracing
     from proxy.types import ModelRef
     from proxy.usage import Usage
 
@@ -273,37 +324,81 @@ def tracing_breakdown() -> list[tuple[str, float]]:
         record.status, record.ref, record.attempts, record.tries = 200, ref, [attempt], 1
         record.usage, record.cost_usd = Usage(12, 3), 1e-5
         trace.response_model, trace.finish_reasons = "bench-model", ("stop",)
-        trace.finish(record)
+        trace.finish(record, ("127.0.0.1", 8080))
 
-    def per_request(tracing: Tracing, n: int = 20_000) -> float:
-        return min(timeit.repeat(lambda: request(tracing), number=n, repeat=3)) / n * 1e6
+    def cpu_us(work: Any, number: int, per: float = 1.0) -> float:
+        return min(timeit.repeat(work, number=number, repeat=5, timer=time.process_time)) / number / per * 1e6
+
+    class QueueOnly(HandOffSpanProcessor):
+        """The hand-off's `on_end` without its process: the queue is emptied as the thread would
+        (keeping one batch for the steps below), so that retained spans do not load the GC."""
+
+        def __init__(self) -> None:  # noqa: D107 - no child process
+            self._queue = deque()
+            self._max_queue = 1 << 40
+            self._max_batch = 512
+            self._child_gone = False
+            self._scope = None
+            self.dropped = 0
+            self._wake = threading.Event()
+            self.kept: list[Any] = []
+
+        def on_end(self, span: Any) -> None:
+            super().on_end(span)
+            if len(self._queue) >= self._max_batch:
+                if not self.kept:
+                    self.kept = list(self._queue)
+                self._queue.clear()
+
+        def shutdown(self) -> None:
+            pass
+
+    class Discard(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
 
     out = []
-    for label, processors in (("tracing, request path: request + attempt span (SDK spans)", ()),
-                              ("... + BatchSpanProcessor.on_end (queueing only)", (BatchSpanProcessor(
-                                  InMemorySpanExporter(), max_queue_size=1 << 22, max_export_batch_size=1 << 22,
-                                  schedule_delay_millis=1e9),))):
+    for label, attempts in (("request path: request + attempt span, SDK spans (previous build's shape)", "always"),
+                            ("request path: one span, the attempt an event (default)", "auto")):
         provider = TracerProvider()
-        for processor in processors:
-            provider.add_span_processor(processor)
-        out.append((label, per_request(Tracing(provider))))
+        out.append((label, cpu_us(lambda t=Tracing(provider, attempts=attempts): request(t), 10_000)))
         provider.shutdown()
-
-    own = provider_from_env({"OTEL_TRACES_EXPORTER": "console"})  # for tiergate's own resource
+    # each processor's on_end alone, on one finished request span
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=own.resource)
+    provider = TracerProvider(resource=own_resource({}))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    own.shutdown()
     tracing = Tracing(provider)
-    for _ in range(256):
+    for _ in range(512):
         request(tracing)
-    spans = exporter.get_finished_spans()  # a batch of 512, as the BatchSpanProcessor sends
-    per = len(spans) / 2
-    out.append(("tracing, export thread: OTLP protobuf encoding (encode_spans, batch of 512)",
-                min(timeit.repeat(lambda: encode_spans(spans), number=20, repeat=3)) / 20 / per * 1e6))
-    message = encode_spans(spans)
-    out.append(("tracing, export thread: serialising", min(timeit.repeat(message.SerializePartialToString,
-                                                                         number=200, repeat=3)) / 200 / per * 1e6))
+    spans = exporter.get_finished_spans()  # one request a span: a batch of 512
+    span = spans[0]
+    batch_processor = BatchSpanProcessor(Discard())
+    out.append(("export thread: BatchSpanProcessor.on_end, per span (its thread exporting to nowhere)",
+                cpu_us(lambda: batch_processor.on_end(span), 20_000)))
+    batch_processor.shutdown()
+    hand_off = QueueOnly()
+    out.append(("export process: the hand-off's on_end (a tuple queued), per span",
+                cpu_us(lambda: hand_off.on_end(span), 20_000)))
+    from opentelemetry.sdk.trace import sampling
+
+    sampled_out = TracerProvider(sampler=sampling.ParentBasedTraceIdRatio(0.0))
+    out.append(("request path: a sampled-out request (9 in 10 at 10% sampling)",
+                cpu_us(lambda t=Tracing(sampled_out, owned=True): request(t), 10_000)))
+    sampled_out.shutdown()
+    batch = hand_off.kept
+    out.append(("hand-off thread: orjson of a batch of 512, per span",
+                cpu_us(lambda: orjson.dumps(batch, default=str), 200, len(batch))))
+
+    resource, scopes = own_resource({}), {}
+    wire = orjson.loads(orjson.dumps(batch, default=str))
+    out.append(("exporter process: rebuilding ReadableSpans, per span",
+                cpu_us(lambda: [_rebuild(item, resource, scopes) for item in wire], 20, len(wire))))
+    out.append(("OTLP protobuf: encode_spans + serialise, per span (batches of 512)",
+                cpu_us(lambda: encode_spans(spans).SerializePartialToString(), 20, len(spans))))
+    if json_exporter_available():
+        from opentelemetry.exporter.otlp.json.common._internal.trace_encoder import encode_spans as encode_json
+        out.append(("OTLP JSON: encode_spans + to_json, per span (batches of 512)",
+                    cpu_us(lambda: encode_json(spans).to_json().encode(), 20, len(spans))))
 
     class Sink(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -320,9 +415,9 @@ def tracing_breakdown() -> list[tuple[str, float]]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     otlp = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{server.server_port}/v1/traces")
-    data = message.SerializePartialToString()
-    out.append(("tracing, export thread: HTTP POST of the batch (incl. the loopback sink's handling)",
-                min(timeit.repeat(lambda: otlp._client.export(data), number=50, repeat=3)) / 50 / per * 1e6))
+    data = encode_spans(spans).SerializePartialToString()
+    out.append(("HTTP POST of the batch, per span (incl. the loopback sink's handling)",
+                cpu_us(lambda: otlp._client.export(data), 50, len(spans))))
     otlp.shutdown()
     server.shutdown()
     provider.shutdown()
@@ -337,6 +432,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=18100)
     parser.add_argument("--micro-only", action="store_true", help="only the per-request micro-benchmark")
+    parser.add_argument("--modes", nargs="*", help="only the modes whose name contains one of these words")
     args = parser.parse_args()
     if args.micro_only:
         for label, us in micro():
@@ -347,17 +443,19 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     results = asyncio.run(macro(args))
-    base = statistics.median(r[0] for r in results["monitoring off"])
-    base_cpu = statistics.median(r[3] for r in results["monitoring off"])
-    print(f"\n| mode | req/s (median of {args.rounds}) | vs off | p50 ms | p99 ms | tiergate CPU µs/req | vs off |"
-          "\n|---|---|---|---|---|---|---|")
+    untraced = results.get("metrics + logs") or results.get("monitoring off")
+    base = statistics.median(r[0] for r in untraced)
+    base_cpu = statistics.median(r[3] for r in untraced)
+    print(f"\n| mode | req/s (median of {args.rounds}) | vs metrics + logs | p50 ms | p99 ms | serving process "
+          "CPU µs/req | vs metrics + logs | exporter process CPU µs/req |\n|---|---|---|---|---|---|---|---|")
     for mode, rows in results.items():
         rps = statistics.median(r[0] for r in rows)
         cpu = statistics.median(r[3] for r in rows)
         print(f"| {mode} | {rps:.0f} | {100 * (rps / base - 1):+.1f}% | "
               f"{statistics.median(r[1] for r in rows):.2f} | {statistics.median(r[2] for r in rows):.2f} | "
-              f"{cpu:.0f} | {100 * (cpu / base_cpu - 1):+.1f}% |")
+              f"{cpu:.0f} | {cpu - base_cpu:+.0f} | {statistics.median(r[4] for r in rows):.0f} |")
     print("\n| per-request telemetry work | µs |\n|---|---|")
     for label, us in micro():
         print(f"| {label} | {us:.2f} |")

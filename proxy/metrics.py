@@ -30,6 +30,16 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import multiprocess as prom_multiprocess
 
 from .breaker import STATE_VALUES
+from .semconv import (
+    CHUNK_BUCKETS,
+    DURATION_BUCKETS,
+    LATEST,
+    NAMES,
+    TOKEN_BUCKETS,
+    GenAINames,
+    label_name,
+    prometheus_name,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -40,10 +50,19 @@ METRIC_NAMES = (
     "tiergate_time_to_first_token_seconds", "tiergate_upstream_attempts_total",
     "tiergate_fallbacks_total", "tiergate_tokens_total", "tiergate_cost_usd_total",
     "tiergate_cache_requests_total", "tiergate_cache_bytes", "tiergate_circuit_state",
-    "tiergate_routing_table_age_seconds",
+    "tiergate_routing_table_age_seconds", "tiergate_trace_spans_dropped_total",
     # only with a routing table in Postgres (DATABASE_URL)
     "tiergate_database_up", "tiergate_database_last_refresh_age_seconds",
 )
+
+# the GenAI metrics' attributes, as labels (gen_ai.response.model is left out: it would need the
+# response's `model` read from every body, and the request model names the deployment already)
+GENAI_ATTRIBUTES = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model",
+                    "server.address", "server.port")
+GENAI_LABELS = tuple(map(label_name, GENAI_ATTRIBUTES))
+ERROR_LABEL = label_name("error.type")  # on the duration only (the conventions' other metrics have none)
+MODALITY_LABEL = label_name("gen_ai.token.modality")
+TOKEN_TYPE_LABEL = label_name("gen_ai.token.type")
 
 
 def multiprocess_dir() -> str | None:
@@ -87,6 +106,11 @@ class _PendingHistogram:
         self.counts = [0] * len(self.bounds)
         self.total = 0.0
 
+    def observe_same_ms(self, value: float, count: int) -> None:
+        """`count` observations of one value."""
+        self.counts[bisect_left(self.bounds, value)] += count
+        self.total += value * count
+
     def observe_ms(self, values: list[float]) -> None:
         counts = self.counts
         for i, n in Counter(map(bisect_left, repeat(self.bounds), values)).items():
@@ -119,10 +143,54 @@ class _RequestSeries:
     fallbacks: Any
 
 
+@dataclass(slots=True)
+class _GenAISeries:
+    """The children one set of GenAI metric attributes touches, in one version of the conventions."""
+
+    duration: Any
+    time_to_first_chunk: Any
+    time_per_output_chunk: Any
+    usage: dict[str, Any]  # latest: a counter per token kind (input, output, cache_read, ...)
+    token_usage: dict[str, Any]  # previous: the token histogram per token type (input, output)
+
+
+class _GenAIFamilies:
+    """The GenAI client inference metrics under one version's names, as Prometheus names them."""
+
+    def __init__(self, names: GenAINames, registry: CollectorRegistry):
+        labels = list(GENAI_LABELS)
+        self.names = names
+        self.duration = Histogram(prometheus_name(names.duration, "s"), "GenAI client inference operation "
+                                  "duration (OpenTelemetry GenAI conventions)", [*labels, ERROR_LABEL],
+                                  buckets=DURATION_BUCKETS, registry=registry)
+        self.time_to_first_chunk = Histogram(
+            prometheus_name(names.time_to_first_chunk, "s"), "Streams: time to receive the first chunk",
+            labels, buckets=DURATION_BUCKETS, registry=registry)
+        self.time_per_output_chunk = Histogram(
+            prometheus_name(names.time_per_output_chunk, "s"), "Streams: time per output chunk after the "
+            "first (each stream's mean, once per chunk)", labels, buckets=CHUNK_BUCKETS, registry=registry)
+        self.usage = {kind: PromCounter(prometheus_name(name, "{token}"), f"GenAI {kind.replace('_', ' ')} "
+                                        "tokens used", [*labels, MODALITY_LABEL], registry=registry)
+                      for kind, name in names.usage_counters}
+        self.token_usage = (Histogram(prometheus_name(names.token_usage, "{token}"), "Number of input and "
+                                      "output tokens used", [*labels, TOKEN_TYPE_LABEL], buckets=TOKEN_BUCKETS,
+                                      registry=registry) if names.token_usage else None)
+
+    def series(self, values: tuple[str, ...], error: str, gathered: Any) -> _GenAISeries:
+        token_usage = self.token_usage
+        return _GenAISeries(
+            gathered(self.duration.labels(*values, error), _PendingHistogram),
+            gathered(self.time_to_first_chunk.labels(*values), _PendingHistogram),
+            gathered(self.time_per_output_chunk.labels(*values), _PendingHistogram),
+            {kind: gathered(counter.labels(*values, "unknown")) for kind, counter in self.usage.items()},
+            {kind: gathered(token_usage.labels(*values, kind), _PendingHistogram) for kind in ("input", "output")}
+            if token_usage is not None else {})
+
+
 class PrometheusMetrics:
     """The metric families and a cache of their labelled children."""
 
-    def __init__(self, *, multiproc_dir: str | None = None):
+    def __init__(self, *, multiproc_dir: str | None = None, genai: tuple[GenAINames, ...] = (NAMES[LATEST],)):
         self.multiproc_dir = multiproc_dir
         self.registry = CollectorRegistry(auto_describe=False)
         reg = self.registry
@@ -157,6 +225,12 @@ class PrometheusMetrics:
         self.database_refresh_age = Gauge("tiergate_database_last_refresh_age_seconds", "Seconds since the "
                                           "routing table was last read from the database", registry=reg,
                                           multiprocess_mode="livemax")
+        self.spans_dropped = PromCounter("tiergate_trace_spans_dropped", "Finished spans the hand-off to the "
+                                         "span exporter process dropped (its queue was full)", registry=reg)
+        self._spans_dropped_seen = 0
+        self.genai = [_GenAIFamilies(names, reg) for names in genai]
+        self.genai_token_histograms = any(family.token_usage is not None for family in self.genai)
+        self._genai_series: dict[tuple[str, ...], list[_GenAISeries]] = {}
         self._series: dict[tuple[str, str, str, int], _RequestSeries] = {}
         self._attempt_children: dict[tuple[str, str], _Pending] = {}
         self._cache_children: dict[str, _Pending] = {}
@@ -190,6 +264,24 @@ class PrometheusMetrics:
                 counter(self.cost.labels(model)), counter(self.fallbacks.labels(route)))
             self._series[key] = found
         return found
+
+    def genai_series(self, operation: str, provider: str, model: str, server: tuple[str, int] | None,
+                     error: str) -> list[_GenAISeries]:
+        """The GenAI metrics' children of one attribute set, in each version of the conventions reported."""
+        key = (operation, provider, model, server[0] if server else "", str(server[1]) if server else "", error)
+        found = self._genai_series.get(key)
+        if found is None:
+            if len(self._genai_series) >= _MAX_CACHED_SERIES:
+                self._drop_cached()
+            found = self._genai_series[key] = [family.series(key[:-1], error, self._gathered)
+                                               for family in self.genai]
+        return found
+
+    def spans_dropped_total(self, total: int) -> None:
+        """The hand-off's running count of dropped spans."""
+        if total > self._spans_dropped_seen:
+            self.spans_dropped.inc(total - self._spans_dropped_seen)
+            self._spans_dropped_seen = total
 
     def attempt(self, provider: str, outcome: str, count: int = 1) -> None:
         key = (provider, outcome)
@@ -226,6 +318,7 @@ class PrometheusMetrics:
         """Forget the cached children (prometheus-client keeps the series themselves)."""
         self.flush()
         self._series.clear()
+        self._genai_series.clear()
         self._attempt_children.clear()
         self._cache_children.clear()
         self._pending.clear()
@@ -244,9 +337,17 @@ class PrometheusMetrics:
         if self.multiproc_dir:
             prom_multiprocess.mark_process_dead(os.getpid(), self.multiproc_dir)
 
-    @staticmethod
-    def names() -> Iterable[str]:
-        return METRIC_NAMES
+    def names(self) -> Iterable[str]:
+        """Every family's name, tiergate's own and the GenAI ones (as exposed, counters with `_total`)."""
+        yield from METRIC_NAMES
+        for family in self.genai:
+            yield family.duration._name
+            yield family.time_to_first_chunk._name
+            yield family.time_per_output_chunk._name
+            for counter in family.usage.values():
+                yield counter._name + "_total"
+            if family.token_usage is not None:
+                yield family.token_usage._name
 
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST

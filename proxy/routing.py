@@ -112,10 +112,12 @@ class RouteDecision:
 
 @dataclass(frozen=True)
 class Pricing:
-    """USD per million tokens."""
+    """USD per million tokens; `cached_input` for input tokens served from the provider's prompt cache
+    (None: priced as `input`)."""
 
     input: float
     output: float
+    cached_input: float | None = None
 
 
 class RoutingTable:
@@ -383,7 +385,9 @@ def table_from_dict(
         try:
             if not isinstance(price, dict):
                 raise ValueError("must be {input: USD per 1M tokens, output: USD per 1M tokens}")
-            pricing[str(ref)] = Pricing(float(price.get("input", 0)), float(price.get("output", 0)))
+            cached = price.get("cached_input")
+            pricing[str(ref)] = Pricing(float(price.get("input", 0)), float(price.get("output", 0)),
+                                        None if cached is None else float(cached))
         except (TypeError, ValueError) as exc:
             problems.append(f"pricing.{ref}: {exc}")
 

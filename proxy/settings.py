@@ -124,6 +124,9 @@ class _Settings:
     # one JSON line per request: stderr (cheapest) | logging | off. A library stays quiet unless the
     # application configures logging; `tiergate serve` defaults to stderr (see SERVE_DEFAULTS).
     request_log: str = "logging"
+    trace_export: str = "process"  # spans exported by a child process | thread (the SDK's, in this process)
+    trace_attempts: str = "auto"  # attempt child spans only when a request makes several | always
+    genai_semconv: str = "1.42"  # GenAI convention names: 1.42 | 1.41 (previous) | 1.41/dup (both)
     # the merged environment (with .env), kept to resolve `api_key_env` names in the table
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 

@@ -56,13 +56,16 @@ class LatencyRing:
 class Tally:
     """Counts for one model (or all of them)."""
 
-    __slots__ = ("requests", "succeeded", "prompt_tokens", "completion_tokens", "cost_usd", "latency")
+    __slots__ = ("requests", "succeeded", "prompt_tokens", "completion_tokens", "cached_prompt_tokens",
+                 "reasoning_tokens", "cost_usd", "latency")
 
     def __init__(self, reservoir: int = RESERVOIR_SIZE):
         self.requests = 0
         self.succeeded = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_prompt_tokens = 0  # part of prompt_tokens: served from the provider's prompt cache
+        self.reasoning_tokens = 0  # part of completion_tokens
         self.cost_usd = 0.0
         self.latency = LatencyRing(reservoir)
 
@@ -81,11 +84,13 @@ class Tally:
             ring._count += 1
 
     def add_many(self, succeeded: int, latencies_ms: list[float], prompt: int, completion: int,
-                 cost: float) -> None:
+                 cost: float, cached_prompt: int = 0, reasoning: int = 0) -> None:
         self.requests += len(latencies_ms)
         self.succeeded += succeeded
         self.prompt_tokens += prompt
         self.completion_tokens += completion
+        self.cached_prompt_tokens += cached_prompt
+        self.reasoning_tokens += reasoning
         self.cost_usd += cost
         self.latency.extend(latencies_ms)
 
@@ -96,7 +101,8 @@ class Tally:
             "success_rate": round(self.succeeded / self.requests, 6) if self.requests else 1.0,
             "latency_p50_ms": p50, "latency_p95_ms": p95, "latency_p99_ms": p99,
             "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens,
-                       "total": self.prompt_tokens + self.completion_tokens},
+                       "total": self.prompt_tokens + self.completion_tokens,
+                       "cached_prompt": self.cached_prompt_tokens, "reasoning": self.reasoning_tokens},
             "cost_usd": round(self.cost_usd, 9),
         }
 
@@ -125,15 +131,15 @@ class RequestStats:
         self.add_group(model, ok, [latency_ms], cache, prompt, completion, cost or 0.0, int(fallback))
 
     def add_group(self, model: str, ok: bool, latencies_ms: list[float], cache: str, prompt: int,
-                  completion: int, cost: float, fallbacks: int) -> None:
+                  completion: int, cost: float, fallbacks: int, cached_prompt: int = 0, reasoning: int = 0) -> None:
         """Requests that share model, outcome and cache result: their latencies, summed tokens and cost."""
         succeeded = len(latencies_ms) if ok else 0
-        self.overall.add_many(succeeded, latencies_ms, prompt, completion, cost)
+        self.overall.add_many(succeeded, latencies_ms, prompt, completion, cost, cached_prompt, reasoning)
         if model:
             tally = self.models.get(model)
             if tally is None:
                 tally = self.models[model] = Tally(self._reservoir)
-            tally.add_many(succeeded, latencies_ms, prompt, completion, cost)
+            tally.add_many(succeeded, latencies_ms, prompt, completion, cost, cached_prompt, reasoning)
         self.cache[cache] = self.cache.get(cache, 0) + len(latencies_ms)
         self.fallbacks += fallbacks
 

@@ -24,6 +24,7 @@ import orjson
 
 from .dispatch import Attempt, Result, StreamState
 from .metrics import CONTENT_TYPE, PrometheusMetrics, multiprocess_dir
+from .semconv import INFERENCE_OPERATIONS, OPERATION_OF_ENDPOINT, names_for
 from .settings import RouterConfig
 from .stats import RequestStats
 from .tracing import RequestTrace, Tracing
@@ -42,6 +43,7 @@ _UNKNOWN = object()
 _MEMO_LIMIT = 4096  # entries in the per-model memos (labels, prices)
 _USAGE, _COST, _ATTEMPTS = attrgetter("usage"), attrgetter("cost_usd"), attrgetter("attempts")
 _PROMPT, _COMPLETION = itemgetter(0), itemgetter(1)
+_CACHE_READ, _CACHE_WRITE, _REASONING = itemgetter(2), itemgetter(3), itemgetter(4)
 _ATTEMPT_KEY = attrgetter("provider", "outcome")
 
 
@@ -109,18 +111,22 @@ class Telemetry:
         self._batch = 1 if self._multiproc else _BATCH_SIZE  # several workers: counted at once
         self._labels: dict[ModelRef, str] = {}  # provider/model label per model, built once
         self._prices: dict[ModelRef, Any] = {}  # price per model in the current table (see `table_changed`)
+        self._servers: dict[str, tuple[str, int] | None] = {}  # provider -> (host, port) of its base URL
         self.request_log = config.request_log.strip().lower()
         if self.request_log not in REQUEST_LOG_TARGETS:
             raise ConfigError(f"request_log = {config.request_log!r}: expected one of "
                               f"{', '.join(REQUEST_LOG_TARGETS)}", param="request_log")
         self._log_stream = _buffered_stderr() if self.enabled and self.request_log == "stderr" else None
+        genai = names_for(config.genai_semconv)
         if not self.enabled:
             return
-        self.metrics = PrometheusMetrics(multiproc_dir=self._multiproc)
+        self.metrics = PrometheusMetrics(multiproc_dir=self._multiproc, genai=genai)
         if tracer_provider is not None:
-            self.tracing = Tracing(tracer_provider, log_prompts=config.log_prompts)
+            self.tracing = Tracing(tracer_provider, log_prompts=config.log_prompts,
+                                   attempts=config.trace_attempts, names=genai)
         else:
-            tracing = Tracing.from_env(config.env, log_prompts=config.log_prompts)
+            tracing = Tracing.from_env(config.env, log_prompts=config.log_prompts, export=config.trace_export,
+                                       attempts=config.trace_attempts, names=genai)
             self.tracing = tracing if tracing.enabled else None
 
     # -- along the request ----------------------------------------------------------------------
@@ -173,8 +179,32 @@ class Telemetry:
             record.cost_usd = cost_usd(usage, price)
 
     def table_changed(self) -> None:
-        """A new routing table (its `pricing` may differ): forget the memoised prices."""
+        """A new routing table (its `pricing` and providers may differ): forget the memoised prices and
+        provider addresses."""
         self._prices = {}
+        self._servers = {}
+
+    def _server(self, provider: str) -> tuple[str, int] | None:
+        """The (host, port) of `provider`'s base URL (the GenAI conventions' `server.address`/`.port`)."""
+        try:
+            return self._servers[provider]
+        except KeyError:
+            pass
+        server = None
+        table = getattr(self._router, "_table", None)
+        spec = table.providers.get(provider) if table is not None else None
+        if spec is not None and spec.base_url:
+            from urllib.parse import urlsplit
+            try:
+                parts = urlsplit(spec.base_url)
+                if parts.hostname:
+                    server = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+            except ValueError:
+                server = None
+        if len(self._servers) >= _MEMO_LIMIT:
+            self._servers.clear()
+        self._servers[provider] = server
+        return server
 
     # -- the end of the request -----------------------------------------------------------------
 
@@ -191,8 +221,10 @@ class Telemetry:
             if record.trace is not None and record.trace.recording:
                 record.trace.response_model = response_model(state.tail)
                 record.trace.finish_reasons = finish_reasons(state.tail)
-        if record.trace is not None:
-            record.trace.finish(record)
+        trace = record.trace
+        if trace is not None:
+            ref = record.ref
+            trace.finish(record, self._server(ref.provider) if ref is not None and trace.recording else None)
         finished = self._finished
         finished.append(record)
         if len(finished) >= self._batch:
@@ -217,10 +249,11 @@ class Telemetry:
         self._finished = []
         if len(self._labels) >= _MEMO_LIMIT:  # clients may name any model: stay bounded
             self._labels.clear()
-        groups: dict[tuple[str, ModelRef | None, int, str, bool], list[RequestRecord]] = {}
+        groups: dict[tuple[str, ModelRef | None, int, str, bool, str, str | None], list[RequestRecord]] = {}
         retried: list[RequestRecord] = []  # more than one attempt: maybe answered by a fallback
         for record in records:
-            key = (record.route, record.ref, record.status, record.cache, record.stream)
+            key = (record.route, record.ref, record.status, record.cache, record.stream, record.endpoint,
+                   record.error)
             group = groups.get(key)
             if group is None:
                 groups[key] = [record]
@@ -230,18 +263,20 @@ class Telemetry:
                 retried.append(record)
         fallbacks = {id(r) for r in retried if _answered_by_fallback(r)}
         stats, metrics = self.stats, self.metrics
-        for (route, ref, status, cache, stream), group in groups.items():
+        for (route, ref, status, cache, stream, endpoint, error), group in groups.items():
             ok = 200 <= status < 400
             model = self._model_label(ref) if ref is not None else ""
             latencies_ms = [(r.ended - r.started) * 1000 for r in group]
             if cache in _UNPAID_CACHE_RESULTS:
-                prompt = completion = 0
+                prompt = completion = cache_read = reasoning = 0
+                usages = []
             else:
                 usages = list(filter(None, map(_USAGE, group)))
                 prompt, completion = sum(map(_PROMPT, usages)), sum(map(_COMPLETION, usages))
+                cache_read, reasoning = sum(map(_CACHE_READ, usages)), sum(map(_REASONING, usages))
             cost = sum(filter(None, map(_COST, group)))
             fell_back = sum(1 for r in group if id(r) in fallbacks) if fallbacks else 0
-            stats.add_group(model, ok, latencies_ms, cache, prompt, completion, cost, fell_back)
+            stats.add_group(model, ok, latencies_ms, cache, prompt, completion, cost, fell_back, cache_read, reasoning)
             if metrics is None:
                 continue
             series = metrics.series(route, model, ref.provider if ref is not None else "", status)
@@ -258,6 +293,9 @@ class Telemetry:
             if fell_back:
                 series.fallbacks.inc(fell_back)
             metrics.cache_result(cache, len(group))
+            if cache not in _UNPAID_CACHE_RESULTS:
+                self._count_genai(metrics, group, endpoint, ref, status, error, stream, latencies_ms,
+                                  (prompt, completion, cache_read, sum(map(_CACHE_WRITE, usages)), reasoning))
         if metrics is not None:
             for (provider, outcome), n in Counter(map(_ATTEMPT_KEY, chain.from_iterable(map(_ATTEMPTS, records)))
                                                   ).items():
@@ -269,6 +307,46 @@ class Telemetry:
                     self._sampled_at = now
                     self.sample()
         self._write_log(records)
+
+    def _count_genai(self, metrics: PrometheusMetrics, group: list[RequestRecord], endpoint: str,
+                     ref: ModelRef | None, status: int, error: str | None, stream: bool,
+                     latencies_ms: list[float], tokens: tuple[int, int, int, int, int]) -> None:
+        """The GenAI client inference metrics of a group of requests that called a provider."""
+        operation = OPERATION_OF_ENDPOINT.get(endpoint, endpoint)
+        if operation not in INFERENCE_OPERATIONS:
+            return
+        if ref is None:  # failed: the conventions count it under the last provider tried
+            attempts = group[0].attempts
+            if not attempts:
+                return
+            last = attempts[-1]
+            provider, model = last.provider, last.model
+        else:
+            provider, model = ref.provider, ref.model
+        error_type = (error or str(status)) if error or status >= 400 else ""
+        prompt, completion, cache_read, cache_write, reasoning = tokens
+        usages = [r.usage for r in group if r.usage is not None] if metrics.genai_token_histograms else ()
+        for series in metrics.genai_series(operation, provider, model, self._server(provider), error_type):
+            series.duration.observe_ms(latencies_ms)
+            if stream:
+                firsts = [r for r in group if r.first_byte_at is not None]
+                series.time_to_first_chunk.observe_ms([(r.first_byte_at - r.started) * 1000 for r in firsts])
+                for r in firsts:
+                    state = r.stream_state
+                    if state is not None and state.chunks > 1:
+                        series.time_per_output_chunk.observe_same_ms(
+                            (r.ended - r.first_byte_at) * 1000 / (state.chunks - 1), state.chunks - 1)
+            usage_counters = series.usage
+            if usage_counters:  # every inference counted, 0 when no usage came back
+                usage_counters["input"].inc(prompt)
+                usage_counters["output"].inc(completion)
+                usage_counters["cache_read"].inc(cache_read)
+                usage_counters["cache_write"].inc(cache_write)
+                usage_counters["reasoning"].inc(reasoning)
+            if series.token_usage and usages:
+                # the helper takes thousandths of the histogram's unit (its own is seconds, given in ms)
+                series.token_usage["input"].observe_ms([u.prompt * 1000 for u in usages])
+                series.token_usage["output"].observe_ms([u.completion * 1000 for u in usages])
 
     def _model_label(self, ref: ModelRef) -> str:
         """`provider/model`, built once per model (the memo is bounded in `drain`)."""
@@ -355,6 +433,8 @@ class Telemetry:
         store = getattr(router, "_store", None)  # a routing table in Postgres
         if store is not None:
             metrics.sample_database(store.state == "connected", store.last_refresh_age())
+        if self.tracing is not None:
+            metrics.spans_dropped_total(self.tracing.dropped_spans())
 
     def render_metrics(self) -> tuple[bytes, str]:
         """`GET /metrics`: the exposition text and its content type."""

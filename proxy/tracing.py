@@ -1,10 +1,17 @@
-"""OpenTelemetry traces: one span per request (GenAI semantic conventions), one child per upstream attempt.
+"""OpenTelemetry traces: one span per request, on the GenAI semantic conventions (`gen-ai/1.42.0`).
 
 Tracing is on only when the standard `OTEL_*` variables name an exporter (an OTLP endpoint or
 `OTEL_TRACES_EXPORTER`), or when the caller hands in its own `TracerProvider`; otherwise
-`Tracing.start()` returns None and the request path does no tracing work at all. The client's
-W3C `traceparent` is the parent of the request span; each attempt's span is what is sent
-upstream as `traceparent`. Prompt and completion text go into spans only with `log_prompts`.
+`Tracing.start()` returns None and the request path does no tracing work at all.
+
+A request is one span, `{operation} {model}` (the conventions' `gen_ai.client.inference`). A
+single upstream attempt is an event on it (`tiergate.attempt`: outcome, provider, model, status,
+latency) and the request span is what goes upstream as `traceparent`. When a request makes more
+than one attempt (a retry, a fallback, a skipped candidate) each attempt is a child span, and
+the upstream's `traceparent` names it; the first attempt, made before anyone knew there would be
+another, becomes a child span afterwards with its own times. `TIERGATE_TRACE_ATTEMPTS=always`
+makes every attempt a child span. The client's W3C `traceparent` is the request span's parent.
+Prompt and completion text go into spans only with `log_prompts`.
 """
 
 from __future__ import annotations
@@ -19,68 +26,43 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .dispatch import Attempt, tried
-from .types import ModelRef
+from .semconv import LATEST, NAMES, GenAINames
+from .span_export import (  # noqa: F401 - exporter_from_env is part of this module's interface
+    DEFAULT_OTLP_ENDPOINT,
+    HandOffSpanProcessor,
+    build_exporter,
+    exporter_choice,
+    exporter_from_env,
+    own_resource,
+)
+from .types import ConfigError, ModelRef
 
 log = logging.getLogger("tiergate")
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-_TRUE = {"1", "true", "yes", "on"}
-DEFAULT_OTLP_ENDPOINT = "http://localhost:4318"
+TRACE_EXPORTS = ("process", "thread")
+TRACE_ATTEMPTS = ("auto", "always")
 
 
-def exporter_from_env(env: Mapping[str, str]) -> Any:
-    """The span exporter the `OTEL_*` variables ask for, or None (tracing off).
+def provider_from_env(env: Mapping[str, str], *, export: str = "process") -> Any:
+    """A TracerProvider exporting off the request path, or None when nothing is configured.
 
-    OTLP over HTTP/protobuf is the one supported protocol; `console` prints spans (debugging).
-    """
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE:
+    `export="process"`: spans are handed to a child process running the SDK's batch processor and
+    exporter (see span_export.py); `"thread"`: the SDK's BatchSpanProcessor in this process."""
+    if export not in TRACE_EXPORTS:
+        raise ConfigError(f"trace_export = {export!r}: expected one of {', '.join(TRACE_EXPORTS)}",
+                          param="trace_export")
+    choice = exporter_choice(env)
+    if choice is None:
         return None
-    names = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip()]
-    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    if not names:
-        if not endpoint:
-            return None
-        names = ["otlp"]
-    if "none" in names:
-        return None
-    if "console" in names:
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-        return ConsoleSpanExporter(service_name=env.get("OTEL_SERVICE_NAME") or "tiergate")
-    if not {"otlp", "otlp_proto_http"} & set(names):
-        log.warning("OTEL_TRACES_EXPORTER=%s is not supported (use otlp or console); tracing is off",
-                    ",".join(names))
-        return None
-    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-    if protocol and protocol != "http/protobuf":
-        log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s is not supported; exporting over http/protobuf", protocol)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.util.re import parse_env_headers
-
-    traces_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    if not traces_endpoint:
-        traces_endpoint = (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or DEFAULT_OTLP_ENDPOINT).rstrip("/") + "/v1/traces"
-    raw_headers = env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS") or ""
-    timeout = env.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or env.get("OTEL_EXPORTER_OTLP_TIMEOUT") or "10"
-    try:
-        seconds = float(timeout)
-    except ValueError:
-        seconds = 10.0
-    return OTLPSpanExporter(endpoint=traces_endpoint, headers=parse_env_headers(raw_headers, liberal=True),
-                            timeout=seconds)
-
-
-def provider_from_env(env: Mapping[str, str]) -> Any:
-    """A TracerProvider exporting in batches (off the event loop), or None when nothing is configured."""
-    exporter = exporter_from_env(env)
-    if exporter is None:
-        return None
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    created = Resource.create({SERVICE_NAME: env.get("OTEL_SERVICE_NAME") or "tiergate"})
-    provider = TracerProvider(resource=_hashed_once(created), sampler=sampler_from_env(env))
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    provider = TracerProvider(resource=own_resource(env), sampler=sampler_from_env(env))
+    if export == "process":
+        provider.add_span_processor(HandOffSpanProcessor(env))
+    else:
+        provider.add_span_processor(BatchSpanProcessor(build_exporter(choice)))
     return provider
 
 
@@ -110,43 +92,49 @@ def sampler_from_env(env: Mapping[str, str]) -> Any:
     return make()
 
 
-def _hashed_once(resource: Any) -> Any:
-    """`resource` with its hash computed once. The OTLP encoder groups every batch by resource and
-    hashes each span's (the SDK hashes a JSON dump of the attributes every time, ~2.5 µs a span);
-    a Resource never changes."""
-    from opentelemetry.sdk.resources import Resource
-
-    class HashedOnceResource(Resource):
-        def __init__(self, attributes: Any, schema_url: str | None = None):
-            super().__init__(attributes, schema_url)
-            self._hash = super().__hash__()
-
-        def __hash__(self) -> int:
-            return self._hash
-
-    return HashedOnceResource(resource.attributes, resource.schema_url)
+def _traceparent(context: Any) -> dict[str, str]:
+    """What TraceContextTextMapPropagator.inject writes, without building a Context for it."""
+    if not context.is_valid:  # a no-op tracer (OTEL_SDK_DISABLED)
+        return {}
+    out = {"traceparent": f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"}
+    if context.trace_state:
+        out["tracestate"] = context.trace_state.to_header()
+    return out
 
 
 class Tracing:
     """Starts request traces on one TracerProvider (tiergate's own, or one the caller hands in)."""
 
-    def __init__(self, provider: Any = None, *, owned: bool = False, log_prompts: bool = False):
+    def __init__(self, provider: Any = None, *, owned: bool = False, log_prompts: bool = False,
+                 attempts: str = "auto", names: tuple[GenAINames, ...] = (NAMES[LATEST],)):
+        if attempts not in TRACE_ATTEMPTS:
+            raise ConfigError(f"trace_attempts = {attempts!r}: expected one of {', '.join(TRACE_ATTEMPTS)}",
+                              param="trace_attempts")
         self.provider = provider
         self._owned = owned
         self.log_prompts = log_prompts
-        self._tracer = provider.get_tracer("tiergate") if provider is not None else None
-        # tiergate's own provider samples with an OTEL_TRACES_SAMPLER (parent-based, or by trace id, or
-        # always on/off): a span under a sampled-out request span is sampled out too, so its context
-        # is made here (a new span id) rather than by the SDK (~5 µs a span, on 9 requests in 10 at 10%)
-        self._unsampled_ids = getattr(provider, "id_generator", None) if owned else None
+        self.attempt_spans = attempts == "always"
+        # span attributes whose name differs between the conventions' versions (both when duplicating)
+        self.cache_write_attributes = tuple(n.cache_write_attribute for n in names)
+        self._tracer = (provider.get_tracer("tiergate", schema_url=names[0].schema_url)
+                        if provider is not None else None)
+        # tiergate's own provider hands its spans to an exporter process (see provider_from_env)
+        processors = getattr(getattr(provider, "_active_span_processor", None), "_span_processors", ()) if owned else ()
+        self._hand_offs = [p for p in processors if isinstance(p, HandOffSpanProcessor)]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], *, log_prompts: bool = False) -> Tracing:
-        return cls(provider_from_env(env), owned=True, log_prompts=log_prompts)
+    def from_env(cls, env: Mapping[str, str], *, log_prompts: bool = False, export: str = "process",
+                 attempts: str = "auto", names: tuple[GenAINames, ...] = (NAMES[LATEST],)) -> Tracing:
+        return cls(provider_from_env(env, export=export), owned=True, log_prompts=log_prompts,
+                   attempts=attempts, names=names)
 
     @property
     def enabled(self) -> bool:
         return self._tracer is not None
+
+    def dropped_spans(self) -> int:
+        """Spans tiergate's own exporter hand-off had to drop (its queue was full), so far."""
+        return sum(p.dropped for p in self._hand_offs)
 
     def start(self, operation: str, started: float, payload: Mapping[str, Any],
               headers: Mapping[str, str] | None) -> RequestTrace | None:
@@ -167,10 +155,9 @@ class Tracing:
                 attributes["gen_ai.input.messages"] = orjson.dumps(messages).decode()
         # named as it will end when the model is known now (the sampler sees the final name)
         name = f"{operation} {requested}" if isinstance(requested, str) and requested else operation
-        span = tracer.start_span(name, context=parent, kind=SpanKind.INTERNAL,
+        span = tracer.start_span(name, context=parent, kind=SpanKind.CLIENT,
                                  attributes=attributes, start_time=start_ns)
-        return RequestTrace(tracer, span, operation, requested if isinstance(requested, str) else None,
-                            self._unsampled_ids)
+        return RequestTrace(self, span, operation, requested if isinstance(requested, str) else None)
 
     def close(self) -> None:
         """Flush and stop the exporter (blocking: call it off the event loop)."""
@@ -180,20 +167,21 @@ class Tracing:
 
 
 class RequestTrace:
-    """One request's span and its attempts' child spans; the dispatcher's attempt observer."""
+    """One request's span, its attempts (an event, or child spans); the dispatcher's attempt observer."""
 
-    __slots__ = ("_tracer", "span", "operation", "requested_model", "_context", "_attempt",
-                 "response_model", "finish_reasons", "recording", "_unsampled_ids")
+    __slots__ = ("_tracing", "span", "operation", "requested_model", "_context", "_attempt", "_first",
+                 "_entries", "response_model", "finish_reasons", "recording", "_upstream_headers")
 
-    def __init__(self, tracer: Any, span: Any, operation: str, requested_model: str | None,
-                 unsampled_ids: Any = None):
-        self._tracer = tracer
-        self._unsampled_ids = unsampled_ids
+    def __init__(self, tracing: Tracing, span: Any, operation: str, requested_model: str | None):
+        self._tracing = tracing
         self.span = span
         self.operation = operation
         self.requested_model = requested_model
-        self._context = trace.set_span_in_context(span)
-        self._attempt: Any = None
+        self._context: Any = None  # the span as a parent Context, made when a child span is
+        self._attempt: Any = None  # the open attempt: a child span, or (ref, start ns) while it may stay an event
+        self._first: Any = None  # a single ended attempt, (ref, start ns, end ns, Attempt), not yet reported
+        self._entries = 0  # attempts started or skipped so far
+        self._upstream_headers: dict[str, str] | None = None
         self.recording = span.is_recording()  # False when sampled out: propagate, set nothing
         self.response_model: str | None = None
         self.finish_reasons: tuple[str, ...] = ()
@@ -201,73 +189,91 @@ class RequestTrace:
     # -- the dispatcher's hooks ----------------------------------------------------------------
 
     def attempt_started(self, ref: ModelRef, headers: Mapping[str, str] | None) -> dict[str, str]:
-        """Start the attempt's span; returns the headers to send upstream (with its traceparent)."""
+        """Note the attempt's start; returns the headers to send upstream (with a traceparent)."""
         self._end_attempt(None)
-        if not self.recording and self._unsampled_ids is not None:
-            parent = self.span.get_span_context()
-            span: Any = trace.NonRecordingSpan(trace.SpanContext(
-                parent.trace_id, self._unsampled_ids.generate_span_id(), is_remote=False,
-                trace_flags=parent.trace_flags, trace_state=parent.trace_state))
-        else:
-            span = self._tracer.start_span(
-                f"{self.operation} {ref.model}", context=self._context, kind=SpanKind.CLIENT,
-                attributes={"gen_ai.operation.name": self.operation, "gen_ai.request.model": ref.model,
-                            "gen_ai.provider.name": ref.provider})
-        self._attempt = span
+        self._entries += 1
         carrier = dict(headers) if headers else {}
-        # what TraceContextTextMapPropagator.inject writes, without building a Context for it
-        context = span.get_span_context()
-        if context.is_valid:  # not with a no-op tracer (OTEL_SDK_DISABLED)
-            carrier["traceparent"] = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
-            if context.trace_state:
-                carrier["tracestate"] = context.trace_state.to_header()
+        if not self.recording or (self._entries == 1 and not self._tracing.attempt_spans):
+            # the request span itself goes upstream (a sampled-out one too: nothing is exported)
+            if self.recording:
+                self._attempt = (ref, time.time_ns())
+            upstream = self._upstream_headers
+            if upstream is None:
+                upstream = self._upstream_headers = _traceparent(self.span.get_span_context())
+            carrier.update(upstream)
+            return carrier
+        self._report_first_as_span()
+        span = self._child(ref, time.time_ns())
+        self._attempt = span
+        carrier.update(_traceparent(span.get_span_context()))
         return carrier
 
     def attempt_ended(self, attempt: Attempt) -> None:
-        """End the open attempt span with the attempt's outcome; skipped candidates become events."""
+        """The attempt's outcome; a candidate skipped without a call (breaker open, ...) is an event."""
         if self._attempt is None:
             if not self.recording:
                 return
+            self._entries += 1
+            self._report_first_as_span()
             self.span.add_event("tiergate.attempt.skipped", {
                 "gen_ai.provider.name": attempt.provider, "gen_ai.request.model": attempt.model,
                 "tiergate.attempt.outcome": attempt.outcome})
             return
         self._end_attempt(attempt)
 
+    def _child(self, ref: ModelRef, start_ns: int) -> Any:
+        if self._context is None:
+            self._context = trace.set_span_in_context(self.span)
+        return self._tracing._tracer.start_span(
+            f"{self.operation} {ref.model}", context=self._context, kind=SpanKind.CLIENT, start_time=start_ns,
+            attributes={"gen_ai.operation.name": self.operation, "gen_ai.request.model": ref.model,
+                        "gen_ai.provider.name": ref.provider})
+
     def _end_attempt(self, attempt: Attempt | None) -> None:
-        span = self._attempt
-        if span is None:
+        open_attempt = self._attempt
+        if open_attempt is None:
             return
         self._attempt = None
-        if not self.recording:
-            span.end()
+        if type(open_attempt) is tuple:  # the first attempt, reported at the end (or as a span, if another follows)
+            self._first = (*open_attempt, time.time_ns(), attempt)
             return
-        if attempt is None:
-            span.set_attribute("tiergate.attempt.outcome", "abandoned")
-        elif attempt.outcome == "ok":
-            span.set_attribute("tiergate.attempt.outcome", "ok")
-        else:
-            attrs: dict[str, Any] = {"tiergate.attempt.outcome": attempt.outcome, "error.type": attempt.outcome}
-            if attempt.status is not None:
-                attrs["http.response.status_code"] = attempt.status
-            span.set_attributes(attrs)
-            span.set_status(Status(StatusCode.ERROR, attempt.outcome))
-        span.end()
+        _end_attempt_span(open_attempt, attempt)
+
+    def _report_first_as_span(self) -> None:
+        """Another attempt follows the first: the first becomes a child span, with its own times."""
+        first = self._first
+        if first is None:
+            return
+        self._first = None
+        ref, start_ns, end_ns, attempt = first
+        _end_attempt_span(self._child(ref, start_ns), attempt, end_ns)
 
     # -- the end of the request ----------------------------------------------------------------
 
-    def finish(self, record: Any) -> None:
-        """Name the span `{operation} {model}`, set the GenAI and tiergate attributes, end it."""
+    def finish(self, record: Any, server: tuple[str, int] | None = None) -> None:
+        """Set the GenAI and tiergate attributes (the single attempt as an event), end the span.
+
+        `server` is the answering provider's (host, port)."""
         self._end_attempt(None)
         span = self.span
         if not self.recording:
             span.end()
             return
+        first = self._first
+        if first is not None:  # one attempt: an event on the request span
+            ref, start_ns, end_ns, attempt = first
+            event: dict[str, Any] = {"tiergate.attempt.outcome": attempt.outcome if attempt else "abandoned",
+                                     "gen_ai.provider.name": ref.provider, "gen_ai.request.model": ref.model,
+                                     "tiergate.attempt.duration_s": (end_ns - start_ns) / 1e9}
+            if attempt is not None and attempt.status is not None:
+                event["http.response.status_code"] = attempt.status
+            span.add_event("tiergate.attempt", event, end_ns)
         ref = record.ref
         if not self.requested_model:  # otherwise named so at the start
             span.update_name(f"{self.operation} {record.route or (ref.model if ref else '')}".rstrip())
-        # few attributes on purpose: each one costs the SDK a validation pass on the hot path
+        # set in one call: each call costs the SDK a lock and a validation pass
         attrs: dict[str, Any] = {
+            "gen_ai.request.stream": record.stream,
             "tiergate.route": record.route, "tiergate.cache": record.cache,
             "tiergate.attempts": tried(record.attempts), "tiergate.request_id": record.request_id,
         }
@@ -276,17 +282,25 @@ class RequestTrace:
         if ref is not None:
             attrs["gen_ai.provider.name"] = ref.provider
             attrs["gen_ai.response.model"] = self.response_model or ref.model
+            if server is not None:
+                attrs["server.address"], attrs["server.port"] = server
         usage = record.usage
         if usage is not None:
             attrs["gen_ai.usage.input_tokens"] = usage.prompt
             attrs["gen_ai.usage.output_tokens"] = usage.completion
+            if usage.cache_read:
+                attrs["gen_ai.usage.cache_read.input_tokens"] = usage.cache_read
+            if usage.cache_write:
+                for name in self._tracing.cache_write_attributes:
+                    attrs[name] = usage.cache_write
+            if usage.reasoning:
+                attrs["gen_ai.usage.reasoning.output_tokens"] = usage.reasoning
         if record.cost_usd is not None:
             attrs["tiergate.cost_usd"] = record.cost_usd
         if self.finish_reasons:
             attrs["gen_ai.response.finish_reasons"] = self.finish_reasons
         if record.first_byte_at is not None:
-            attrs["tiergate.stream"] = True
-            attrs["tiergate.time_to_first_chunk_s"] = round(record.first_byte_at - record.started, 6)
+            attrs["gen_ai.response.time_to_first_chunk"] = round(record.first_byte_at - record.started, 6)
         if record.error or record.status >= 400:
             cause = record.error or str(record.status)
             attrs["error.type"] = cause
@@ -294,3 +308,20 @@ class RequestTrace:
             span.set_status(Status(StatusCode.ERROR, cause))
         span.set_attributes(attrs)
         span.end()
+
+
+def _end_attempt_span(span: Any, attempt: Attempt | None, end_ns: int | None = None) -> None:
+    if not span.is_recording():
+        span.end(end_ns)
+        return
+    if attempt is None:
+        span.set_attribute("tiergate.attempt.outcome", "abandoned")
+    elif attempt.outcome == "ok":
+        span.set_attribute("tiergate.attempt.outcome", "ok")
+    else:
+        attrs: dict[str, Any] = {"tiergate.attempt.outcome": attempt.outcome, "error.type": attempt.outcome}
+        if attempt.status is not None:
+            attrs["http.response.status_code"] = attempt.status
+        span.set_attributes(attrs)
+        span.set_status(Status(StatusCode.ERROR, attempt.outcome))
+    span.end(end_ns)

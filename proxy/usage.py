@@ -17,16 +17,22 @@ _USAGE_KEY = b'"usage"'
 _KEY_LENGTH = len(_USAGE_KEY)
 _OPENAI_USAGE = re.compile(rb'"usage"\s*:\s*\{\s*"prompt_tokens"\s*:\s*(\d{1,15})\s*,'
                            rb'\s*"completion_tokens"\s*:\s*(\d{1,15})(?=\s*[,}])')
+_USAGE_END = re.compile(rb'\s*(?:,\s*"total_tokens"\s*:\s*\d{1,15}\s*)?}')
 _MAX_CLOSING_BRACES = 8  # usage nests `*_tokens_details` objects one level deep
 _FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"([A-Za-z0-9_\-]{1,64})"')
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 
 
 class Usage(NamedTuple):
-    """Tokens one response used (`completion` is 0 for embeddings)."""
+    """Tokens one response used (`completion` is 0 for embeddings). `cache_read` and `cache_write` are
+    parts of `prompt` (input tokens served from, or written to, the provider's prompt cache);
+    `reasoning` is part of `completion`."""
 
     prompt: int
     completion: int
+    cache_read: int = 0
+    cache_write: int = 0
+    reasoning: int = 0
 
 
 def find_usage(data: bytes) -> Usage | None:
@@ -37,7 +43,9 @@ def find_usage(data: bytes) -> Usage | None:
     at = data.rfind(_USAGE_KEY)
     if at >= 0:
         match = _OPENAI_USAGE.match(data, at)
-        if match is not None:  # OpenAI's own layout: one regex match instead of a parse (twice as fast)
+        # OpenAI's own layout, nothing after the counts but the total: one regex match instead of a
+        # parse (twice as fast); token details, cache counts and other layouts take the parse
+        if match is not None and _USAGE_END.match(data, match.end()) is not None:
             return Usage(int(match[1]), int(match[2]))
     while at >= 0:
         key_end = at + _KEY_LENGTH
@@ -54,10 +62,6 @@ def find_usage(data: bytes) -> Usage | None:
                     continue
                 if type(obj) is not dict:
                     break
-                prompt = obj.get("prompt_tokens")
-                completion = obj.get("completion_tokens")
-                if type(prompt) is int and type(completion) is int and prompt >= 0 and completion >= 0:
-                    return Usage(prompt, completion)  # OpenAI's names, the usual case
                 usage = _usage_from(obj)
                 if usage is not None:
                     return usage
@@ -67,7 +71,8 @@ def find_usage(data: bytes) -> Usage | None:
 
 
 def _usage_from(obj: dict[str, Any]) -> Usage | None:
-    """Embeddings (no completion tokens) and the Responses API's names."""
+    """Chat and completions (`prompt_tokens`, `*_tokens_details`), embeddings (no completion tokens)
+    and the Responses API's names (`input_tokens`, `input_tokens_details`, ...)."""
     prompt = obj.get("prompt_tokens")
     if prompt is None:
         prompt = obj.get("input_tokens")
@@ -76,7 +81,26 @@ def _usage_from(obj: dict[str, Any]) -> Usage | None:
         completion = obj.get("output_tokens") or 0
     if type(prompt) is not int or type(completion) is not int:
         return None
-    return Usage(prompt if prompt > 0 else 0, completion if completion > 0 else 0)
+    prompt, completion = max(prompt, 0), max(completion, 0)
+    input_details = obj.get("prompt_tokens_details") or obj.get("input_tokens_details")
+    output_details = obj.get("completion_tokens_details") or obj.get("output_tokens_details")
+    cache_read = cache_write = reasoning = 0
+    if type(input_details) is dict:
+        cache_read = _count(input_details.get("cached_tokens"), prompt)
+        cache_write = _count(input_details.get("cache_write_tokens", input_details.get("cache_creation_tokens")),
+                             prompt)
+    if not cache_read:  # providers that speak Anthropic's names through the OpenAI shape
+        cache_read = _count(obj.get("cache_read_input_tokens"), prompt)
+    if not cache_write:
+        cache_write = _count(obj.get("cache_creation_input_tokens"), prompt)
+    if type(output_details) is dict:
+        reasoning = _count(output_details.get("reasoning_tokens"), completion)
+    return Usage(prompt, completion, cache_read, cache_write, reasoning)
+
+
+def _count(value: Any, limit: int) -> int:
+    """A token count from a provider's details: an int between 0 and the total it is part of."""
+    return min(value, limit) if type(value) is int and value > 0 else 0
 
 
 def finish_reasons(data: bytes) -> tuple[str, ...]:
@@ -94,7 +118,12 @@ def response_model(data: bytes) -> str | None:
 
 
 def cost_usd(usage: Usage, price: Any) -> float:
-    """USD for `usage` at `price` (an object with `input` and `output` USD per 1M tokens)."""
+    """USD for `usage` at `price` (`input`, `output` and optionally `cached_input`, USD per 1M tokens):
+    input tokens served from the provider's cache at `cached_input` when the table gives it."""
+    cached = price.cached_input
+    if cached is not None and usage.cache_read:
+        return ((usage.prompt - usage.cache_read) * price.input + usage.cache_read * cached
+                + usage.completion * price.output) / 1_000_000
     return (usage.prompt * price.input + usage.completion * price.output) / 1_000_000
 
 

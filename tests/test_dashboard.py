@@ -13,7 +13,7 @@ from .conftest import table_doc
 from .telemetry_support import config_with, parse_metrics, running
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-METRIC = re.compile(r"\btiergate_[a-z_]+")
+METRIC = re.compile(r"\b(?:tiergate|gen_ai_client)_[a-z_]+")  # tiergate's own and the GenAI conventions' (not labels)
 
 
 def panels(dashboard: dict) -> list[dict]:
@@ -40,11 +40,11 @@ async def test_every_panel_queries_an_exported_metric(upstream, http):
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             names = METRIC.findall(target["expr"])
-            assert names, f"{panel['title']}: no tiergate metric in {target['expr']}"
+            assert names, f"{panel['title']}: no tiergate or GenAI metric in {target['expr']}"
             for name in names:
                 assert name in exported, f"{panel['title']}: {name} is not exported"
     joined = " | ".join(titles)
-    for topic in ("request rate", "success rate", "p50 / p95 / p99", "time to first token", "cache hit rate",
+    for topic in ("request rate", "success rate", "p50 / p95 / p99", "time to first chunk", "cache hit rate",
                   "fallbacks", "circuit breaker", "tokens by model", "cost by model"):
         assert topic in joined, topic
 

@@ -247,7 +247,7 @@ def test_fastapi_dependency_across_two_test_clients(tmp_path):
             resp = client.post("/ask")
             assert resp.status_code == 500  # the provider's own status class
             error = resp.json()["error"]
-            assert set(error) == {"message", "type", "param", "code"} and error["type"] == "server_error"  # the provider's type
+            assert set(error) == {"message", "type", "param", "code"} and error["type"] == "server_error"
     assert seen[0] is seen[1] and seen[2] is seen[3] and seen[0] is not seen[2]
     assert all(r.closed for r in seen)
 

@@ -16,9 +16,34 @@ def test_usage_from_a_body_with_nested_details():
                          "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17,
                                    "prompt_tokens_details": {"cached_tokens": 2},
                                    "completion_tokens_details": {"reasoning_tokens": 1}}})
-    assert find_usage(body) == Usage(12, 5)
+    assert find_usage(body) == Usage(12, 5, cache_read=2, reasoning=1)
     assert finish_reasons(body) == ("length",)
     assert response_model(body) == "m-1"
+
+
+@pytest.mark.parametrize(("usage", "expected"), [
+    # chat completions (OpenAI): cached input and reasoning output in the details
+    ({"prompt_tokens": 2006, "completion_tokens": 300, "total_tokens": 2306,
+      "prompt_tokens_details": {"cached_tokens": 1920, "audio_tokens": 0},
+      "completion_tokens_details": {"reasoning_tokens": 128, "audio_tokens": 0}}, Usage(2006, 300, 1920, 0, 128)),
+    # the Responses API's names
+    ({"input_tokens": 500, "input_tokens_details": {"cached_tokens": 100}, "output_tokens": 40,
+      "output_tokens_details": {"reasoning_tokens": 30}, "total_tokens": 540}, Usage(500, 40, 100, 0, 30)),
+    # cache writes (OpenRouter's detail name, and Anthropic's names through the OpenAI shape)
+    ({"prompt_tokens": 90, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 0,
+                                                                            "cache_write_tokens": 80}},
+     Usage(90, 1, 0, 80, 0)),
+    ({"prompt_tokens": 90, "completion_tokens": 1, "cache_read_input_tokens": 10, "cache_creation_input_tokens": 70},
+     Usage(90, 1, 10, 70, 0)),
+    # details that make no sense are bounded by the totals they are part of, or ignored
+    ({"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 50},
+      "completion_tokens_details": {"reasoning_tokens": "many"}}, Usage(5, 1, 5, 0, 0)),
+    ({"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details": None}, Usage(5, 1)),
+])
+def test_cached_and_reasoning_tokens_from_the_providers_usage(usage, expected):
+    assert find_usage(orjson.dumps({"id": "x", "choices": [], "usage": usage})) == expected
+    stream_tail = b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\ndata: [DONE]\n\n"
+    assert find_usage(stream_tail) == expected
 
 
 def test_usage_with_spaces_null_and_missing():
@@ -44,7 +69,8 @@ def test_the_fast_path_agrees_with_a_full_parse(usage):
     body = orjson.dumps({"id": "x", "choices": [], "usage": usage})
     parsed = orjson.loads(body)["usage"]
     prompt, completion = parsed.get("prompt_tokens"), parsed.get("completion_tokens")
-    expected = (Usage(max(prompt, 0), max(completion, 0))
+    cached = (parsed.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    expected = (Usage(max(prompt, 0), max(completion, 0), cached)
                 if type(prompt) is int and type(completion) is int else None)
     assert find_usage(body) == expected
     assert find_usage(orjson.dumps({"usage": usage}, option=orjson.OPT_INDENT_2)) == expected  # with whitespace
@@ -63,6 +89,24 @@ def test_cost_per_million_tokens():
     price = price_for({"p/m": Pricing(2.5, 10.0)}, "p", "m")
     assert cost_usd(Usage(1000, 500), price) == pytest.approx(0.0075)
     assert price_for({}, "p", "m") is None and price_for({"p/m": Pricing(1, 1)}, "p", "other") is None
+
+
+def test_cached_input_tokens_priced_separately_when_the_table_says():
+    usage = Usage(1000, 500, cache_read=800, reasoning=200)
+    # 200 uncached at 2.5, 800 cached at 1.25, 500 output (reasoning included) at 10
+    assert cost_usd(usage, Pricing(2.5, 10.0, cached_input=1.25)) == pytest.approx((200 * 2.5 + 800 * 1.25
+                                                                                      + 500 * 10) / 1e6)
+    assert cost_usd(usage, Pricing(2.5, 10.0)) == pytest.approx(0.0075)  # no cached price: all at input
+
+
+def test_cached_input_price_read_from_the_table():
+    from proxy.routing import table_from_dict
+
+    doc = {"providers": {"p": {"base_url": "http://127.0.0.1:1/v1", "api_key": "k"}},
+           "pricing": {"p/m": {"input": 2.5, "output": 10, "cached_input": 1.25}, "p/n": {"input": 1, "output": 2}},
+           "routes": [{"use_case": "general_purpose", "tier": "standard", "model": "p/m"}]}
+    table = table_from_dict(doc, source="test")
+    assert table.pricing["p/m"] == Pricing(2.5, 10.0, 1.25) and table.pricing["p/n"].cached_input is None
 
 
 def test_latency_ring_is_bounded_and_percentiles_are_nearest_rank():

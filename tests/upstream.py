@@ -28,6 +28,7 @@ class Ok:
     delay: float = 0.0
     gate: asyncio.Event | None = None
     content: str | None = None
+    usage: dict[str, Any] | None = None  # added to the usage object (token details, ...)
 
 
 @dataclass
@@ -240,7 +241,9 @@ class MockUpstream:
         content = (action.content if isinstance(action, Ok) and action.content
                    else f"{self.name} answered {model}")
         words = content.split(" ")
-        usage = {"prompt_tokens": 10, "completion_tokens": len(words), "total_tokens": 10 + len(words)}
+        usage: dict[str, Any] = {"prompt_tokens": 10, "completion_tokens": len(words), "total_tokens": 10 + len(words)}
+        if isinstance(action, Ok) and action.usage:
+            usage.update(action.usage)
         rid = f"chatcmpl-{self.name}-{len(self.requests)}"
         if isinstance(action, Huge):
             content = "x" * action.size
