@@ -73,6 +73,29 @@ class StreamState:
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Adaptation:
+    """How one candidate is sent when it cannot take the request as the client wrote it (a Responses
+    call to a provider that speaks only Chat Completions): its own path and body, and what turns
+    its answer (a body, or a stream's chunks) back into the client's API."""
+
+    path: str
+    body: bytes
+    transform_body: Callable[[bytes], bytes]
+    transform_stream: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
+
+    def apply(self, result: Result) -> Result:
+        if result.body is not None:
+            result.body = self.transform_body(result.body)
+        if result.stream is not None:
+            result.stream = self.transform_stream(result.stream)
+        return result
+
+
+# per candidate: None sends the request as written; an Adaptation sends it translated
+Adapter = Callable[[ModelRef, Provider], Adaptation | None]
+
+
 class AttemptObserver(Protocol):
     """Sees each upstream attempt (tracing): may replace its headers, e.g. with a `traceparent`."""
 
@@ -119,10 +142,13 @@ class Dispatcher:
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
         observer: AttemptObserver | None = None,
+        adapt: Adapter | None = None,
     ) -> Result:
         """Send `payload` to the decision's candidates; raise UpstreamError when none answers.
 
-        `observer` (tracing) sees each attempt start and end and may replace its headers."""
+        `observer` (tracing) sees each attempt start and end and may replace its headers.
+        `adapt` may send a candidate a translated request (its own path and body) and translate
+        its answer back."""
         clock = time.perf_counter  # monotonic, sub-microsecond (uvloop's loop.time() ticks in ms)
         deadline = clock() + (timeout or self._timeout)
         candidates = decision.candidates if self._fallback else decision.candidates[:1]
@@ -158,11 +184,15 @@ class Dispatcher:
                 progressed = True
                 sent += 1
                 payload["model"] = ref.model
-                body = orjson.dumps(payload)
+                adapted = adapt(ref, provider) if adapt is not None else None
+                if adapted is None:
+                    attempt_path, body = path, orjson.dumps(payload)
+                else:
+                    attempt_path, body = adapted.path, adapted.body
                 attempt_started = clock()
                 attempt_headers = headers if observer is None else observer.attempt_started(ref, headers)
                 try:
-                    result = await self._attempt(provider, path, body, attempt_headers, stream,
+                    result = await self._attempt(provider, attempt_path, body, attempt_headers, stream,
                                                  min(remaining, self._attempt_timeout), ref, attempts)
                 except _Retryable as failure:
                     failure.attempt.latency_ms = (clock() - attempt_started) * 1000
@@ -194,7 +224,7 @@ class Dispatcher:
                 self._note(attempts, Attempt(ref.provider, ref.model, "ok", 200, (clock() - attempt_started) * 1000),
                            observer)
                 result.tries = 1 if len(attempts) == 1 else tried(attempts)
-                return result
+                return result if adapted is None else adapted.apply(result)
             if not progressed:
                 break
         raise self._all_failed(decision, attempts)

@@ -1,0 +1,102 @@
+"""Which provider holds each stored Responses API id, so that follow-ups reach it.
+
+A bounded LRU in memory; with `TIERGATE_REDIS_URL` also in Redis, so that every tiergate of a
+fleet agrees (a follow-up may land on another sidecar). Redis failing is logged and survived:
+this process's own memory still answers for the ids it saw.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any, NamedTuple
+
+from .settings import RouterConfig
+
+log = logging.getLogger("tiergate.affinity")
+
+TTL_S = 30 * 24 * 3600  # OpenAI keeps stored responses for 30 days
+
+
+class Holder(NamedTuple):
+    """Where a response id lives: its provider and model; `translated` when a chat-only provider
+    answered through translation (nothing is stored there: the id cannot be retrieved)."""
+
+    provider: str
+    model: str
+    translated: bool = False
+
+    def encode(self) -> bytes:
+        return f"{self.provider}\n{self.model}\n{int(self.translated)}".encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Holder | None:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        parts = text.split("\n")
+        if len(parts) != 3 or not parts[0]:
+            return None
+        return cls(parts[0], parts[1], parts[2] == "1")
+
+
+class ResponseAffinity:
+    """`remember(id, holder)`, `lookup(id)`, `forget(id)`; `close()` at shutdown."""
+
+    def __init__(self, config: RouterConfig):
+        self._size = max(1, config.response_affinity_size)
+        self._memory: OrderedDict[str, Holder] = OrderedDict()
+        self._prefix = f"{config.cache_namespace}:response:"
+        self._timeout = max(config.redis_timeout, 0.5)  # a follow-up must find the id: worth a little wait
+        self._url = config.redis_url
+        self._redis: Any = None
+
+    def _client(self) -> Any:
+        if self._redis is None and self._url:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.from_url(self._url, socket_timeout=self._timeout,
+                                            socket_connect_timeout=self._timeout)
+        return self._redis
+
+    async def remember(self, response_id: str, holder: Holder) -> None:
+        memory = self._memory
+        memory[response_id] = holder
+        memory.move_to_end(response_id)
+        if len(memory) > self._size:
+            memory.popitem(last=False)
+        client = self._client()
+        if client is not None:
+            try:
+                await client.set(self._prefix + response_id, holder.encode(), ex=TTL_S)
+            except Exception as exc:  # noqa: BLE001 - Redis down: this process still remembers
+                log.warning("response affinity: Redis set failed (%s)", type(exc).__name__)
+
+    async def lookup(self, response_id: str) -> Holder | None:
+        holder = self._memory.get(response_id)
+        if holder is not None:
+            return holder
+        client = self._client()
+        if client is None:
+            return None
+        try:
+            raw = await client.get(self._prefix + response_id)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("response affinity: Redis get failed (%s)", type(exc).__name__)
+            return None
+        return None if raw is None else Holder.decode(raw)
+
+    async def forget(self, response_id: str) -> None:
+        self._memory.pop(response_id, None)
+        client = self._client()
+        if client is not None:
+            try:
+                await client.delete(self._prefix + response_id)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("response affinity: Redis delete failed (%s)", type(exc).__name__)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            try:
+                await self._redis.aclose()
+            except Exception as exc:  # noqa: BLE001 - closing a pool whose server is gone
+                log.debug("response affinity: closing Redis: %s", type(exc).__name__)
+            self._redis = None
