@@ -22,6 +22,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from .auth import InboundAuth
 from .dispatch import tried
 from .openapi import openapi_json
+from .passthrough import make_model_handler, make_passthrough_handler, make_stored_response_handler
 from .router import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Endpoint, Router, new_request_id
 from .settings import RouterConfig
 from .telemetry import RequestRecord
@@ -329,6 +330,13 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     app.router.add_get("/health/details", health_details, **expect)
     app.router.add_get("/metrics", metrics, **expect)
     app.router.add_get("/openapi.json", openapi_json, **expect)
+    # everything else under /v1: stored responses to their provider, the rest to the pass-through provider
+    passthrough = make_passthrough_handler(router, auth, frozenset(KNOWN_PATHS), not_found)
+    stored = make_stored_response_handler(router, auth, passthrough)
+    app.router.add_route("*", "/v1/responses/{id}", stored, **expect)
+    app.router.add_route("*", "/v1/responses/{id}/{action}", stored, **expect)
+    app.router.add_get("/v1/models/{id:.+}", make_model_handler(router, auth, passthrough), **expect)
+    app.router.add_route("*", "/v1/{tail:.*}", passthrough, **expect)
     app.router.add_route("*", "/{tail:.*}", not_found, **expect)
     return app
 
