@@ -463,6 +463,8 @@ class MockUpstream:
         elif path == "/v1/files" and method == "POST":
             answer = {"id": "file-1", "object": "file", "bytes": size, "created_at": 1700000000,
                       "filename": "upload", "purpose": "batch", "status": "processed"}
+        elif path == "/v1/files" and method == "GET":
+            answer = {"object": "list", "data": [], "has_more": False}
         elif path == "/v1/batches" and method == "POST":
             answer = {"id": "batch_1", "object": "batch", "endpoint": body.get("endpoint"),
                       "input_file_id": body.get("input_file_id"), "completion_window": "24h",
