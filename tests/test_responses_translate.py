@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
@@ -331,3 +333,42 @@ def test_empty_stream_still_completes() -> None:
     events = _events(translator.close())
     assert events[-1].type == "response.completed"
     assert events[-1].response.output_text == ""
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                     max_leaves=10)
+_item = st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "input_text",
+                             "web_search_call", "item_reference"]) | _json,
+    "role": st.sampled_from(["user", "assistant", "system", "developer"]) | _json,
+    "content": _json | st.lists(st.fixed_dictionaries({"type": st.sampled_from(
+        ["input_text", "input_image", "input_file", "output_text", "refusal"]) | _json, "text": _json}), max_size=2),
+    "call_id": _json, "name": _json, "arguments": _json, "output": _json})
+_request = st.fixed_dictionaries({}, optional={
+    "input": st.text(max_size=5) | st.lists(_item, max_size=4) | _json, "instructions": _json,
+    "tools": st.lists(st.fixed_dictionaries({"type": st.sampled_from(["function", "web_search"]) | _json,
+                                             "name": _json}), max_size=2) | _json,
+    "tool_choice": _json, "text": _json, "reasoning": _json, "max_output_tokens": _json, "stream": _json})
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(_request)
+def test_any_request_translates_or_is_a_400(request_body: dict[str, Any]) -> None:
+    try:
+        orjson.dumps(to_chat_request(request_body))
+    except InvalidRequestError:
+        pass
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.binary(max_size=64) | st.builds(lambda v: b"data: " + orjson.dumps(v) + b"\n\n", _json | st.builds(
+    lambda d, f, u: {"choices": [{"index": 0, "delta": d, "finish_reason": f}], "usage": u},
+    st.fixed_dictionaries({}, optional={"content": _json, "reasoning_content": _json, "tool_calls": st.lists(
+        st.fixed_dictionaries({}, optional={"index": _json, "id": _json, "function": _json}), max_size=2)}),
+    _json, _json)), max_size=6))
+def test_any_upstream_bytes_end_in_a_well_formed_stream(chunks: list[bytes]) -> None:
+    translator = ChatStreamTranslator({"input": "x"}, "resp_f", 1, "m")
+    out = b"".join(translator.feed(c) for c in chunks) + translator.close()
+    assert _events(out)[-1].type in ("response.completed", "response.incomplete", "error")

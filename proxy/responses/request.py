@@ -109,6 +109,8 @@ def _input_messages(items: list[Any], where: str) -> list[dict[str, Any]]:
         kind = item.get("type")
         if kind is None and "role" in item:
             kind = "message"
+        if not isinstance(kind, str):
+            raise InvalidRequestError(f"'{param}.type' must be a string", param=f"{param}.type")
         if kind == "message":
             out.append(_message(item, param))
         elif kind == "function_call":
@@ -136,7 +138,8 @@ def _input_messages(items: list[Any], where: str) -> list[dict[str, Any]]:
 
 
 def _message(item: dict[str, Any], param: str) -> dict[str, Any]:
-    role = _CHAT_ROLES.get(item.get("role"))  # type: ignore[arg-type]
+    raw_role = item.get("role")
+    role = _CHAT_ROLES.get(raw_role) if isinstance(raw_role, str) else None
     if role is None:
         raise InvalidRequestError(f"'{param}.role' must be one of user, assistant, system, developer",
                                   param=f"{param}.role")

@@ -47,18 +47,25 @@ def translate_usage(usage: Any) -> dict[str, Any] | None:
     """Chat usage (`prompt_tokens`, `completion_tokens`, details) in the Responses API's names."""
     if not isinstance(usage, dict):
         return None
-    prompt = usage.get("prompt_tokens") or 0
-    completion = usage.get("completion_tokens") or 0
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
+    prompt = _count(usage, "prompt_tokens")
+    completion = _count(usage, "completion_tokens")
+    prompt_details = usage.get("prompt_tokens_details")
+    prompt_details = prompt_details if isinstance(prompt_details, dict) else {}
+    completion_details = usage.get("completion_tokens_details")
+    completion_details = completion_details if isinstance(completion_details, dict) else {}
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": prompt_details.get("cached_tokens") or 0,
-                                 "cache_write_tokens": prompt_details.get("cache_write_tokens") or 0},
+        "input_tokens_details": {"cached_tokens": _count(prompt_details, "cached_tokens"),
+                                 "cache_write_tokens": _count(prompt_details, "cache_write_tokens")},
         "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": completion_details.get("reasoning_tokens") or 0},
-        "total_tokens": usage.get("total_tokens") or prompt + completion,
+        "output_tokens_details": {"reasoning_tokens": _count(completion_details, "reasoning_tokens")},
+        "total_tokens": _count(usage, "total_tokens") or prompt + completion,
     }
+
+
+def _count(obj: dict[str, Any], key: str) -> int:
+    value = obj.get(key)
+    return value if type(value) is int and value >= 0 else 0
 
 
 def message_item(item_id: str, text: str, status: str = "completed", refusal: str | None = None) -> dict[str, Any]:
@@ -86,7 +93,8 @@ def reasoning_item(item_id: str, text: str) -> dict[str, Any]:
 
 
 def finish_status(finish_reason: Any) -> tuple[str, dict[str, str] | None]:
-    status, reason = _FINISH.get(finish_reason, ("completed", None))
+    status, reason = _FINISH.get(finish_reason, ("completed", None)) if isinstance(finish_reason, str) \
+        else ("completed", None)
     return status, ({"reason": reason} if reason else None)
 
 

@@ -116,7 +116,8 @@ class ChatStreamTranslator:
             self.response["model"] = chunk["model"]
         if chunk.get("usage"):
             self._usage = translate_usage(chunk["usage"])
-        for choice in chunk.get("choices") or ():
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta")
@@ -148,12 +149,15 @@ class ChatStreamTranslator:
             self._text.append(content)
             self._emit(out, "response.output_text.delta", item_id=self._open["id"],  # type: ignore[index]
                        output_index=len(self._output) - 1, content_index=0, delta=content, logprobs=[])
-        for call in delta.get("tool_calls") or ():
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
             if isinstance(call, dict):
                 self._tool_call(call, out)
 
     def _tool_call(self, call: dict[str, Any], out: list[bytes]) -> None:
         index = call.get("index", 0)
+        if not isinstance(index, int):
+            return
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         item = self._calls.get(index)
         if item is None:
