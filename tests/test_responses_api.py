@@ -260,3 +260,15 @@ async def test_fleet_shares_affinity_through_redis(native, native2, start_tierga
         first = await c1.responses.create(model="general_purpose", input="hi")
         assert first.id.startswith("resp_native2_")
         assert (await c2.responses.retrieve(first.id)).id == first.id  # the other sidecar knows the holder
+
+
+async def test_usage_of_native_and_translated_streams_feeds_metrics(native, chat_only, start_tiergate):
+    running = await start_tiergate(doc(native, chat_only, backup_apis=CHAT_ONLY))
+    async with client(running) as c:
+        async for _ in await c.responses.create(model="general_purpose", input="x", stream=True):
+            pass  # native: 12 input, 4 output tokens from response.completed
+        native.push(Fail(500))
+        async for _ in await c.responses.create(model="general_purpose", input="x", stream=True):
+            pass  # translated: 10 prompt, 3 completion tokens from the chat stream's usage chunk
+    stats = running.router.get_metrics()
+    assert stats["tokens"] == {"prompt": 22, "completion": 7, "total": 29}
