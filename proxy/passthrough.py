@@ -198,7 +198,7 @@ def make_passthrough_handler(router: Router, auth: InboundAuth, local_paths: fro
                 raise NotFoundError(
                     f"tiergate does not serve {request.method} {request.path} itself and the routing table names "
                     "no pass-through provider for it: set `passthrough_provider` (or `passthrough_paths`) in the "
-                    "routing table", code="passthrough_not_configured")
+                    "routing table")
             model = payload.get("model") if isinstance(payload, dict) else None
             return await forward(request, router, provider, record, body=raw,
                                  model=model if isinstance(model, str) else None)

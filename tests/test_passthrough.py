@@ -55,7 +55,7 @@ async def test_without_a_passthrough_provider_a_clear_404(upstream, start_tierga
         with pytest.raises(openai.NotFoundError) as caught:
             await c.moderations.create(input="hello")
         assert "passthrough_provider" in caught.value.message
-        assert caught.value.code == "passthrough_not_configured"
+        assert caught.value.code == "not_found"
         with pytest.raises(openai.NotFoundError, match="pass-through"):
             await c.models.retrieve("gpt-4o")
     async with http.get(running.v1 + "/chat/completions") as resp:  # tiergate's own path, wrong method
