@@ -238,3 +238,16 @@ async def test_memory_stays_flat_while_25_mb_pass_both_ways(upstream, tiergate_p
     assert received == size
     grown_mb = (peak - baseline) / 1024
     assert grown_mb < 8, f"tiergate's RSS grew by {grown_mb:.1f} MB while 25 MB passed each way"
+
+
+async def test_chunked_upload_over_the_limit_is_cut_off(upstream, start_tiergate, http):
+    running = await start_tiergate(doc(upstream, passthrough_provider="primary"), passthrough_max_body_bytes=100_000)
+
+    async def body() -> AsyncIterator[bytes]:  # no Content-Length: the limit is counted as it streams
+        for _ in range(10):
+            yield b"x" * 64 * 1024
+
+    async with http.post(running.v1 + "/audio/transcriptions", data=body(),
+                         headers={"Content-Type": "audio/mpeg"}) as resp:
+        assert resp.status == 413
+        assert (await resp.json())["error"]["code"] == "request_too_large"
