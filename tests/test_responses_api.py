@@ -272,3 +272,10 @@ async def test_usage_of_native_and_translated_streams_feeds_metrics(native, chat
             pass  # translated: 10 prompt, 3 completion tokens from the chat stream's usage chunk
     stats = running.router.get_metrics()
     assert stats["tokens"] == {"prompt": 22, "completion": 7, "total": 29}
+
+
+async def test_redis_down_this_process_still_remembers(native, start_tiergate):
+    running = await start_tiergate(doc(native), redis_url="redis://127.0.0.1:1/15")  # nothing listens there
+    async with client(running) as c:
+        first = await c.responses.create(model="general_purpose", input="hi")
+        assert (await c.responses.retrieve(first.id)).id == first.id

@@ -353,7 +353,7 @@ _request = st.fixed_dictionaries({}, optional={
     "tool_choice": _json, "text": _json, "reasoning": _json, "max_output_tokens": _json, "stream": _json})
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
 @given(_request)
 def test_any_request_translates_or_is_a_400(request_body: dict[str, Any]) -> None:
     try:
@@ -362,7 +362,7 @@ def test_any_request_translates_or_is_a_400(request_body: dict[str, Any]) -> Non
         pass
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(st.lists(st.binary(max_size=64) | st.builds(lambda v: b"data: " + orjson.dumps(v) + b"\n\n", _json | st.builds(
     lambda d, f, u: {"choices": [{"index": 0, "delta": d, "finish_reason": f}], "usage": u},
     st.fixed_dictionaries({}, optional={"content": _json, "reasoning_content": _json, "tool_calls": st.lists(
