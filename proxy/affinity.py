@@ -8,6 +8,7 @@ this process's own memory still answers for the ids it saw.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
@@ -16,6 +17,7 @@ from .settings import RouterConfig
 log = logging.getLogger("tiergate.affinity")
 
 TTL_S = 30 * 24 * 3600  # OpenAI keeps stored responses for 30 days
+RETRY_INTERVAL_S = 5.0  # after a Redis failure, memory alone answers this long (one log line per outage)
 
 
 class Holder(NamedTuple):
@@ -48,14 +50,28 @@ class ResponseAffinity:
         self._timeout = max(config.redis_timeout, 0.5)  # a follow-up must find the id: worth a little wait
         self._url = config.redis_url
         self._redis: Any = None
+        self._down_until = 0.0
 
     def _client(self) -> Any:
-        if self._redis is None and self._url:
+        if not self._url or (self._down_until and time.monotonic() < self._down_until):
+            return None
+        if self._redis is None:
             import redis.asyncio as aioredis
 
             self._redis = aioredis.from_url(self._url, socket_timeout=self._timeout,
                                             socket_connect_timeout=self._timeout)
         return self._redis
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        if not self._down_until:
+            log.warning("response affinity: Redis %s failed (%s); using this process's memory for %ss",
+                        what, type(exc).__name__, RETRY_INTERVAL_S)
+        self._down_until = time.monotonic() + RETRY_INTERVAL_S
+
+    def _recovered(self) -> None:
+        if self._down_until:
+            self._down_until = 0.0
+            log.info("response affinity: Redis answers again")
 
     async def remember(self, response_id: str, holder: Holder) -> None:
         memory = self._memory
@@ -68,11 +84,14 @@ class ResponseAffinity:
             try:
                 await client.set(self._prefix + response_id, holder.encode(), ex=TTL_S)
             except Exception as exc:  # noqa: BLE001 - Redis down: this process still remembers
-                log.warning("response affinity: Redis set failed (%s)", type(exc).__name__)
+                self._failed("set", exc)
+            else:
+                self._recovered()
 
     async def lookup(self, response_id: str) -> Holder | None:
         holder = self._memory.get(response_id)
         if holder is not None:
+            self._memory.move_to_end(response_id)  # a conversation in use stays remembered
             return holder
         client = self._client()
         if client is None:
@@ -80,8 +99,9 @@ class ResponseAffinity:
         try:
             raw = await client.get(self._prefix + response_id)
         except Exception as exc:  # noqa: BLE001
-            log.warning("response affinity: Redis get failed (%s)", type(exc).__name__)
+            self._failed("get", exc)
             return None
+        self._recovered()
         return None if raw is None else Holder.decode(raw)
 
     async def forget(self, response_id: str) -> None:
@@ -91,7 +111,7 @@ class ResponseAffinity:
             try:
                 await client.delete(self._prefix + response_id)
             except Exception as exc:  # noqa: BLE001
-                log.warning("response affinity: Redis delete failed (%s)", type(exc).__name__)
+                self._failed("delete", exc)
 
     async def close(self) -> None:
         if self._redis is not None:
