@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -77,9 +78,12 @@ def relayed_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-async def _limited(content: Any, limit: int, flag: list[bool]) -> AsyncIterator[bytes]:
-    """The client's body in chunks as they arrive, cut off past `limit` bytes."""
-    seen = 0
+async def _limited(content: Any, limit: int, flag: list[bool], head: bytes = b"") -> AsyncIterator[bytes]:
+    """The client's body in chunks as they arrive (after `head`, what was read of it already),
+    cut off past `limit` bytes."""
+    seen = len(head)
+    if head:
+        yield head
     async for chunk in content.iter_chunked(_CHUNK):
         seen += len(chunk)
         if seen > limit:
@@ -89,9 +93,11 @@ async def _limited(content: Any, limit: int, flag: list[bool]) -> AsyncIterator[
 
 
 async def forward(request: web.Request, router: Router, provider_name: str, record: RequestRecord, *,
-                  body: bytes | None = None, model: str | None = None) -> web.StreamResponse:
+                  body: bytes | None = None, model: str | None = None, head: bytes = b"",
+                  length_change: int = 0) -> web.StreamResponse:
     """Send the client's request to `provider_name` and stream the answer back. `body`: a rewritten
-    JSON body; None streams the client's own body (if any) through."""
+    JSON body; None streams the client's own body (if any) through, after `head` (the start of it,
+    already read, maybe rewritten: `length_change` bytes longer than the client sent)."""
     config = router.config
     provider = router.providers.get(provider_name)
     record.route = record.route or "passthrough"
@@ -112,8 +118,8 @@ async def forward(request: web.Request, router: Router, provider_name: str, reco
             raise RequestTooLargeError(f"request body of {length} bytes is over the pass-through limit of {limit} "
                                        "bytes (TIERGATE_PASSTHROUGH_MAX_BODY_BYTES)")
         if length is not None and "Content-Encoding" not in request.headers:
-            headers["Content-Length"] = str(length)  # sent as it came: no chunked re-framing upstream
-        data = _limited(request.content, limit, too_large)
+            headers["Content-Length"] = str(length + length_change)  # as it came: no chunked re-framing
+        data = _limited(request.content, limit, too_large, head)
     url = URL(provider.base_url + request.raw_path[len("/v1"):], encoded=True)
     timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout, sock_read=config.timeout)
     try:
@@ -166,6 +172,40 @@ async def _json_body(request: web.Request, limit: int, timeout: float) -> bytes 
         raise InvalidRequestError(f"the request body did not arrive within {timeout} seconds") from None
 
 
+_MULTIPART_HEAD_LIMIT = 64 * 1024  # the form fields before the first file, where the SDKs put `model`
+_BOUNDARY = re.compile(r'boundary="?([^";]{1,200})"?')
+
+
+async def _multipart_head(request: web.Request) -> tuple[bytes, tuple[int, int] | None]:
+    """Read a multipart body up to its `model` field (the SDKs send plain fields before files) and
+    return what was read and where the field's value is in it. Stops at the first file part or
+    after 64 KiB: the body is otherwise not parsed, and what was read is sent on unchanged."""
+    if request.content_type != "multipart/form-data" or not request.body_exists:
+        return b"", None
+    found = _BOUNDARY.search(request.headers.get("Content-Type", ""))
+    if found is None:
+        return b"", None
+    delimiter = b"\r\n--" + found[1].encode("latin-1")
+    field = re.compile(rb'(?:^|\r\n)--' + re.escape(found[1].encode("latin-1")) +
+                       rb'\r\nContent-Disposition:[ \t]*form-data;[ \t]*name="?model"?\r\n(?:[^\r\n]+\r\n)*\r\n',
+                       re.IGNORECASE)
+    head = b""
+    while len(head) < _MULTIPART_HEAD_LIMIT:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        head += chunk
+        match = field.search(head)
+        if match is not None:
+            end = head.find(delimiter, match.end())
+            if end >= 0:
+                return head, (match.end(), end)
+            continue
+        if b"filename=" in head:  # a file part came first: no `model` field to look at
+            break
+    return head, None
+
+
 def make_passthrough_handler(router: Router, auth: InboundAuth, local_paths: frozenset[str],
                              not_found: Handler) -> Handler:
     """The handler of every `/v1/*` path tiergate does not serve itself."""
@@ -193,6 +233,16 @@ def make_passthrough_handler(router: Router, auth: InboundAuth, local_paths: fro
                     record.route = decision.name
                     return await forward(request, router, ref.provider, record, body=orjson.dumps(payload),
                                          model=ref.model)
+            head, span = (await _multipart_head(request)) if raw is None else (b"", None)
+            if span is not None:
+                decision = table.known_model(head[span[0]:span[1]].decode("utf-8", "replace"))
+                if decision is not None:  # the form's `model` names a route or alias: rewritten, nothing else
+                    ref = decision.candidates[0]
+                    new = ref.model.encode()
+                    record.route = decision.name
+                    return await forward(request, router, ref.provider, record, model=ref.model,
+                                         head=head[:span[0]] + new + head[span[1]:],
+                                         length_change=len(new) - (span[1] - span[0]))
             provider = table.passthrough_for(request.path)
             if provider is None:
                 raise NotFoundError(
@@ -200,7 +250,7 @@ def make_passthrough_handler(router: Router, auth: InboundAuth, local_paths: fro
                     "no pass-through provider for it: set `passthrough_provider` (or `passthrough_paths`) in the "
                     "routing table")
             model = payload.get("model") if isinstance(payload, dict) else None
-            return await forward(request, router, provider, record, body=raw,
+            return await forward(request, router, provider, record, body=raw, head=head,
                                  model=model if isinstance(model, str) else None)
         except BaseException as exc:
             error = exc

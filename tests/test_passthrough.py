@@ -251,3 +251,21 @@ async def test_chunked_upload_over_the_limit_is_cut_off(upstream, start_tiergate
                          headers={"Content-Type": "audio/mpeg"}) as resp:
         assert resp.status == 413
         assert (await resp.json())["error"]["code"] == "request_too_large"
+
+
+async def test_a_multipart_model_naming_an_alias_is_rewritten_and_nothing_else(upstream, backup, start_tiergate,
+                                                                               tmp_path):
+    audio = tmp_path / "talk.mp3"
+    audio.write_bytes(os.urandom(300_000))
+    running = await start_tiergate(doc(upstream, backup, passthrough_provider="backup"))
+    async with sdk(running) as c:
+        with audio.open("rb") as f:
+            await c.audio.transcriptions.create(model="whisper-1", file=f)  # not tiergate's: as sent
+        with audio.open("rb") as f:
+            text = await c.audio.transcriptions.create(model="fast", file=f)  # an alias of primary/model-fast
+    (plain,) = backup.requests
+    (aliased,) = upstream.requests
+    assert b'name="model"\r\n\r\nwhisper-1\r\n' in plain.head
+    assert b'name="model"\r\n\r\nmodel-fast\r\n' in aliased.head
+    assert aliased.size - plain.size == len("model-fast") - len("whisper-1")  # the file passed unchanged
+    assert text.text == f"primary heard {aliased.size} bytes"

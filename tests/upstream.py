@@ -92,6 +92,7 @@ class Received:
     query: str = ""
     size: int = 0  # body bytes (pass-through paths)
     sha256: str = ""
+    head: bytes = b""  # the first 4 KiB of the body (pass-through paths)
 
 
 class MockUpstream:
@@ -431,14 +432,17 @@ class MockUpstream:
         size = 0
         is_json = request.content_type == "application/json"
         kept = bytearray()
+        head = b""
         async for chunk in request.content.iter_chunked(256 * 1024):
             size += len(chunk)
             digest.update(chunk)
+            if len(head) < 4096:
+                head = (head + chunk)[:4096]
             if is_json:
                 kept += chunk
         body = orjson.loads(kept) if is_json and kept else None
         self.requests.append(Received(request.path, dict(request.headers), body, time.monotonic(),
-                                      request.method, request.query_string, size, digest.hexdigest()))
+                                      request.method, request.query_string, size, digest.hexdigest(), head))
         action = self._next()
         failed = await self._fail_or_none(request, action)
         if failed is not None:
