@@ -269,3 +269,18 @@ async def test_a_multipart_model_naming_an_alias_is_rewritten_and_nothing_else(u
     assert b'name="model"\r\n\r\nmodel-fast\r\n' in aliased.head
     assert aliased.size - plain.size == len("model-fast") - len("whisper-1")  # the file passed unchanged
     assert text.text == f"primary heard {aliased.size} bytes"
+
+
+async def test_sync_client_models_moderations_and_speech(upstream, start_tiergate, tmp_path):
+    running = await start_tiergate(doc(upstream, passthrough_provider="primary"))
+
+    def sync_calls() -> tuple[str, bool]:
+        with openai.OpenAI(base_url=running.v1, api_key="sk-client", max_retries=0) as sync:
+            model = sync.models.retrieve("gpt-4o-mini").id
+            flagged = sync.moderations.create(input="hi").results[0].flagged
+            with sync.audio.speech.with_streaming_response.create(model="tts-1", voice="alloy", input="x") as r:
+                r.stream_to_file(tmp_path / "speech.mp3")
+            return model, flagged
+
+    assert await asyncio.to_thread(sync_calls) == ("gpt-4o-mini", False)
+    assert (tmp_path / "speech.mp3").stat().st_size == upstream.speech_bytes

@@ -213,7 +213,11 @@ async def test_stored_id_follows_its_provider_after_a_fallback(native, native2, 
         await c.responses.delete(first.id)
         with pytest.raises(openai.NotFoundError):
             await c.responses.retrieve(first.id)
-    assert paths(native) == ["/v1/responses"]  # only the failed first call
+        # a later call answered by the primary: its id stays with the primary
+        later = await c.responses.create(model="general_purpose", input="later")
+        assert later.id.startswith("resp_native_")
+        assert (await c.responses.retrieve(later.id)).output_text == "native responded model-a"
+    assert paths(native) == ["/v1/responses"] * 2 + [f"/v1/responses/{later.id}"]
     assert [r.method for r in native2.requests] == ["POST", "GET", "GET", "POST", "POST", "POST", "DELETE"]
     assert native2.requests[1].headers["Authorization"] == f"Bearer {BACKUP_KEY}"
 
@@ -279,3 +283,18 @@ async def test_redis_down_this_process_still_remembers(native, start_tiergate):
     async with client(running) as c:
         first = await c.responses.create(model="general_purpose", input="hi")
         assert (await c.responses.retrieve(first.id)).id == first.id
+
+
+async def test_sync_client_native_create_stream_and_retrieve(native, start_tiergate):
+    running = await start_tiergate(doc(native))
+
+    def sync_calls() -> tuple[str, list[str], str]:
+        with openai.OpenAI(base_url=running.v1, api_key="sk-client", max_retries=0) as sync:
+            created = sync.responses.create(model="general_purpose", input="hi")
+            kinds = [e.type for e in sync.responses.create(model="general_purpose", input="hi", stream=True)]
+            return created.output_text, kinds, sync.responses.retrieve(created.id).id
+
+    text, kinds, retrieved = await asyncio.to_thread(sync_calls)
+    assert text == "native responded model-a"
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert retrieved.startswith("resp_native_")
