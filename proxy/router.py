@@ -58,7 +58,8 @@ class Endpoint:
 CHAT = Endpoint("chat.completions", "/chat/completions", "chat", True)
 COMPLETIONS = Endpoint("completions", "/completions", "text_completion", True)
 EMBEDDINGS = Endpoint("embeddings", "/embeddings", "embeddings", False)
-RESPONSES = Endpoint("responses", "/responses", "responses", True)
+# a Responses call is a chat in the GenAI conventions' terms (their operation names have no "responses")
+RESPONSES = Endpoint("responses", "/responses", "chat", True)
 
 # the top-level `id` of a Response body, or of the response in a stream's first event
 _RESPONSE_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
