@@ -76,11 +76,12 @@ class StreamState:
 @dataclass(frozen=True, slots=True)
 class Adaptation:
     """How one candidate is sent when it cannot take the request as the client wrote it (a Responses
-    call to a provider that speaks only Chat Completions): its own path and body, and what turns
-    its answer (a body, or a stream's chunks) back into the client's API."""
+    call to a provider that speaks only Chat Completions): its own path and request (sent like any
+    payload: `model` set per candidate, serialised once), and what turns its answer (a body, or a
+    stream's chunks) back into the client's API."""
 
     path: str
-    body: bytes
+    payload: dict[str, Any]
     transform_body: Callable[[bytes], bytes]
     transform_stream: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
 
@@ -183,12 +184,10 @@ class Dispatcher:
                     remaining = deadline - clock()
                 progressed = True
                 sent += 1
-                payload["model"] = ref.model
                 adapted = adapt(ref, provider) if adapt is not None else None
-                if adapted is None:
-                    attempt_path, body = path, orjson.dumps(payload)
-                else:
-                    attempt_path, body = adapted.path, adapted.body
+                outgoing, attempt_path = (payload, path) if adapted is None else (adapted.payload, adapted.path)
+                outgoing["model"] = ref.model
+                body = orjson.dumps(outgoing)
                 attempt_started = clock()
                 attempt_headers = headers if observer is None else observer.attempt_started(ref, headers)
                 try:

@@ -528,7 +528,6 @@ def _translation(request: dict[str, Any], chat: dict[str, Any], response_id: str
     def adapt(ref: ModelRef, provider: Provider) -> Adaptation | None:
         if provider.spec.serves_responses:
             return None
-        chat["model"] = ref.model
 
         async def transform_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             translator = ChatStreamTranslator(request, response_id, int(time.time()), ref.model)
@@ -545,7 +544,7 @@ def _translation(request: dict[str, Any], chat: dict[str, Any], response_id: str
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]
 
-        return Adaptation(CHAT.path, orjson.dumps(chat), transform_body, transform_stream)
+        return Adaptation(CHAT.path, chat, transform_body, transform_stream)
 
     return adapt
 
