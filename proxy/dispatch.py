@@ -103,6 +103,31 @@ class StreamState:
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Adaptation:
+    """How one candidate is sent when it cannot take the request as the client wrote it (a Responses
+    call to a provider that speaks only Chat Completions): its own path and request (sent like any
+    payload: `model` set per candidate, serialised once), and what turns its answer (a body, or a
+    stream's chunks) back into the client's API."""
+
+    path: str
+    payload: dict[str, Any]
+    transform_body: Callable[[bytes], bytes]
+    transform_stream: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
+    done_marker: bytes | tuple[bytes, ...] = DONE  # how the adapted provider's stream ends
+
+    def apply(self, result: Result) -> Result:
+        if result.body is not None:
+            result.body = self.transform_body(result.body)
+        if result.stream is not None:
+            result.stream = self.transform_stream(result.stream)
+        return result
+
+
+# per candidate: None sends the request as written; an Adaptation sends it translated
+Adapter = Callable[[ModelRef, Provider], Adaptation | None]
+
+
 class AttemptObserver(Protocol):
     """Sees each upstream attempt (tracing): may replace its headers, e.g. with a `traceparent`."""
 
@@ -153,14 +178,17 @@ class Dispatcher:
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
         observer: AttemptObserver | None = None,
-        done_marker: bytes = DONE,
+        done_marker: bytes | tuple[bytes, ...] = DONE,
+        adapt: Adapter | None = None,
     ) -> Result:
         """Send `payload` to the decision's candidates; raise UpstreamError when none answers.
 
         `timeout` is the client's deadline (else the route's, else the setting for non-stream calls;
         a stream has none by default). `headers` are the client's, to forward (lower-case names).
         `observer` (tracing) sees each attempt start and end and may replace its headers.
-        `done_marker` is the bytes a complete stream of this endpoint ends with."""
+        `done_marker` is the bytes a complete stream of this endpoint ends with (or one of several).
+        `adapt` may send a candidate a translated request (its own path and payload) and translate
+        its answer back."""
         clock = time.perf_counter  # monotonic, sub-microsecond (uvloop's loop.time() ticks in ms)
         route = decision.route
         limit = route.timeout if route is not None and route.timeout else (None if stream else self._timeout)
@@ -207,7 +235,10 @@ class Dispatcher:
                     await self._sleep(wait)
                     remaining = deadline - clock()
                 plan = plans.get(ref) if plans else None
-                outgoing = payload if plan is None else plan.apply(payload)
+                adapted = adapt(ref, provider) if adapt is not None else None
+                outgoing, attempt_path, marker = (payload, path, done_marker) if adapted is None else (
+                    adapted.payload, adapted.path, adapted.done_marker)
+                outgoing = outgoing if plan is None else plan.apply(outgoing)
                 outgoing["model"] = ref.model
                 try:
                     body = orjson.dumps(outgoing)
@@ -237,9 +268,9 @@ class Dispatcher:
                 first_byte = plan.first_byte_timeout if plan is not None and plan.first_byte_timeout \
                     else self._first_byte
                 try:
-                    result = await self._attempt(provider, path, body, attempt_headers, stream,
+                    result = await self._attempt(provider, attempt_path, body, attempt_headers, stream,
                                                  deadline - clock(), first_byte, ref, attempts, slots,
-                                                 done_marker)
+                                                 marker)
                 except _Retryable as failure:
                     failure.attempt.latency_ms = (clock() - attempt_started) * 1000
                     self._note(attempts, failure.attempt, observer)
@@ -271,7 +302,7 @@ class Dispatcher:
                 self._note(attempts, Attempt(ref.provider, ref.model, "ok", 200, (clock() - attempt_started) * 1000),
                            observer)
                 result.tries = 1 if len(attempts) == 1 else tried(attempts)
-                return result
+                return result if adapted is None else adapted.apply(result)
             if not progressed:
                 break
         raise self._all_failed(decision, attempts, last)
@@ -296,7 +327,7 @@ class Dispatcher:
     async def _attempt(self, provider: Provider, path: str, body: bytes,
                        headers: Mapping[str, str] | None, stream: bool, budget: float, first_byte: float,
                        ref: ModelRef, attempts: list[Attempt], slots: ProviderSlots | None,
-                       done_marker: bytes) -> Result:
+                       done_marker: bytes | tuple[bytes, ...]) -> Result:
         """One try. A non-stream attempt runs under aiohttp's own total timeout (cheaper than
         asyncio.timeout); a stream is bounded until its first chunk, then by the gap between chunks."""
         resp: UpstreamResponse | None = None
@@ -415,11 +446,12 @@ class Dispatcher:
                                    headers=resp.headers)
 
     async def _relay(self, resp: UpstreamResponse, first: bytes, ref: ModelRef,
-                     state: StreamState, done_marker: bytes) -> AsyncIterator[bytes]:
+                     state: StreamState, done_marker: bytes | tuple[bytes, ...]) -> AsyncIterator[bytes]:
         """Yield upstream chunks as they arrive. The stream is complete only when the provider's final
         event came; a break, an idle timeout or an end without it ends the client's stream with an SSE
         error event (the OpenAI SDK raises it), never with a clean end that looks complete."""
         breaker = self.breakers.of(ref)
+        markers = done_marker if isinstance(done_marker, tuple) else (done_marker,)
         clean = False
         done = False
         try:
@@ -428,11 +460,14 @@ class Dispatcher:
                 state.chunks += 1
                 state.bytes += len(chunk)
                 state.tail = (state.tail + chunk)[-4096:]
-                if not done and done_marker in chunk:
-                    done = True
+                if not done:
+                    for marker in markers:
+                        if marker in chunk:
+                            done = True
+                            break
                 yield chunk
                 chunk = await resp.content.readany()
-            if not done and done_marker not in state.tail:
+            if not done and not any(marker in state.tail for marker in markers):
                 raise _Incomplete
             clean = True
             state.completed = True

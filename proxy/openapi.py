@@ -67,12 +67,24 @@ _COMMON = {"model": {"type": "string"}, "max_tokens": {"type": "integer"}, "temp
            "top_p": {"type": "number"}, "n": {"type": "integer"}, "user": {"type": "string"},
            "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}
 _TEXTS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+_RESPONSE_ID = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _stored(method: str, summary: str) -> dict[str, Any]:
+    return {method: {
+        "summary": summary, "parameters": [_RESPONSE_ID], "security": [{"bearerAuth": []}, {}],
+        "responses": {"200": {"description": "the holder's answer, passed back unchanged",
+                              "content": {"application/json": {"schema": _JSON_OBJECT}}},
+                      **_errors(401, 404, 502, 504)}}}
 
 SPEC: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "tiergate", "version": __version__,
              "description": "OpenAI-compatible LLM routing sidecar. Route by X-Use-Case / X-Model-Tier "
-                            "headers or by `model` (`use_case:tier`, an alias, or `provider/model`)."},
+                            "headers or by `model` (`use_case:tier`, an alias, or `provider/model`). Every "
+                            "other `/v1/*` path (moderations, images, audio, files, uploads, batches, "
+                            "vector_stores, ...) is passed through to the routing table's `passthrough_provider` "
+                            "(or `passthrough_paths`), bodies streamed both ways; without one it is a 404."},
     "paths": {
         "/v1/chat/completions": _forwarded("Chat completion (streamed with `stream: true`)", {
             "type": "object", "required": ["messages"], "additionalProperties": True,
@@ -86,6 +98,27 @@ SPEC: dict[str, Any] = {
             "properties": {"model": {"type": "string"}, "input": _TEXTS,
                            "encoding_format": {"type": "string", "enum": ["float", "base64"]},
                            "dimensions": {"type": "integer"}}}, False),
+        "/v1/responses": _forwarded(
+            "Responses API call (streamed as typed events with `stream: true`); translated to chat for "
+            "providers that serve only Chat Completions", {
+                "type": "object", "additionalProperties": True,
+                "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"},
+                               "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": _JSON_OBJECT}]},
+                               "instructions": {"type": "string"}, "max_output_tokens": {"type": "integer"},
+                               "previous_response_id": {"type": "string"}, "temperature": {"type": "number"},
+                               "tools": {"type": "array", "items": _JSON_OBJECT}, "text": _JSON_OBJECT,
+                               "reasoning": _JSON_OBJECT, "store": {"type": "boolean"}}}, True),
+        "/v1/responses/{response_id}": {
+            **_stored("get", "A stored response, from the provider that holds it"),
+            **_stored("delete", "Delete a stored response at the provider that holds it")},
+        "/v1/responses/{response_id}/cancel": _stored("post", "Cancel a background response at its provider"),
+        "/v1/responses/{response_id}/input_items": _stored("get", "A stored response's input items"),
+        "/v1/models/{model}": {"get": {
+            "summary": "One model: tiergate's own ids (routes, aliases, models) here, any other passed through",
+            "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "security": [{"bearerAuth": []}, {}],
+            "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": _JSON_OBJECT}}},
+                          **_errors(401, 404, 502)}}},
         "/v1/models": _get("Routes, aliases and concrete models", {
             "type": "object", "required": ["object", "data"],
             "properties": {"object": {"type": "string"}, "data": {"type": "array", "items": _JSON_OBJECT}}},

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -19,20 +20,23 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .affinity import Holder, ResponseAffinity
 from .batching import EmbeddingBatcher
 from .breaker import BreakerBoard
 from .cache import CacheControl, ResponseCache, is_cacheable
 from .discovery import Discovery, discover
-from .dispatch import Dispatcher, Result, tried
+from .dispatch import DONE, Adaptation, Adapter, Dispatcher, Result, tried
 from .health import HealthMonitor
 from .providers import Provider, make_provider
-from .routing import RoutingTable, load_table
+from .responses import ChatStreamTranslator, chat_to_response, to_chat_request
+from .routing import RouteDecision, RoutingTable, load_table
 from .settings import RouterConfig, check_service_urls
 from .telemetry import RequestRecord, Telemetry
 from .types import (
     ConfigError,
     InvalidRequestError,
     LLMResponse,
+    ModelRef,
     ModelTier,
     RouterClosedError,
     TiergateError,
@@ -60,6 +64,14 @@ class Endpoint:
 CHAT = Endpoint("chat.completions", "/chat/completions", "chat", True)
 COMPLETIONS = Endpoint("completions", "/completions", "text_completion", True, "completions")
 EMBEDDINGS = Endpoint("embeddings", "/embeddings", "embeddings", False, "embeddings")
+# a Responses call is a chat in the GenAI conventions' terms (their operation names have no "responses")
+RESPONSES = Endpoint("responses", "/responses", "chat", True)
+
+# the top-level `id` of a Response body, or of the response in a stream's first event
+_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
+_ID_SNIFF_BYTES = 8192
+# the events a complete Responses stream ends with (a failed or incomplete response is complete too)
+RESPONSES_DONE = (b"response.completed", b"response.incomplete", b"response.failed")
 
 
 _ID_PREFIX = "req_" + os.urandom(6).hex()
@@ -94,6 +106,7 @@ class Router:
         self.telemetry = Telemetry(self.config, self, tracer_provider=tracer_provider)
         # response cache, coalescing, embedding batching (issue 5); no I/O until used
         self.cache = ResponseCache(self.config)
+        self.affinity = ResponseAffinity(self.config)  # which provider holds each stored response id
         self.batcher = (EmbeddingBatcher(self._send, window_s=self.config.batch_window_ms / 1000,
                                          max_inputs=self.config.batch_max_inputs)
                         if self.config.enable_batching else None)
@@ -151,6 +164,7 @@ class Router:
             if self.batcher is not None:
                 await self.batcher.close()
             await self.cache.close()
+            await self.affinity.close()
         finally:  # the pools are closed even when stopping something above failed
             await self._close_retired(list(self._retired))
             for provider in list(self.providers.values()):
@@ -258,17 +272,23 @@ class Router:
         route = decision.route
         if route is not None:
             apply_route_defaults(payload, route, endpoint)
+        adapt: Adapter | None = None
+        if endpoint is RESPONSES:  # stored ids follow their provider; chat-only providers get a translation
+            decision, adapt = await self._plan_responses(payload, decision, table)
         # cache / coalescing / batching hook (issue 5); a request that cannot be cached goes straight on
         if self.cache.enabled and is_cacheable(route, payload, embeddings=endpoint is EMBEDDINGS):
             result = await self.cache.serve(
                 endpoint.path, payload, decision, record, stream=stream, embeddings=endpoint is EMBEDDINGS,
                 control=CacheControl.parse(cache_control),
-                call=lambda: self._forward(endpoint, payload, decision, stream, headers, timeout, trace))
+                call=lambda: self._forward(endpoint, payload, decision, stream, headers, timeout, trace, adapt))
         elif self.batcher is not None and endpoint is EMBEDDINGS:
             result = await self._forward(endpoint, payload, decision, stream, headers, timeout, trace)
         else:
             result = await self.dispatcher.run(endpoint.path, payload, decision, stream=stream,
-                                               headers=headers, timeout=timeout, observer=trace)
+                                               headers=headers, timeout=timeout, observer=trace, adapt=adapt,
+                                         done_marker=RESPONSES_DONE if endpoint is RESPONSES else DONE)
+        if endpoint is RESPONSES and payload.get("store") is not False:
+            result = await self._remember_response(result, table)
         record.status = result.status
         record.ref = result.ref
         record.attempts = result.attempts
@@ -278,12 +298,89 @@ class Router:
         return result
 
     async def _forward(self, endpoint: Endpoint, payload: dict[str, Any], decision: Any, stream: bool,
-                       headers: Mapping[str, str] | None, timeout: float | None, trace: Any = None) -> Result:
+                       headers: Mapping[str, str] | None, timeout: float | None, trace: Any = None,
+                       adapt: Adapter | None = None) -> Result:
         """Upstream: embeddings through the batcher when batching is on, the rest straight to the dispatcher."""
         if self.batcher is not None and endpoint is EMBEDDINGS:
             return await self.batcher.submit(payload, decision, headers=headers, timeout=timeout)
         return await self.dispatcher.run(endpoint.path, payload, decision, stream=stream,
-                                         headers=headers, timeout=timeout, observer=trace)
+                                         headers=headers, timeout=timeout, observer=trace, adapt=adapt,
+                                         done_marker=RESPONSES_DONE if endpoint is RESPONSES else DONE)
+
+    # -- the Responses API ----------------------------------------------------------------------
+
+    async def _plan_responses(self, payload: dict[str, Any], decision: RouteDecision,
+                              table: RoutingTable) -> tuple[RouteDecision, Adapter | None]:
+        """The candidates of a Responses call, and how each is sent.
+
+        A `previous_response_id` goes to the provider that holds it and nowhere else. A candidate whose
+        provider does not serve the Responses API gets the call translated to Chat Completions; when
+        the call cannot be translated, such candidates are left out (400 when none is left)."""
+        specs = table.providers
+        candidates = decision.candidates
+        previous = payload.get("previous_response_id")
+        if isinstance(previous, str) and previous:
+            holder = await self.affinity.lookup(previous)
+            if holder is not None and holder.translated:
+                raise InvalidRequestError(
+                    f"previous_response_id {previous!r} was answered by provider {holder.provider!r}, which "
+                    "serves only Chat Completions (tiergate translated the call), so nothing was stored "
+                    "there; send the whole conversation as `input` instead", param="previous_response_id",
+                    code="previous_response_not_stored")
+            if holder is not None:
+                candidates = tuple(c for c in candidates if c.provider == holder.provider) or (
+                    ModelRef(holder.provider, holder.model),)
+            else:  # not seen by this tiergate (or forgotten): only a Responses provider may know it
+                candidates = tuple(c for c in candidates if c.provider in specs
+                                   and specs[c.provider].serves_responses)[:1]
+                if not candidates:
+                    raise InvalidRequestError(
+                        f"previous_response_id {previous!r} is unknown to tiergate and no candidate of route "
+                        f"{decision.name} serves the Responses API", param="previous_response_id",
+                        code="previous_response_not_found")
+            return RouteDecision(decision.name, candidates, decision.route, decision.plans), None
+        chat_only = [c for c in candidates if c.provider in specs and not specs[c.provider].serves_responses]
+        if not chat_only:
+            return decision, None
+        try:
+            chat = to_chat_request(payload)
+        except InvalidRequestError as exc:
+            native = tuple(c for c in candidates if c not in chat_only)
+            if not native:
+                names = ", ".join(sorted({c.provider for c in chat_only}))
+                raise InvalidRequestError(f"route {decision.name}: {exc.message} (providers {names} serve only "
+                                          "Chat Completions)", param=exc.param, code=exc.code) from None
+            return RouteDecision(decision.name, native, decision.route, decision.plans), None
+        return decision, _translation(payload, chat, "resp_" + new_request_id().removeprefix("req_"))
+
+    async def _remember_response(self, result: Result, table: RoutingTable) -> Result:
+        """Note which provider holds the response id (read from the body, or a stream's first event)."""
+        ref = result.ref
+        spec = table.providers.get(ref.provider)
+        translated = spec is not None and not spec.serves_responses
+        if result.body is not None:
+            match = _RESPONSE_ID.search(result.body, 0, _ID_SNIFF_BYTES)
+            if match is not None:
+                await self.affinity.remember(match[1].decode(), Holder(ref.provider, ref.model, translated))
+        elif result.stream is not None:
+            result.stream = self._remember_from_stream(result.stream, Holder(ref.provider, ref.model, translated))
+        return result
+
+    async def _remember_from_stream(self, chunks: AsyncIterator[bytes], holder: Holder) -> AsyncIterator[bytes]:
+        head: bytes | None = b""
+        try:
+            async for chunk in chunks:
+                if head is not None:
+                    head += chunk
+                    match = _RESPONSE_ID.search(head, 0, _ID_SNIFF_BYTES)
+                    if match is not None:  # before the client sees the id, so a follow-up finds it
+                        await self.affinity.remember(match[1].decode(), holder)
+                        head = None
+                    elif len(head) >= _ID_SNIFF_BYTES:
+                        head = None
+                yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
 
     async def _send(self, payload: dict[str, Any], decision: Any, headers: Mapping[str, str] | None,
                     timeout: float | None) -> Result:
@@ -464,6 +561,14 @@ def apply_route_defaults(payload: dict[str, Any], route: Any, endpoint: Endpoint
     """Fill in the route's defaults where the client sent nothing."""
     if endpoint is EMBEDDINGS:
         return
+    if endpoint is RESPONSES:  # the Responses API's names for the same defaults
+        if route.max_tokens is not None and "max_output_tokens" not in payload:
+            payload["max_output_tokens"] = route.max_tokens
+        if route.temperature is not None and "temperature" not in payload:
+            payload["temperature"] = route.temperature
+        if route.system_prompt and not payload.get("instructions"):
+            payload["instructions"] = route.system_prompt
+        return
     if (route.max_tokens is not None and "max_tokens" not in payload
             and "max_completion_tokens" not in payload):
         payload["max_tokens"] = route.max_tokens
@@ -474,6 +579,41 @@ def apply_route_defaults(payload: dict[str, Any], route: Any, endpoint: Endpoint
         if isinstance(messages, list) and not any(
                 isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages):
             payload["messages"] = [{"role": "system", "content": route.system_prompt}, *messages]
+
+
+def _translation(request: dict[str, Any], chat: dict[str, Any], response_id: str) -> Adapter:
+    """The per-candidate adapter of a Responses call: providers that serve the Responses API get it
+    as written, the others get `chat` (the translated request) and their answer translated back."""
+
+    def transform_body(data: bytes) -> bytes:
+        try:
+            completion = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            completion = {}
+        return orjson.dumps(chat_to_response(completion, request, response_id))
+
+    def adapt(ref: ModelRef, provider: Provider) -> Adaptation | None:
+        if provider.spec.serves_responses:
+            return None
+
+        async def transform_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            translator = ChatStreamTranslator(request, response_id, int(time.time()), ref.model)
+            try:
+                async for chunk in chunks:
+                    out = translator.feed(chunk)
+                    if out:
+                        yield out
+                    if translator.ended:
+                        break
+                tail = translator.close()
+                if tail:
+                    yield tail
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
+
+        return Adaptation(CHAT.path, chat, transform_body, transform_stream)
+
+    return adapt
 
 
 async def iter_sse_json(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:

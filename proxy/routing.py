@@ -28,6 +28,10 @@ from .types import (
 from .urls import parse_url, redact_credentials
 
 PROVIDER_KINDS = ("openai", "mock")
+# what a provider may serve; an `openai` provider serves all of them unless its `apis` says otherwise,
+# the in-process `mock` kind speaks no Responses API (its Responses calls are translated to chat)
+API_NAMES = ("chat", "completions", "embeddings", "responses")
+DEFAULT_APIS = {"openai": API_NAMES, "mock": ("chat", "completions", "embeddings")}
 DEFAULT_MODEL_NAMES = frozenset({"", "auto", "default", "tiergate"})
 _KEYED = re.compile(r"^[a-z_]+(\[\d+\])?: ")
 _USE_CASES = {u.value: u for u in UseCase}
@@ -51,6 +55,11 @@ class ProviderSpec:
     models: tuple[str, ...] = ()
     first_byte_timeout: float | None = None
     pass_client_key: bool = False  # bring-your-own-key: the client's Authorization goes upstream
+    apis: tuple[str, ...] = API_NAMES
+
+    @property
+    def serves_responses(self) -> bool:
+        return "responses" in self.apis
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +144,8 @@ class RoutingTable:
         allow_model_override: bool = True,
         model_rules: Iterable[tuple[str, ParamRule]] = (),
         embeddings: tuple[ModelRef, ...] = (),
+        passthrough_provider: str | None = None,
+        passthrough_paths: Mapping[str, str] | None = None,
     ):
         self.providers: dict[str, ProviderSpec] = dict(providers)
         self.model_rules: tuple[tuple[str, ParamRule], ...] = (*model_rules, *BUILTIN_MODEL_RULES)
@@ -147,6 +158,11 @@ class RoutingTable:
         self.source = source
         self.problems: tuple[str, ...] = tuple(problems)
         self.allow_model_override = allow_model_override
+        # where model names the table does not know, and `/v1/*` paths tiergate does not serve, go
+        self.passthrough_provider = passthrough_provider
+        # longest prefix first, so that `/v1/audio/speech` wins over `/v1/audio/`
+        self.passthrough_paths: tuple[tuple[str, str], ...] = tuple(
+            sorted((passthrough_paths or {}).items(), key=lambda kv: -len(kv[0])))
         self.loaded_at = time.time()
 
         self._plans: dict[ModelRef, ParamRule] = {}
@@ -238,6 +254,9 @@ class RoutingTable:
                     param="model")
             ref = ModelRef(provider, model_id)
             return RouteDecision("override", (ref,), None, _one_plan(ref, self.plan(ref)))
+        if self.passthrough_provider is not None:  # a plain name the table does not know, sent as is
+            ref = ModelRef(self.passthrough_provider, model)
+            return RouteDecision("passthrough", (ref,), None, _one_plan(ref, self.plan(ref)))
         raise UnknownRouteError(
             f"unknown model {model!r}. Use a route name ({self._route_names()}), "
             f"a use case ({', '.join(_USE_CASES)}), an alias ({', '.join(self.aliases) or 'none'}) "
@@ -269,6 +288,25 @@ class RoutingTable:
             raise UnknownRouteError(f"no {kind} model: send one in the body's model (an alias or provider/model) "
                                     f"or name one in the table ({kind}_model)", param="model")
         return decision
+    def known_model(self, model: Any) -> RouteDecision | None:
+        """The decision for a body's `model` that names a route, alias or provider/model; else None."""
+        if not isinstance(model, str):
+            return None
+        decision = self._by_model.get(model) or self._by_model.get(model.strip().lower())
+        if decision is not None:
+            return decision
+        provider, sep, model_id = model.partition("/")
+        if sep and model_id and provider in self.providers and self.allow_model_override:
+            ref = ModelRef(provider, model_id)
+            return RouteDecision("override", (ref,), None, _one_plan(ref, self.plan(ref)))
+        return None
+
+    def passthrough_for(self, path: str) -> str | None:
+        """The provider that serves `path` (a `/v1/...` path tiergate does not serve itself)."""
+        for prefix, provider in self.passthrough_paths:
+            if path.startswith(prefix):
+                return provider
+        return self.passthrough_provider
 
     def _unknown_pair(self, use_case: str, tier: str) -> UnknownRouteError:
         if use_case not in _USE_CASES:
@@ -433,12 +471,32 @@ def table_from_dict(
         routes.append(route)
 
     problems = [redact_credentials(p) for p in problems]  # they are logged and shown in /health/details
+    passthrough_provider = doc.get("passthrough_provider")
+    if passthrough_provider is not None and str(passthrough_provider) not in providers:
+        problems.append(f"passthrough_provider: {passthrough_provider!r} is not a provider of the table "
+                        f"(providers: {', '.join(providers) or 'none'})")
+        passthrough_provider = None
+    passthrough_paths: dict[str, str] = {}
+    raw_paths = doc.get("passthrough_paths") or {}
+    if not isinstance(raw_paths, dict):
+        problems.append('passthrough_paths: must be a mapping of path prefix to provider, e.g. {"/v1/audio/": local}')
+        raw_paths = {}
+    for prefix, provider in raw_paths.items():
+        if not str(prefix).startswith("/v1/"):
+            problems.append(f"passthrough_paths.{prefix}: a path prefix must start with /v1/")
+        elif str(provider) not in providers:
+            problems.append(f"passthrough_paths.{prefix}: {provider!r} is not a provider of the table")
+        else:
+            passthrough_paths[str(prefix)] = str(provider)
+
     if problems and strict:
         raise ConfigError(f"{label}: " + f"\n{label}: ".join(problems))
     if not routes:
         raise ConfigError(f"{label}: routes: no valid route" + (f" ({'; '.join(problems)})" if problems else ""))
     return RoutingTable(providers, routes, aliases, pricing, source=source, problems=problems,
-                        allow_model_override=allow_model_override, model_rules=rules, embeddings=embeddings)
+                        allow_model_override=allow_model_override, model_rules=rules, embeddings=embeddings,
+                        passthrough_provider=None if passthrough_provider is None else str(passthrough_provider),
+                        passthrough_paths=passthrough_paths)
 
 
 def parse_rule(raw: Any) -> ParamRule:
@@ -476,7 +534,7 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
         raise ValueError("must be a mapping with base_url (or kind: mock)")
     allowed = {"base_url", "kind", "api_key", "api_key_env", "api_key_header", "headers",
                "failure_threshold", "recovery_timeout", "max_concurrency", "models", "first_byte_timeout",
-               "pass_client_key"}
+               "pass_client_key", "apis"}
     unknown = set(raw) - allowed
     if unknown:
         raise ValueError(f"unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(allowed))})")
@@ -496,6 +554,11 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
     models = raw.get("models") or ()
     if not isinstance(models, (list, tuple)):
         raise ValueError("models: must be a list of model ids")
+    apis = raw.get("apis")
+    if apis is None:
+        apis = DEFAULT_APIS[kind]
+    elif not isinstance(apis, (list, tuple)) or not apis or any(a not in API_NAMES for a in apis):
+        raise ValueError(f"apis: must be a non-empty list of {', '.join(API_NAMES)}")
     return ProviderSpec(
         name=name,
         base_url=base_url,
@@ -510,6 +573,7 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
         models=tuple(str(m) for m in models),
         first_byte_timeout=_positive(raw, "first_byte_timeout"),
         pass_client_key=raw.get("pass_client_key") is True,
+        apis=tuple(apis),
     )
 
 

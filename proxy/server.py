@@ -24,7 +24,8 @@ from .auth import InboundAuth
 from .connections import ConnectionLimits, GuardedAppRunner, descriptor_budget
 from .dispatch import DROPPED_RESPONSE_HEADERS, stream_error_event, tried
 from .openapi import openapi_json
-from .router import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, Router, new_request_id
+from .passthrough import make_model_handler, make_passthrough_handler, make_stored_response_handler
+from .router import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Endpoint, Router, new_request_id
 from .settings import RouterConfig
 from .telemetry import RequestRecord
 from .types import (
@@ -68,14 +69,18 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "dimensions": (int,), "encoding_format": (str,), "metadata": (dict,), "echo": (bool,),
     "suffix": (str,), "best_of": (int,), "store": (bool,), "modalities": (list,),
     "reasoning_effort": (str,), "service_tier": (str,),
+    # the Responses API's own
+    "instructions": (str, list), "max_output_tokens": (int,), "previous_response_id": (str,),
+    "text": (dict,), "reasoning": (dict,), "include": (list,),
 }
 # the exact types orjson produces for each field (None: the field is optional)
 _EXACT_TYPES: dict[str, frozenset[type]] = {name: frozenset(types) | {type(None)}
                                             for name, types in FIELD_TYPES.items()}
 REQUIRED: dict[str, str] = {CHAT.name: "messages", COMPLETIONS.name: "prompt", EMBEDDINGS.name: "input"}
+# a Responses call may have no `input` (a stored prompt, or a conversation that continues)
 _TYPE_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "a boolean",
                int: "an integer", float: "a number"}
-KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health",
+KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/models", "/health",
                "/ready", "/health/details", "/metrics", "/openapi.json"}
 
 
@@ -83,8 +88,8 @@ def validate(endpoint: Endpoint, payload: Any, max_messages: int) -> None:
     """Type-check the fields tiergate knows; anything else goes upstream untouched."""
     if type(payload) is not dict:
         raise InvalidRequestError("the request body must be a JSON object")
-    required = REQUIRED[endpoint.name]
-    if payload.get(required) is None:
+    required = REQUIRED.get(endpoint.name)
+    if required is not None and payload.get(required) is None:
         raise InvalidRequestError(f"'{required}' is a required property", param=required)
     exact = _EXACT_TYPES
     for name, value in payload.items():
@@ -421,6 +426,7 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     app.router.add_post("/v1/chat/completions", make_handler(CHAT, router, auth), **expect)
     app.router.add_post("/v1/completions", make_handler(COMPLETIONS, router, auth), **expect)
     app.router.add_post("/v1/embeddings", make_handler(EMBEDDINGS, router, auth), **expect)
+    app.router.add_post("/v1/responses", make_handler(RESPONSES, router, auth), **expect)
     app.router.add_get("/v1/models", list_models, **expect)
     app.router.add_get("/health", health, **expect)
     app.router.add_get("/ready", ready, **expect)
@@ -428,6 +434,13 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     metrics_auth = auth if router.config.metrics_auth == "key" else None
     app.router.add_get("/metrics", make_metrics_handler(router, metrics_auth), **expect)
     app.router.add_get("/openapi.json", openapi_json, **expect)
+    # everything else under /v1: stored responses to their provider, the rest to the pass-through provider
+    passthrough = make_passthrough_handler(router, auth, frozenset(KNOWN_PATHS), not_found)
+    stored = make_stored_response_handler(router, auth, passthrough)
+    app.router.add_route("*", "/v1/responses/{id}", stored, **expect)
+    app.router.add_route("*", "/v1/responses/{id}/{action}", stored, **expect)
+    app.router.add_get("/v1/models/{id:.+}", make_model_handler(router, auth, passthrough), **expect)
+    app.router.add_route("*", "/v1/{tail:.*}", passthrough, **expect)
     app.router.add_route("*", "/{tail:.*}", not_found, **expect)
     return app
 

@@ -108,6 +108,9 @@ class _Settings:
     redis_url: str | None = None
     redis_timeout: float = 0.05
     cache_namespace: str = "tiergate"  # prefix of the keys in Redis: fleets sharing one Redis keep apart
+    # the Responses API and pass-through
+    response_affinity_size: int = 100_000  # stored response ids remembered in memory (Redis: all, for 30 days)
+    passthrough_max_body_bytes: int = 512 * 1024 * 1024  # uploads passed through (files, audio) are streamed
     # batching
     enable_batching: bool = False
     batch_window_ms: float = 5.0

@@ -64,7 +64,10 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 # -- hypothesis: raw requests ----------------------------------------------------------------
 
 PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/ready",
-         "/health/details", "/openapi.json", "/v1/", "/", "/v1/chat/completions/", "//v1/models?x=%ff"]
+         "/health/details", "/openapi.json", "/v1/", "/", "/v1/chat/completions/", "//v1/models?x=%ff",
+         "/v1/responses", "/v1/responses", "/v1/responses/resp_1", "/v1/responses/resp_1/cancel",
+         "/v1/responses/resp_1/input_items?limit=2", "/v1/models/general_purpose", "/v1/models/x%2Fy",
+         "/v1/moderations", "/v1/audio/speech", "/v1/files?purpose=batch"]
 header_bytes = st.one_of(
     st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=60)
     .map(lambda s: s.encode("latin-1")),
@@ -81,6 +84,15 @@ request_object = st.dictionaries(
     json_values | st.lists(message, max_size=3), max_size=6)
 chat_object = st.builds(lambda extra, msgs: {**extra, "messages": msgs}, request_object,
                         st.lists(message, min_size=0, max_size=3))
+input_item = st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "item_reference",
+                             "web_search_call"]) | json_values,
+    "role": st.sampled_from(["user", "assistant", "developer", "tool"]) | json_values,
+    "content": json_values | st.lists(st.fixed_dictionaries({"type": st.sampled_from(
+        ["input_text", "input_image", "input_file", "output_text"]) | json_values, "text": json_values}), max_size=2),
+    "call_id": json_values, "name": json_values, "arguments": json_values, "output": json_values})
+responses_object = st.builds(lambda extra, items: {**extra, "input": items}, request_object,
+                             st.text(max_size=20) | st.lists(input_item, max_size=3) | json_values)
 
 
 def _encode(obj: Any, encoding: str) -> bytes:
@@ -91,7 +103,7 @@ def _encode(obj: Any, encoding: str) -> bytes:
 bodies = st.one_of(
     st.just(b""),
     st.binary(max_size=512),
-    st.builds(_encode, request_object | chat_object | json_values,
+    st.builds(_encode, request_object | chat_object | responses_object | json_values,
               st.sampled_from(["utf-8", "utf-16", "utf-32", "utf-8-sig"])),
     st.builds(lambda n, c: c * n, st.sampled_from([MAX_BODY - 10, MAX_BODY + 1, 2 * MAX_BODY]),
               st.sampled_from([b" ", b"{", b"\xff"])),

@@ -166,3 +166,55 @@ def test_disabled_routes_are_left_out():
     doc["routes"][2]["enabled"] = False
     table = table_from_dict(doc, source="test")
     assert table.resolve("code_generation", "standard", None).name == "general_purpose:standard"
+
+
+def test_provider_apis_default_by_kind_and_are_validated():
+    table = table_from_dict({**DOC, "providers": {**DOC["providers"], "c": {
+        "base_url": "http://127.0.0.1:9/v1", "apis": ["chat", "embeddings"]}}}, source="test")
+    assert table.providers["p"].serves_responses  # an OpenAI-compatible provider: every API
+    assert not table.providers["q"].serves_responses  # the in-process mock: chat, completions, embeddings
+    assert table.providers["c"].apis == ("chat", "embeddings")
+    for bad in (["chat", "speech"], [], "chat"):
+        doc = {**DOC, "providers": {**DOC["providers"], "c": {"base_url": "http://127.0.0.1:9/v1", "apis": bad}}}
+        with pytest.raises(ConfigError, match="providers.c: apis: must be a non-empty list of chat"):
+            table_from_dict(doc, source="test")
+
+
+def test_passthrough_provider_takes_unknown_model_names_only(table):
+    with pytest.raises(UnknownRouteError, match="unknown model 'gpt-4o'"):
+        table.resolve(None, None, "gpt-4o")
+    assert table.passthrough_for("/v1/moderations") is None
+    passing = table_from_dict({**DOC, "passthrough_provider": "p",
+                               "passthrough_paths": {"/v1/audio/": "q", "/v1/audio/speech": "p"}}, source="test")
+    decision = passing.resolve(None, None, "gpt-4o")
+    assert (decision.name, decision.candidates) == ("passthrough", (ModelRef("p", "gpt-4o"),))
+    assert passing.resolve(None, None, "openai/gpt-4o").candidates == (ModelRef("p", "openai/gpt-4o"),)
+    assert passing.resolve(None, None, "fast").candidates == (ModelRef("p", "fast-model"),)
+    assert passing.resolve("debugging", None, "gpt-4o").name == "general_purpose:standard"  # headers first
+    assert passing.known_model("gpt-4o") is None and passing.known_model("fast").name == "alias:fast"
+    assert passing.passthrough_for("/v1/audio/speech") == "p"  # the longest prefix wins
+    assert passing.passthrough_for("/v1/audio/transcriptions") == "q"
+    assert passing.passthrough_for("/v1/files") == "p"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"passthrough_provider": "nobody"}, "passthrough_provider: 'nobody' is not a provider"),
+    ({"passthrough_paths": {"/v1/audio/": "nobody"}}, "passthrough_paths./v1/audio/: 'nobody' is not a provider"),
+    ({"passthrough_paths": {"audio": "p"}}, "passthrough_paths.audio: a path prefix must start with /v1/"),
+    ({"passthrough_paths": ["p"]}, "passthrough_paths: must be a mapping"),
+])
+def test_passthrough_settings_are_validated(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        table_from_dict({**DOC, **extra}, source="test")
+
+
+def test_route_defaults_for_responses_use_its_field_names(table):
+    from proxy.router import RESPONSES
+
+    route = table.resolve("code_generation", "premium", None).route
+    payload = {"input": "x"}
+    apply_route_defaults(payload, route, RESPONSES)
+    assert payload == {"input": "x", "max_output_tokens": 100, "temperature": 0.1, "instructions": "Be terse."}
+    payload = {"input": "x", "max_output_tokens": 5, "instructions": "Mine."}
+    apply_route_defaults(payload, route, RESPONSES)
+    assert (payload["max_output_tokens"], payload["instructions"]) == (5, "Mine.")

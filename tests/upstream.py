@@ -4,11 +4,17 @@
     upstream.push(Fail(500), Fail(429, retry_after=1))   # the next two calls fail, then normal
     upstream.default = Fail(503)                         # every call fails from now on
     upstream.requests                                    # what it received (path, headers, json)
+
+`MockUpstream(responses=True)` also speaks the Responses API (create, stream, retrieve, delete,
+cancel, input_items); without it the upstream is chat-only and `/v1/responses` is a 404. Every
+other `/v1/*` path (models/{id}, moderations, images, audio, files, batches, ...) answers like
+OpenAI's, reading uploads in chunks (counted and hashed, never held) and streaming `speech`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import threading
 import time
@@ -29,6 +35,7 @@ class Ok:
     gate: asyncio.Event | None = None
     content: str | None = None
     usage: dict[str, Any] | None = None  # added to the usage object (token details, ...)
+    tool_calls: list[tuple[str, str]] | None = None  # (name, arguments): answer with these function calls
 
 
 @dataclass
@@ -121,12 +128,21 @@ class Received:
     headers: dict[str, str]
     json: Any
     at: float
+    method: str = "POST"
+    query: str = ""
+    size: int = 0  # body bytes (pass-through paths)
+    sha256: str = ""
+    head: bytes = b""  # the first 4 KiB of the body (pass-through paths)
 
 
 class MockUpstream:
-    def __init__(self, name: str = "upstream", models: tuple[str, ...] = ("model-a", "model-b")):
+    def __init__(self, name: str = "upstream", models: tuple[str, ...] = ("model-a", "model-b"),
+                 *, responses: bool = False, speech_bytes: int = 3 * 1024 * 1024):
         self.name = name
         self.models = models
+        self.responses = responses
+        self.speech_bytes = speech_bytes
+        self.stored: dict[str, dict[str, Any]] = {}  # Responses API: id -> {"response", "input"}
         self.default: Action = Ok()
         self.script: list[Action] = []
         self.requests: list[Received] = []
@@ -157,6 +173,13 @@ class MockUpstream:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
+        if self.responses:
+            app.router.add_post("/v1/responses", self._responses)
+            app.router.add_get("/v1/responses/{id}", self._response_get)
+            app.router.add_delete("/v1/responses/{id}", self._response_delete)
+            app.router.add_post("/v1/responses/{id}/cancel", self._response_cancel)
+            app.router.add_get("/v1/responses/{id}/input_items", self._response_input_items)
+        app.router.add_route("*", "/v1/{tail:.*}", self._other)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
@@ -247,6 +270,9 @@ class MockUpstream:
         rid = f"chatcmpl-{self.name}-{len(self.requests)}"
         if isinstance(action, Huge):
             content = "x" * action.size
+        calls = action.tool_calls if isinstance(action, Ok) else None
+        if calls:
+            return await self._chat_tool_calls(request, body, action, rid, calls, usage)
         if not body.get("stream") or isinstance(action, NotAStream):
             if isinstance(action, Ok) and action.gate is not None:  # hold the answer until the gate opens
                 await action.gate.wait()
@@ -343,6 +369,205 @@ class MockUpstream:
             data.append(entry)
         return web.json_response({"object": "list", "data": data})
 
+    async def _chat_tool_calls(self, request: web.Request, body: dict[str, Any], action: Action, rid: str,
+                               calls: list[tuple[str, str]], usage: dict[str, int]) -> web.StreamResponse:
+        model = body.get("model", "?")
+        tool_calls = [{"id": f"call_{self.name}_{i}", "type": "function",
+                       "function": {"name": name, "arguments": arguments}} for i, (name, arguments) in enumerate(calls)]
+        if not body.get("stream"):
+            self.completed += 1
+            return web.Response(body=orjson.dumps({
+                "id": rid, "object": "chat.completion", "created": 1700000000, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": tool_calls},
+                             "finish_reason": "tool_calls", "logprobs": None}],
+                "usage": usage}), content_type="application/json")
+        base = {"id": rid, "object": "chat.completion.chunk", "created": 1700000000, "model": model}
+        events = []
+        for i, call in enumerate(tool_calls):  # name first, then the arguments in two pieces, as OpenAI does
+            arguments = call["function"]["arguments"]
+            half = len(arguments) // 2
+            events.append({**base, "choices": [{"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+                {"index": i, "id": call["id"], "type": "function",
+                 "function": {"name": call["function"]["name"], "arguments": ""}}]}}]})
+            for piece in (arguments[:half], arguments[half:]):
+                events.append({**base, "choices": [{"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+                    {"index": i, "function": {"arguments": piece}}]}}]})
+        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append({**base, "choices": [], "usage": usage})
+        return await self._stream(request, events, action)
+
+    # -- the Responses API (responses=True) ------------------------------------------------------
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        body, action = await self._receive(request)
+        failed = await self._fail_or_none(request, action)
+        if failed is not None:
+            return failed
+        model = body.get("model", "?")
+        n = len(self.requests)
+        rid = f"resp_{self.name}_{n}"
+        previous = body.get("previous_response_id")
+        if previous is not None and previous not in self.stored:
+            return web.json_response({"error": {"message": f"Previous response with id '{previous}' not found.",
+                                                "type": "invalid_request_error", "param": "previous_response_id",
+                                                "code": "previous_response_not_found"}}, status=400)
+        text = (action.content if isinstance(action, Ok) and action.content
+                else f"{self.name} responded {model}" + (f" after {previous}" if previous else ""))
+        message = {"id": f"msg_{self.name}_{n}", "type": "message", "status": "completed", "role": "assistant",
+                   "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+        usage = {"input_tokens": 12, "input_tokens_details": {"cached_tokens": 5, "cache_write_tokens": 0},
+                 "output_tokens": 4, "output_tokens_details": {"reasoning_tokens": 2}, "total_tokens": 16}
+        response = {"id": rid, "object": "response", "created_at": 1700000000, "status": "completed",
+                    "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
+                    "model": model, "output": [message], "parallel_tool_calls": True,
+                    "previous_response_id": previous, "store": body.get("store", True),
+                    "tool_choice": "auto", "tools": [], "usage": usage}
+        if body.get("store", True):
+            self.stored[rid] = {"response": response, "input": body.get("input")}
+        if not body.get("stream"):
+            self.completed += 1
+            return web.json_response(response, headers={"x-request-id": f"up_{rid}"})
+        created = {**response, "status": "in_progress", "output": [], "usage": None}
+        item = {**message, "status": "in_progress", "content": []}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        ids = {"item_id": message["id"], "output_index": 0}
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": created},
+            {"type": "response.in_progress", "response": created},
+            {"type": "response.output_item.added", "output_index": 0, "item": item},
+            {"type": "response.content_part.added", **ids, "content_index": 0, "part": part}]
+        words = text.split(" ")
+        events += [{"type": "response.output_text.delta", **ids, "content_index": 0,
+                    "delta": w if i == 0 else " " + w, "logprobs": []} for i, w in enumerate(words)]
+        events += [{"type": "response.output_text.done", **ids, "content_index": 0, "text": text, "logprobs": []},
+                   {"type": "response.content_part.done", **ids, "content_index": 0, "part": {**part, "text": text}},
+                   {"type": "response.output_item.done", "output_index": 0, "item": message},
+                   {"type": "response.completed", "response": response}]
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await stream.prepare(request)
+        for i, event in enumerate(events):
+            if isinstance(action, BreakStream) and i == action.after:
+                assert request.transport is not None
+                request.transport.abort()
+                return stream
+            event = {**event, "sequence_number": i}
+            await stream.write(f"event: {event['type']}\ndata: ".encode() + orjson.dumps(event) + b"\n\n")
+        await stream.write_eof()
+        self.completed += 1
+        return stream
+
+    def _record(self, request: web.Request, body: Any = None) -> None:
+        self.requests.append(Received(request.path, dict(request.headers), body, time.monotonic(),
+                                      request.method, request.query_string))
+
+    def _stored_or_404(self, request: web.Request) -> dict[str, Any] | web.Response:
+        self._record(request)
+        found = self.stored.get(request.match_info["id"])
+        if found is None:
+            return web.json_response({"error": {"message": f"Response with id '{request.match_info['id']}' not "
+                                                           "found.", "type": "invalid_request_error",
+                                                "param": None, "code": None}}, status=404)
+        return found
+
+    async def _response_get(self, request: web.Request) -> web.Response:
+        found = self._stored_or_404(request)
+        return found if isinstance(found, web.Response) else web.json_response(found["response"])
+
+    async def _response_delete(self, request: web.Request) -> web.Response:
+        found = self._stored_or_404(request)
+        if isinstance(found, web.Response):
+            return found
+        del self.stored[request.match_info["id"]]
+        return web.json_response({"id": request.match_info["id"], "object": "response", "deleted": True})
+
+    async def _response_cancel(self, request: web.Request) -> web.Response:
+        found = self._stored_or_404(request)
+        return found if isinstance(found, web.Response) else web.json_response(
+            {**found["response"], "status": "cancelled"})
+
+    async def _response_input_items(self, request: web.Request) -> web.Response:
+        found = self._stored_or_404(request)
+        if isinstance(found, web.Response):
+            return found
+        raw = found["input"]
+        items = [{"id": "msg_in_0", "type": "message", "role": "user", "status": "completed",
+                  "content": [{"type": "input_text", "text": raw}]}] if isinstance(raw, str) else list(raw or [])
+        return web.json_response({"object": "list", "data": items, "first_id": "msg_in_0", "last_id": "msg_in_0",
+                                  "has_more": False})
+
+    # -- every other /v1/* path --------------------------------------------------------------------
+
+    async def _other(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's other endpoints, as far as the tests need them. The body is read in chunks, counted
+        and hashed (a multi-MB upload is never held); a JSON body is parsed."""
+        digest = hashlib.sha256()
+        size = 0
+        is_json = request.content_type == "application/json"
+        kept = bytearray()
+        head = b""
+        async for chunk in request.content.iter_chunked(256 * 1024):
+            size += len(chunk)
+            digest.update(chunk)
+            if len(head) < 4096:
+                head = (head + chunk)[:4096]
+            if is_json:
+                kept += chunk
+        body = orjson.loads(kept) if is_json and kept else None
+        self.requests.append(Received(request.path, dict(request.headers), body, time.monotonic(),
+                                      request.method, request.query_string, size, digest.hexdigest(), head))
+        action = self._next()
+        failed = await self._fail_or_none(request, action)
+        if failed is not None:
+            return failed
+        path, method = request.path, request.method
+        headers = {"x-request-id": f"up_req_{len(self.requests)}", "openai-processing-ms": "7"}
+        model = body.get("model") if isinstance(body, dict) else None
+        answer: Any
+        if method == "GET" and path.startswith("/v1/models/"):
+            answer = {"id": path.removeprefix("/v1/models/"), "object": "model", "created": 1700000000,
+                      "owned_by": self.name}
+        elif path == "/v1/moderations":
+            answer = {"id": "modr-1", "model": model or "omni-moderation-latest",
+                      "results": [{"flagged": False, "categories": {"violence": False},
+                                   "category_scores": {"violence": 0.01}}]}
+        elif path == "/v1/images/generations":
+            answer = {"created": 1700000000, "data": [{"url": f"https://{self.name}.example/{model}.png"}]}
+        elif path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+            answer = {"text": f"{self.name} heard {size} bytes"}
+        elif path == "/v1/audio/speech":
+            return await self._speech(request, headers)
+        elif path == "/v1/files" and method == "POST":
+            answer = {"id": "file-1", "object": "file", "bytes": size, "created_at": 1700000000,
+                      "filename": "upload", "purpose": "batch", "status": "processed"}
+        elif path == "/v1/files" and method == "GET":
+            answer = {"object": "list", "data": [], "has_more": False}
+        elif path == "/v1/batches" and method == "POST":
+            answer = {"id": "batch_1", "object": "batch", "endpoint": body.get("endpoint"),
+                      "input_file_id": body.get("input_file_id"), "completion_window": "24h",
+                      "status": "validating", "created_at": 1700000000}
+        elif path.startswith("/v1/chat/completions/"):
+            answer = {"id": path.rsplit("/", 1)[1], "object": "chat.completion", "created": 1700000000,
+                      "model": "stored", "choices": []}
+        else:
+            return web.json_response({"error": {"message": f"{self.name}: no {method} {path}",
+                                                "type": "invalid_request_error", "param": None,
+                                                "code": "unknown_url"}}, status=404, headers=headers)
+        self.completed += 1
+        return web.json_response(answer, headers=headers)
+
+    async def _speech(self, request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={**headers, "Content-Type": "audio/mpeg",
+                                               "Content-Length": str(self.speech_bytes)})
+        await response.prepare(request)
+        block = bytes(range(256)) * 256  # 64 KiB
+        left = self.speech_bytes
+        while left > 0:
+            await response.write(block[:left])
+            left -= len(block)
+        await response.write_eof()
+        self.completed += 1
+        return response
 
 @contextmanager
 def upstream_in_thread(name: str = "primary") -> Iterator[MockUpstream]:
