@@ -43,11 +43,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
 # the body is re-framed (and decoded: aiohttp inflates a compressed request), the key is the provider's
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "content-encoding", "authorization", "x-use-case",
-                               "x-model-tier", "expect"}
+# (the client's Authorization is dropped by the provider's protected names, unless it takes the client's
+# own key: `pass_client_key`)
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "content-encoding", "x-use-case", "x-model-tier",
+                               "expect", "cookie"}
 _NOT_RELAYED = HOP_BY_HOP | {"content-encoding", "content-length", "server", "date"}
 _CHUNK = 64 * 1024
-_OWN_HEADERS = frozenset({"content-type", "accept", "user-agent"})  # a provider's defaults the client may set
 
 
 class _UploadTooLarge(Exception):
@@ -105,7 +106,7 @@ async def forward(request: web.Request, router: Router, provider_name: str, reco
     if provider is None or provider.session is None:
         raise UpstreamError(f"provider {provider_name!r} cannot serve pass-through calls (it is not an HTTP "
                             "provider, or not started)", status=502, code="passthrough_unavailable")
-    owned = frozenset(k.lower() for k in provider.headers) - _OWN_HEADERS
+    owned = provider.protected | frozenset(h.lower() for h in config.drop_headers)
     headers = forwarded_headers(request.headers, owned)
     too_large: list[bool] = []
     data: Any = None
