@@ -35,6 +35,10 @@ def add_db_commands(sub: Any) -> None:
     set_.add_argument("--max-tokens", type=int)
     set_.add_argument("--temperature", type=float)
     set_.add_argument("--system-prompt")
+    set_.add_argument("--timeout", type=float, help="seconds: the route's deadline")
+    set_.add_argument("--first-byte-timeout", type=float, help="seconds a stream may take to its first chunk")
+    set_.add_argument("--embeddings-model", nargs="*", metavar="MODEL",
+                      help="provider/model-id ... of the route's /v1/embeddings calls (none to clear)")
     delete = routes_sub.add_parser("delete", help="remove a route")
     delete.add_argument("use_case", metavar="USE_CASE")
     delete.add_argument("tier", metavar="TIER")
@@ -134,7 +138,9 @@ async def _routes_set(config: RouterConfig, args: argparse.Namespace) -> int:
         raw: dict[str, Any] = {"use_case": args.use_case, "tier": args.tier, "model": args.model}
         values: dict[str, Any] = {"model": args.model}
         for key, value in (("fallbacks", args.fallbacks), ("max_tokens", args.max_tokens),
-                           ("temperature", args.temperature), ("system_prompt", args.system_prompt)):
+                           ("temperature", args.temperature), ("system_prompt", args.system_prompt),
+                           ("timeout", args.timeout), ("first_byte_timeout", args.first_byte_timeout),
+                           ("embeddings_model", args.embeddings_model)):
             if value is not None:
                 raw[key] = values[key] = value
         try:

@@ -205,23 +205,31 @@ async def seed(conn: asyncpg.Connection, doc: Mapping[str, Any], timeout: float)
     for name, p in providers.items():
         await conn.execute(
             """INSERT INTO llm_providers (name, kind, base_url, api_key_env, api_key_header, api_key, headers,
-                                          failure_threshold, recovery_timeout, max_concurrency, models)
-               VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10, $11)""",
+                                          failure_threshold, recovery_timeout, max_concurrency, models,
+                                          first_byte_timeout, pass_client_key, apis)
+               VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14)""",
             str(name), str(p.get("kind") or "openai"), str(p.get("base_url") or ""), p.get("api_key_env"),
             str(p.get("api_key_header") or "Authorization"), p.get("api_key"),
             orjson.dumps({str(k): str(v) for k, v in (p.get("headers") or {}).items()}).decode(),
             p.get("failure_threshold"), p.get("recovery_timeout"), p.get("max_concurrency"),
-            [str(m) for m in p.get("models") or ()], timeout=timeout)
+            [str(m) for m in p.get("models") or ()], p.get("first_byte_timeout"), p.get("pass_client_key") is True,
+            [str(a) for a in p["apis"]] if p.get("apis") is not None else None, timeout=timeout)
     routes = doc.get("routes") or []
     for r in routes:
         await conn.execute(
             """INSERT INTO llm_routes (use_case, tier, model, fallbacks, max_tokens, temperature, system_prompt,
-                                       cache, cache_ttl, enabled)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
+                                       cache, cache_ttl, enabled, timeout, first_byte_timeout, embeddings_model,
+                                       completions_model)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)""",
             str(r["use_case"]).lower(), str(r["tier"]).lower(), str(r["model"]),
             [str(f) for f in r.get("fallbacks") or ()], r.get("max_tokens"), r.get("temperature"),
             r.get("system_prompt"), str(r.get("cache") or "auto"), r.get("cache_ttl"),
-            r.get("enabled") is not False, timeout=timeout)
+            r.get("enabled") is not False, r.get("timeout"), r.get("first_byte_timeout"),
+            _models(r.get("embeddings_model")), _models(r.get("completions_model")), timeout=timeout)
+    for key in TABLE_SETTINGS:
+        if doc.get(key) is not None:
+            await conn.execute("INSERT INTO llm_table_settings (key, value) VALUES ($1, $2::jsonb)", key,
+                               orjson.dumps(doc[key]).decode(), timeout=timeout)
     aliases = doc.get("aliases") or {}
     for alias, ref in aliases.items():
         await conn.execute("INSERT INTO llm_aliases (alias, model) VALUES ($1, $2)", str(alias), str(ref),
@@ -240,6 +248,14 @@ async def seed(conn: asyncpg.Connection, doc: Mapping[str, Any], timeout: float)
 
 
 # --- reading the table -----------------------------------------------------------------------------
+
+
+async def _table_settings(conn: asyncpg.Connection, timeout: float) -> list[asyncpg.Record]:
+    """The table-level settings; none in a database not yet migrated to them (`db init` adds them)."""
+    exists = await conn.fetchval("SELECT to_regclass('llm_table_settings') IS NOT NULL", timeout=timeout)
+    if not exists:
+        return []
+    return await conn.fetch("SELECT key, value FROM llm_table_settings ORDER BY key", timeout=timeout)
 
 
 @dataclass(frozen=True)
@@ -261,12 +277,13 @@ async def read_snapshot(conn: asyncpg.Connection, config: RouterConfig) -> Snaps
             routes = await conn.fetch("SELECT * FROM llm_routes WHERE enabled ORDER BY use_case, tier",
                                       timeout=timeout)
             aliases = await conn.fetch("SELECT alias, model FROM llm_aliases ORDER BY alias", timeout=timeout)
+            settings = await _table_settings(conn, timeout)
             models = await conn.fetch(
                 """SELECT provider, model, input_price_per_million, output_price_per_million, available
                    FROM llm_models ORDER BY provider, model""", timeout=timeout)
     except asyncpg.UndefinedTableError:
         raise StoreError(NOT_INITIALIZED, code="database_not_initialized") from None
-    doc = rows_to_doc(providers, routes, aliases, models)
+    doc = rows_to_doc(providers, routes, aliases, models, settings)
     fingerprint = hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).digest()
     labels = [f"llm_routes ({r['use_case']}, {r['tier']})" for r in routes]
     try:
@@ -279,16 +296,23 @@ async def read_snapshot(conn: asyncpg.Connection, config: RouterConfig) -> Snaps
     return Snapshot(table, fingerprint, available)
 
 
+TABLE_SETTINGS = ("embeddings_model", "model_rules", "passthrough_provider", "passthrough_paths")
+
+
 def rows_to_doc(providers: Iterable[Mapping[str, Any]], routes: Iterable[Mapping[str, Any]],
-                aliases: Iterable[Mapping[str, Any]], models: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+                aliases: Iterable[Mapping[str, Any]], models: Iterable[Mapping[str, Any]],
+                settings: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """Rows as the same document the YAML file holds, for `table_from_dict`."""
     doc_providers: dict[str, Any] = {}
     for p in providers:
         entry: dict[str, Any] = {"kind": p["kind"], "base_url": p["base_url"],
                                  "api_key_header": p["api_key_header"]}
-        for key in ("api_key_env", "api_key", "failure_threshold", "recovery_timeout", "max_concurrency"):
-            if p[key] is not None:
-                entry[key] = p[key]
+        for key in ("api_key_env", "api_key", "failure_threshold", "recovery_timeout", "max_concurrency",
+                    "first_byte_timeout", "apis"):
+            if p.get(key) is not None:
+                entry[key] = list(p[key]) if key == "apis" else p[key]
+        if p.get("pass_client_key"):
+            entry["pass_client_key"] = True
         headers = orjson.loads(p["headers"]) if p["headers"] else {}
         if headers:
             entry["headers"] = headers
@@ -299,9 +323,12 @@ def rows_to_doc(providers: Iterable[Mapping[str, Any]], routes: Iterable[Mapping
     for r in routes:
         entry = {"use_case": r["use_case"], "tier": r["tier"], "model": r["model"],
                  "fallbacks": list(r["fallbacks"] or ()), "cache": r["cache"]}
-        for key in ("max_tokens", "system_prompt", "cache_ttl"):
-            if r[key] is not None:
+        for key in ("max_tokens", "system_prompt", "cache_ttl", "timeout", "first_byte_timeout"):
+            if r.get(key) is not None:
                 entry[key] = r[key]
+        for key in ("embeddings_model", "completions_model"):
+            if r.get(key):
+                entry[key] = list(r[key])
         if r["temperature"] is not None:  # `real` holds 0.2 as 0.200000003
             entry["temperature"] = round(float(r["temperature"]), 6)
         doc_routes.append(entry)
@@ -309,8 +336,12 @@ def rows_to_doc(providers: Iterable[Mapping[str, Any]], routes: Iterable[Mapping
                                                 "output": m["output_price_per_million"]}
                for m in models
                if m["input_price_per_million"] is not None and m["output_price_per_million"] is not None}
-    return {"providers": doc_providers, "routes": doc_routes,
-            "aliases": {a["alias"]: a["model"] for a in aliases}, "pricing": pricing}
+    doc = {"providers": doc_providers, "routes": doc_routes,
+           "aliases": {a["alias"]: a["model"] for a in aliases}, "pricing": pricing}
+    for row in settings:
+        if row["key"] in TABLE_SETTINGS:
+            doc[row["key"]] = orjson.loads(row["value"]) if isinstance(row["value"], str) else row["value"]
+    return doc
 
 
 _ROUTE_INDEX = re.compile(r"routes\[(\d+)\]")
@@ -339,7 +370,15 @@ async def list_routes(conn: asyncpg.Connection, timeout: float) -> list[asyncpg.
     return await conn.fetch("SELECT * FROM llm_routes ORDER BY use_case, tier", timeout=timeout)
 
 
-ROUTE_COLUMNS = ("model", "fallbacks", "max_tokens", "temperature", "system_prompt")
+ROUTE_COLUMNS = ("model", "fallbacks", "max_tokens", "temperature", "system_prompt", "timeout",
+                 "first_byte_timeout", "embeddings_model")
+
+
+def _models(raw: Any) -> list[str]:
+    """A route's models of one kind as the column holds them (one provider/model or a list)."""
+    if not raw:
+        return []
+    return [str(m) for m in (raw if isinstance(raw, (list, tuple)) else [raw])]
 
 
 async def set_route(conn: asyncpg.Connection, use_case: str, tier: str, values: Mapping[str, Any],

@@ -67,7 +67,7 @@ def test_migrations_are_numbered_files_in_order():
 async def test_db_init_twice_is_a_noop_the_second_time(schema: Schema):
     config = make_config(database_url=schema.url)
     first = await init_db(config, DEFAULT_CONFIG_PATH)
-    assert first.applied == [1]
+    assert first.applied == [m.version for m in load_migrations()]
     assert first.seeded == {"providers": 2, "routes": 24, "aliases": 5, "models": 12}
 
     before = await rows_with_versions(schema.conn)
@@ -101,6 +101,36 @@ async def test_db_init_twice_is_a_noop_the_second_time(schema: Schema):
         return {n: dataclasses.replace(p, headers=tuple(sorted(p.headers))) for n, p in t.providers.items()}
 
     assert specs(db_table) == specs(file_table)
+    assert db_table.embeddings == file_table.embeddings and db_table.embeddings  # a table-level setting
+
+
+async def test_route_kinds_deadlines_and_table_settings_live_in_the_database_too(schema: Schema, tmp_path: Path):
+    upstream = MockUpstream("primary")
+    upstream.port = 9  # never called
+    doc = table_doc(upstream)
+    doc["providers"]["primary"].update(first_byte_timeout=42.0, pass_client_key=True)
+    doc["routes"][0].update(timeout=120.0, first_byte_timeout=90.0,
+                            embeddings_model=["primary/text-embedding-3-small"])
+    doc["model_rules"] = {"my-reasoner*": {"drop": ["temperature"], "rename": {"max_tokens": "max_completion_tokens"}}}
+    doc["embeddings_model"] = "primary/text-embed"
+    config = make_config(database_url=schema.url)
+    await init_db(config, write_table(tmp_path, doc))
+    file_table = table_from_dict(doc, source="file")
+    db_table = (await read_snapshot(schema.conn, config)).table
+    assert db_table.problems == ()
+    route = next(r for r in db_table.routes.values() if r.name == "general_purpose:standard")
+    assert route.timeout == 120.0 and route.first_byte_timeout == 90.0
+    assert [str(m) for m in route.embeddings] == ["primary/text-embedding-3-small"]
+    spec = db_table.providers["primary"]
+    assert spec.first_byte_timeout == 42.0 and spec.pass_client_key is True
+    assert db_table.model_rules == file_table.model_rules and db_table.embeddings == file_table.embeddings
+    # `routes set` writes the new columns
+    from proxy.store import set_route
+    await set_route(schema.conn, "debugging", "economy", {"model": "primary/m", "timeout": 5.0,
+                                                        "embeddings_model": ["primary/e"]}, 5)
+    table = (await read_snapshot(schema.conn, config)).table
+    decision = table.resolve("debugging", "economy", None, "embeddings")
+    assert [str(m) for m in decision.candidates] == ["primary/e"]
 
 
 async def test_init_on_a_missing_schema_says_so():
