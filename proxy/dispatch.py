@@ -50,12 +50,6 @@ DONE = b"data: [DONE]"  # the end of a chat/completions stream
 _SSE_STARTS = (b"data:", b"event:", b":", b"id:", b"retry:")
 _ERROR_EVENT = b'data: {"error"'
 _INF = float("inf")
-# the provider's response headers a client must not get from tiergate's answer: hop-by-hop ones, the
-# framing and encoding of a body tiergate re-frames, and cookies for the provider's own domain
-DROPPED_RESPONSE_HEADERS = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-    "transfer-encoding", "upgrade", "content-length", "content-encoding", "content-type", "date", "server",
-    "set-cookie", "alt-svc", "strict-transport-security"})
 
 
 @dataclass(slots=True)
@@ -253,7 +247,9 @@ class Dispatcher:
                 if observer is not None:
                     attempt_headers = observer.attempt_started(ref, attempt_headers)
                 slots = self.limits.slots(provider)
-                if slots is not None:
+                if slots is not None and slots.active < slots.capacity and not slots._waiters:
+                    slots.active += 1  # the usual case, without a coroutine
+                elif slots is not None:
                     try:
                         await slots.acquire(None if remaining == _INF else max(0.0, remaining))
                     except (RateLimitError, TimeoutError):  # tiergate's own queue: not the provider's fault
@@ -340,7 +336,11 @@ class Dispatcher:
                 if slots is not None:
                     resp = self.limits.hold(resp, slots)
                     slots = None
-                data = await self._read(resp, ref)
+                length = resp.headers.get("Content-Length")
+                if length is not None and length.isdigit() and int(length) <= self._max_body:
+                    data = await resp.read()  # the usual case: a body of known, acceptable length
+                else:
+                    data = await self._read(resp, ref)
                 resp.release()
                 status = resp.status
                 if status != 200:

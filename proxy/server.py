@@ -22,7 +22,8 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .auth import InboundAuth
 from .connections import ConnectionLimits, GuardedAppRunner, descriptor_budget
-from .dispatch import DROPPED_RESPONSE_HEADERS, stream_error_event, tried
+from .dispatch import stream_error_event, tried
+from .headers import relayed_headers, request_filter
 from .openapi import openapi_json
 from .passthrough import make_model_handler, make_passthrough_handler, make_stored_response_handler
 from .router import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Endpoint, Router, new_request_id
@@ -48,13 +49,6 @@ AUTH_KEY = web.AppKey("auth", InboundAuth)
 INFLIGHT_KEY = web.AppKey("inflight", set)  # the handler tasks of requests in flight (drained at shutdown)
 DRAIN = "tiergate is shutting down"  # the cancel message that ends a stream still open after the drain
 
-# Client headers that never go upstream: hop-by-hop ones, the framing of a body tiergate re-encodes,
-# tiergate's own, and the client's Authorization (replaced by the provider's key unless the provider
-# takes the client's own: `pass_client_key`). Every other header goes as the client sent it.
-NOT_FORWARDED = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-    "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length", "content-type",
-    "content-encoding", "accept-encoding", "expect", "x-use-case", "x-model-tier", "authorization", "cookie"})
 
 # field -> accepted JSON types; None is accepted for every optional field
 _NUMBER = (int, float)
@@ -129,36 +123,6 @@ def error_response(exc: TiergateError, request_id: str, extra: dict[str, str] | 
         headers["retry-after-ms"] = str(max(1, int(retry_after * 1000)))
     return web.Response(body=exc.to_body(), status=exc.status, headers=headers,
                         content_type="application/json")
-
-
-def relayed_headers(upstream: Mapping[str, str] | None, request_id: str) -> dict[str, str]:
-    """The provider's response headers a client would have had from it, and the request ids: the
-    provider's `x-request-id` stays (the SDK reports it), tiergate's goes in `x-tiergate-request-id`."""
-    headers: dict[str, str] = {}
-    if upstream:
-        dropped = DROPPED_RESPONSE_HEADERS
-        for name, value in upstream.items():
-            if name.lower() not in dropped:
-                headers[name] = value
-    if "x-request-id" not in headers and "X-Request-Id" not in headers and not (
-            upstream and "x-request-id" in upstream):
-        headers["x-request-id"] = request_id
-    headers["x-tiergate-request-id"] = request_id
-    return headers
-
-
-def forwarded_headers(incoming: Mapping[str, str], drop: frozenset[str], keep_authorization: bool) -> dict[str, str]:
-    """The client's headers that go upstream (lower-case names), for the provider to act on as it would
-    on a direct call (OpenAI-Organization, OpenAI-Project, OpenAI-Beta, Idempotency-Key, vendors')."""
-    out: dict[str, str] = {}
-    for name, value in incoming.items():
-        lower = name.lower()
-        if lower in drop or lower.startswith("x-tiergate-"):
-            if lower == "authorization" and keep_authorization:
-                out[lower] = value
-            continue
-        out[lower] = value
-    return out
 
 
 async def read_json(request: web.Request, limit: int, timeout: float | None = None) -> Any:
@@ -236,7 +200,8 @@ def make_handler(endpoint: Endpoint, router: Router,
     max_body, body_timeout, max_messages = config.max_body_bytes, config.client_body_timeout, config.max_messages
     name = endpoint.name
     check_key = auth.check if auth.enabled else None
-    drop = NOT_FORWARDED | frozenset(h.lower() for h in config.drop_headers)
+    forwarded = request_filter(config.drop_headers)
+    forwarded_with_key = request_filter(config.drop_headers, keep_authorization=True)  # pass_client_key
 
     async def handler(request: web.Request) -> web.StreamResponse:
         headers = request.headers
@@ -254,7 +219,7 @@ def make_handler(endpoint: Endpoint, router: Router,
                 endpoint, payload, record,
                 use_case=headers.get("x-use-case"), tier=headers.get("x-model-tier"),
                 timeout=_deadline(headers, payload.get("stream") is True),
-                headers=forwarded_headers(headers, drop, router.byok),
+                headers=(forwarded_with_key if router.byok else forwarded)(headers),
                 cache_control=headers.get("cache-control"))
             if result.stream is None:
                 return web.Response(body=result.body, headers=_result_headers(record, result.headers),

@@ -1,0 +1,91 @@
+"""Which headers cross tiergate, each way.
+
+The client's request headers go upstream as sent (a provider acts on `OpenAI-Organization`,
+`OpenAI-Project`, `OpenAI-Beta`, `Idempotency-Key`, vendors' headers) except those that are
+tiergate's or the connection's; the provider's response headers come back (`x-ratelimit-*`, its
+`x-request-id`, `openai-processing-ms`) except hop-by-hop ones and the framing of a body tiergate
+re-frames. Both run on every request: the names a client or provider sends repeat from one request
+to the next, so which of them pass is worked out once per set of names and the copy is done by
+C-level `zip`/`map`, not a Python loop over the headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
+
+# Client headers that never go upstream: hop-by-hop ones, the framing of a body tiergate re-encodes,
+# the routing headers, and the client's Authorization (replaced by the provider's key unless the
+# provider takes the client's own: `pass_client_key`). `x-tiergate-*` never go either.
+NOT_FORWARDED = HOP_BY_HOP | frozenset({
+    "host", "content-length", "content-type", "content-encoding", "accept-encoding", "expect", "cookie",
+    "x-use-case", "x-model-tier", "authorization"})
+
+# The provider's response headers a client must not get from tiergate's answer: hop-by-hop ones, the
+# framing and encoding of a body tiergate re-frames (aiohttp has decoded it), and what belongs to the
+# provider's own site (cookies, HSTS, alt-svc).
+DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | frozenset({
+    "content-length", "content-encoding", "content-type", "date", "server", "set-cookie", "alt-svc",
+    "strict-transport-security"})
+
+_PLANS_MAX = 512  # distinct sets of header names remembered (clients and providers repeat theirs)
+_Plan = tuple[tuple[int, ...], tuple[str, ...]]
+
+
+class HeaderFilter:
+    """Copies the headers of a mapping that are not in `drop` (lower-case names; a prefix too)."""
+
+    __slots__ = ("drop", "prefix", "lower", "_plans")
+
+    def __init__(self, drop: frozenset[str], *, prefix: str | None = None, lower: bool = False):
+        self.drop = drop
+        self.prefix = prefix
+        self.lower = lower  # give the copy lower-case names
+        self._plans: dict[tuple[str, ...], _Plan] = {}
+
+    def __call__(self, headers: Mapping[str, str]) -> dict[str, str]:
+        names = tuple(headers.keys())
+        plan = self._plans.get(names)
+        if plan is None:
+            plan = self._plan(names)
+        keep, kept_names = plan
+        values = tuple(headers.values())
+        return dict(zip(kept_names, map(values.__getitem__, keep), strict=True))
+
+    def _plan(self, names: tuple[str, ...]) -> _Plan:
+        keep = []
+        for i, name in enumerate(names):
+            lower = name.lower()
+            if lower in self.drop or (self.prefix is not None and lower.startswith(self.prefix)):
+                continue
+            keep.append(i)
+        plan = (tuple(keep), tuple(names[i].lower() if self.lower else names[i] for i in keep))
+        if len(self._plans) < _PLANS_MAX:
+            self._plans[names] = plan
+        return plan
+
+
+def request_filter(extra_drop: tuple[str, ...] = (), *, keep_authorization: bool = False) -> HeaderFilter:
+    """The filter of client headers forwarded upstream (names lower-cased)."""
+    drop = NOT_FORWARDED | frozenset(h.lower() for h in extra_drop)
+    if keep_authorization:
+        drop -= {"authorization"}
+    return HeaderFilter(drop, prefix="x-tiergate-", lower=True)
+
+
+RESPONSE_FILTER = HeaderFilter(DROPPED_RESPONSE_HEADERS)
+
+
+def relayed_headers(upstream: Mapping[str, str] | None, request_id: str) -> dict[str, str]:
+    """The provider's response headers a client would have had from it, and the request ids: the
+    provider's `x-request-id` stays (the SDK reports it), tiergate's goes in `x-tiergate-request-id`."""
+    if upstream:
+        headers = RESPONSE_FILTER(upstream)
+        if "x-request-id" not in upstream:  # case-insensitive for aiohttp's headers
+            headers["x-request-id"] = request_id
+    else:
+        headers = {"x-request-id": request_id}
+    headers["x-tiergate-request-id"] = request_id
+    return headers
