@@ -172,7 +172,7 @@ async def test_an_upstream_401_is_relayed_without_the_providers_key(tiergate, up
 async def test_two_thousand_concurrent_streams_all_complete_with_the_default_pool(upstream, start_tiergate):
     # every stream held open upstream at once (the old pool of 120 marked the provider down at 121);
     # the defaults of a real sidecar, but for the test's own short deadline
-    running = await start_tiergate(table_doc(upstream), timeout=60.0, first_byte_timeout=15.0)
+    running = await start_tiergate(table_doc(upstream), timeout=120.0, first_byte_timeout=60.0)
     gate = asyncio.Event()
     upstream.default = Ok(gate=gate)
     n = 2000
