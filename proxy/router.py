@@ -25,6 +25,7 @@ from .discovery import Discovery, discover
 from .dispatch import Dispatcher, Result, tried
 from .health import HealthMonitor
 from .providers import Provider, make_provider
+from .quotas import Quotas
 from .routing import RoutingTable, load_table
 from .settings import RouterConfig
 from .telemetry import RequestRecord, Telemetry
@@ -38,6 +39,7 @@ from .types import (
 )
 
 if TYPE_CHECKING:
+    from .fleet import FleetLimits
     from .store import RouteStore
 
 
@@ -90,6 +92,13 @@ class Router:
         self.batcher = (EmbeddingBatcher(self._send, window_s=self.config.batch_window_ms / 1000,
                                          max_inputs=self.config.batch_max_inputs)
                         if self.config.enable_batching else None)
+        # rate limits and budgets: counted for the fleet in Redis when TIERGATE_REDIS_URL is set
+        self.fleet: FleetLimits | None = None
+        if self.config.redis_url:
+            from .fleet import FleetLimits, RedisLink
+            self.fleet = FleetLimits(RedisLink(self.config.redis_url, timeout=self.config.redis_timeout),
+                                     self.config.cache_namespace)
+        self.quotas = Quotas(self.fleet, policy=self.config.limits_on_redis_failure)
         self.started_at = time.time()
         self.initialized = False
         self.draining = False
@@ -114,6 +123,11 @@ class Router:
         if self._store is not None:
             self._store.start()
         self.health.start()
+        if self.fleet is not None:
+            self.fleet.start(self._refresh_limits)
+        if self.telemetry.metrics is not None:
+            from .quotas import LimitsCollector
+            self.telemetry.metrics.registry.register(LimitsCollector(self))
         self.initialized = True
 
     async def close(self) -> None:
@@ -121,6 +135,9 @@ class Router:
             await self._store.stop()
             self._store = None
         await self.health.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
+            await self.fleet.link.close()
         if self.batcher is not None:
             await self.batcher.close()
         await self.cache.close()
@@ -196,11 +213,13 @@ class Router:
         timeout: float | None = None,
         headers: Mapping[str, str] | None = None,
         cache_control: str | None = None,
+        api_key_name: str | None = None,
     ) -> Result:
         """Resolve the route, apply its defaults and forward. Raises TiergateError on failure.
 
         `record` is filled in; the caller hands it to `finish()` when the response has ended.
         `cache_control` is the client's Cache-Control header (no-cache, no-store).
+        `api_key_name` is the name of the inbound key the request came with (limits may be scoped by it).
         """
         telemetry = self.telemetry
         trace = (telemetry.start_trace(endpoint.operation, record, payload, headers)  # issue 6
@@ -209,6 +228,8 @@ class Router:
         if table is None:
             table = self.table  # raises: not initialized
         decision = table.resolve(use_case, tier, payload.get("model"))
+        if table.limits is not None:  # rate limits and budgets: charge an estimate now (may downgrade)
+            decision = await self.quotas.admit(table.limits, table, decision, payload, api_key_name, record)
         record.route = decision.name
         stream = bool(payload.get("stream")) and endpoint.streamable
         record.stream = stream
@@ -257,6 +278,8 @@ class Router:
                 record.status = 499 if isinstance(error, asyncio.CancelledError) else 500
                 record.error = type(error).__name__
         self.telemetry.finish(record)
+        if record.quota is not None:  # limits: replace the estimate with the real usage
+            self.quotas.settle(record)
 
     # -- library API ------------------------------------------------------------------------
 
@@ -388,10 +411,18 @@ class Router:
                 "problems": list(table.problems)},
             "cache": self.cache.stats(),
             "batching": self.batcher.stats() if self.batcher is not None else None,
+            "limits": self.quotas.snapshot(table.limits if table is not None else None),
         }
         if database is not None:
             health["routing_table"].update(database)
         return health
+
+    async def _refresh_limits(self) -> None:
+        """Read every limit's use from Redis (the heartbeat's refresh): health and metrics stay
+        current on a pod that sees little traffic."""
+        table = self._table
+        if table is not None and table.limits is not None and self.fleet is not None:
+            self.quotas.observe(await self.fleet.usage(table.limits.checks), table.limits.checks)
 
     def get_metrics(self) -> dict[str, Any]:
         return {**self.telemetry.snapshot(), "cache": self.cache.stats()}

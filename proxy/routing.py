@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .quotas import LimitIndex, parse_limits
 from .types import (
     CACHE_POLICIES,
     DEFAULT_TIER,
@@ -80,6 +81,7 @@ class RoutingTable:
         source: str = "memory",
         problems: Iterable[str] = (),
         allow_model_override: bool = True,
+        limits: LimitIndex | None = None,
     ):
         self.providers: dict[str, ProviderSpec] = dict(providers)
         self.routes: dict[tuple[UseCase, ModelTier], Route] = {(r.use_case, r.tier): r for r in routes}
@@ -91,6 +93,8 @@ class RoutingTable:
         self.problems: tuple[str, ...] = tuple(problems)
         self.allow_model_override = allow_model_override
         self.loaded_at = time.time()
+        # rate limits and budgets (quotas.py); None when the table has none: one falsy check per request
+        self.limits: LimitIndex | None = limits if limits else None
 
         default = self.routes.get((DEFAULT_USE_CASE, DEFAULT_TIER)) or next(iter(self.routes.values()))
         self.default = RouteDecision(default.name, default.candidates, default)
@@ -281,12 +285,15 @@ def table_from_dict(
         seen[key] = i
         routes.append(route)
 
+    limits, limit_problems = parse_limits(doc.get("limits"), providers)
+    problems += limit_problems
+
     if problems and strict:
         raise ConfigError(f"{label}: " + f"\n{label}: ".join(problems))
     if not routes:
         raise ConfigError(f"{label}: routes: no valid route" + (f" ({'; '.join(problems)})" if problems else ""))
     return RoutingTable(providers, routes, aliases, pricing, source=source, problems=problems,
-                        allow_model_override=allow_model_override)
+                        allow_model_override=allow_model_override, limits=LimitIndex(limits))
 
 
 def parse_provider(name: str, raw: Any) -> ProviderSpec:

@@ -177,8 +177,7 @@ def make_handler(endpoint: Endpoint, router: Router,
         record = RequestRecord(headers.get("x-request-id") or new_request_id(), name)
         error: BaseException | None = None
         try:
-            if check_key is not None:
-                check_key(headers.get("Authorization"))
+            key_name = check_key(headers.get("Authorization")) if check_key is not None else None
             payload = await read_json(request, max_body, body_timeout)
             validate(endpoint, payload, max_messages)
             result = await router.dispatch(
@@ -186,7 +185,7 @@ def make_handler(endpoint: Endpoint, router: Router,
                 use_case=headers.get("x-use-case"), tier=headers.get("x-model-tier"),
                 timeout=_timeout_header(headers["x-tiergate-timeout"]) if "x-tiergate-timeout" in headers else None,
                 headers=_upstream_headers(headers) if "traceparent" in headers else None,
-                cache_control=headers.get("cache-control"))
+                cache_control=headers.get("cache-control"), api_key_name=key_name)
             if result.stream is None:
                 return web.Response(body=result.body, headers=_result_headers(record),
                                     content_type="application/json")

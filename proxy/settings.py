@@ -79,6 +79,9 @@ class RouterConfig:
     redis_url: str | None = None
     redis_timeout: float = 0.05
     cache_namespace: str = "tiergate"  # prefix of the keys in Redis: fleets sharing one Redis keep apart
+    # rate limits and budgets: what to do while Redis cannot be reached (fail_open: count in this
+    # process against the limit's share of the fleet; fail_closed: refuse requests a limit applies to)
+    limits_on_redis_failure: str = "fail_open"
     # batching
     enable_batching: bool = False
     batch_window_ms: float = 5.0

@@ -1,0 +1,430 @@
+"""State the whole fleet of tiergates shares through Redis: limit counters and provider health.
+
+Every Redis call tiergate makes for the fleet goes through `RedisLink`: commands issued in the
+same turn of the event loop are pipelined together on one connection (one write, one round trip),
+every batch is bounded by `redis_timeout`, and after a failure Redis is left alone for a second
+so requests do not each wait for a timeout. A failure raises `FleetUnavailable`; what happens then
+is the caller's policy. Counters are changed only by Lua scripts (atomic in Redis, sent by SHA,
+re-sent in full when a restarted Redis has forgotten them), and the time they count by is Redis's
+own (`TIME`), so pods with skewed clocks still share one window.
+
+Keys live under `<namespace>:{limits}:` and `<namespace>:{health}:` (the braces keep each group in
+one Redis Cluster slot, which multi-key scripts need).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from .quotas import Admission, Check, FleetUnavailable
+from .types import ConfigError, cancel_and_wait
+
+log = logging.getLogger("tiergate.fleet")
+
+RETRY_INTERVAL = 1.0  # seconds Redis is left alone after a failure
+MAX_CONNECTIONS = 8  # batches in flight at once; more commands wait for the next batch
+HEARTBEAT_S = 5.0  # how often a pod says it is alive (fleet size) and refreshes its view of the limits
+POD_TTL_S = 15.0  # a pod not heard from for this long no longer counts in the fleet size
+_INF = 1e300  # "no cap" in a script (Lua's tonumber does not read "inf")
+_ERRORS = (RedisError, OSError, TimeoutError, EOFError, ValueError)
+
+# the UTC calendar in Lua (Howard Hinnant's civil-from-days): the day number, the month id
+# (year * 12 + month - 1) and the epoch second the next month begins
+_CALENDAR = """
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local now = sec + tonumber(t[2]) / 1000000
+local day = math.floor(sec / 86400)
+local z = day + 719468
+local era = math.floor(z / 146097)
+local doe = z - era * 146097
+local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+local mp = math.floor((5 * doy + 2) / 153)
+local m = mp < 10 and mp + 3 or mp - 9
+local y = yoe + era * 400
+if m <= 2 then y = y + 1 end
+local month = y * 12 + m - 1
+local ny = math.floor((month + 1) / 12)
+local nm = (month + 1) % 12 + 1
+local yy = nm <= 2 and ny - 1 or ny
+local era2 = math.floor(yy / 400)
+local yoe2 = yy - era2 * 400
+local mm = nm > 2 and nm - 3 or nm + 9
+local doe2 = yoe2 * 365 + math.floor(yoe2 / 4) - math.floor(yoe2 / 100) + math.floor((153 * mm + 2) / 5)
+local next_month = (era2 * 146097 + doe2 - 719468) * 86400
+"""
+
+# KEYS: the counters. ARGV[1]: 'a' (admit: check every counter, charge all or none) or 'r' (read).
+# Then per counter: window (w: sliding minute of one-second buckets in a hash, d: UTC day, m: UTC
+# month), cap, amount. A per-minute counter admits what fits under its cap; a budget admits while
+# it is not used up. Returns {failed index or 0, retry after ms, second, day, month, used...}.
+ADMIT = _CALENDAR + """
+local mode = ARGV[1]
+local n = #KEYS
+local used = {}
+for i = 1, n do
+  local w, cap, amount = ARGV[3 * i - 1], tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+  local u, retry = 0, 1
+  if w == 'w' then
+    local h = redis.call('HGETALL', KEYS[i])
+    local live, stale = {}, {}
+    for j = 1, #h, 2 do
+      local b = tonumber(h[j])
+      if b <= sec - 60 then stale[#stale + 1] = h[j]
+      else live[#live + 1] = b; u = u + tonumber(h[j + 1]) end
+    end
+    if #stale > 0 then redis.call('HDEL', KEYS[i], unpack(stale)) end
+    if mode == 'a' and (u >= cap or u + amount > cap) then
+      table.sort(live)
+      local excess, freed = u + amount - cap, 0
+      retry = 60
+      for _, b in ipairs(live) do
+        freed = freed + tonumber(redis.call('HGET', KEYS[i], b))
+        if freed >= excess then retry = b + 60 - now; break end
+      end
+    end
+  elseif w == 'd' then
+    u = tonumber(redis.call('GET', KEYS[i] .. ':d' .. day) or '0')
+    retry = (day + 1) * 86400 - now
+  else
+    u = tonumber(redis.call('GET', KEYS[i] .. ':m' .. month) or '0')
+    retry = next_month - now
+  end
+  if mode == 'a' and (u >= cap or (w == 'w' and u + amount > cap)) then
+    local out = {i, math.ceil(retry * 1000), sec, day, month}
+    for j = 1, #used do out[#out + 1] = used[j] end
+    return out
+  end
+  used[i] = tostring(mode == 'a' and u + amount or u)
+end
+if mode == 'a' then
+  for i = 1, n do
+    local w, amount = ARGV[3 * i - 1], ARGV[3 * i + 1]
+    if w == 'w' then
+      redis.call('HINCRBYFLOAT', KEYS[i], sec, amount)
+      redis.call('EXPIRE', KEYS[i], 61)
+    elseif w == 'd' then
+      local k = KEYS[i] .. ':d' .. day
+      redis.call('INCRBYFLOAT', k, amount)
+      redis.call('EXPIRE', k, 2 * 86400)
+    else
+      local k = KEYS[i] .. ':m' .. month
+      redis.call('INCRBYFLOAT', k, amount)
+      redis.call('EXPIREAT', k, next_month + 86400)
+    end
+  end
+end
+local out = {0, 0, sec, day, month}
+for j = 1, n do out[#out + 1] = used[j] end
+return out
+"""
+
+# KEYS: counters charged by one admission. ARGV: its second, day, month, then per counter window
+# and the correction (real use minus estimate). A bucket or period that has gone is left gone.
+SETTLE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1])
+local sec, day, month = ARGV[1], ARGV[2], ARGV[3]
+for i = 1, #KEYS do
+  local w, delta = ARGV[2 * i + 2], ARGV[2 * i + 3]
+  if w == 'w' then
+    if tonumber(sec) > now - 60 and redis.call('HEXISTS', KEYS[i], sec) == 1 then
+      redis.call('HINCRBYFLOAT', KEYS[i], sec, delta)
+    end
+  else
+    local k = KEYS[i] .. (w == 'd' and ':d' .. day or ':m' .. month)
+    if redis.call('EXISTS', k) == 1 then redis.call('INCRBYFLOAT', k, delta) end
+  end
+end
+return 0
+"""
+
+# KEYS[1]: the sorted set of pods. ARGV[1]: this pod's id, ARGV[2]: seconds a pod counts after
+# its last heartbeat. Returns how many pods count.
+HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 4))
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+def _sha(script: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
+SCRIPTS = {_sha(s): s for s in (ADMIT, SETTLE, HEARTBEAT, )}
+ADMIT_SHA, SETTLE_SHA, HEARTBEAT_SHA = _sha(ADMIT), _sha(SETTLE), _sha(HEARTBEAT)
+
+
+def check_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("redis_url: must start with redis://, rediss:// or unix://", param="redis_url")
+
+
+_Command = tuple[tuple[Any, ...], "asyncio.Future[Any] | None"]  # arguments, and who waits for the reply
+
+
+class RedisLink:
+    """Pipelined, deadline-bounded Redis commands on a few connections of our own."""
+
+    def __init__(self, url: str, *, timeout: float, retry_interval: float = RETRY_INTERVAL,
+                 max_connections: int = MAX_CONNECTIONS, clock: Callable[[], float] = time.monotonic):
+        check_url(url)
+        self.url = url
+        self.timeout = timeout
+        self.retry_interval = retry_interval
+        self.clock = clock
+        # redis-py parses the URL (password, db, TLS) and makes the connections; its pool's own
+        # acquire/release (locks, health checks) is left out: batches take a connection directly
+        self._pool = ConnectionPool.from_url(url, socket_connect_timeout=timeout, socket_timeout=None,
+                                             retry=Retry(NoBackoff(), 0))
+        self._idle: list[AbstractConnection] = []
+        self._open = 0
+        self._max = max_connections
+        self._pending: list[_Command] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.down_until = 0.0
+        self.errors = 0
+        self.last_error: str | None = None
+        self.calls = 0
+        self.batches = 0
+
+    @property
+    def available(self) -> bool:
+        return self.clock() >= self.down_until
+
+    def client(self) -> Redis:
+        """A redis-py client on the same URL (pub/sub, admin commands): not for the request path."""
+        return Redis(connection_pool=ConnectionPool.from_url(
+            self.url, socket_connect_timeout=self.timeout, socket_timeout=None, retry=Retry(NoBackoff(), 0)))
+
+    # -- commands -----------------------------------------------------------------------------------
+
+    async def call(self, *args: Any) -> Any:
+        """Send one command with the next batch and wait for its reply (FleetUnavailable on failure)."""
+        if self.clock() < self.down_until:
+            raise FleetUnavailable(self.last_error or "redis unavailable")
+        future = asyncio.get_running_loop().create_future()
+        self._enqueue(args, future)
+        return await future
+
+    def send(self, *args: Any) -> None:
+        """Send one command with the next batch; nobody waits for the reply (settling charges)."""
+        if self.clock() >= self.down_until:
+            self._enqueue(args, None)
+
+    def _enqueue(self, args: tuple[Any, ...], future: asyncio.Future[Any] | None) -> None:
+        self._pending.append((args, future))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        if self._idle:
+            conn = self._idle.pop()
+        elif self._open < self._max:
+            conn = self._pool.make_connection()
+            self._open += 1
+        else:
+            return  # every connection is busy: the first to finish sends what has gathered
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._run(conn, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, conn: AbstractConnection, batch: list[_Command]) -> None:
+        self.batches += 1
+        self.calls += len(batch)
+        try:
+            async with asyncio.timeout(self.timeout):
+                replies = await self._exchange(conn, [args for args, _ in batch])
+                missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+                if missing:  # a restarted Redis forgot the scripts: send them in full once
+                    again = await self._exchange(conn, [("EVAL", SCRIPTS[batch[i][0][1]], *batch[i][0][2:])
+                                                        for i in missing])
+                    for i, reply in zip(missing, again, strict=True):
+                        replies[i] = reply
+        except asyncio.CancelledError:
+            await conn.disconnect(nowait=True)
+            for _, future in batch:
+                if future is not None and not future.done():
+                    future.cancel()
+            raise
+        except _ERRORS as exc:
+            await conn.disconnect(nowait=True)  # replies may still be on their way: never reuse it
+            self._failed(exc)
+            error = FleetUnavailable(self.last_error or "redis failed")
+            for _, future in batch:
+                if future is not None and not future.done():
+                    future.set_exception(error)
+        else:
+            if self.down_until:
+                log.info("redis at %s is reachable again: limits are counted for the fleet", self.where())
+                self.down_until = 0.0
+            for (args, future), reply in zip(batch, replies, strict=True):
+                if future is None or future.done():
+                    if isinstance(reply, ResponseError):
+                        log.warning("redis %s failed: %s", args[0], reply)
+                    continue
+                if isinstance(reply, ResponseError):
+                    self.errors += 1
+                    self.last_error = f"{args[0]}: {reply}"
+                    future.set_exception(FleetUnavailable(self.last_error))
+                else:
+                    future.set_result(reply)
+        finally:
+            self._idle.append(conn)
+            if self._pending and not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+
+    @staticmethod
+    async def _exchange(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[Any]:
+        if not conn.is_connected:
+            await conn.connect()
+        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:  # an error reply, read whole: the connection stays in step
+                replies.append(exc)
+        return replies
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+        self.last_error = f"{reason} (redis at {self.where()})"
+        if self.clock() >= self.down_until:
+            log.warning("redis at %s failed (%s); trying again in %ss", self.where(), reason,
+                        self.retry_interval)
+        self.down_until = self.clock() + self.retry_interval
+
+    def where(self) -> str:
+        """host:port/db for messages: never a password."""
+        try:
+            parts = urlsplit(self.url)
+            return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or ''}"
+        except ValueError:
+            return "(unparsable TIERGATE_REDIS_URL)"
+
+    def stats(self) -> dict[str, Any]:
+        return {"configured": True, "available": self.available, "where": self.where(), "errors": self.errors,
+                "last_error": self.last_error, "calls": self.calls, "batches": self.batches}
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            await cancel_and_wait(task)
+        for conn in self._idle:
+            await conn.disconnect(nowait=True)
+        self._idle.clear()
+        await self._pool.disconnect()
+
+
+class FleetLimits:
+    """The limit counters in Redis (a `quotas.Backend`), and the fleet's size for the fail_open share."""
+
+    def __init__(self, link: RedisLink, namespace: str, *, pod_id: str | None = None):
+        self.link = link
+        self.prefix = f"{namespace}:{{limits}}:"
+        self.pods_key = self.prefix + "pods"
+        self.pod_id = pod_id or f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.fleet_size = 1
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.link.available
+
+    async def admit(self, checks: tuple[Check, ...], amounts: list[float], caps: list[float]) -> Admission:
+        prefix = self.prefix
+        args: list[Any] = ["EVALSHA", ADMIT_SHA, len(checks)]
+        args += [prefix + c.key for c in checks]
+        args.append("a")
+        for check, cap, amount in zip(checks, caps, amounts, strict=True):
+            args += (check.window, cap if math.isfinite(cap) else _INF, amount)
+        reply = await self.link.call(*args)
+        failed, retry_ms, sec, day, month = (int(x) for x in reply[:5])
+        used = tuple(float(x) for x in reply[5:])
+        return Admission(failed - 1, retry_ms / 1000, used, (sec, day, month))
+
+    def settle(self, checks: tuple[Check, ...], deltas: list[float], token: Any) -> None:
+        sec, day, month = token
+        args: list[Any] = ["EVALSHA", SETTLE_SHA, len(checks)]
+        args += [self.prefix + c.key for c in checks]
+        args += (sec, day, month)
+        for check, delta in zip(checks, deltas, strict=True):
+            args += (check.window, delta)
+        self.link.send(*args)
+
+    async def usage(self, checks: Iterable[Check]) -> dict[str, float]:
+        """Each counter's current use (no charge)."""
+        checks = tuple(checks)
+        if not checks:
+            return {}
+        args: list[Any] = ["EVALSHA", ADMIT_SHA, len(checks)]
+        args += [self.prefix + c.key for c in checks]
+        args.append("r")
+        for check in checks:
+            args += (check.window, 0, 0)
+        reply = await self.link.call(*args)
+        return {c.key: float(x) for c, x in zip(checks, reply[5:], strict=True)}
+
+    async def heartbeat(self) -> int:
+        size = int(await self.link.call("EVALSHA", HEARTBEAT_SHA, 1, self.pods_key, self.pod_id, POD_TTL_S))
+        self.fleet_size = max(1, size)
+        return self.fleet_size
+
+    def start(self, refresh: Callable[[], Any] | None = None, interval: float = HEARTBEAT_S) -> None:
+        """In the background: say this pod is alive (fleet size) and call `refresh` every `interval`."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._beat(refresh, interval),
+                                                                name="tiergate-fleet-heartbeat")
+
+    async def _beat(self, refresh: Callable[[], Any] | None, interval: float) -> None:
+        while True:
+            try:
+                await self.heartbeat()
+                if refresh is not None:
+                    await refresh()
+            except FleetUnavailable:
+                pass  # the link logged it; the next beat tries again
+            except Exception:  # a bug must not end the heartbeat for the life of the process
+                log.exception("fleet heartbeat failed")
+            await asyncio.sleep(interval)
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
+        if self.link.available:
+            try:
+                await self.link.call("ZREM", self.pods_key, self.pod_id)
+            except FleetUnavailable:
+                pass
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.link.stats(), "fleet_size": self.fleet_size}
