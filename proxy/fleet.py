@@ -107,6 +107,7 @@ for i = 1, n do
   if mode == 'a' and (u >= cap or (w == 'w' and u + amount > cap)) then
     local out = {i, math.ceil(retry * 1000), sec, day, month}
     for j = 1, #used do out[#out + 1] = used[j] end
+    out[#out + 1] = tostring(u)
     return out
   end
   used[i] = tostring(mode == 'a' and u + amount or u)

@@ -308,7 +308,7 @@ class Admission(NamedTuple):
 
     failed: int
     retry_after: float
-    used: tuple[float, ...]  # per check, after this request's charge when admitted
+    used: tuple[float, ...]  # per check, after this request's charge; when refused, up to the full one
     token: Any  # where the charges went, for `settle`
 
 
@@ -363,7 +363,7 @@ class LocalCounters:
             if current >= caps[i] or (check.window == "w" and current + amounts[i] > caps[i]):
                 if check.window == "w":  # the time until enough of the minute has aged out
                     retry = _minute_retry(self._minute.get(check.key, {}), current + amounts[i] - caps[i], now)
-                return Admission(i, retry, tuple(used), None)
+                return Admission(i, retry, (*used, current), None)
             used.append(current + amounts[i])
         sec = int(now)
         for check, amount in zip(checks, amounts, strict=True):
@@ -480,6 +480,7 @@ class Quotas:
         caps = [math.inf if c.spec.name in exempt and c.is_budget else c.limit for c in checks]
         backend: Any = self.fleet
         admission = None
+        shared = backend is not None
         if backend is not None:
             try:
                 admission = await backend.admit(checks, amounts, caps)
@@ -492,6 +493,7 @@ class Quotas:
                 share = max(1, backend.fleet_size)
                 caps = [cap / share for cap in caps]
                 backend = None
+                shared = False
         if admission is None:
             backend = self.local
             admission = self.local.admit_now(checks, amounts, caps)
@@ -499,16 +501,17 @@ class Quotas:
         for check, used in zip(checks, admission.used, strict=False):
             self.last[check.key] = (check, used, now)
         if admission.failed >= 0:
-            raise self._refusal(checks[admission.failed], admission, caps[admission.failed])
+            raise self._refusal(checks[admission.failed], admission, caps[admission.failed],
+                                degraded=self.fleet is not None and not shared)
         record.quota = Reservation(backend, checks, amounts, admission.token, price)
 
-    def _refusal(self, check: Check, admission: Admission, cap: float) -> RateLimitError:
+    def _refusal(self, check: Check, admission: Admission, cap: float, *, degraded: bool) -> RateLimitError:
         key = (check.spec.name, check.kind)
         self.rejected[key] = self.rejected.get(key, 0) + 1
         retry = max(1.0, math.ceil(admission.retry_after))
         unit = KINDS[check.kind][1]
-        limit = f"{_amount(cap)} {unit}" + (" (this pod's share while the shared store is down)"
-                                            if cap != check.limit else "")
+        limit = f"{_amount(cap)} {unit}" + (" (this pod's share while the shared store is unreachable)"
+                                            if degraded else "")
         if check.is_budget:
             error: RateLimitError = BudgetExceededError(
                 f"budget {check.spec.name!r} of {limit} is exhausted; it renews in {_duration(retry)}",
