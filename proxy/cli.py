@@ -11,6 +11,7 @@ from typing import Any
 
 from .auth import check_bind
 from .cli_db import DB_COMMANDS, add_db_commands
+from .cli_limits import LIMITS_COMMANDS, add_limits_commands
 from .routing import load_table
 from .settings import DEMO_CONFIG_PATH, RouterConfig
 from .types import ConfigError
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="routing table file")
     check.add_argument("--demo", action="store_true", help="check the demo table")
     add_db_commands(sub)  # db init, routes list|set|delete, discover (DATABASE_URL)
+    add_limits_commands(sub)  # limits list
     return parser
 
 
@@ -84,7 +86,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "check": cmd_check, **DB_COMMANDS}
+COMMANDS = {"serve": cmd_serve, "check": cmd_check, **DB_COMMANDS, **LIMITS_COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -88,6 +88,17 @@ async def test_three_processes_admit_exactly_the_limit(tmp_path, redis_client, n
                     limits = (await resp.json())["limits"]
                 assert limits["state"] == "shared" and limits["redis"]["available"] is True
                 assert limits["limits"][0]["used"] == 60
+            # and so does the CLI, from Redis
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy", "limits", "list", "--json", "--config", str(tmp_path / "routes.yaml"),
+                env={**{k: v for k, v in ENV.items() if k != "DATABASE_URL"}, "PYTHONPATH": os.getcwd(),
+                     "TIERGATE_REDIS_URL": REDIS_URL, "TIERGATE_CACHE_NAMESPACE": namespace},
+                cwd=str(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(cli.communicate(), 30)
+            assert cli.returncode == 0, err
+            (row,) = [orjson.loads(line) for line in out.splitlines()]
+            assert (row["name"], row["kind"], row["limit"], row["used"], row["remaining"]) == \
+                ("fleet-rpm", "requests_per_minute", 60, 60, 0)
     finally:
         await upstream.stop()
 
