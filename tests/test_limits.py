@@ -283,3 +283,59 @@ async def test_no_limit_no_reservation(upstream, start_tiergate, http):
     assert tg.router.table.limits is None
     assert (await post(http, tg.v1 + "/chat/completions", CHAT))[0] == 200
     assert tg.router.get_health_status()["limits"]["limits"] == []
+
+
+async def test_the_scripts_calendar_matches_utc(redis_client):
+    """The Lua scripts' UTC day and month (for budgets) against Python's calendar, at edges."""
+    import calendar
+
+    from proxy.fleet import _CALENDAR
+
+    script = _CALENDAR.replace("redis.call('TIME')", "{ARGV[1], '0'}") + "return {day, month, next_month}"
+    for stamp in ("2024-02-28T23:59:59", "2024-02-29T12:00:00", "2024-12-31T23:59:59", "2025-01-01T00:00:00",
+                  "2026-11-30T02:00:00", "2000-02-29T00:00:00", "2100-03-01T00:00:00"):
+        t = time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")
+        now = calendar.timegm(t)
+        day, month, next_month = await redis_client.eval(script, 0, now)
+        year, mon = divmod(t.tm_mon, 12)
+        assert day == now // 86400, stamp
+        assert month == t.tm_year * 12 + t.tm_mon - 1, stamp
+        assert next_month == calendar.timegm((t.tm_year + year, mon + 1, 1, 0, 0, 0)), stamp
+
+
+async def test_a_spent_monthly_budget_renews_with_the_utc_month(upstream, start_tiergate, http, namespace):
+    from proxy.quotas import _period
+
+    tg = await start_tiergate(limited(upstream, [{"name": "monthly", "usd_per_month": 0}]), redis_url=REDIS_URL,
+                              cache_namespace=namespace, redis_timeout=1.0)
+    status, headers, body = await post(http, tg.v1 + "/chat/completions", CHAT)
+    assert status == 429 and body["error"]["code"] == "budget_exceeded" and upstream.calls == 0
+    assert abs(int(headers["Retry-After"]) - _period("m", time.time())[1]) <= 2
+
+
+async def test_a_silent_redis_costs_one_timeout_then_the_policy(upstream, start_tiergate, http):
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # accept and never answer
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        tg = await start_tiergate(limited(upstream, [{"name": "rpm", "requests_per_minute": 100}]),
+                                  redis_url=f"redis://:hunter2-secret@127.0.0.1:{port}/15", redis_timeout=0.1,
+                                  enable_caching=False)
+        for _ in range(3):
+            started = time.monotonic()
+            assert (await post(http, tg.v1 + "/chat/completions", CHAT))[0] == 200  # fail_open
+            assert time.monotonic() - started < 1.0
+        details = tg.router.get_health_status()["limits"]
+        assert details["redis"]["last_error"].startswith("timed out") and details["redis"]["available"] is False
+        async with http.get(tg.url + "/health/details") as resp:
+            assert "hunter2" not in await resp.text()
+        assert accepted
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
