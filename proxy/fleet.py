@@ -39,76 +39,101 @@ MAX_CONNECTIONS = 8  # batches in flight at once; more commands wait for the nex
 HEARTBEAT_S = 5.0  # how often a pod says it is alive (fleet size) and refreshes its view of the limits
 POD_TTL_S = 15.0  # a pod not heard from for this long no longer counts in the fleet size
 _INF = 1e300  # "no cap" in a script (Lua's tonumber does not read "inf")
+_PACKED_LIMIT = 4096  # admission commands kept packed (token amounts vary: they come and go)
 _ERRORS = (RedisError, OSError, TimeoutError, EOFError, ValueError)
 
-# the UTC calendar in Lua (Howard Hinnant's civil-from-days): the day number, the month id
-# (year * 12 + month - 1) and the epoch second the next month begins
+# the UTC calendar in Lua (Howard Hinnant's civil-from-days), computed only for a budget: the day
+# number, the month id (year * 12 + month - 1) and the epoch second the next month begins
 _CALENDAR = """
-local t = redis.call('TIME')
-local sec = tonumber(t[1])
-local now = sec + tonumber(t[2]) / 1000000
-local day = math.floor(sec / 86400)
-local z = day + 719468
-local era = math.floor(z / 146097)
-local doe = z - era * 146097
-local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
-local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-local mp = math.floor((5 * doy + 2) / 153)
-local m = mp < 10 and mp + 3 or mp - 9
-local y = yoe + era * 400
-if m <= 2 then y = y + 1 end
-local month = y * 12 + m - 1
-local ny = math.floor((month + 1) / 12)
-local nm = (month + 1) % 12 + 1
-local yy = nm <= 2 and ny - 1 or ny
-local era2 = math.floor(yy / 400)
-local yoe2 = yy - era2 * 400
-local mm = nm > 2 and nm - 3 or nm + 9
-local doe2 = yoe2 * 365 + math.floor(yoe2 / 4) - math.floor(yoe2 / 100) + math.floor((153 * mm + 2) / 5)
-local next_month = (era2 * 146097 + doe2 - 719468) * 86400
+local function calendar(sec)
+  local day = math.floor(sec / 86400)
+  local z = day + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  local month = y * 12 + m - 1
+  local ny = math.floor((month + 1) / 12)
+  local nm = (month + 1) % 12 + 1
+  local yy = nm <= 2 and ny - 1 or ny
+  local era2 = math.floor(yy / 400)
+  local yoe2 = yy - era2 * 400
+  local mm = nm > 2 and nm - 3 or nm + 9
+  local doe2 = yoe2 * 365 + math.floor(yoe2 / 4) - math.floor(yoe2 / 100) + math.floor((153 * mm + 2) / 5)
+  return day, month, (era2 * 146097 + doe2 - 719468) * 86400
+end
+"""
+
+# A sliding minute is a hash: one field per second holding what was charged in it, `t` their total
+# and `o` the oldest second not yet dropped. Each call drops the seconds that have left the window
+# (amortised: a second is dropped once), so a check reads two fields, not sixty. Every call moves
+# `o` to within a minute of its own second, so the seconds held are never older than `o`.
+_MINUTE = """
+local function minute(key, sec, write)
+  local f = redis.call('HMGET', key, 't', 'o')
+  local total, oldest = tonumber(f[1] or '0'), tonumber(f[2] or sec)
+  if oldest < sec - 120 then  -- quiet for over a minute: every second held is older than the window
+    redis.call('DEL', key)
+    return 0, sec
+  end
+  if oldest <= sec - 60 then
+    for b = oldest, sec - 60 do
+      local v = redis.call('HGET', key, b)
+      if v then total = total - tonumber(v); redis.call('HDEL', key, b) end
+    end
+    if total < 0 then total = 0 end
+    oldest = sec - 59
+    if write then redis.call('HSET', key, 't', total, 'o', oldest) end
+  end
+  return total, oldest
+end
 """
 
 # KEYS: the counters. ARGV[1]: 'a' (admit: check every counter, charge all or none) or 'r' (read).
-# Then per counter: window (w: sliding minute of one-second buckets in a hash, d: UTC day, m: UTC
-# month), cap, amount. A per-minute counter admits what fits under its cap; a budget admits while
-# it is not used up. Returns {failed index or 0, retry after ms, second, day, month, used...}.
-ADMIT = _CALENDAR + """
+# Then per counter: window (w: sliding minute, d: UTC day, m: UTC month), cap, amount. A per-minute
+# counter admits what fits under its cap; a budget admits while it is not used up. Returns
+# "failed-index-or-0 retry-after-ms second day month used...", one string: a client parses one
+# bulk reply much faster than an array of them.
+ADMIT = _CALENDAR + _MINUTE + """
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local now = sec + tonumber(t[2]) / 1000000
 local mode = ARGV[1]
+local day, month, next_month = 0, 0, 0
 local n = #KEYS
-local used = {}
+local used, oldest = {}, {}
 for i = 1, n do
   local w, cap, amount = ARGV[3 * i - 1], tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
   local u, retry = 0, 1
   if w == 'w' then
-    local h = redis.call('HGETALL', KEYS[i])
-    local live, stale = {}, {}
-    for j = 1, #h, 2 do
-      local b = tonumber(h[j])
-      if b <= sec - 60 then stale[#stale + 1] = h[j]
-      else live[#live + 1] = b; u = u + tonumber(h[j + 1]) end
+    u, oldest[i] = minute(KEYS[i], sec, true)
+  else
+    if day == 0 then day, month, next_month = calendar(sec) end
+    if w == 'd' then
+      u = tonumber(redis.call('GET', KEYS[i] .. ':d' .. day) or '0')
+      retry = (day + 1) * 86400 - now
+    else
+      u = tonumber(redis.call('GET', KEYS[i] .. ':m' .. month) or '0')
+      retry = next_month - now
     end
-    if #stale > 0 then redis.call('HDEL', KEYS[i], unpack(stale)) end
-    if mode == 'a' and (u >= cap or u + amount > cap) then
-      table.sort(live)
+  end
+  if mode == 'a' and (u >= cap or (w == 'w' and u + amount > cap)) then
+    if w == 'w' then  -- when enough of the minute will have aged out
       local excess, freed = u + amount - cap, 0
       retry = 60
-      for _, b in ipairs(live) do
-        freed = freed + tonumber(redis.call('HGET', KEYS[i], b))
+      for b = oldest[i], sec do
+        freed = freed + tonumber(redis.call('HGET', KEYS[i], b) or '0')
         if freed >= excess then retry = b + 60 - now; break end
       end
     end
-  elseif w == 'd' then
-    u = tonumber(redis.call('GET', KEYS[i] .. ':d' .. day) or '0')
-    retry = (day + 1) * 86400 - now
-  else
-    u = tonumber(redis.call('GET', KEYS[i] .. ':m' .. month) or '0')
-    retry = next_month - now
-  end
-  if mode == 'a' and (u >= cap or (w == 'w' and u + amount > cap)) then
     local out = {i, math.ceil(retry * 1000), sec, day, month}
     for j = 1, #used do out[#out + 1] = used[j] end
     out[#out + 1] = tostring(u)
-    return out
+    return table.concat(out, ' ')
   end
   used[i] = tostring(mode == 'a' and u + amount or u)
 end
@@ -117,6 +142,8 @@ if mode == 'a' then
     local w, amount = ARGV[3 * i - 1], ARGV[3 * i + 1]
     if w == 'w' then
       redis.call('HINCRBYFLOAT', KEYS[i], sec, amount)
+      redis.call('HINCRBYFLOAT', KEYS[i], 't', amount)
+      redis.call('HSETNX', KEYS[i], 'o', oldest[i])
       redis.call('EXPIRE', KEYS[i], 61)
     elseif w == 'd' then
       local k = KEYS[i] .. ':d' .. day
@@ -131,11 +158,11 @@ if mode == 'a' then
 end
 local out = {0, 0, sec, day, month}
 for j = 1, n do out[#out + 1] = used[j] end
-return out
+return table.concat(out, ' ')
 """
 
 # KEYS: counters charged by one admission. ARGV: its second, day, month, then per counter window
-# and the correction (real use minus estimate). A bucket or period that has gone is left gone.
+# and the correction (real use minus estimate). A second or period that has gone is left gone.
 SETTLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1])
@@ -145,6 +172,7 @@ for i = 1, #KEYS do
   if w == 'w' then
     if tonumber(sec) > now - 60 and redis.call('HEXISTS', KEYS[i], sec) == 1 then
       redis.call('HINCRBYFLOAT', KEYS[i], sec, delta)
+      redis.call('HINCRBYFLOAT', KEYS[i], 't', delta)
     end
   else
     local k = KEYS[i] .. (w == 'd' and ':d' .. day or ':m' .. month)
@@ -182,7 +210,7 @@ def check_url(url: str) -> None:
         raise ConfigError("redis_url: must start with redis://, rediss:// or unix://", param="redis_url")
 
 
-_Command = tuple[tuple[Any, ...], "asyncio.Future[Any] | None"]  # arguments, and who waits for the reply
+_Command = tuple[list[bytes], "asyncio.Future[Any] | None"]  # a packed command, and who waits for its reply
 
 
 class RedisLink:
@@ -199,6 +227,7 @@ class RedisLink:
         # acquire/release (locks, health checks) is left out: batches take a connection directly
         self._pool = ConnectionPool.from_url(url, socket_connect_timeout=timeout, socket_timeout=None,
                                              retry=Retry(NoBackoff(), 0))
+        self._packer = self._pool.make_connection()  # packs commands; never connected
         self._idle: list[AbstractConnection] = []
         self._open = 0
         self._max = max_connections
@@ -222,21 +251,28 @@ class RedisLink:
 
     # -- commands -----------------------------------------------------------------------------------
 
+    def pack(self, *args: Any) -> list[bytes]:
+        """A command in Redis's protocol (to send, or to keep and send again: see `call_packed`)."""
+        return self._packer.pack_command(*args)
+
     async def call(self, *args: Any) -> Any:
         """Send one command with the next batch and wait for its reply (FleetUnavailable on failure)."""
+        return await self.call_packed(self._packer.pack_command(*args))
+
+    async def call_packed(self, packed: list[bytes]) -> Any:
         if self.clock() < self.down_until:
             raise FleetUnavailable(self.last_error or "redis unavailable")
         future = asyncio.get_running_loop().create_future()
-        self._enqueue(args, future)
+        self._enqueue(packed, future)
         return await future
 
     def send(self, *args: Any) -> None:
         """Send one command with the next batch; nobody waits for the reply (settling charges)."""
         if self.clock() >= self.down_until:
-            self._enqueue(args, None)
+            self._enqueue(self._packer.pack_command(*args), None)
 
-    def _enqueue(self, args: tuple[Any, ...], future: asyncio.Future[Any] | None) -> None:
-        self._pending.append((args, future))
+    def _enqueue(self, packed: list[bytes], future: asyncio.Future[Any] | None) -> None:
+        self._pending.append((packed, future))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -262,11 +298,12 @@ class RedisLink:
         self.calls += len(batch)
         try:
             async with asyncio.timeout(self.timeout):
-                replies = await self._exchange(conn, [args for args, _ in batch])
+                replies = await self._exchange(conn, [packed for packed, _ in batch])
                 missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-                if missing:  # a restarted Redis forgot the scripts: send them in full once
-                    again = await self._exchange(conn, [("EVAL", SCRIPTS[batch[i][0][1]], *batch[i][0][2:])
-                                                        for i in missing])
+                if missing:  # a restarted Redis forgot the scripts: load them, send those commands again
+                    await self._exchange(conn, [self._packer.pack_command("SCRIPT", "LOAD", script)
+                                                for script in SCRIPTS.values()])
+                    again = await self._exchange(conn, [batch[i][0] for i in missing])
                     for i, reply in zip(missing, again, strict=True):
                         replies[i] = reply
         except asyncio.CancelledError:
@@ -286,16 +323,15 @@ class RedisLink:
             if self.down_until:
                 log.info("redis at %s is reachable again: limits are counted for the fleet", self.where())
                 self.down_until = 0.0
-            for (args, future), reply in zip(batch, replies, strict=True):
-                if future is None or future.done():
-                    if isinstance(reply, ResponseError):
-                        log.warning("redis %s failed: %s", args[0], reply)
-                    continue
+            for (_, future), reply in zip(batch, replies, strict=True):
                 if isinstance(reply, ResponseError):
                     self.errors += 1
-                    self.last_error = f"{args[0]}: {reply}"
-                    future.set_exception(FleetUnavailable(self.last_error))
-                else:
+                    self.last_error = f"redis error: {reply}"
+                    if future is None or future.done():
+                        log.warning("redis command failed: %s", reply)
+                    else:
+                        future.set_exception(FleetUnavailable(self.last_error))
+                elif future is not None and not future.done():
                     future.set_result(reply)
         finally:
             self._idle.append(conn)
@@ -304,10 +340,10 @@ class RedisLink:
                 asyncio.get_running_loop().call_soon(self._flush)
 
     @staticmethod
-    async def _exchange(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def _exchange(conn: AbstractConnection, commands: list[list[bytes]]) -> list[Any]:
         if not conn.is_connected:
             await conn.connect()
-        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        await conn.send_packed_command([chunk for packed in commands for chunk in packed], check_health=False)
         replies: list[Any] = []
         for _ in commands:
             try:
@@ -356,22 +392,28 @@ class FleetLimits:
         self.pod_id = pod_id or f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
         self.fleet_size = 1
         self._task: asyncio.Task[None] | None = None
+        self._packed: dict[tuple[Any, ...], list[bytes]] = {}
 
     @property
     def available(self) -> bool:
         return self.link.available
 
     async def admit(self, checks: tuple[Check, ...], amounts: list[float], caps: list[float]) -> Admission:
-        prefix = self.prefix
-        args: list[Any] = ["EVALSHA", ADMIT_SHA, len(checks)]
-        args += [prefix + c.key for c in checks]
-        args.append("a")
-        for check, cap, amount in zip(checks, caps, amounts, strict=True):
-            args += (check.window, cap if math.isfinite(cap) else _INF, amount)
-        reply = await self.link.call(*args)
-        failed, retry_ms, sec, day, month = (int(x) for x in reply[:5])
-        used = tuple(float(x) for x in reply[5:])
-        return Admission(failed - 1, retry_ms / 1000, used, (sec, day, month))
+        memo_key = (checks, *caps, *amounts)  # a request limit's command is the same every time
+        packed = self._packed.get(memo_key)
+        if packed is None:
+            args: list[Any] = ["EVALSHA", ADMIT_SHA, len(checks)]
+            args += [self.prefix + c.key for c in checks]
+            args.append("a")
+            for check, cap, amount in zip(checks, caps, amounts, strict=True):
+                args += (check.window, cap if math.isfinite(cap) else _INF, amount)
+            packed = self.link.pack(*args)
+            if len(self._packed) >= _PACKED_LIMIT:
+                self._packed.clear()
+            self._packed[memo_key] = packed
+        reply = (await self.link.call_packed(packed)).split()
+        failed, retry_ms, sec, day, month = map(int, reply[:5])
+        return Admission(failed - 1, retry_ms / 1000, tuple(map(float, reply[5:])), (sec, day, month))
 
     def settle(self, checks: tuple[Check, ...], deltas: list[float], token: Any) -> None:
         sec, day, month = token
@@ -392,7 +434,7 @@ class FleetLimits:
         args.append("r")
         for check in checks:
             args += (check.window, 0, 0)
-        reply = await self.link.call(*args)
+        reply = (await self.link.call(*args)).split()
         return {c.key: float(x) for c, x in zip(checks, reply[5:], strict=True)}
 
     async def heartbeat(self) -> int:

@@ -215,8 +215,7 @@ async def test_redis_killed_and_restarted_mid_traffic(tmp_path, upstream, start_
                 await asyncio.sleep(0)
 
         async def used(ns: str, name: str) -> float:
-            values = await admin.hvals(f"{ns}:{{limits}}:{name}:requests_per_minute")
-            return sum(float(v) for v in values)
+            return await counter(admin, ns, f"{name}:requests_per_minute")
 
         task = asyncio.create_task(traffic())
         try:

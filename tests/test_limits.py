@@ -74,9 +74,11 @@ async def wait_for(condition, timeout: float = 5.0) -> None:
 
 
 async def counter(redis_client, namespace: str, key: str) -> float:
-    """The sliding-minute counter's sum (what the Lua script counts)."""
-    values = await redis_client.hvals(f"{namespace}:{{limits}}:{key}")
-    return sum(float(v) for v in values)
+    """A sliding-minute counter's use: its seconds' sum, which its running total `t` must agree with."""
+    fields = await redis_client.hgetall(f"{namespace}:{{limits}}:{key}")
+    seconds = sum(float(v) for k, v in fields.items() if k not in (b"t", b"o"))
+    assert float(fields.get(b"t", 0)) == pytest.approx(seconds)
+    return seconds
 
 
 # -- the table and the keys --------------------------------------------------------------------------
@@ -291,7 +293,7 @@ async def test_the_scripts_calendar_matches_utc(redis_client):
 
     from proxy.fleet import _CALENDAR
 
-    script = _CALENDAR.replace("redis.call('TIME')", "{ARGV[1], '0'}") + "return {day, month, next_month}"
+    script = _CALENDAR + "local day, month, next_month = calendar(tonumber(ARGV[1])) return {day, month, next_month}"
     for stamp in ("2024-02-28T23:59:59", "2024-02-29T12:00:00", "2024-12-31T23:59:59", "2025-01-01T00:00:00",
                   "2026-11-30T02:00:00", "2000-02-29T00:00:00", "2100-03-01T00:00:00"):
         t = time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")
@@ -339,3 +341,16 @@ async def test_a_silent_redis_costs_one_timeout_then_the_policy(upstream, start_
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_the_scripts_sliding_minute_drops_seconds_that_left_it(redis_client, namespace):
+    from proxy.fleet import _MINUTE
+
+    key = f"{namespace}:{{limits}}:minute"
+    script = _MINUTE + "local total, oldest = minute(KEYS[1], tonumber(ARGV[1]), true) return {tostring(total), oldest}"
+    await redis_client.hset(key, mapping={"t": 5, "o": 1000, "1000": 2, "1030": 3})
+    assert await redis_client.eval(script, 1, key, 1059) == [b"5", 1000]  # both still inside
+    assert await redis_client.eval(script, 1, key, 1061) == [b"3", 1002]  # 1000 has left
+    assert await redis_client.hgetall(key) == {b"t": b"3", b"o": b"1002", b"1030": b"3"}
+    assert await redis_client.eval(script, 1, key, 1200) == [b"0", 1200]  # long quiet: all gone
+    assert await redis_client.hgetall(key) == {}
