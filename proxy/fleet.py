@@ -379,6 +379,7 @@ class RedisLink:
         for conn in self._idle:
             await conn.disconnect(nowait=True)
         self._idle.clear()
+        self._open = 0
         await self._pool.disconnect()
 
 

@@ -99,6 +99,7 @@ class Router:
             self.fleet = FleetLimits(RedisLink(self.config.redis_url, timeout=self.config.redis_timeout),
                                      self.config.cache_namespace)
         self.quotas = Quotas(self.fleet, policy=self.config.limits_on_redis_failure)
+        self._limits_collected = False  # the limits' /metrics families, registered once
         self.started_at = time.time()
         self.initialized = False
         self.draining = False
@@ -125,9 +126,10 @@ class Router:
         self.health.start()
         if self.fleet is not None:
             self.fleet.start(self._refresh_limits)
-        if self.telemetry.metrics is not None:
+        if self.telemetry.metrics is not None and not self._limits_collected:
             from .quotas import LimitsCollector
-            self.telemetry.metrics.registry.register(LimitsCollector(self))
+            self.telemetry.metrics.add_collector(LimitsCollector(self))
+            self._limits_collected = True
         self.initialized = True
 
     async def close(self) -> None:
