@@ -15,6 +15,7 @@ one Redis Cluster slot, which multi-key scripts need).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
@@ -472,3 +474,183 @@ class FleetLimits:
 
     def stats(self) -> dict[str, Any]:
         return {**self.link.stats(), "fleet_size": self.fleet_size}
+
+
+# --- provider health shared by the fleet -----------------------------------------------------------
+
+# KEYS[1]: the deployment's key, KEYS[2]: the index of deployments. ARGV: deployment, state, ms it
+# lasts, reason, pod, channel. The key expires when the state ends; every pod hears it at once.
+PUBLISH_HEALTH = """
+local ms = tonumber(ARGV[3])
+local payload = cjson.encode({deployment = ARGV[1], state = ARGV[2], ttl_ms = ms, reason = ARGV[4], by = ARGV[5]})
+if ARGV[2] == 'closed' or ms <= 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], ARGV[1])
+else
+  redis.call('SET', KEYS[1], payload, 'PX', ms)
+  redis.call('SADD', KEYS[2], ARGV[1])
+end
+redis.call('PUBLISH', ARGV[6], payload)
+return 1
+"""
+
+# KEYS[1]: the index. ARGV[1]: the key prefix. Returns {value, ms left, ...} of every deployment
+# still open or cooling down (and forgets the ones whose key has expired).
+SYNC_HEALTH = """
+local out = {}
+for _, d in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local k = ARGV[1] .. d
+  local v = redis.call('GET', k)
+  if v then
+    out[#out + 1] = v
+    out[#out + 1] = redis.call('PTTL', k)
+  else
+    redis.call('SREM', KEYS[1], d)
+  end
+end
+return out
+"""
+
+SCRIPTS.update({_sha(PUBLISH_HEALTH): PUBLISH_HEALTH, _sha(SYNC_HEALTH): SYNC_HEALTH})
+PUBLISH_HEALTH_SHA, SYNC_HEALTH_SHA = _sha(PUBLISH_HEALTH), _sha(SYNC_HEALTH)
+HEALTH_RESYNC_S = 5.0  # a full read of the shared state this often, besides every (re)subscription
+
+
+class FleetHealth:
+    """Deployments (`provider/model`) that some tiergate found failing: open breakers and rate-limit
+    cooldowns, shared through Redis so the whole fleet skips them.
+
+    `publish` writes a key that expires when the state ends and announces it on a channel; every
+    pod keeps what it heard in a dict, so `blocked_until` (the breaker's hot-path question) makes no
+    network call. A pod that (re)subscribes reads the whole state first, so nothing missed while
+    disconnected is lost, and again every `resync` seconds. `claim_trial` lets exactly one pod make
+    a half-open trial. Times travel as milliseconds left, not as clock readings: pods' clocks
+    may disagree. Redis down: publishing is skipped, what was heard stays until it expires.
+    """
+
+    def __init__(self, link: RedisLink, namespace: str, *, pod_id: str | None = None,
+                 resync: float = HEALTH_RESYNC_S, clock: Callable[[], float] = time.monotonic):
+        self.link = link
+        self.prefix = f"{namespace}:{{health}}:"
+        self.index_key = self.prefix + "index"
+        self.channel = f"{namespace}:health"
+        self.pod_id = pod_id or f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.resync = resync
+        self.clock = clock
+        self._blocked: dict[str, tuple[str, float, str]] = {}  # deployment -> (state, until, by)
+        self._task: asyncio.Task[None] | None = None
+        self.subscribed = False
+        self.heard = 0
+
+    # -- the hot path ------------------------------------------------------------------------------
+
+    def blocked_until(self, deployment: str) -> float | None:
+        """When (on `clock`) the fleet's open breaker or cooldown of `deployment` ends; None: not blocked."""
+        entry = self._blocked.get(deployment)
+        if entry is None:
+            return None
+        if entry[1] <= self.clock():
+            del self._blocked[deployment]
+            return None
+        return entry[1]
+
+    def state(self, deployment: str) -> str | None:
+        """`open` or `cooldown` while blocked (as published), else None."""
+        return self._blocked[deployment][0] if self.blocked_until(deployment) is not None else None
+
+    # -- telling the fleet ---------------------------------------------------------------------------
+
+    def publish(self, deployment: str, state: str, seconds: float, reason: str = "") -> None:
+        """This pod opened `deployment`'s breaker (`open`) or got a 429 (`cooldown`) for `seconds`;
+        `closed` (or 0 s) clears it. Sent with the next batch; nobody waits."""
+        ms = max(0, int(seconds * 1000))
+        self._heard(deployment, state, ms, self.pod_id)  # this pod knows at once
+        self.link.send("EVALSHA", PUBLISH_HEALTH_SHA, 2, self.prefix + deployment, self.index_key,
+                       deployment, state, ms, reason, self.pod_id, self.channel)
+
+    async def claim_trial(self, deployment: str, seconds: float) -> bool:
+        """True for exactly one pod of the fleet per `seconds`: that pod makes the half-open trial.
+        Redis unreachable: True (each pod decides alone, as without Redis)."""
+        try:
+            reply = await self.link.call("SET", self.prefix + "trial:" + deployment, self.pod_id, "NX", "PX",
+                                         max(1, int(seconds * 1000)))
+        except FleetUnavailable:
+            return True
+        return reply is not None
+
+    # -- hearing the fleet ---------------------------------------------------------------------------
+
+    def _heard(self, deployment: str, state: str, ms: int, by: str) -> None:
+        if state == "closed" or ms <= 0:
+            self._blocked.pop(deployment, None)
+        else:
+            self._blocked[deployment] = (state, self.clock() + ms / 1000, by)
+
+    def _on_message(self, data: bytes | str) -> None:
+        try:
+            message = orjson.loads(data)
+            self._heard(str(message["deployment"]), str(message["state"]), int(message["ttl_ms"]),
+                        str(message.get("by") or ""))
+            self.heard += 1
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("fleet health: ignoring a malformed message on %s", self.channel)
+
+    async def sync(self) -> None:
+        """Replace what this pod knows with the fleet's current state (FleetUnavailable on failure)."""
+        reply = await self.link.call("EVALSHA", SYNC_HEALTH_SHA, 1, self.index_key, self.prefix)
+        fresh: dict[str, tuple[str, float, str]] = {}
+        now = self.clock()
+        for value, ms in zip(reply[::2], reply[1::2], strict=True):
+            message = orjson.loads(value)
+            if int(ms) > 0:
+                fresh[message["deployment"]] = (message["state"], now + int(ms) / 1000, message.get("by") or "")
+        self._blocked = fresh
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._listen(), name="tiergate-fleet-health")
+
+    async def _listen(self) -> None:
+        backoff = 0.05
+        while True:
+            client = self.link.client()
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with asyncio.timeout(max(self.link.timeout, 1.0)):
+                    await pubsub.subscribe(self.channel)
+                await self.sync()  # after subscribing: nothing published in between is missed
+                self.subscribed = True
+                backoff = 0.05
+                synced = self.clock()
+                while True:
+                    message = await pubsub.get_message(timeout=min(1.0, self.resync))
+                    if message is not None and message.get("type") == "message":
+                        self._on_message(message["data"])
+                    if self.clock() - synced >= self.resync:
+                        await self.sync()
+                        synced = self.clock()
+            except asyncio.CancelledError:
+                raise
+            except (*_ERRORS, FleetUnavailable) as exc:
+                if self.subscribed:
+                    log.warning("fleet health: lost redis at %s (%s); breakers count for this pod alone "
+                                "meanwhile", self.link.where(), type(exc).__name__)
+                self.subscribed = False
+            finally:
+                self.subscribed = False
+                with contextlib.suppress(*_ERRORS):
+                    await pubsub.aclose()
+                    await client.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(2.0, backoff * 2)
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """`/health/details`: what the fleet has blocked, as this pod knows it."""
+        now = self.clock()
+        return {"subscribed": self.subscribed, "heard": self.heard,
+                "blocked": {d: {"state": s, "remaining_s": round(u - now, 3), "by": b}
+                            for d, (s, u, b) in list(self._blocked.items()) if u > now}}

@@ -548,9 +548,10 @@ class Quotas:
             from .usage import find_usage
             usage = find_usage(record.stream_state.tail)
         if usage is None:
-            if record.status >= 400 or record.status == 0:
+            state = record.stream_state
+            if (state is None or not state.chunks) and (record.status >= 400 or record.status == 0):
                 return 0.0, 0.0  # refused or failed without an answer: nothing was used
-            return None, 0.0
+            return None, 0.0  # an answer (or part of a stream) without usage: keep the estimate
         usd = record.cost_usd
         if usd is None:
             price = reservation.price
