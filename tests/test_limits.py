@@ -354,3 +354,18 @@ async def test_the_scripts_sliding_minute_drops_seconds_that_left_it(redis_clien
     assert await redis_client.hgetall(key) == {b"t": b"3", b"o": b"1002", b"1030": b"3"}
     assert await redis_client.eval(script, 1, key, 1200) == [b"0", 1200]  # long quiet: all gone
     assert await redis_client.hgetall(key) == {}
+
+
+async def test_a_failed_request_gives_its_tokens_back(upstream, start_tiergate, http, redis_client, namespace):
+    from .upstream import Fail
+
+    tg = await start_tiergate(limited(upstream, [{"name": "tpm", "tokens_per_minute": 1000}]), redis_url=REDIS_URL,
+                              cache_namespace=namespace, redis_timeout=1.0, enable_caching=False)
+    upstream.default = Fail(500)
+    status, _, _ = await post(http, tg.v1 + "/chat/completions", {**CHAT, "max_tokens": 300})
+    assert status == 502
+
+    async def released() -> bool:
+        return await counter(redis_client, namespace, "tpm:tokens_per_minute") == 0
+
+    await wait_for(released)
