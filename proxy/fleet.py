@@ -445,18 +445,21 @@ class FleetLimits:
         self.fleet_size = max(1, size)
         return self.fleet_size
 
-    def start(self, refresh: Callable[[], Any] | None = None, interval: float = HEARTBEAT_S) -> None:
-        """In the background: say this pod is alive (fleet size) and call `refresh` every `interval`."""
+    def start(self, refresh: Callable[[], Any] | None = None, interval: float = HEARTBEAT_S,
+              active: Callable[[], bool] = lambda: True) -> None:
+        """In the background, while `active()` (the table has limits): say this pod is alive (fleet
+        size) and call `refresh` every `interval`."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._beat(refresh, interval),
+            self._task = asyncio.get_running_loop().create_task(self._beat(refresh, interval, active),
                                                                 name="tiergate-fleet-heartbeat")
 
-    async def _beat(self, refresh: Callable[[], Any] | None, interval: float) -> None:
+    async def _beat(self, refresh: Callable[[], Any] | None, interval: float, active: Callable[[], bool]) -> None:
         while True:
             try:
-                await self.heartbeat()
-                if refresh is not None:
-                    await refresh()
+                if active():
+                    await self.heartbeat()
+                    if refresh is not None:
+                        await refresh()
             except FleetUnavailable:
                 pass  # the link logged it; the next beat tries again
             except Exception:  # a bug must not end the heartbeat for the life of the process
@@ -466,7 +469,7 @@ class FleetLimits:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
-        if self.link.available:
+        if self.link.available and self.link.calls:
             try:
                 await self.link.call("ZREM", self.pods_key, self.pod_id)
             except FleetUnavailable:

@@ -125,7 +125,8 @@ class Router:
             self._store.start()
         self.health.start()
         if self.fleet is not None:
-            self.fleet.start(self._refresh_limits)
+            self.fleet.start(self._refresh_limits,
+                             active=lambda: self._table is not None and self._table.limits is not None)
         if self.telemetry.metrics is not None and not self._limits_collected:
             from .quotas import LimitsCollector
             self.telemetry.metrics.add_collector(LimitsCollector(self))
