@@ -276,13 +276,11 @@ class RedisLink:
     def _enqueue(self, packed: list[bytes], future: asyncio.Future[Any] | None) -> None:
         self._pending.append((packed, future))
         if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._kick()
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        if not self._pending:
-            return
+    def _kick(self) -> None:
+        """Start a batch on a free connection. The task first runs after the rest of this turn of the
+        event loop, so it takes every command the turn's requests have added meanwhile."""
         if self._idle:
             conn = self._idle.pop()
         elif self._open < self._max:
@@ -290,12 +288,17 @@ class RedisLink:
             self._open += 1
         else:
             return  # every connection is busy: the first to finish sends what has gathered
-        batch, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._run(conn, batch))
+        self._scheduled = True
+        task = asyncio.get_running_loop().create_task(self._run(conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, conn: AbstractConnection, batch: list[_Command]) -> None:
+    async def _run(self, conn: AbstractConnection) -> None:
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        if not batch:
+            self._idle.append(conn)
+            return
         self.batches += 1
         self.calls += len(batch)
         try:
@@ -338,14 +341,15 @@ class RedisLink:
         finally:
             self._idle.append(conn)
             if self._pending and not self._scheduled:
-                self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+                self._kick()
 
     @staticmethod
     async def _exchange(conn: AbstractConnection, commands: list[list[bytes]]) -> list[Any]:
         if not conn.is_connected:
             await conn.connect()
-        await conn.send_packed_command([chunk for packed in commands for chunk in packed], check_health=False)
+        # one buffer, one write: a list would be written piece by piece (a system call each on uvloop)
+        await conn.send_packed_command(b"".join([chunk for packed in commands for chunk in packed]),
+                                       check_health=False)
         replies: list[Any] = []
         for _ in commands:
             try:
@@ -414,9 +418,13 @@ class FleetLimits:
             if len(self._packed) >= _PACKED_LIMIT:
                 self._packed.clear()
             self._packed[memo_key] = packed
-        reply = (await self.link.call_packed(packed)).split()
-        failed, retry_ms, sec, day, month = map(int, reply[:5])
-        return Admission(failed - 1, retry_ms / 1000, tuple(map(float, reply[5:])), (sec, day, month))
+        reply = await self.link.call_packed(packed)
+        try:
+            fields = reply.split()
+            failed, retry_ms, sec, day, month = map(int, fields[:5])
+            return Admission(failed - 1, retry_ms / 1000, tuple(map(float, fields[5:])), (sec, day, month))
+        except (AttributeError, TypeError, ValueError):  # not our script's answer: as if Redis failed
+            raise FleetUnavailable(f"unexpected reply from redis at {self.link.where()}") from None
 
     def settle(self, checks: tuple[Check, ...], deltas: list[float], token: Any) -> None:
         sec, day, month = token
