@@ -549,6 +549,7 @@ class FleetHealth:
         self.resync = resync
         self.clock = clock
         self._blocked: dict[str, tuple[str, float, str]] = {}  # deployment -> (state, until, by)
+        self._trial_due: set[str] = set()  # blocked by the fleet until now: one pod should try it first
         self._task: asyncio.Task[None] | None = None
         self.subscribed = False
         self.heard = 0
@@ -562,8 +563,15 @@ class FleetHealth:
             return None
         if entry[1] <= self.clock():
             del self._blocked[deployment]
+            if entry[0] == "open":
+                self._trial_due.add(deployment)
             return None
         return entry[1]
+
+    def trial_due(self, deployment: str) -> bool:
+        """The fleet's open breaker of `deployment` has just run out: before sending to it, `claim_trial`
+        (so one pod makes the half-open trial, not all). No network call."""
+        return deployment in self._trial_due
 
     def state(self, deployment: str) -> str | None:
         """`open` or `cooldown` while blocked (as published), else None."""
@@ -580,20 +588,27 @@ class FleetHealth:
                        deployment, state, ms, reason, self.pod_id, self.channel)
 
     async def claim_trial(self, deployment: str, seconds: float) -> bool:
-        """True for exactly one pod of the fleet per `seconds`: that pod makes the half-open trial.
-        Redis unreachable: True (each pod decides alone, as without Redis)."""
+        """True for exactly one pod of the fleet per `seconds`: that pod makes the half-open trial and
+        publishes its outcome (`closed`, or `open` again). The others hold the deployment blocked
+        (state `trial`) for `seconds` or until they hear the outcome. Redis unreachable: True (each
+        pod decides alone, as without Redis)."""
+        self._trial_due.discard(deployment)
+        ms = max(1, int(seconds * 1000))
         try:
-            reply = await self.link.call("SET", self.prefix + "trial:" + deployment, self.pod_id, "NX", "PX",
-                                         max(1, int(seconds * 1000)))
+            reply = await self.link.call("SET", self.prefix + "trial:" + deployment, self.pod_id, "NX", "PX", ms)
         except FleetUnavailable:
             return True
-        return reply is not None
+        if reply is None:
+            self._heard(deployment, "trial", ms, "")
+            return False
+        return True
 
     # -- hearing the fleet ---------------------------------------------------------------------------
 
     def _heard(self, deployment: str, state: str, ms: int, by: str) -> None:
         if state == "closed" or ms <= 0:
             self._blocked.pop(deployment, None)
+            self._trial_due.discard(deployment)
         else:
             self._blocked[deployment] = (state, self.clock() + ms / 1000, by)
 

@@ -88,3 +88,18 @@ async def test_redis_unreachable_keeps_what_was_heard(namespace):  # noqa: F811
     finally:
         await health.stop()
         await health.link.close()
+
+
+async def test_when_an_open_breaker_runs_out_one_pod_tries_and_the_others_wait(pods):
+    a, b, c, _ = pods
+    a.publish("primary/model-a", "open", 0.3, "5 failures")
+    await until(lambda: all(p.state("primary/model-a") == "open" for p in (b, c)))
+    await until(lambda: all(p.blocked_until("primary/model-a") is None for p in (a, b, c)), timeout=3)
+    assert all(p.trial_due("primary/model-a") for p in (a, b, c))
+    won = await asyncio.gather(*(p.claim_trial("primary/model-a", 5) for p in (a, b, c)))
+    assert won.count(True) == 1
+    trier = (a, b, c)[won.index(True)]
+    others = [p for p, w in zip((a, b, c), won, strict=True) if not w]
+    assert all(p.state("primary/model-a") == "trial" and not p.trial_due("primary/model-a") for p in others)
+    trier.publish("primary/model-a", "closed", 0)  # the trial answered: the fleet sends to it again
+    await until(lambda: all(p.blocked_until("primary/model-a") is None for p in others))
