@@ -299,6 +299,13 @@ class RedisLink:
         if not batch:
             self._idle.append(conn)
             return
+        if self.clock() < self.down_until:  # queued before Redis failed: do not wait for it again
+            error = FleetUnavailable(self.last_error or "redis unavailable")
+            for _, future in batch:
+                if future is not None and not future.done():
+                    future.set_exception(error)
+            self._idle.append(conn)
+            return
         self.batches += 1
         self.calls += len(batch)
         try:
