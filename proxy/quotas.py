@@ -457,6 +457,8 @@ class Quotas:
                 if target is None or route is None or route.tier == target or exempt:
                     raise
                 cheaper = table.resolve(route.use_case.value, target.value, None)
+                if cheaper.route is None or cheaper.route.tier != target:
+                    raise  # no such route: the table would fall back to its default, maybe dearer
                 log.info("budget %r exhausted: request %s downgraded from %s to %s", check.spec.name,
                          record.request_id, decision.name, cheaper.name)
                 self.downgraded[check.spec.name] = self.downgraded.get(check.spec.name, 0) + 1
@@ -468,6 +470,7 @@ class Quotas:
                       record: Any, exempt: frozenset[str]) -> None:
         price = None
         tokens = 0
+        usd = 0.0
         if any(c.kind != "requests_per_minute" for c in checks):
             tokens = estimate_prompt_tokens(payload)
             output = estimate_output_tokens(payload, decision.route)
@@ -502,10 +505,11 @@ class Quotas:
             self.last[check.key] = (check, used, now)
         if admission.failed >= 0:
             raise self._refusal(checks[admission.failed], admission, caps[admission.failed],
-                                degraded=self.fleet is not None and not shared)
+                                amounts[admission.failed], degraded=self.fleet is not None and not shared)
         record.quota = Reservation(backend, checks, amounts, admission.token, price)
 
-    def _refusal(self, check: Check, admission: Admission, cap: float, *, degraded: bool) -> RateLimitError:
+    def _refusal(self, check: Check, admission: Admission, cap: float, amount: float, *,
+                 degraded: bool) -> RateLimitError:
         key = (check.spec.name, check.kind)
         self.rejected[key] = self.rejected.get(key, 0) + 1
         retry = max(1.0, math.ceil(admission.retry_after))
@@ -516,6 +520,10 @@ class Quotas:
             error: RateLimitError = BudgetExceededError(
                 f"budget {check.spec.name!r} of {limit} is exhausted; it renews in {_duration(retry)}",
                 retry_after=retry)
+        elif amount > cap:  # waiting will not help: say why
+            error = LimitExceededError(f"rate limit {check.spec.name!r} of {limit} is less than this request's "
+                                       f"estimate of {_amount(amount)} tokens (its prompt and max_tokens); "
+                                       "ask for fewer tokens", retry_after=retry)
         else:
             error = LimitExceededError(f"rate limit {check.spec.name!r} of {limit} reached; retry after "
                                        f"{_duration(retry)}", retry_after=retry)

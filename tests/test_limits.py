@@ -234,6 +234,7 @@ async def test_tokens_are_reserved_then_settled_with_real_usage(upstream, start_
     calls = upstream.calls
     status, headers, refused = await post(http, tg.v1 + "/chat/completions", {**CHAT, "max_tokens": 5000})
     assert status == 429 and refused["error"]["code"] == "rate_limit_exceeded" and upstream.calls == calls
+    assert "estimate of 5005 tokens" in refused["error"]["message"]
 
 
 async def test_budget_exhausted_is_budget_exceeded_until_the_day_rolls(upstream, start_tiergate, http,
@@ -257,6 +258,8 @@ async def test_budget_exhausted_is_budget_exceeded_until_the_day_rolls(upstream,
 async def test_budget_exhausted_downgrades_when_the_table_says_so(upstream, start_tiergate, http, namespace,
                                                                   redis_client):
     doc = limited(upstream, [{"name": "premium-budget", "route": "code_generation:premium", "usd_per_day": 0.02,
+                              "on_budget_exceeded": "economy"},
+                             {"name": "standard-budget", "route": "general_purpose:standard", "usd_per_day": 0,
                               "on_budget_exceeded": "economy"}])
     tg = await start_tiergate(doc, redis_url=REDIS_URL, cache_namespace=namespace, redis_timeout=1.0,
                               enable_caching=False)
@@ -270,6 +273,10 @@ async def test_budget_exhausted_downgrades_when_the_table_says_so(upstream, star
     assert routes[:2] == [("code_generation:premium", "primary/model-p")] * 2
     assert routes[2:] == [("code_generation:economy", "primary/model-cheap")] * 2
     assert tg.router.quotas.downgraded == {"premium-budget": 2}
+    # general_purpose has no economy route: no downgrade (the default route might cost more), a 429
+    status, _, body = await post(http, tg.v1 + "/chat/completions", CHAT)
+    assert status == 429 and body["error"]["code"] == "budget_exceeded"
+    assert "standard-budget" in body["error"]["message"]
 
 
 async def test_without_redis_limits_hold_per_process(upstream, start_tiergate, http):
