@@ -75,7 +75,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args)
     table = load_table(config.table_path, allow_model_override=config.allow_model_override)
     print(f"{config.table_path}: OK, {len(table.routes)} routes, {len(table.providers)} providers, "
-          f"{len(table.aliases)} aliases")
+          f"{len(table.aliases)} aliases, {len(table.limits.specs) if table.limits else 0} limits")
     print(f"{'route':<32} {'model':<48} fallbacks")
     for row in table.describe():
         print(f"{row['route']:<32} {row['model']:<48} {', '.join(row['fallbacks']) or '-'}")

@@ -403,6 +403,9 @@ class Router:
         database = self._store.health(table) if self._store is not None and table is not None else None
         if database is not None and database["database"]["state"] != "connected" and status == "healthy":
             status = "degraded"
+        limits = self.quotas.snapshot(table.limits if table is not None else None)
+        if limits["limits"] and limits["state"].startswith("unreachable") and status == "healthy":
+            status = "degraded"  # limits are counted by the failure policy, not for the fleet
         health = {
             "status": status,
             "ready": self.initialized and not self.draining,
@@ -414,7 +417,7 @@ class Router:
                 "problems": list(table.problems)},
             "cache": self.cache.stats(),
             "batching": self.batcher.stats() if self.batcher is not None else None,
-            "limits": self.quotas.snapshot(table.limits if table is not None else None),
+            "limits": limits,
         }
         if database is not None:
             health["routing_table"].update(database)

@@ -233,8 +233,10 @@ async def test_redis_killed_and_restarted_mid_traffic(tmp_path, upstream, start_
             # fail_closed: refused, with the reason, never a 500
             status, headers, body = await call(closed_tg, probe)
             assert status == 503 and body["error"]["code"] == "limits_unavailable" and headers["Retry-After"] == "1"
-            details = open_tg.router.get_health_status()["limits"]
+            health = open_tg.router.get_health_status()
+            details = health["limits"]
             assert details["state"] == "unreachable (fail_open)" and details["redis"]["available"] is False
+            assert health["status"] == "degraded"
             assert details["decided_by_policy"] >= 12
             async with http.get(open_tg.url + "/metrics") as resp:
                 assert 'tiergate_limits_backend{policy="fail_open",state="unreachable"} 1.0' in await resp.text()
