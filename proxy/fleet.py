@@ -232,6 +232,7 @@ class RedisLink:
         self._packer = self._pool.make_connection()  # packs commands; never connected
         self._idle: list[AbstractConnection] = []
         self._open = 0
+        self._inflight = 0  # exchanges under way
         self._max = max_connections
         self._pending: list[_Command] = []
         self._scheduled = False
@@ -264,9 +265,40 @@ class RedisLink:
     async def call_packed(self, packed: list[bytes]) -> Any:
         if self.clock() < self.down_until:
             raise FleetUnavailable(self.last_error or "redis unavailable")
+        if not self._inflight and not self._pending and self._idle:
+            return await self._call_now(packed)  # nothing else under way: no batch to wait for
         future = asyncio.get_running_loop().create_future()
         self._enqueue(packed, future)
         return await future
+
+    async def _call_now(self, packed: list[bytes]) -> Any:
+        """One command on an idle connection, in the caller's own task (a quiet sidecar's path: no
+        task and no extra turn of the loop). Commands issued meanwhile gather into a batch."""
+        conn = self._idle.pop()
+        self._inflight += 1
+        self.batches += 1
+        self.calls += 1
+        try:
+            async with asyncio.timeout(self.timeout):
+                (reply,) = await self._exchange_all(conn, [packed])
+        except asyncio.CancelledError:
+            await conn.disconnect(nowait=True)
+            raise
+        except _ERRORS as exc:
+            await conn.disconnect(nowait=True)  # the reply may still be on its way: never reuse it
+            self._failed(exc)
+            raise FleetUnavailable(self.last_error or "redis failed") from None
+        finally:
+            self._inflight -= 1
+            self._idle.append(conn)
+            if self._pending and not self._scheduled:
+                self._kick()
+        self._answered()
+        if isinstance(reply, ResponseError):
+            self.errors += 1
+            self.last_error = f"redis error: {reply}"
+            raise FleetUnavailable(self.last_error)
+        return reply
 
     def send(self, *args: Any) -> None:
         """Send one command with the next batch; nobody waits for the reply (settling charges)."""
@@ -289,6 +321,7 @@ class RedisLink:
         else:
             return  # every connection is busy: the first to finish sends what has gathered
         self._scheduled = True
+        self._inflight += 1
         task = asyncio.get_running_loop().create_task(self._run(conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -296,28 +329,27 @@ class RedisLink:
     async def _run(self, conn: AbstractConnection) -> None:
         self._scheduled = False
         batch, self._pending = self._pending, []
-        if not batch:
+        try:
+            if batch and self.clock() < self.down_until:  # queued before Redis failed: do not wait again
+                error = FleetUnavailable(self.last_error or "redis unavailable")
+                for _, future in batch:
+                    if future is not None and not future.done():
+                        future.set_exception(error)
+                batch = []
+            if batch:
+                await self._send_batch(conn, batch)
+        finally:
+            self._inflight -= 1
             self._idle.append(conn)
-            return
-        if self.clock() < self.down_until:  # queued before Redis failed: do not wait for it again
-            error = FleetUnavailable(self.last_error or "redis unavailable")
-            for _, future in batch:
-                if future is not None and not future.done():
-                    future.set_exception(error)
-            self._idle.append(conn)
-            return
+            if self._pending and not self._scheduled:
+                self._kick()
+
+    async def _send_batch(self, conn: AbstractConnection, batch: list[_Command]) -> None:
         self.batches += 1
         self.calls += len(batch)
         try:
             async with asyncio.timeout(self.timeout):
-                replies = await self._exchange(conn, [packed for packed, _ in batch])
-                missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-                if missing:  # a restarted Redis forgot the scripts: load them, send those commands again
-                    await self._exchange(conn, [self._packer.pack_command("SCRIPT", "LOAD", script)
-                                                for script in SCRIPTS.values()])
-                    again = await self._exchange(conn, [batch[i][0] for i in missing])
-                    for i, reply in zip(missing, again, strict=True):
-                        replies[i] = reply
+                replies = await self._exchange_all(conn, [packed for packed, _ in batch])
         except asyncio.CancelledError:
             await conn.disconnect(nowait=True)
             for _, future in batch:
@@ -331,24 +363,36 @@ class RedisLink:
             for _, future in batch:
                 if future is not None and not future.done():
                     future.set_exception(error)
-        else:
-            if self.down_until:
-                log.info("redis at %s is reachable again: limits are counted for the fleet", self.where())
-                self.down_until = 0.0
-            for (_, future), reply in zip(batch, replies, strict=True):
-                if isinstance(reply, ResponseError):
-                    self.errors += 1
-                    self.last_error = f"redis error: {reply}"
-                    if future is None or future.done():
-                        log.warning("redis command failed: %s", reply)
-                    else:
-                        future.set_exception(FleetUnavailable(self.last_error))
-                elif future is not None and not future.done():
-                    future.set_result(reply)
-        finally:
-            self._idle.append(conn)
-            if self._pending and not self._scheduled:
-                self._kick()
+            return
+        self._answered()
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                self.errors += 1
+                self.last_error = f"redis error: {reply}"
+                if future is None or future.done():
+                    log.warning("redis command failed: %s", reply)
+                else:
+                    future.set_exception(FleetUnavailable(self.last_error))
+            elif future is not None and not future.done():
+                future.set_result(reply)
+
+    def _answered(self) -> None:
+        if self.down_until:
+            log.info("redis at %s is reachable again: limits are counted for the fleet", self.where())
+            self.down_until = 0.0
+
+    async def _exchange_all(self, conn: AbstractConnection, commands: list[list[bytes]]) -> list[Any]:
+        """Send `commands`, read their replies; a restarted Redis that forgot the scripts gets them
+        loaded and those commands sent again."""
+        replies = await self._exchange(conn, commands)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            await self._exchange(conn, [self._packer.pack_command("SCRIPT", "LOAD", script)
+                                        for script in SCRIPTS.values()])
+            again = await self._exchange(conn, [commands[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
 
     @staticmethod
     async def _exchange(conn: AbstractConnection, commands: list[list[bytes]]) -> list[Any]:
