@@ -398,3 +398,10 @@ async def test_redis_link_pipelines_a_turns_commands(redis_client, namespace):
         assert sorted(a.failed for a in admissions) == [-1] * 5 + [0] * 2
     finally:
         await link.close()
+
+
+def test_an_unknown_failure_policy_is_a_config_error():
+    from proxy.quotas import Quotas
+
+    with pytest.raises(ConfigError, match="limits_on_redis_failure.*fail_open, fail_closed"):
+        Quotas(policy="fail_sideways")
