@@ -5,6 +5,10 @@ tiergate and the floor are pinned to core 0, nginx and wrk to core 1. For each t
 p50/p99 at concurrency 1, requests/s and the server's CPU time per request at concurrency 64, errors,
 and the server's RSS after the load. Floor and tiergate are measured in interleaved rounds (medians).
 Writes bench/out/last.md and prints the table.
+
+`--limit` adds a third target, tiergate with one limit on every request counted in a local Redis
+(`--redis-url`, default db 15; a key namespace of its own), measured in the same interleaved rounds:
+the added p50 at concurrency 1 and the requests/s at concurrency 64 against tiergate without one.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-UPSTREAM_PORT, FLOOR_PORT, TIERGATE_PORT = 18001, 18002, 18003
+UPSTREAM_PORT, FLOOR_PORT, TIERGATE_PORT, LIMITED_PORT = 18001, 18002, 18003, 18004
 ANSWER = ('{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench-model",'
           '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},'
           '"logprobs":null,"finish_reason":"stop"}],'
@@ -57,6 +61,12 @@ providers:
   bench: {{base_url: "http://127.0.0.1:{port}/v1", api_key: sk-bench}}
 routes:
   - {{use_case: general_purpose, tier: standard, model: bench/bench-model}}
+"""
+
+# one limit that every request is checked against and none reaches (a count in Redis per request)
+LIMIT = """
+limits:
+  - {name: bench, requests_per_minute: 1000000000}
 """
 
 WRK_LUA = """
@@ -142,6 +152,8 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for tiergate")
     parser.add_argument("--openai-headers", action="store_true",
                         help="the SDK's request headers and OpenAI's response headers on every call")
+    parser.add_argument("--limit", action="store_true", help="also tiergate with one limit per request in Redis")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="the Redis of --limit")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "taskset"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -174,7 +186,20 @@ def main() -> None:
         runs: dict[str, list[dict[str, float]]] = {"direct": [], "floor": [], "tiergate": []}
         targets = {"direct": (UPSTREAM_PORT, None), "floor": (FLOOR_PORT, floor.pid),
                    "tiergate": (TIERGATE_PORT, tiergate.pid)}
-        order = ["direct"] + ["floor", "tiergate"] * args.rounds  # interleaved: drift hits both alike
+        rounds = ["floor", "tiergate"]
+        if args.limit:
+            (tmp / "limited.yaml").write_text(TABLE.format(port=UPSTREAM_PORT) + LIMIT)
+            limited_env = {**env, "TIERGATE_REDIS_URL": args.redis_url,
+                           "TIERGATE_CACHE_NAMESPACE": f"tiergate-bench-{os.getpid()}"}
+            limited = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "proxy", "serve", "--config",
+                                        str(tmp / "limited.yaml"), "--port", str(LIMITED_PORT)],
+                                       cwd=str(tmp), env=limited_env, stdout=log, stderr=log)
+            procs.append(limited)
+            wait_port(LIMITED_PORT)
+            runs["tiergate+limit"] = []
+            targets["tiergate+limit"] = (LIMITED_PORT, limited.pid)
+            rounds.append("tiergate+limit")
+        order = ["direct"] + rounds * args.rounds  # interleaved: drift hits them alike
         for name in order:
             port, pid = targets[name]
             wrk(port, 8, 2, script)  # warm up pools and caches
@@ -214,6 +239,12 @@ def main() -> None:
                  f"req/s {100 * t['rps'] / f['rps']:.1f}% of floor (target >= 85%; by CPU per request "
                  f"{100 * f['cpu'] / t['cpu']:.1f}%), "
                  f"RSS {t['rss']:.1f} MiB (target < 60)")
+    if args.limit:
+        lt = rows["tiergate+limit"]
+        lines.append(f"one limit per request (Redis at {args.redis_url.rpartition('@')[2]}): added p50 "
+                     f"{lt['p50'] - t['p50']:+.3f} ms over tiergate (target <= 0.15), req/s "
+                     f"{100 * lt['rps'] / t['rps']:.1f}% of tiergate without limits (target >= 80%), "
+                     f"CPU {lt['cpu'] - t['cpu']:+.1f} µs/req")
     text = "\n".join(lines)
     print(text)
     (HERE / "out").mkdir(exist_ok=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 from .auth import check_bind
 from .cli_db import DB_COMMANDS, add_db_commands
+from .cli_limits import LIMITS_COMMANDS, add_limits_commands
 from .routing import load_table
 from .settings import DEMO_CONFIG_PATH, SERVE_DEFAULTS, RouterConfig, check_service_urls
 from .types import ConfigError
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="routing table file")
     check.add_argument("--demo", action="store_true", help="check the demo table")
     add_db_commands(sub)  # db init, routes list|set|delete, discover (DATABASE_URL)
+    add_limits_commands(sub)  # limits list
     return parser
 
 
@@ -75,7 +77,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args)
     table = load_table(config.table_path, allow_model_override=config.allow_model_override)
     print(f"{config.table_path}: OK, {len(table.routes)} routes, {len(table.providers)} providers, "
-          f"{len(table.aliases)} aliases")
+          f"{len(table.aliases)} aliases, {len(table.limits.specs) if table.limits else 0} limits")
     print(f"{'route':<32} {'model':<48} fallbacks")
     for row in table.describe():
         print(f"{row['route']:<32} {row['model']:<48} {', '.join(row['fallbacks']) or '-'}")
@@ -86,7 +88,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "check": cmd_check, **DB_COMMANDS}
+COMMANDS = {"serve": cmd_serve, "check": cmd_check, **DB_COMMANDS, **LIMITS_COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -237,6 +237,7 @@ class PrometheusMetrics:
         # counts gather as plain numbers and reach prometheus-client on `flush()`: when scraped, and
         # with several workers (who read each other's files) after each batch of requests
         self._pending: list[_Pending | _PendingHistogram] = []
+        self._collectors: list[Any] = []  # families computed when scraped (e.g. the limits')
 
     def _gathered(self, child: Any, kind: type[_Pending] | type[_PendingHistogram] = _Pending) -> Any:
         pending = kind(child)
@@ -323,12 +324,19 @@ class PrometheusMetrics:
         self._cache_children.clear()
         self._pending.clear()
 
+    def add_collector(self, collector: Any) -> None:
+        """A collector whose families are computed when scraped (in multiprocess mode: this worker's view)."""
+        self.registry.register(collector)
+        self._collectors.append(collector)
+
     def render(self) -> bytes:
         """The exposition text: this process's registry, or every worker's files in multiprocess mode."""
         self.flush()
         if self.multiproc_dir:
             registry = CollectorRegistry(auto_describe=False)
             prom_multiprocess.MultiProcessCollector(registry, path=self.multiproc_dir)
+            for collector in self._collectors:
+                registry.register(collector)
             return generate_latest(registry)
         return generate_latest(self.registry)
 

@@ -28,6 +28,7 @@ from .discovery import Discovery, discover
 from .dispatch import DONE, Adaptation, Adapter, Dispatcher, Result, tried
 from .health import HealthMonitor
 from .providers import Provider, make_provider
+from .quotas import Quotas
 from .responses import ChatStreamTranslator, chat_to_response, to_chat_request
 from .routing import RouteDecision, RoutingTable, load_table
 from .settings import RouterConfig, check_service_urls
@@ -45,6 +46,7 @@ from .types import (
 )
 
 if TYPE_CHECKING:
+    from .fleet import FleetLimits
     from .store import RouteStore
 
 log = logging.getLogger("tiergate")
@@ -110,6 +112,14 @@ class Router:
         self.batcher = (EmbeddingBatcher(self._send, window_s=self.config.batch_window_ms / 1000,
                                          max_inputs=self.config.batch_max_inputs)
                         if self.config.enable_batching else None)
+        # rate limits and budgets: counted for the fleet in Redis when TIERGATE_REDIS_URL is set
+        self.fleet: FleetLimits | None = None
+        if self.config.redis_url:
+            from .fleet import FleetLimits, RedisLink
+            self.fleet = FleetLimits(RedisLink(self.config.redis_url, timeout=self.config.redis_timeout),
+                                     self.config.cache_namespace)
+        self.quotas = Quotas(self.fleet, policy=self.config.limits_on_redis_failure)
+        self._limits_collected = False  # the limits' /metrics families, registered once
         self.started_at = time.time()
         self.initialized = False
         self.closed = False  # close() was called: requests get RouterClosedError, not a routing error
@@ -143,6 +153,13 @@ class Router:
         if self._store is not None:
             self._store.start()
         self.health.start()
+        if self.fleet is not None:
+            self.fleet.start(self._refresh_limits,
+                             active=lambda: self._table is not None and self._table.limits is not None)
+        if self.telemetry.metrics is not None and not self._limits_collected:
+            from .quotas import LimitsCollector
+            self.telemetry.metrics.add_collector(LimitsCollector(self))
+            self._limits_collected = True
         self.initialized = True
         self.closed = False
         self._closed_event.clear()
@@ -161,6 +178,9 @@ class Router:
                 await self._store.stop()
                 self._store = None
             await self.health.stop()
+            if self.fleet is not None:
+                await self.fleet.stop()
+                await self.fleet.link.close()
             if self.batcher is not None:
                 await self.batcher.close()
             await self.cache.close()
@@ -253,11 +273,13 @@ class Router:
         timeout: float | None = None,
         headers: Mapping[str, str] | None = None,
         cache_control: str | None = None,
+        api_key_name: str | None = None,
     ) -> Result:
         """Resolve the route, apply its defaults and forward. Raises TiergateError on failure.
 
         `record` is filled in; the caller hands it to `finish()` when the response has ended.
         `cache_control` is the client's Cache-Control header (no-cache, no-store).
+        `api_key_name` is the name of the inbound key the request came with (limits may be scoped by it).
         """
         telemetry = self.telemetry
         trace = (telemetry.start_trace(endpoint.operation, record, payload, headers)  # issue 6
@@ -266,6 +288,8 @@ class Router:
         if table is None:
             table = self.table  # raises: not initialized
         decision = table.resolve(use_case, tier, payload.get("model"), endpoint.kind)
+        if table.limits is not None:  # rate limits and budgets: charge an estimate now (may downgrade)
+            decision = await self.quotas.admit(table.limits, table, decision, payload, api_key_name, record)
         record.route = decision.name
         stream = bool(payload.get("stream")) and endpoint.streamable
         record.stream = stream
@@ -402,6 +426,8 @@ class Router:
                 record.error = f"stream_{state.error}"
                 record.status = 504 if state.error == "timeout" else 502
         self.telemetry.finish(record)
+        if record.quota is not None:  # limits: replace the estimate with the real usage
+            self.quotas.settle(record)
 
     # -- library API ------------------------------------------------------------------------
 
@@ -536,6 +562,9 @@ class Router:
         database = self._store.health(table) if self._store is not None and table is not None else None
         if database is not None and database["database"]["state"] != "connected" and status == "healthy":
             status = "degraded"
+        limits = self.quotas.snapshot(table.limits if table is not None else None)
+        if limits["limits"] and limits["state"].startswith("unreachable") and status == "healthy":
+            status = "degraded"  # limits are counted by the failure policy, not for the fleet
         health = {
             "status": status,
             "ready": self.initialized and not self.draining,
@@ -548,10 +577,18 @@ class Router:
             "cache": self.cache.stats(),
             "batching": self.batcher.stats() if self.batcher is not None else None,
             "warnings": self.key_warnings(),
+            "limits": limits,
         }
         if database is not None:
             health["routing_table"].update(database)
         return health
+
+    async def _refresh_limits(self) -> None:
+        """Read every limit's use from Redis (the heartbeat's refresh): health and metrics stay
+        current on a pod that sees little traffic."""
+        table = self._table
+        if table is not None and table.limits is not None and self.fleet is not None:
+            self.quotas.observe(await self.fleet.usage(table.limits.checks), table.limits.checks)
 
     def get_metrics(self) -> dict[str, Any]:
         return {**self.telemetry.snapshot(), "cache": self.cache.stats()}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .quotas import LimitIndex, parse_limits
 from .types import (
     CACHE_POLICIES,
     DEFAULT_TIER,
@@ -146,6 +147,7 @@ class RoutingTable:
         embeddings: tuple[ModelRef, ...] = (),
         passthrough_provider: str | None = None,
         passthrough_paths: Mapping[str, str] | None = None,
+        limits: LimitIndex | None = None,
     ):
         self.providers: dict[str, ProviderSpec] = dict(providers)
         self.model_rules: tuple[tuple[str, ParamRule], ...] = (*model_rules, *BUILTIN_MODEL_RULES)
@@ -164,6 +166,8 @@ class RoutingTable:
         self.passthrough_paths: tuple[tuple[str, str], ...] = tuple(
             sorted((passthrough_paths or {}).items(), key=lambda kv: -len(kv[0])))
         self.loaded_at = time.time()
+        # rate limits and budgets (quotas.py); None when the table has none: one falsy check per request
+        self.limits: LimitIndex | None = limits if limits else None
 
         self._plans: dict[ModelRef, ParamRule] = {}
         default = self.routes.get((DEFAULT_USE_CASE, DEFAULT_TIER)) or next(iter(self.routes.values()))
@@ -488,6 +492,8 @@ def table_from_dict(
             problems.append(f"passthrough_paths.{prefix}: {provider!r} is not a provider of the table")
         else:
             passthrough_paths[str(prefix)] = str(provider)
+    limits, limit_problems = parse_limits(doc.get("limits"), providers)
+    problems += limit_problems
 
     if problems and strict:
         raise ConfigError(f"{label}: " + f"\n{label}: ".join(problems))
@@ -496,7 +502,7 @@ def table_from_dict(
     return RoutingTable(providers, routes, aliases, pricing, source=source, problems=problems,
                         allow_model_override=allow_model_override, model_rules=rules, embeddings=embeddings,
                         passthrough_provider=None if passthrough_provider is None else str(passthrough_provider),
-                        passthrough_paths=passthrough_paths)
+                        passthrough_paths=passthrough_paths, limits=LimitIndex(limits))
 
 
 def parse_rule(raw: Any) -> ParamRule:

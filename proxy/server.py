@@ -211,8 +211,7 @@ def make_handler(endpoint: Endpoint, router: Router,
         task = asyncio.current_task()
         inflight.add(task)
         try:
-            if check_key is not None:
-                check_key(headers.get("Authorization"))
+            key_name = check_key(headers.get("Authorization")) if check_key is not None else None
             payload = await read_json(request, max_body, body_timeout)
             validate(endpoint, payload, max_messages)
             result = await router.dispatch(
@@ -220,7 +219,7 @@ def make_handler(endpoint: Endpoint, router: Router,
                 use_case=headers.get("x-use-case"), tier=headers.get("x-model-tier"),
                 timeout=_deadline(headers, payload.get("stream") is True),
                 headers=(forwarded_with_key if router.byok else forwarded)(headers),
-                cache_control=headers.get("cache-control"))
+                cache_control=headers.get("cache-control"), api_key_name=key_name)
             if result.stream is None:
                 return web.Response(body=result.body, headers=_result_headers(record, result.headers),
                                     content_type="application/json")

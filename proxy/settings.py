@@ -111,6 +111,9 @@ class _Settings:
     # the Responses API and pass-through
     response_affinity_size: int = 100_000  # stored response ids remembered in memory (Redis: all, for 30 days)
     passthrough_max_body_bytes: int = 512 * 1024 * 1024  # uploads passed through (files, audio) are streamed
+    # rate limits and budgets: what to do while Redis cannot be reached (fail_open: count in this
+    # process against the limit's share of the fleet; fail_closed: refuse requests a limit applies to)
+    limits_on_redis_failure: str = "fail_open"
     # batching
     enable_batching: bool = False
     batch_window_ms: float = 5.0

@@ -192,6 +192,8 @@ async def init_db(config: RouterConfig, source: str | Path | None = None) -> Ini
             routes = await conn.fetchval("SELECT count(*) FROM llm_routes", timeout=config.db_timeout)
             if providers == 0 and routes == 0:
                 report.seeded = await seed(conn, doc, config.db_timeout)
+                if doc.get("limits"):
+                    report.seeded["limits"] = await seed_limits(conn, doc, config.db_timeout)
         return report
     except DB_ERRORS as exc:
         raise StoreError(f"db init failed: {describe_error(exc, config.database_dsn)}") from None
@@ -281,9 +283,11 @@ async def read_snapshot(conn: asyncpg.Connection, config: RouterConfig) -> Snaps
             models = await conn.fetch(
                 """SELECT provider, model, input_price_per_million, output_price_per_million, available
                    FROM llm_models ORDER BY provider, model""", timeout=timeout)
+            limits = await read_limits(conn, timeout)
     except asyncpg.UndefinedTableError:
         raise StoreError(NOT_INITIALIZED, code="database_not_initialized") from None
     doc = rows_to_doc(providers, routes, aliases, models, settings)
+    doc["limits"] = limit_rows_to_doc(limits)
     fingerprint = hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).digest()
     labels = [f"llm_routes ({r['use_case']}, {r['tier']})" for r in routes]
     try:
@@ -291,7 +295,9 @@ async def read_snapshot(conn: asyncpg.Connection, config: RouterConfig) -> Snaps
                                 allow_model_override=config.allow_model_override)
     except ConfigError as exc:
         raise ConfigError(_relabel(exc.message, labels)) from None
-    table.problems = tuple(_relabel(p, labels) for p in table.problems)
+    limit_labels = [f"llm_limits ({r['name']})" for r in limits]
+    table.problems = tuple(_LIMIT_INDEX.sub(lambda m: limit_labels[int(m.group(1))], _relabel(p, labels))
+                           for p in table.problems)
     available = tuple(ModelRef(m["provider"], m["model"]) for m in models if m["available"])
     return Snapshot(table, fingerprint, available)
 
@@ -342,6 +348,45 @@ def rows_to_doc(providers: Iterable[Mapping[str, Any]], routes: Iterable[Mapping
         if row["key"] in TABLE_SETTINGS:
             doc[row["key"]] = orjson.loads(row["value"]) if isinstance(row["value"], str) else row["value"]
     return doc
+
+
+# --- limits (llm_limits, from migration 002) ---------------------------------------------------------
+
+_LIMIT_INDEX = re.compile(r"^limits\[(\d+)\]")
+LIMIT_COLUMNS = ("name", "key_name", "use_case", "tier", "route", "model", "requests_per_minute",
+                 "tokens_per_minute", "usd_per_day", "usd_per_month", "on_budget_exceeded")
+
+
+async def read_limits(conn: asyncpg.Connection, timeout: float) -> list[asyncpg.Record]:
+    """The enabled rows of `llm_limits`; none when the database predates the table."""
+    if await conn.fetchval("SELECT to_regclass('llm_limits') IS NULL", timeout=timeout):
+        return []
+    return await conn.fetch(f"SELECT {', '.join(LIMIT_COLUMNS)} FROM llm_limits WHERE enabled ORDER BY name",
+                            timeout=timeout)
+
+
+def limit_rows_to_doc(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """`llm_limits` rows as the file's `limits:` entries (`key_name` is the file's `key`)."""
+    out = []
+    for row in rows:
+        entry = {("key" if column == "key_name" else column): row[column] for column in LIMIT_COLUMNS
+                 if row[column] is not None}
+        out.append(entry)
+    return out
+
+
+async def seed_limits(conn: asyncpg.Connection, doc: Mapping[str, Any], timeout: float) -> int:
+    """Insert a table document's `limits:` as `llm_limits` rows (those already there are kept)."""
+    from .quotas import limit_rows, parse_limits
+
+    specs, _ = parse_limits(doc.get("limits"), (doc.get("providers") or {}).keys())
+    rows = limit_rows(specs)
+    for row in rows:
+        values = [row.get("key" if column == "key_name" else column) for column in LIMIT_COLUMNS]
+        placeholders = ", ".join(f"${i}" for i in range(1, len(LIMIT_COLUMNS) + 1))
+        await conn.execute(f"INSERT INTO llm_limits ({', '.join(LIMIT_COLUMNS)}) VALUES ({placeholders}) "
+                           "ON CONFLICT (name) DO NOTHING", *values, timeout=timeout)
+    return len(rows)
 
 
 _ROUTE_INDEX = re.compile(r"routes\[(\d+)\]")

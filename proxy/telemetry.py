@@ -72,6 +72,7 @@ class RequestRecord:
     stream_state: StreamState | None = None
     trace: RequestTrace | None = None
     attempts: list[Attempt] | tuple[()] = ()  # the dispatcher's list, once there is one
+    quota: Any = None  # what the limits charged this request (quotas.Reservation), settled at its end
 
     def __init__(self, request_id: str, endpoint: str):
         self.request_id = request_id
