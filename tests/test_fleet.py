@@ -233,14 +233,14 @@ async def test_redis_killed_and_restarted_mid_traffic(tmp_path, upstream, start_
             # fail_closed: refused, with the reason, never a 500
             status, headers, body = await call(closed_tg, probe)
             assert status == 503 and body["error"]["code"] == "limits_unavailable" and headers["Retry-After"] == "1"
-            health = open_tg.router.get_health_status()
+            health = await open_tg.router.get_health_status()
             details = health["limits"]
             assert details["state"] == "unreachable (fail_open)" and details["redis"]["available"] is False
             assert health["status"] == "degraded"
             assert details["decided_by_policy"] >= 12
-            async with http.get(open_tg.url + "/metrics") as resp:
+            async with http.get(open_tg.url + "/metrics", headers=probe) as resp:  # behind the key
                 assert 'tiergate_limits_backend{policy="fail_open",state="unreachable"} 1.0' in await resp.text()
-            assert closed_tg.router.get_health_status()["limits"]["state"] == "unreachable (fail_closed)"
+            assert (await closed_tg.router.get_health_status())["limits"]["state"] == "unreachable (fail_closed)"
 
             await server.start()  # empty: the scripts and counters are gone
             admin = aioredis.from_url(server.url, socket_timeout=1, socket_connect_timeout=1)
@@ -252,7 +252,7 @@ async def test_redis_killed_and_restarted_mid_traffic(tmp_path, upstream, start_
                 assert time.monotonic() < deadline, "counting in Redis did not resume"
                 await asyncio.sleep(0.05)
             assert await used(ns_closed, "probe") >= 1
-            assert open_tg.router.get_health_status()["limits"]["state"] == "shared"
+            assert (await open_tg.router.get_health_status())["limits"]["state"] == "shared"
         finally:
             stop.set()
             await task

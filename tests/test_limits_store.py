@@ -56,7 +56,7 @@ async def test_limits_live_in_postgres_and_reload_on_notify(schema: Schema, upst
             await schema.conn.execute("INSERT INTO llm_limits (name, requests_per_minute) VALUES ('stop', 0), "
                                       "('broken', -5)")
             await poll(lambda: _is(status, 429), what="the new limit to be enforced")
-            problems = served.router.get_health_status()["routing_table"]["problems"]
+            problems = (await served.router.get_health_status())["routing_table"]["problems"]
             assert any(p.startswith("llm_limits (broken).requests_per_minute") for p in problems), problems
             await schema.conn.execute("UPDATE llm_limits SET enabled = false WHERE name = 'stop'")
             await poll(lambda: _is(status, 200), what="the disabled limit to be lifted")
