@@ -78,6 +78,10 @@ class AsyncCircuitBreaker:
         return self._cb.current_state
 
     @property
+    def reset_timeout(self) -> float:
+        return float(self._cb.reset_timeout)
+
+    @property
     def failures(self) -> int:
         return self._cb.fail_counter
 
@@ -182,7 +186,7 @@ class BreakerBoard:
         self.reset_timeout = reset_timeout
         self.overrides = overrides or {}
         self._clock = clock
-        self._on_state_change = on_state_change
+        self.on_state_change = on_state_change  # set before the first breaker is made
         self._breakers: dict[str, AsyncCircuitBreaker] = {}
         self._by_ref: dict[tuple[str, str], AsyncCircuitBreaker] = {}
         for name in names:
@@ -196,7 +200,7 @@ class BreakerBoard:
             breaker = AsyncCircuitBreaker(
                 name, fail_max=fail_max or self.fail_max,
                 reset_timeout=reset_timeout if reset_timeout is not None else self.reset_timeout,
-                clock=self._clock, on_state_change=self._on_state_change)
+                clock=self._clock, on_state_change=self.on_state_change)
             self._breakers[name] = breaker
         return breaker
 

@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import orjson
@@ -37,6 +37,9 @@ from .types import (
     UpstreamError,
     UpstreamStatusError,
 )
+
+if TYPE_CHECKING:
+    from .fleet import FleetHealth
 
 log = logging.getLogger("tiergate")
 
@@ -160,6 +163,7 @@ class Dispatcher:
         self._max_body = config.max_response_bytes
         self._fallback = config.enable_fallback
         self.limits = ProviderLimits(config)
+        self.fleet_health: FleetHealth | None = None  # what other tiergates found failing (Redis)
         self._logged: set[tuple[str, str]] = set()
 
     async def run(
@@ -213,6 +217,10 @@ class Dispatcher:
                     wait = self._backoff(failures[ref], retry_after.get(ref))
                     if wait < 0:  # the provider asked for longer than is worth waiting here
                         continue
+                fleet = self.fleet_health
+                if fleet is not None and ref not in failures and not await self._fleet_allows(fleet, breaker.name):
+                    self._note(attempts, Attempt(ref.provider, ref.model, "fleet_blocked"), observer)
+                    continue
                 if not breaker.clean:
                     if ref not in failures and breaker.cooling():
                         self._note(attempts, Attempt(ref.provider, ref.model, "cooldown"), observer)
@@ -272,8 +280,11 @@ class Dispatcher:
                     self._note(attempts, failure.attempt, observer)
                     last = failure
                     if failure.attempt.status == 429:  # a rate limit: the deployment answered; cool it down
-                        breaker.cool_down(min(failure.retry_after if failure.retry_after is not None
-                                              else self.config.rate_limit_cooldown, self.config.cooldown_cap))
+                        cooldown = min(failure.retry_after if failure.retry_after is not None
+                                       else self.config.rate_limit_cooldown, self.config.cooldown_cap)
+                        breaker.cool_down(cooldown)
+                        if self.fleet_health is not None:
+                            self.fleet_health.publish(breaker.name, "cooldown", cooldown, "429")
                     else:
                         breaker.record_failure(failure.attempt.outcome)
                     failures[ref] = failures.get(ref, 0) + 1
@@ -302,6 +313,15 @@ class Dispatcher:
             if not progressed:
                 break
         raise self._all_failed(decision, attempts, last)
+
+    async def _fleet_allows(self, fleet: FleetHealth, deployment: str) -> bool:
+        """Not blocked by the fleet (a dict lookup); when the fleet's open breaker has just run out, only
+        the pod that claims the trial sends it."""
+        if fleet.blocked_until(deployment) is not None:
+            return False
+        if fleet.trial_due(deployment):
+            return await fleet.claim_trial(deployment, self._first_byte)
+        return True
 
     def _note(self, attempts: list[Attempt], attempt: Attempt, observer: AttemptObserver | None = None) -> None:
         attempts.append(attempt)
@@ -530,7 +550,7 @@ def tried(attempts: list[Attempt]) -> int:
     return sum(1 for a in attempts if a.outcome not in _SKIPPED)
 
 
-_SKIPPED = frozenset({"breaker_open", "cooldown", "unknown_provider", "queue_full"})
+_SKIPPED = frozenset({"breaker_open", "cooldown", "fleet_blocked", "unknown_provider", "queue_full"})
 
 
 class _Retryable(Exception):

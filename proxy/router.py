@@ -46,7 +46,7 @@ from .types import (
 )
 
 if TYPE_CHECKING:
-    from .fleet import FleetLimits
+    from .fleet import FleetHealth, FleetLimits
     from .store import RouteStore
 
 log = logging.getLogger("tiergate")
@@ -114,10 +114,15 @@ class Router:
                         if self.config.enable_batching else None)
         # rate limits and budgets: counted for the fleet in Redis when TIERGATE_REDIS_URL is set
         self.fleet: FleetLimits | None = None
+        # and deployments some tiergate found failing (open breakers, rate-limit cooldowns), shared too
+        self.fleet_health: FleetHealth | None = None
         if self.config.redis_url:
-            from .fleet import FleetLimits, RedisLink
+            from .fleet import FleetHealth, FleetLimits, RedisLink
             self.fleet = FleetLimits(RedisLink(self.config.redis_url, timeout=self.config.redis_timeout),
                                      self.config.cache_namespace)
+            self.fleet_health = FleetHealth(self.fleet.link, self.config.cache_namespace)
+            self.breakers.on_state_change = self._share_breaker_state
+            self.dispatcher.fleet_health = self.fleet_health
         self.quotas = Quotas(self.fleet, policy=self.config.limits_on_redis_failure)
         self._limits_collected = False  # the limits' /metrics families, registered once
         self.started_at = time.time()
@@ -153,6 +158,8 @@ class Router:
         if self._store is not None:
             self._store.start()
         self.health.start()
+        if self.fleet_health is not None:
+            self.fleet_health.start()
         if self.fleet is not None:
             self.fleet.start(self._refresh_limits,
                              active=lambda: self._table is not None and self._table.limits is not None)
@@ -178,6 +185,8 @@ class Router:
                 await self._store.stop()
                 self._store = None
             await self.health.stop()
+            if self.fleet_health is not None:
+                await self.fleet_health.stop()
             if self.fleet is not None:
                 await self.fleet.stop()
                 await self.fleet.link.close()
@@ -254,6 +263,15 @@ class Router:
             if provider in self._retired:
                 self._retired.discard(provider)
                 await provider.close()
+
+    def _share_breaker_state(self, name: str, old: str, new: str) -> None:
+        """A deployment's breaker opened or closed here: tell the fleet, which skips it too."""
+        if self.fleet_health is None or "/" not in name:
+            return
+        if new == "open":
+            self.fleet_health.publish(name, "open", self.breakers.get(name).reset_timeout, "breaker")
+        elif new == "closed" and old != "closed":
+            self.fleet_health.publish(name, "closed", 0)
 
     @property
     def byok(self) -> bool:
@@ -578,6 +596,7 @@ class Router:
             "batching": self.batcher.stats() if self.batcher is not None else None,
             "warnings": self.key_warnings(),
             "limits": limits,
+            "fleet_health": self.fleet_health.snapshot() if self.fleet_health is not None else None,
         }
         if database is not None:
             health["routing_table"].update(database)

@@ -103,3 +103,44 @@ async def test_when_an_open_breaker_runs_out_one_pod_tries_and_the_others_wait(p
     assert all(p.state("primary/model-a") == "trial" and not p.trial_due("primary/model-a") for p in others)
     trier.publish("primary/model-a", "closed", 0)  # the trial answered: the fleet sends to it again
     await until(lambda: all(p.blocked_until("primary/model-a") is None for p in others))
+
+
+async def test_a_deployment_failing_on_one_tiergate_is_skipped_by_the_others_within_a_second(
+        upstream, backup, start_tiergate, http, namespace):  # noqa: F811 - fixture
+    """Two tiergates on one Redis: the first opens the primary's breaker; the second learns it within a
+    second and sends its next request to the fallback without trying the primary; the primary's other
+    models stay in use. A 429 cooldown is shared the same way."""
+    from .conftest import table_doc
+    from .upstream import Fail
+
+    settings = {"redis_url": REDIS_URL, "cache_namespace": namespace, "redis_timeout": 1.0,
+                "breaker_failure_threshold": 1, "enable_caching": False}
+    first = await start_tiergate(table_doc(upstream, backup), **settings)
+    second = await start_tiergate(table_doc(upstream, backup), **settings)
+    body = {"model": "general_purpose", "messages": [{"role": "user", "content": "hi"}]}
+    upstream.push(Fail(500))
+    async with http.post(first.v1 + "/chat/completions", json=body) as resp:
+        assert resp.status == 200 and resp.headers["x-tiergate-provider"] == "backup"
+    assert first.router.breakers.get("primary/model-a").state == "open"
+    fleet = second.router.fleet_health
+    deadline = time.monotonic() + 1.0
+    while fleet.blocked_until("primary/model-a") is None:
+        assert time.monotonic() < deadline, "the second tiergate did not hear of the open breaker in 1 s"
+        await asyncio.sleep(0.01)
+    calls = upstream.calls
+    async with http.post(second.v1 + "/chat/completions", json=body) as resp:
+        assert resp.status == 200 and resp.headers["x-tiergate-provider"] == "backup"
+        assert resp.headers["x-tiergate-attempts"] == "1"
+    assert upstream.calls == calls  # skipped, not tried
+    async with http.post(second.v1 + "/chat/completions", json={**body, "model": "fast"}) as resp:
+        assert resp.status == 200 and resp.headers["x-tiergate-model"] == "primary/model-fast"
+    async with http.get(second.url + "/health/details") as resp:
+        assert "primary/model-a" in (await resp.json())["fleet_health"]["blocked"]
+    # a rate limit seen by one is a cooldown for all
+    upstream.push(Fail(429, retry_after=30))
+    async with http.post(first.v1 + "/chat/completions", json={**body, "model": "fast"}) as resp:
+        assert resp.status == 429
+    deadline = time.monotonic() + 1.0
+    while fleet.state("primary/model-fast") != "cooldown":
+        assert time.monotonic() < deadline, "the cooldown did not reach the second tiergate in 1 s"
+        await asyncio.sleep(0.01)
