@@ -29,6 +29,7 @@ from .limits import ProviderLimits, ProviderSlots
 from .providers import Provider, UpstreamResponse
 from .routing import RouteDecision
 from .settings import RouterConfig
+from .sse import USAGE_PATHS, UsageFilter, content_chars, wants_usage, with_usage
 from .types import (
     InvalidRequestError,
     ModelRef,
@@ -37,6 +38,7 @@ from .types import (
     UpstreamError,
     UpstreamStatusError,
 )
+from .usage import Usage
 
 log = logging.getLogger("tiergate")
 
@@ -90,6 +92,7 @@ class Result:
     tries: int = 0  # attempts that reached a provider (see `tried`)
     headers: Mapping[str, str] | None = None
     data: Any = None
+    usage_requested: bool = False  # the upstream stream was asked for its usage event (by client or tiergate)
 
 
 @dataclass(slots=True)
@@ -98,9 +101,19 @@ class StreamState:
 
     chunks: int = 0
     bytes: int = 0
-    tail: bytes = b""
+    tail: bytes = b""  # the upstream's last bytes as it sent them (the usage event, even when not relayed)
     completed: bool = False
     error: str | None = None
+    request_bytes: int = 0  # the request body sent upstream (for an estimate of its tokens)
+
+    def estimate(self) -> Usage:
+        """Tokens of a stream cut before its usage event: about four characters a token, the prompt
+        from the request's size, the completion from the content relayed (its share of the last bytes,
+        scaled to all of them)."""
+        tail = self.tail
+        chars = content_chars(tail[tail.find(b"data:"):]) if tail else 0
+        completion = chars * self.bytes / len(tail) if tail else 0
+        return Usage(self.request_bytes // 4, int(completion + 3) // 4)
 
 
 class AttemptObserver(Protocol):
@@ -154,13 +167,17 @@ class Dispatcher:
         timeout: float | None = None,
         observer: AttemptObserver | None = None,
         done_marker: bytes = DONE,
+        raw_usage: bool = False,
     ) -> Result:
         """Send `payload` to the decision's candidates; raise UpstreamError when none answers.
 
         `timeout` is the client's deadline (else the route's, else the setting for non-stream calls;
         a stream has none by default). `headers` are the client's, to forward (lower-case names).
         `observer` (tracing) sees each attempt start and end and may replace its headers.
-        `done_marker` is the bytes a complete stream of this endpoint ends with."""
+        `done_marker` is the bytes a complete stream of this endpoint ends with.
+        A stream is asked for its usage event (providers with `stream_usage`) even when the client did
+        not ask: that event is then taken out of the client's stream, unless `raw_usage` (the caller
+        relays it to several clients and filters for each)."""
         clock = time.perf_counter  # monotonic, sub-microsecond (uvloop's loop.time() ticks in ms)
         route = decision.route
         limit = route.timeout if route is not None and route.timeout else (None if stream else self._timeout)
@@ -175,6 +192,8 @@ class Dispatcher:
         retry_after: dict[ModelRef, float] = {}
         last: _Retryable | None = None  # the failure that decides the answer when none answers
         sent = 0
+        client_usage = stream and wants_usage(payload)
+        add_usage = stream and not client_usage and path in USAGE_PATHS
 
         while sent < max_attempts:
             progressed = False
@@ -209,6 +228,9 @@ class Dispatcher:
                 plan = plans.get(ref) if plans else None
                 outgoing = payload if plan is None else plan.apply(payload)
                 outgoing["model"] = ref.model
+                added = add_usage and provider.spec.stream_usage
+                if added:
+                    outgoing = with_usage(outgoing)
                 try:
                     body = orjson.dumps(outgoing)
                 except (orjson.JSONEncodeError, TypeError):
@@ -239,7 +261,7 @@ class Dispatcher:
                 try:
                     result = await self._attempt(provider, path, body, attempt_headers, stream,
                                                  deadline - clock(), first_byte, ref, attempts, slots,
-                                                 done_marker)
+                                                 done_marker, added and not raw_usage)
                 except _Retryable as failure:
                     failure.attempt.latency_ms = (clock() - attempt_started) * 1000
                     self._note(attempts, failure.attempt, observer)
@@ -271,6 +293,7 @@ class Dispatcher:
                 self._note(attempts, Attempt(ref.provider, ref.model, "ok", 200, (clock() - attempt_started) * 1000),
                            observer)
                 result.tries = 1 if len(attempts) == 1 else tried(attempts)
+                result.usage_requested = client_usage or added
                 return result
             if not progressed:
                 break
@@ -296,7 +319,7 @@ class Dispatcher:
     async def _attempt(self, provider: Provider, path: str, body: bytes,
                        headers: Mapping[str, str] | None, stream: bool, budget: float, first_byte: float,
                        ref: ModelRef, attempts: list[Attempt], slots: ProviderSlots | None,
-                       done_marker: bytes) -> Result:
+                       done_marker: bytes, strip_usage: bool = False) -> Result:
         """One try. A non-stream attempt runs under aiohttp's own total timeout (cheaper than
         asyncio.timeout); a stream is bounded until its first chunk, then by the gap between chunks."""
         resp: UpstreamResponse | None = None
@@ -359,8 +382,9 @@ class Dispatcher:
         finally:
             if slots is not None:  # never reached aiohttp's response: hand the slot back
                 slots.release()
-        state = StreamState()
-        return Result(200, ref, attempts, stream=self._relay(resp, first, ref, state, done_marker),
+        state = StreamState(request_bytes=len(body))
+        return Result(200, ref, attempts, stream=self._relay(resp, first, ref, state, done_marker,
+                                                             UsageFilter() if strip_usage else None),
                       content_type=content_type, first_byte_at=time.perf_counter(), stream_state=state,
                       headers=resp.headers)
 
@@ -414,11 +438,13 @@ class Dispatcher:
         return UpstreamStatusError(status, provider.redact(data), resp.headers.get("Content-Type", "application/json"),
                                    headers=resp.headers)
 
-    async def _relay(self, resp: UpstreamResponse, first: bytes, ref: ModelRef,
-                     state: StreamState, done_marker: bytes) -> AsyncIterator[bytes]:
+    async def _relay(self, resp: UpstreamResponse, first: bytes, ref: ModelRef, state: StreamState,
+                     done_marker: bytes, usage: UsageFilter | None = None) -> AsyncIterator[bytes]:
         """Yield upstream chunks as they arrive. The stream is complete only when the provider's final
         event came; a break, an idle timeout or an end without it ends the client's stream with an SSE
-        error event (the OpenAI SDK raises it), never with a clean end that looks complete."""
+        error event (the OpenAI SDK raises it), never with a clean end that looks complete.
+        `usage` takes out the usage tiergate asked for (whole events pass, an event split across reads
+        waits for its end)."""
         breaker = self.breakers.of(ref)
         clean = False
         done = False
@@ -430,10 +456,17 @@ class Dispatcher:
                 state.tail = (state.tail + chunk)[-4096:]
                 if not done and done_marker in chunk:
                     done = True
-                yield chunk
+                if usage is None:
+                    yield chunk
+                else:
+                    out = usage.feed(chunk)
+                    if out:
+                        yield out
                 chunk = await resp.content.readany()
             if not done and done_marker not in state.tail:
                 raise _Incomplete
+            if usage is not None and usage.carry:
+                yield usage.flush()
             clean = True
             state.completed = True
             breaker.record_success()

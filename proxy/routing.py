@@ -51,6 +51,11 @@ class ProviderSpec:
     models: tuple[str, ...] = ()
     first_byte_timeout: float | None = None
     pass_client_key: bool = False  # bring-your-own-key: the client's Authorization goes upstream
+    # streams: ask for the usage event (`stream_options.include_usage`) even when the client does not
+    stream_usage: bool = True
+    # how it continues an assistant message it is given (a stream recovered mid-answer): `prefix`
+    # (`"prefix": true` on the last assistant message), `continue_final_message` (vLLM), `instruction`
+    continuation: str = "instruction"
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,7 +477,7 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
         raise ValueError("must be a mapping with base_url (or kind: mock)")
     allowed = {"base_url", "kind", "api_key", "api_key_env", "api_key_header", "headers",
                "failure_threshold", "recovery_timeout", "max_concurrency", "models", "first_byte_timeout",
-               "pass_client_key"}
+               "pass_client_key", "stream_usage", "continuation"}
     unknown = set(raw) - allowed
     if unknown:
         raise ValueError(f"unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(allowed))})")
@@ -506,6 +511,8 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
         models=tuple(str(m) for m in models),
         first_byte_timeout=_positive(raw, "first_byte_timeout"),
         pass_client_key=raw.get("pass_client_key") is True,
+        stream_usage=_opt_bool(raw, "stream_usage", True),
+        continuation=_choice(raw, "continuation", CONTINUATIONS),
     )
 
 
@@ -574,6 +581,28 @@ def _model_ref(raw: Any, providers: Mapping[str, ProviderSpec]) -> ModelRef:
         raise ValueError(f"{raw!r} names provider {ref.provider!r}, which is not defined "
                          f"(providers: {', '.join(providers) or 'none'})")
     return ref
+
+
+CONTINUATIONS = ("instruction", "prefix", "continue_final_message")
+STREAM_RECOVERY = ("off", "continue")
+
+
+def _opt_bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}: {value!r} is not true or false")
+    return value
+
+
+def _choice(raw: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = raw.get(key)
+    if value is None:
+        return choices[0]
+    if value not in choices:
+        raise ValueError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    return str(value)
 
 
 def _opt_str(raw: Any) -> str | None:

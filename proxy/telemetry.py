@@ -28,7 +28,7 @@ from .settings import RouterConfig
 from .stats import RequestStats
 from .tracing import RequestTrace, Tracing
 from .types import ConfigError, ModelRef
-from .usage import Usage, cost_usd, find_usage, finish_reasons, price_for, response_model
+from .usage import Usage, cost_usd, find_usage, finish_reasons, price_for, response_model, usage_details
 
 log = logging.getLogger("tiergate")
 request_log = logging.getLogger("tiergate.requests")
@@ -62,6 +62,8 @@ class RequestRecord:
     ref: ModelRef | None = None
     cache: str = "bypass"
     usage: Usage | None = None
+    usage_estimated: bool = False  # a stream cut before its usage event: tokens estimated from its size
+    usage_details: dict[str, int] | None = None  # a stream's cached_tokens / reasoning_tokens, when sent
     error: str | None = None
     first_byte_at: float | None = None
     ended: float = 0.0
@@ -154,7 +156,9 @@ class Telemetry:
             trace.finish_reasons = finish_reasons(body[-4096:])
 
     def _account(self, record: RequestRecord, data: bytes) -> None:
-        usage = find_usage(data)
+        self._charge(record, find_usage(data))
+
+    def _charge(self, record: RequestRecord, usage: Usage | None) -> None:
         record.usage = usage
         ref = record.ref
         if usage is None or ref is None:
@@ -188,6 +192,12 @@ class Telemetry:
         state = record.stream_state
         if state is not None and record.usage is None and state.tail:
             self._account(record, state.tail)
+            if record.usage is not None:
+                record.usage_details = usage_details(state.tail)
+            elif not state.completed and state.request_bytes:
+                # cut short before the provider's usage event: charged for what it produced, estimated
+                self._charge(record, state.estimate())
+                record.usage_estimated = True
             if record.trace is not None and record.trace.recording:
                 record.trace.response_model = response_model(state.tail)
                 record.trace.finish_reasons = finish_reasons(state.tail)
@@ -324,6 +334,10 @@ class Telemetry:
                 state = record.stream_state
                 if state is not None and state.error:
                     line["stream_error"] = state.error
+                if record.usage_estimated:
+                    line["usage_estimated"] = True
+                if record.usage_details:
+                    line.update(record.usage_details)
                 if record.trace is not None:  # tracing on: the line names its trace
                     context = record.trace.span.get_span_context()
                     if context.is_valid:
