@@ -105,6 +105,7 @@ class StreamState:
     completed: bool = False
     error: str | None = None
     request_bytes: int = 0  # the request body sent upstream (for an estimate of its tokens)
+    recovered_by: str | None = None  # the model that continued the answer after a break (see recovery.py)
 
     def estimate(self) -> Usage:
         """Tokens of a stream cut before its usage event: about four characters a token, the prompt

@@ -263,7 +263,8 @@ class Router:
             result = await self.cache.serve(
                 endpoint.path, payload, decision, record, stream=stream, embeddings=endpoint is EMBEDDINGS,
                 control=CacheControl.parse(cache_control),
-                call=lambda: self._forward(endpoint, payload, decision, stream, headers, timeout, trace))
+                call=lambda **options: self._forward(endpoint, payload, decision, stream, headers, timeout, trace,
+                                                     **options))
         elif self.batcher is not None and endpoint is EMBEDDINGS:
             result = await self._forward(endpoint, payload, decision, stream, headers, timeout, trace)
         else:
@@ -278,12 +279,14 @@ class Router:
         return result
 
     async def _forward(self, endpoint: Endpoint, payload: dict[str, Any], decision: Any, stream: bool,
-                       headers: Mapping[str, str] | None, timeout: float | None, trace: Any = None) -> Result:
-        """Upstream: embeddings through the batcher when batching is on, the rest straight to the dispatcher."""
+                       headers: Mapping[str, str] | None, timeout: float | None, trace: Any = None,
+                       raw_usage: bool = False) -> Result:
+        """Upstream: embeddings through the batcher when batching is on, the rest straight to the dispatcher.
+        `raw_usage`: a shared stream keeps the usage event; each subscriber filters it for its client."""
         if self.batcher is not None and endpoint is EMBEDDINGS:
             return await self.batcher.submit(payload, decision, headers=headers, timeout=timeout)
         return await self.dispatcher.run(endpoint.path, payload, decision, stream=stream,
-                                         headers=headers, timeout=timeout, observer=trace)
+                                         headers=headers, timeout=timeout, observer=trace, raw_usage=raw_usage)
 
     async def _send(self, payload: dict[str, Any], decision: Any, headers: Mapping[str, str] | None,
                     timeout: float | None) -> Result:
@@ -332,8 +335,11 @@ class Router:
             result = await self.dispatch(CHAT, payload, record, use_case=_value(use_case),
                                          tier=_value(tier))
             assert result.stream is not None
-            async for event in iter_sse_json(result.stream):
-                yield event
+            try:
+                async for event in iter_sse_json(result.stream):
+                    yield event
+            finally:
+                await result.stream.aclose()  # type: ignore[attr-defined]  # a shared stream counts its readers
         except BaseException as exc:
             error = exc
             raise
