@@ -106,6 +106,7 @@ class StreamState:
     error: str | None = None
     request_bytes: int = 0  # the request body sent upstream (for an estimate of its tokens)
     recovered_by: str | None = None  # the model that continued the answer after a break (see recovery.py)
+    recovery: str | None = None  # how a recovery went: recovered, failed, refused_<why>, no_candidate
 
     def estimate(self) -> Usage:
         """Tokens of a stream cut before its usage event: about four characters a token, the prompt
@@ -125,8 +126,18 @@ class AttemptObserver(Protocol):
     def attempt_ended(self, attempt: Attempt) -> None: ...
 
 
+class StreamContinuer(Protocol):
+    """Continues a recoverable route's stream that breaks mid-answer (recovery.py)."""
+
+    def wrap(self, result: Result, path: str, payload: dict[str, Any], decision: RouteDecision, *,
+             headers: Mapping[str, str] | None, observer: AttemptObserver | None, done_marker: bytes,
+             raw_usage: bool) -> AsyncIterator[bytes]: ...
+
+
 class Dispatcher:
     """Runs the attempt loop over pooled providers guarded by per-deployment breakers."""
+
+    stream_recovery: StreamContinuer | None = None  # set by the router
 
     def __init__(
         self,
@@ -169,6 +180,7 @@ class Dispatcher:
         observer: AttemptObserver | None = None,
         done_marker: bytes = DONE,
         raw_usage: bool = False,
+        recover: bool = True,
     ) -> Result:
         """Send `payload` to the decision's candidates; raise UpstreamError when none answers.
 
@@ -178,7 +190,9 @@ class Dispatcher:
         `done_marker` is the bytes a complete stream of this endpoint ends with.
         A stream is asked for its usage event (providers with `stream_usage`) even when the client did
         not ask: that event is then taken out of the client's stream, unless `raw_usage` (the caller
-        relays it to several clients and filters for each)."""
+        relays it to several clients and filters for each). A stream of a route with
+        `stream_recovery: continue` is continued by the next candidate if it breaks mid-answer (not
+        when `recover` is false: the continuation itself)."""
         clock = time.perf_counter  # monotonic, sub-microsecond (uvloop's loop.time() ticks in ms)
         route = decision.route
         limit = route.timeout if route is not None and route.timeout else (None if stream else self._timeout)
@@ -295,6 +309,11 @@ class Dispatcher:
                            observer)
                 result.tries = 1 if len(attempts) == 1 else tried(attempts)
                 result.usage_requested = client_usage or added
+                if stream and recover and route is not None and route.stream_recovery == "continue" \
+                        and self.stream_recovery is not None:
+                    result.stream = self.stream_recovery.wrap(
+                        result, path, payload, decision, headers=headers, observer=observer,
+                        done_marker=done_marker, raw_usage=raw_usage)
                 return result
             if not progressed:
                 break

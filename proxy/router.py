@@ -26,6 +26,7 @@ from .discovery import Discovery, discover
 from .dispatch import Dispatcher, Result, tried
 from .health import HealthMonitor
 from .providers import Provider, make_provider
+from .recovery import StreamRecovery
 from .routing import RoutingTable, load_table
 from .settings import RouterConfig, check_service_urls
 from .telemetry import RequestRecord, Telemetry
@@ -90,6 +91,7 @@ class Router:
                                     timeout=self.config.connect_timeout)
         self.dispatcher = Dispatcher(self.providers, self.breakers, self.config,
                                      on_attempt=self.health.observe)
+        self.recovery = self.dispatcher.stream_recovery = StreamRecovery(self.dispatcher)
         # telemetry (issue 6): `tracer_provider` joins tiergate's spans to the caller's traces
         self.telemetry = Telemetry(self.config, self, tracer_provider=tracer_provider)
         # response cache, coalescing, embedding batching (issue 5); no I/O until used
@@ -463,7 +465,8 @@ class Router:
         return health
 
     def get_metrics(self) -> dict[str, Any]:
-        return {**self.telemetry.snapshot(), "cache": self.cache.stats()}
+        return {**self.telemetry.snapshot(), "cache": self.cache.stats(),
+                "stream_recoveries": self.recovery.stats()}
 
 
 def apply_route_defaults(payload: dict[str, Any], route: Any, endpoint: Endpoint) -> None:

@@ -518,7 +518,7 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
 
 ROUTE_KEYS = frozenset({"use_case", "tier", "model", "fallbacks", "max_tokens", "temperature",
                         "system_prompt", "cache", "cache_ttl", "enabled", "timeout", "first_byte_timeout",
-                        "embeddings_model", "completions_model"})
+                        "embeddings_model", "completions_model", "stream_recovery"})
 
 
 def parse_route(raw: Any, providers: Mapping[str, ProviderSpec]) -> Route | None:
@@ -570,7 +570,7 @@ def parse_route(raw: Any, providers: Mapping[str, ProviderSpec]) -> Route | None
     return Route(use_case, tier, model, tuple(fallbacks), max_tokens, temperature,
                  _opt_str(raw.get("system_prompt")), cache, cache_ttl,
                  _positive(raw, "timeout"), _positive(raw, "first_byte_timeout"),
-                 kinds["embeddings"], kinds["completions"])
+                 kinds["embeddings"], kinds["completions"], _choice(raw, "stream_recovery", STREAM_RECOVERY))
 
 
 def _model_ref(raw: Any, providers: Mapping[str, ProviderSpec]) -> ModelRef:

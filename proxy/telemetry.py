@@ -239,6 +239,11 @@ class Telemetry:
             if len(record.attempts) > 1:
                 retried.append(record)
         fallbacks = {id(r) for r in retried if _answered_by_fallback(r)}
+        if self.metrics is not None:
+            for record in records:
+                state = record.stream_state
+                if state is not None and state.recovery:
+                    self.metrics.stream_recovery(state.recovery)
         stats, metrics = self.stats, self.metrics
         for (route, ref, status, cache, stream), group in groups.items():
             ok = 200 <= status < 400
@@ -338,6 +343,9 @@ class Telemetry:
                     line["usage_estimated"] = True
                 if record.usage_details:
                     line.update(record.usage_details)
+                if state is not None and state.recovery:
+                    line["stream_recovery"] = state.recovery
+                    line["recovered_by"] = state.recovered_by
                 if record.trace is not None:  # tracing on: the line names its trace
                     context = record.trace.span.get_span_context()
                     if context.is_valid:
