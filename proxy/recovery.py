@@ -36,6 +36,7 @@ CONTINUE_INSTRUCTION = ("Your previous answer was cut off. Continue it exactly w
                         "repeating anything and without any preamble.")
 OUTCOMES = ("recovered", "failed", "refused_tool_call", "refused_structured", "refused_finished",
             "refused_choices", "no_candidate")
+_ERROR_EVENT = b'data: {"error"'  # a provider's error event (in content it would be escaped: \"error\")
 _ROLE_ONLY = re.compile(rb'"delta"\s*:\s*\{\s*"role"\s*:\s*"assistant"\s*(,\s*"content"\s*:\s*(""|null)\s*)?'
                         rb'(,\s*"refusal"\s*:\s*null\s*)?\}')
 
@@ -65,6 +66,15 @@ class StreamRecovery:
                 if state.error is not None:  # the relay's error event: the stream broke
                     broke = chunk
                     break
+                if _ERROR_EVENT in chunk:  # the provider's error event mid-stream: withheld, a break
+                    at = chunk.index(_ERROR_EVENT)
+                    if at == 0 or chunk[:at].endswith(b"\n"):  # at an event's start
+                        if at:
+                            relayed.append(chunk[:at])
+                            yield chunk[:at]
+                        state.error = "error_event"
+                        broke = chunk[at:]
+                        break
                 relayed.append(chunk)
                 yield chunk
         finally:

@@ -67,6 +67,17 @@ async def test_a_continuation_by_instruction_and_raw_bytes_end_with_done(upstrea
     assert sent[-2] == {"role": "assistant", "content": "one two"} and sent[-1]["role"] == "user"
 
 
+async def test_an_error_event_mid_stream_is_withheld_and_the_answer_continued(upstream, backup, http):
+    upstream.push(BreakStream(after=3, content=ANSWER, error_event=True))
+    backup.default = Ok(content=ANSWER)
+    async with running(recovering_doc(upstream, backup), config_with()) as (url, router):
+        client = AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        stream = await client.chat.completions.create(model="auto", messages=MESSAGES, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert router.get_metrics()["stream_recoveries"] == {"recovered": 1}
+    assert text == ANSWER
+
+
 async def test_a_tool_call_that_breaks_is_not_recovered(upstream, backup, http):
     upstream.push(BreakStream(after=3, content="Paris", tool_call=True))
     async with running(recovering_doc(upstream, backup), config_with()) as (url, router):

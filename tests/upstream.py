@@ -58,6 +58,7 @@ class BreakStream:
     after: int = 2
     content: str | None = None
     tool_call: bool = False
+    error_event: bool = False  # instead of cutting: send an SSE error event and end the stream
 
 
 @dataclass
@@ -299,6 +300,10 @@ class MockUpstream:
         await response.prepare(request)
         try:
             for i, event in enumerate(events):
+                if isinstance(action, BreakStream) and i == action.after and action.error_event:
+                    await response.write(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
+                    await response.write_eof()
+                    return response
                 if isinstance(action, BreakStream) and i == action.after:
                     assert request.transport is not None
                     request.transport.abort()
