@@ -31,7 +31,7 @@ from .routing import RouteDecision
 from .settings import RouterConfig
 from .sse import assemble, wants_usage
 from .telemetry import RequestRecord
-from .types import ConfigError, ModelRef, Route
+from .types import ConfigError, ModelRef, Route, TiergateError
 
 log = logging.getLogger("tiergate")
 
@@ -444,6 +444,13 @@ class ResponseCache:
 
         if not control.lookup:
             return await fetch_and_store()
+        streaming = self._streams.get(key)
+        if streaming is not None and streaming.joinable:  # the same request is being streamed: join it
+            joined = await self._completion_of(streaming)
+            if joined is not None:
+                self.coalesced += 1
+                record.cache = "coalesced"
+                return joined
         result, shared = await self.single_flight(key, fetch_and_store)
         if shared:
             record.cache = "coalesced"
@@ -496,6 +503,21 @@ class ResponseCache:
             record.cache = "coalesced"
         assert shared is not None
         return await shared.subscribe().result(leader=leader, client_usage=wants_usage(payload))
+
+    @staticmethod
+    async def _completion_of(shared: SharedStream) -> Result | None:
+        """A non-stream answer read from a stream in flight; None when that stream fails or breaks
+        (the request then makes its own call)."""
+        subscriber = shared.subscribe()
+        try:
+            base = await subscriber.result(leader=False, client_usage=True)
+            chunks = [chunk async for chunk in subscriber]
+        except TiergateError:
+            return None
+        finally:
+            await subscriber.aclose()
+        body = assemble(chunks) if subscriber.state.completed else None
+        return Result(200, base.ref, [], body=body) if body is not None else None
 
     def _stream_ended(self, key: str, shared: SharedStream) -> None:
         if self._streams.get(key) is shared:

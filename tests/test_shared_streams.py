@@ -55,6 +55,23 @@ async def test_five_identical_streams_share_one_upstream_call(upstream, backup, 
         await until(lambda: router.cache.stats()["streams_stored"] == 1)
 
 
+async def test_a_non_stream_request_joins_an_identical_stream_in_flight(upstream, backup, http):
+    gate = asyncio.Event()
+    upstream.default = Ok(content=ANSWER, gate=gate)
+    async with running(table_doc(upstream, backup), config_with()) as (url, router):
+        streamed = await http.post(url + "/v1/chat/completions", json=CHAT)
+        client = AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        whole = asyncio.create_task(client.chat.completions.with_raw_response.create(
+            model="auto", messages=CHAT["messages"], temperature=0))
+        await until(lambda: router.cache.stats()["stream_subscribers"] == 2)
+        gate.set()
+        raw = await whole
+        assert raw.headers["x-tiergate-cache"] == "coalesced"
+        assert raw.parse().choices[0].message.content == ANSWER
+        assert (await streamed.read()).endswith(b"data: [DONE]\n\n")
+        assert upstream.calls == 1
+
+
 async def test_a_stored_stream_is_replayed_streamed_and_not(upstream, backup):
     upstream.default = Ok(content=ANSWER)
     async with running(table_doc(upstream, backup), config_with()) as (url, router):
