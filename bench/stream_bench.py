@@ -4,14 +4,17 @@ One command: `python bench/stream_bench.py` (Debian: apt-get install nginx-light
 libnginx-mod-http-echo wrk). The mock upstream is nginx with the echo module: a role chunk at once,
 then `--chunks` content chunks `--gap` seconds apart, then the final chunk and `data: [DONE]`
 (`echo`, `echo_flush`, `echo_sleep`: almost nothing per stream). wrk holds C concurrent streams
-(each connection asks for the next stream as soon as one ends; a Lua `response` hook counts streams
-that did not end with `[DONE]`). tiergate (one worker, default features on) and the floor
-(`bench/stream_floor.py`, a dozen lines) are pinned to core 1, nginx and wrk to core 0.
+(each connection asks for the next stream as soon as one ends, its first one after a random delay of
+up to one stream's length, so the C streams are spread as in a steady state rather than starting in
+one burst; a Lua `response` hook counts streams that did not end with `[DONE]`). tiergate (one
+worker, default features on) and the floor (`bench/stream_floor.py`, a dozen lines) are pinned to
+core 1, nginx and wrk to core 0.
 
-Measured per target: time to first chunk (one stream at a time, the median of `--ttfc` streams);
+Measured per target: time to first chunk (one stream at a time on a fresh connection, raw socket,
+the targets interleaved, the median of `--ttfc` streams each);
 at each concurrency: completed streams/s, full-stream p50/p99, errors and incomplete streams, the
-server's CPU per relayed chunk (CPU seconds over the run / chunks relayed in it: every open stream
-relays chunks at the stream's own pace, so chunks = C x run time x chunks-per-stream / stream time),
+server's CPU per relayed chunk (CPU seconds over the run / chunks relayed in it, from the bytes wrk
+read: streams cut at the end of the run count for what they relayed),
 RSS idle and at the peak, and core 0's busy share during the run (the load generator and the mock:
 a direct run well under 100% is not saturated). Writes bench/out/stream_last.md.
 """
@@ -19,7 +22,6 @@ a direct run well under 100% is not saturated). Writes bench/out/stream_last.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 import shutil
@@ -31,8 +33,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-
-import aiohttp
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -104,7 +104,14 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer sk-client"
 local threads = {{}}
 function setup(thread) table.insert(threads, thread) end
-function init(args) incomplete = 0 end
+function init(args) incomplete = 0; started = 0 end
+-- the first request of each connection starts at a random point of one stream's length: C streams
+-- in a steady state, not C streams that start (and end, and start again) in the same millisecond
+function delay()
+  started = started + 1
+  if started <= {connections} then return math.random(0, {stream_ms}) end
+  return 0
+end
 function response(status, headers, body)
   if status ~= 200 or not string.find(body, "data: [DONE]", 1, true) then incomplete = incomplete + 1 end
 end
@@ -120,39 +127,55 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            asyncio.run(first_chunk(port))
+            first_chunk_ms(port)
             return
-        except (OSError, aiohttp.ClientError, AssertionError):
+        except (OSError, AssertionError):
             time.sleep(0.2)
     raise SystemExit(f"nothing streamed on port {port}")
 
 
-async def first_chunk(port: int, session: aiohttp.ClientSession | None = None) -> float:
-    """Seconds from sending a stream request to its first chunk (the connection is then dropped)."""
-    own = session is None
-    session = session or aiohttp.ClientSession()
-    try:
+def first_chunk_ms(port: int) -> float:
+    """Milliseconds from sending a stream request (a fresh connection, raw socket: no client library in
+    the figure) to its first `data:` bytes; the stream is then dropped (so the server's upstream
+    connection is closed too, for the floor and tiergate alike: both pay a new upstream connect)."""
+    body = BODY.encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         started = time.perf_counter()
-        async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=BODY,
-                                headers={"Content-Type": "application/json"}) as resp:
-            assert resp.status == 200
-            chunk = await resp.content.readany()
-            took = time.perf_counter() - started
-            assert chunk.startswith(b"data:"), chunk[:80]
-            resp.close()
-            return took
-    finally:
-        if own:
-            await session.close()
+        sock.sendall(request)
+        data = b""
+        while b"data:" not in data:
+            more = sock.recv(65536)
+            assert more, "the stream ended before its first chunk"
+            data += more
+        return (time.perf_counter() - started) * 1000
 
 
-async def ttfc(port: int, n: int) -> float:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
-        times = []
-        for _ in range(n):
-            times.append(await first_chunk(port, session))
-            await asyncio.sleep(0.02)
-        return statistics.median(times) * 1000
+def stream_bytes(port: int) -> tuple[int, int]:
+    """(header bytes, body bytes as framed on the wire) of one whole stream from `port`."""
+    body = BODY.encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request)
+        data = b""
+        while more := sock.recv(65536):
+            data += more
+    head = data.index(b"\r\n\r\n") + 4
+    assert b"data: [DONE]" in data, data[-200:]
+    return head, len(data) - head
+
+
+def ttfc(ports: dict[str, int], n: int) -> dict[str, float]:
+    """Median time to first chunk per target, the targets interleaved (drift hits them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in ports}
+    for _ in range(n):
+        for name, port in ports.items():
+            times[name].append(first_chunk_ms(port))
+            time.sleep(0.01)
+    return {name: statistics.median(found) for name, found in times.items()}
 
 
 def rss_kib(pid: int) -> int:
@@ -184,7 +207,8 @@ def to_ms(value: str) -> float:
     return {"us": n / 1000, "ms": n, "s": n * 1000, "m": n * 60000}[m.group(2)]
 
 
-def wrk(port: int, connections: int, seconds: int, script: Path, pid: int | None) -> dict[str, float]:
+def wrk(port: int, connections: int, seconds: int, script: Path, pid: int | None,
+        framing: tuple[int, int], chunks_per_stream: int) -> dict[str, float]:
     """One wrk run; samples the server's RSS while it runs (the peak)."""
     peak = [rss_kib(pid) if pid else 0]
     stop = threading.Event()
@@ -216,10 +240,18 @@ def wrk(port: int, connections: int, seconds: int, script: Path, pid: int | None
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
         errors += sum(int(x) for x in m.groups())
+    # chunks relayed in the run: the bytes wrk read (streams cut at its end included) over a stream's
+    # framed body, less the response headers, times the chunks of a stream
+    amount, unit = re.search(r"([\d.]+)([KMG]?B) read", out).groups()
+    read = float(amount) * {"B": 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}[unit]
+    requests = float(re.search(r"(\d+) requests in", out).group(1))
+    head, body = framing
+    chunks = max(1.0, (read - head * (requests + connections)) / body * chunks_per_stream)
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "chunks": chunks,
             "p50": to_ms(re.search(r"\n\s+50%\s+(\S+)", out).group(1)),
             "p99": to_ms(re.search(r"\n\s+99%\s+(\S+)", out).group(1)),
-            "requests": float(re.search(r"(\d+) requests in", out).group(1)),
+            "requests": requests,
             "errors": errors, "incomplete": int(re.search(r"INCOMPLETE (\d+)", out).group(1)),
             "cpu": cpu, "elapsed": elapsed, "rss_peak": peak[0],
             "core0": 100 * (busy1 - busy0) / max(1, total1 - total0)}
@@ -242,8 +274,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tiergate-stream-bench-"))
     (tmp / "nginx.conf").write_text(nginx_conf(tmp, args.chunks, args.gap))
     (tmp / "routes.yaml").write_text(TABLE.format(port=UPSTREAM_PORT))
-    script = tmp / "stream.lua"
-    script.write_text(WRK_LUA.format(body=BODY))
+    stream_ms = int(args.chunks * args.gap * 1000)
+    scripts = {}
+    for c in args.concurrency:
+        scripts[c] = tmp / f"stream-{c}.lua"
+        scripts[c].write_text(WRK_LUA.format(body=BODY, connections=c, stream_ms=stream_ms))
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     env = {**os.environ, "TIERGATE_HEALTH_CHECK_INTERVAL": "0", "PYTHONPATH": str(ROOT)}
     env.update(dict(kv.split("=", 1) for kv in args.env))
@@ -267,16 +302,13 @@ def main() -> None:
         wait_port(TIERGATE_PORT)
         targets = {"direct": (UPSTREAM_PORT, None), "floor": (FLOOR_PORT, floor.pid),
                    "tiergate": (TIERGATE_PORT, tiergate.pid)}
-        stream_s = None
+        framing = {name: stream_bytes(port) for name, (port, _) in targets.items()}
+        first = ttfc({name: port for name, (port, _) in targets.items()}, args.ttfc)
         for name, (port, pid) in targets.items():
-            row: dict[str, float] = {"ttfc": asyncio.run(ttfc(port, args.ttfc)),
-                                     "rss_idle": rss_kib(pid) if pid else 0}
+            row: dict[str, float] = {"ttfc": first[name], "rss_idle": rss_kib(pid) if pid else 0}
             for c in args.concurrency:
-                run = wrk(port, c, args.seconds, script, pid)
-                if name == "direct" and stream_s is None:
-                    stream_s = run["p50"] / 1000
-                chunks = c * run["elapsed"] * chunks_per_stream / (stream_s or 1)
-                run["us_per_chunk"] = run["cpu"] / chunks * 1e6 if pid else float("nan")
+                run = wrk(port, c, args.seconds, scripts[c], pid, framing[name], chunks_per_stream)
+                run["us_per_chunk"] = run["cpu"] / run["chunks"] * 1e6 if pid else float("nan")
                 row.update({f"{k}@{c}": v for k, v in run.items()})
             rows[name] = row
     finally:
