@@ -201,6 +201,15 @@ class Telemetry:
             if record.trace is not None and record.trace.recording:
                 record.trace.response_model = response_model(state.tail)
                 record.trace.finish_reasons = finish_reasons(state.tail)
+        if state is not None and record.trace is not None and record.trace.recording \
+                and (state.recovery or record.usage_estimated):
+            span = record.trace.span  # how the stream ended: recovered by which model, tokens estimated
+            if state.recovery:
+                span.set_attribute("tiergate.stream.recovery", state.recovery)
+                if state.recovered_by:
+                    span.set_attribute("tiergate.stream.recovered_by", state.recovered_by)
+            if record.usage_estimated:
+                span.set_attribute("tiergate.usage.estimated", True)
         if record.trace is not None:
             record.trace.finish(record)
         finished = self._finished

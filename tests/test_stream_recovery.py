@@ -10,6 +10,9 @@ import openai
 import orjson
 import pytest
 from openai import AsyncOpenAI
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from proxy.routing import table_from_dict
 
@@ -35,7 +38,11 @@ async def test_a_broken_stream_is_continued_by_the_next_model_as_one_answer(upst
     caplog.set_level(logging.INFO)
     upstream.push(BreakStream(after=4, content=ANSWER))  # role chunk, "one", " two", " three", then cut
     backup.default = Ok(content=ANSWER)
-    async with running(recovering_doc(upstream, backup), config_with(request_log="logging")) as (url, router):
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with running(recovering_doc(upstream, backup), config_with(request_log="logging"),
+                       tracer_provider=tracer_provider) as (url, router):
         client = AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
         stream = await client.chat.completions.create(model="auto", messages=MESSAGES, stream=True)
         chunks = [c async for c in stream]
@@ -53,6 +60,9 @@ async def test_a_broken_stream_is_continued_by_the_next_model_as_one_answer(upst
     (line,) = request_lines(caplog)
     assert line["status"] == 200 and line["error"] is None
     assert line["stream_recovery"] == "recovered" and line["recovered_by"] == "backup/model-b"
+    (span,) = [s for s in exporter.get_finished_spans() if "tiergate.stream.recovery" in (s.attributes or {})]
+    assert span.attributes["tiergate.stream.recovered_by"] == "backup/model-b"
+    tracer_provider.shutdown()
 
 
 async def test_a_continuation_by_instruction_and_raw_bytes_end_with_done(upstream, backup, http):
