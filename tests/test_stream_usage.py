@@ -110,3 +110,14 @@ def test_a_complete_stream_assembles_into_its_completion():
     assert body["choices"][0]["finish_reason"] == "stop"
     assert assemble(chunks) is None  # no final event: never stored
 
+
+
+def test_the_filter_reads_other_layouts_and_leaves_usage_on_a_content_chunk():
+    spaced = (b'data: {"id": "x", "choices": [{"index": 0, "delta": {"content": "hi"}}], "usage": null}\n\n'
+              b'data: {"usage": null, "id": "x", "choices": []}\n\n')
+    f = UsageFilter()
+    assert f.feed(spaced) == (b'data: {"id": "x", "choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+                              b'data: {"id": "x", "choices": []}\n\n')
+    final = (b'data: {"id":"x","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],'
+             b'"usage":{"prompt_tokens":1}}\n\n')
+    assert f.feed(final) == final and f.usage is None  # usage on a content chunk: not rewritten
