@@ -1,8 +1,10 @@
 """The response cache: a bounded LRU+TTL aiocache backend, an optional shared Redis level, cache keys,
-single-flight coalescing of identical requests, and SSE replay of a cached completion.
+single-flight coalescing of identical requests (shared streams included), and SSE replay of a cached
+completion.
 
 A cached entry is the upstream body as it came (bytes) and the model that produced it; a hit is
 served without touching those bytes, a streamed request replays them as chat.completion.chunk events.
+A complete stream is stored as the completion it adds up to.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from aiocache.serializers import BaseSerializer, NullSerializer
 from redis.exceptions import RedisError
 
 from .dispatch import Result
+from .fanout import SharedStream
 from .routing import RouteDecision
 from .settings import RouterConfig
+from .sse import assemble, wants_usage
 from .telemetry import RequestRecord
-from .types import ConfigError, ModelRef, Route
+from .types import ConfigError, ModelRef, Route, TiergateError
 
 log = logging.getLogger("tiergate")
 
@@ -367,6 +371,9 @@ class ResponseCache:
         self.coalesced = 0
         self.stores = 0
         self._inflight: dict[str, _Flight] = {}
+        self._streams: dict[str, SharedStream] = {}  # streams in flight, by cache key
+        self.stream_buffer = config.stream_subscriber_buffer
+        self.streams_stored = 0
         self._background: set[asyncio.Task[Any]] = set()
 
     def ttl_for(self, route: Route | None) -> int:
@@ -400,11 +407,12 @@ class ResponseCache:
 
     async def serve(self, path: str, payload: dict[str, Any], decision: RouteDecision, record: RequestRecord,
                     *, stream: bool, embeddings: bool, control: CacheControl,
-                    call: Callable[[], Awaitable[Result]]) -> Result:
+                    call: Callable[..., Awaitable[Result]]) -> Result:
         """Answer from the cache, or join an identical request in flight, or `call` upstream and store.
 
         Sets `record.cache`: hit | miss | coalesced | bypass (not cacheable, or the lookup skipped).
-        Streams are answered from a cached completion (replayed as SSE) but not stored or coalesced.
+        Streams are answered from a cached completion (replayed as SSE), else join an identical stream
+        in flight (`call(raw_usage=True)` starts it); a complete stream is stored as its completion.
         """
         route = decision.route
         if not is_cacheable(route, payload, embeddings=embeddings):
@@ -422,9 +430,11 @@ class ResponseCache:
                                   content_type="text/event-stream")
                 return Result(200, cached.ref, [], body=cached.body)
             record.cache = "miss"
-        if stream:
-            return await call()
         store = control.store and ttl > 0
+        if stream:
+            if not control.lookup:
+                return await call()
+            return await self.shared_stream(key, call, record, payload, store=store, ttl=ttl)
 
         async def fetch_and_store() -> Result:
             result = await call()
@@ -434,6 +444,13 @@ class ResponseCache:
 
         if not control.lookup:
             return await fetch_and_store()
+        streaming = self._streams.get(key)
+        if streaming is not None and streaming.joinable:  # the same request is being streamed: join it
+            joined = await self._completion_of(streaming)
+            if joined is not None:
+                self.coalesced += 1
+                record.cache = "coalesced"
+                return joined
         result, shared = await self.single_flight(key, fetch_and_store)
         if shared:
             record.cache = "coalesced"
@@ -462,6 +479,50 @@ class ResponseCache:
             if flight.waiters == 0 and not flight.task.done():
                 flight.task.cancel()
 
+    async def shared_stream(self, key: str, call: Callable[..., Awaitable[Result]], record: RequestRecord,
+                            payload: dict[str, Any], *, store: bool, ttl: int) -> Result:
+        """Join the identical stream in flight, or start it (see fanout.py); store it when complete."""
+        shared = self._streams.get(key)
+        leader = shared is None or not shared.joinable
+        if leader:
+            async def stored(result: Result, chunks: list[bytes]) -> None:
+                state = result.stream_state
+                if state is not None and state.recovered_by:  # stitched from two models: not stored
+                    return
+                body = assemble(chunks)
+                if body is not None:
+                    await self.set(key, CachedResponse(body, result.ref), ttl)
+                    self.streams_stored += 1
+
+            shared = SharedStream(lambda: call(raw_usage=True), max_lag=self.stream_buffer,
+                                  on_complete=stored if store else None,
+                                  on_end=lambda s, k=key: self._stream_ended(k, s))
+            self._streams[key] = shared
+        else:
+            self.coalesced += 1
+            record.cache = "coalesced"
+        assert shared is not None
+        return await shared.subscribe().result(leader=leader, client_usage=wants_usage(payload))
+
+    @staticmethod
+    async def _completion_of(shared: SharedStream) -> Result | None:
+        """A non-stream answer read from a stream in flight; None when that stream fails or breaks
+        (the request then makes its own call)."""
+        subscriber = shared.subscribe()
+        try:
+            base = await subscriber.result(leader=False, client_usage=True)
+            chunks = [chunk async for chunk in subscriber]
+        except TiergateError:
+            return None
+        finally:
+            await subscriber.aclose()
+        body = assemble(chunks) if subscriber.state.completed else None
+        return Result(200, base.ref, [], body=body) if body is not None else None
+
+    def _stream_ended(self, key: str, shared: SharedStream) -> None:
+        if self._streams.get(key) is shared:
+            del self._streams[key]
+
     def _landed(self, key: str, flight: _Flight) -> None:
         if self._inflight.get(key) is flight:
             del self._inflight[key]
@@ -472,7 +533,9 @@ class ResponseCache:
             "coalesced": self.coalesced, "stores": self.stores, "evictions": self.memory.evictions,
             "expired": self.memory.expired, "entries": len(self.memory), "bytes": self.memory.bytes,
             "max_entries": self.memory.max_entries, "max_bytes": self.memory.max_bytes,
-            "in_flight": len(self._inflight),
+            "in_flight": len(self._inflight), "streams_in_flight": len(self._streams),
+            "stream_subscribers": sum(s.subscribers for s in self._streams.values()),
+            "streams_stored": self.streams_stored,
             "redis": self.redis.stats() if self.redis is not None else {"configured": False},
         }
 
@@ -484,6 +547,9 @@ class ResponseCache:
         for flight in list(self._inflight.values()):
             flight.task.cancel()
         self._inflight.clear()
+        for shared in list(self._streams.values()):
+            shared.task.cancel()
+        self._streams.clear()
         if self.redis is not None:
             await self.redis.close()
         await self.memory.clear()

@@ -29,6 +29,7 @@ from .limits import ProviderLimits, ProviderSlots
 from .providers import Provider, UpstreamResponse
 from .routing import RouteDecision
 from .settings import RouterConfig
+from .sse import USAGE_PATHS, UsageFilter, content_chars, wants_usage, with_usage
 from .types import (
     InvalidRequestError,
     ModelRef,
@@ -37,6 +38,7 @@ from .types import (
     UpstreamError,
     UpstreamStatusError,
 )
+from .usage import Usage
 
 if TYPE_CHECKING:
     from .fleet import FleetHealth
@@ -87,6 +89,7 @@ class Result:
     tries: int = 0  # attempts that reached a provider (see `tried`)
     headers: Mapping[str, str] | None = None
     data: Any = None
+    usage_requested: bool = False  # the upstream stream was asked for its usage event (by client or tiergate)
 
 
 @dataclass(slots=True)
@@ -95,9 +98,21 @@ class StreamState:
 
     chunks: int = 0
     bytes: int = 0
-    tail: bytes = b""
+    tail: bytes = b""  # the upstream's last bytes as it sent them (the usage event, even when not relayed)
     completed: bool = False
     error: str | None = None
+    request_bytes: int = 0  # the request body sent upstream (for an estimate of its tokens)
+    recovered_by: str | None = None  # the model that continued the answer after a break (see recovery.py)
+    recovery: str | None = None  # how a recovery went: recovered, failed, refused_<why>, no_candidate
+
+    def estimate(self) -> Usage:
+        """Tokens of a stream cut before its usage event: about four characters a token, the prompt
+        from the request's size, the completion from the content relayed (its share of the last bytes,
+        scaled to all of them)."""
+        tail = self.tail
+        chars = content_chars(tail[tail.find(b"data:"):]) if tail else 0
+        completion = chars * self.bytes / len(tail) if tail else 0
+        return Usage(self.request_bytes // 4, int(completion + 3) // 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +148,18 @@ class AttemptObserver(Protocol):
     def attempt_ended(self, attempt: Attempt) -> None: ...
 
 
+class StreamContinuer(Protocol):
+    """Continues a recoverable route's stream that breaks mid-answer (recovery.py)."""
+
+    def wrap(self, result: Result, path: str, payload: dict[str, Any], decision: RouteDecision, *,
+             headers: Mapping[str, str] | None, observer: AttemptObserver | None, done_marker: bytes,
+             raw_usage: bool) -> AsyncIterator[bytes]: ...
+
+
 class Dispatcher:
     """Runs the attempt loop over pooled providers guarded by per-deployment breakers."""
+
+    stream_recovery: StreamContinuer | None = None  # set by the router
 
     def __init__(
         self,
@@ -178,6 +203,8 @@ class Dispatcher:
         observer: AttemptObserver | None = None,
         done_marker: bytes | tuple[bytes, ...] = DONE,
         adapt: Adapter | None = None,
+        raw_usage: bool = False,
+        recover: bool = True,
     ) -> Result:
         """Send `payload` to the decision's candidates; raise UpstreamError when none answers.
 
@@ -186,7 +213,12 @@ class Dispatcher:
         `observer` (tracing) sees each attempt start and end and may replace its headers.
         `done_marker` is the bytes a complete stream of this endpoint ends with (or one of several).
         `adapt` may send a candidate a translated request (its own path and payload) and translate
-        its answer back."""
+        its answer back.
+        A stream is asked for its usage event (providers with `stream_usage`) even when the client did
+        not ask: that event is then taken out of the client's stream, unless `raw_usage` (the caller
+        relays it to several clients and filters for each). A stream of a route with
+        `stream_recovery: continue` is continued by the next candidate if it breaks mid-answer (not
+        when `recover` is false: the continuation itself)."""
         clock = time.perf_counter  # monotonic, sub-microsecond (uvloop's loop.time() ticks in ms)
         route = decision.route
         limit = route.timeout if route is not None and route.timeout else (None if stream else self._timeout)
@@ -201,6 +233,8 @@ class Dispatcher:
         retry_after: dict[ModelRef, float] = {}
         last: _Retryable | None = None  # the failure that decides the answer when none answers
         sent = 0
+        client_usage = stream and wants_usage(payload)
+        add_usage = stream and not client_usage and path in USAGE_PATHS
 
         while sent < max_attempts:
             progressed = False
@@ -242,6 +276,9 @@ class Dispatcher:
                     adapted.payload, adapted.path, adapted.done_marker)
                 outgoing = outgoing if plan is None else plan.apply(outgoing)
                 outgoing["model"] = ref.model
+                added = add_usage and provider.spec.stream_usage
+                if added:
+                    outgoing = with_usage(outgoing)
                 try:
                     body = orjson.dumps(outgoing)
                 except (orjson.JSONEncodeError, TypeError):
@@ -274,7 +311,7 @@ class Dispatcher:
                 try:
                     result = await self._attempt(provider, attempt_path, body, attempt_headers, stream,
                                                  deadline - clock(), first_byte, ref, attempts, slots,
-                                                 marker)
+                                                 marker, added and not raw_usage)
                 except _Retryable as failure:
                     failure.attempt.latency_ms = (clock() - attempt_started) * 1000
                     self._note(attempts, failure.attempt, observer)
@@ -309,7 +346,15 @@ class Dispatcher:
                 self._note(attempts, Attempt(ref.provider, ref.model, "ok", 200, (clock() - attempt_started) * 1000),
                            observer)
                 result.tries = 1 if len(attempts) == 1 else tried(attempts)
-                return result if adapted is None else adapted.apply(result)
+                result.usage_requested = client_usage or added
+                if adapted is not None:
+                    return adapted.apply(result)
+                if stream and recover and route is not None and route.stream_recovery == "continue" \
+                        and self.stream_recovery is not None:
+                    result.stream = self.stream_recovery.wrap(
+                        result, path, payload, decision, headers=headers, observer=observer,
+                        done_marker=done_marker, raw_usage=raw_usage)
+                return result
             if not progressed:
                 break
         raise self._all_failed(decision, attempts, last)
@@ -343,7 +388,7 @@ class Dispatcher:
     async def _attempt(self, provider: Provider, path: str, body: bytes,
                        headers: Mapping[str, str] | None, stream: bool, budget: float, first_byte: float,
                        ref: ModelRef, attempts: list[Attempt], slots: ProviderSlots | None,
-                       done_marker: bytes | tuple[bytes, ...]) -> Result:
+                       done_marker: bytes | tuple[bytes, ...], strip_usage: bool = False) -> Result:
         """One try. A non-stream attempt runs under aiohttp's own total timeout (cheaper than
         asyncio.timeout); a stream is bounded until its first chunk, then by the gap between chunks."""
         resp: UpstreamResponse | None = None
@@ -410,8 +455,9 @@ class Dispatcher:
         finally:
             if slots is not None:  # never reached aiohttp's response: hand the slot back
                 slots.release()
-        state = StreamState()
-        return Result(200, ref, attempts, stream=self._relay(resp, first, ref, state, done_marker),
+        state = StreamState(request_bytes=len(body))
+        return Result(200, ref, attempts, stream=self._relay(resp, first, ref, state, done_marker,
+                                                             UsageFilter() if strip_usage else None),
                       content_type=content_type, first_byte_at=time.perf_counter(), stream_state=state,
                       headers=resp.headers)
 
@@ -465,13 +511,16 @@ class Dispatcher:
         return UpstreamStatusError(status, provider.redact(data), resp.headers.get("Content-Type", "application/json"),
                                    headers=resp.headers)
 
-    async def _relay(self, resp: UpstreamResponse, first: bytes, ref: ModelRef,
-                     state: StreamState, done_marker: bytes | tuple[bytes, ...]) -> AsyncIterator[bytes]:
+    async def _relay(self, resp: UpstreamResponse, first: bytes, ref: ModelRef, state: StreamState,
+                     done_marker: bytes | tuple[bytes, ...], usage: UsageFilter | None = None) -> AsyncIterator[bytes]:
         """Yield upstream chunks as they arrive. The stream is complete only when the provider's final
         event came; a break, an idle timeout or an end without it ends the client's stream with an SSE
-        error event (the OpenAI SDK raises it), never with a clean end that looks complete."""
+        error event (the OpenAI SDK raises it), never with a clean end that looks complete.
+        `usage` takes out the usage tiergate asked for (whole events pass, an event split across reads
+        waits for its end)."""
         breaker = self.breakers.of(ref)
         markers = done_marker if isinstance(done_marker, tuple) else (done_marker,)
+        single = markers[0] if len(markers) == 1 else None
         clean = False
         done = False
         try:
@@ -481,14 +530,18 @@ class Dispatcher:
                 state.bytes += len(chunk)
                 state.tail = (state.tail + chunk)[-4096:]
                 if not done:
-                    for marker in markers:
-                        if marker in chunk:
-                            done = True
-                            break
-                yield chunk
+                    done = single in chunk if single is not None else any(m in chunk for m in markers)
+                if usage is None:
+                    yield chunk
+                else:
+                    out = usage.feed(chunk)
+                    if out:
+                        yield out
                 chunk = await resp.content.readany()
             if not done and not any(marker in state.tail for marker in markers):
                 raise _Incomplete
+            if usage is not None and usage.carry:
+                yield usage.flush()
             clean = True
             state.completed = True
             breaker.record_success()

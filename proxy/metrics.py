@@ -51,6 +51,7 @@ METRIC_NAMES = (
     "tiergate_fallbacks_total", "tiergate_tokens_total", "tiergate_cost_usd_total",
     "tiergate_cache_requests_total", "tiergate_cache_bytes", "tiergate_circuit_state",
     "tiergate_routing_table_age_seconds", "tiergate_trace_spans_dropped_total",
+    "tiergate_stream_recoveries_total",
     # only with a routing table in Postgres (DATABASE_URL)
     "tiergate_database_up", "tiergate_database_last_refresh_age_seconds",
 )
@@ -212,6 +213,9 @@ class PrometheusMetrics:
                             ["model"], registry=reg)
         self.cache = PromCounter("tiergate_cache_requests_total", "Requests by cache result (hit, miss, "
                              "coalesced, bypass)", ["result"], registry=reg)
+        self.recoveries = PromCounter("tiergate_stream_recoveries_total", "Streams that broke mid-answer "
+                                      "on a route with stream_recovery, by outcome (recovered, failed, "
+                                      "refused_<why>, no_candidate)", ["outcome"], registry=reg)
         self.cache_bytes = Gauge("tiergate_cache_bytes", "Bytes held by the response cache",
                                  registry=reg, multiprocess_mode="livesum")
         self.circuit = Gauge("tiergate_circuit_state", "Circuit breaker state per deployment (0 closed, "
@@ -298,6 +302,12 @@ class PrometheusMetrics:
         if child is None:
             child = self._cache_children[result] = self._gathered(self.cache.labels(result))
         child.inc(count)
+
+    def stream_recovery(self, outcome: str) -> None:
+        child = self._cache_children.get("recovery:" + outcome)
+        if child is None:
+            child = self._cache_children["recovery:" + outcome] = self._gathered(self.recoveries.labels(outcome))
+        child.inc()
 
     def sample(self, breakers: Mapping[str, Any], table_age: float | None, cache_bytes: int | None) -> None:
         """Set the gauges that describe state rather than traffic (at scrape time)."""

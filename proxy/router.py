@@ -29,6 +29,7 @@ from .dispatch import DONE, Adaptation, Adapter, Dispatcher, Result, tried
 from .health import HealthMonitor
 from .providers import Provider, make_provider
 from .quotas import Quotas
+from .recovery import StreamRecovery
 from .responses import ChatStreamTranslator, chat_to_response, to_chat_request
 from .routing import RouteDecision, RoutingTable, load_table
 from .settings import RouterConfig, check_service_urls
@@ -104,6 +105,7 @@ class Router:
                                     timeout=self.config.connect_timeout)
         self.dispatcher = Dispatcher(self.providers, self.breakers, self.config,
                                      on_attempt=self.health.observe)
+        self.recovery = self.dispatcher.stream_recovery = StreamRecovery(self.dispatcher)
         # telemetry (issue 6): `tracer_provider` joins tiergate's spans to the caller's traces
         self.telemetry = Telemetry(self.config, self, tracer_provider=tracer_provider)
         # response cache, coalescing, embedding batching (issue 5); no I/O until used
@@ -318,11 +320,14 @@ class Router:
         if endpoint is RESPONSES:  # stored ids follow their provider; chat-only providers get a translation
             decision, adapt = await self._plan_responses(payload, decision, table)
         # cache / coalescing / batching hook (issue 5); a request that cannot be cached goes straight on
-        if self.cache.enabled and is_cacheable(route, payload, embeddings=endpoint is EMBEDDINGS):
+        # a Responses stream is typed events, not chat chunks: never replayed from or shared as a completion
+        if self.cache.enabled and is_cacheable(route, payload, embeddings=endpoint is EMBEDDINGS) \
+                and not (stream and endpoint is RESPONSES):
             result = await self.cache.serve(
                 endpoint.path, payload, decision, record, stream=stream, embeddings=endpoint is EMBEDDINGS,
                 control=CacheControl.parse(cache_control),
-                call=lambda: self._forward(endpoint, payload, decision, stream, headers, timeout, trace, adapt))
+                call=lambda **options: self._forward(endpoint, payload, decision, stream, headers, timeout, trace,
+                                                     adapt, **options))
         elif self.batcher is not None and endpoint is EMBEDDINGS:
             result = await self._forward(endpoint, payload, decision, stream, headers, timeout, trace)
         else:
@@ -341,13 +346,15 @@ class Router:
 
     async def _forward(self, endpoint: Endpoint, payload: dict[str, Any], decision: Any, stream: bool,
                        headers: Mapping[str, str] | None, timeout: float | None, trace: Any = None,
-                       adapt: Adapter | None = None) -> Result:
-        """Upstream: embeddings through the batcher when batching is on, the rest straight to the dispatcher."""
+                       adapt: Adapter | None = None, raw_usage: bool = False) -> Result:
+        """Upstream: embeddings through the batcher when batching is on, the rest straight to the dispatcher.
+        `raw_usage`: a shared stream keeps the usage event; each subscriber filters it for its client."""
         if self.batcher is not None and endpoint is EMBEDDINGS:
             return await self.batcher.submit(payload, decision, headers=headers, timeout=timeout)
         return await self.dispatcher.run(endpoint.path, payload, decision, stream=stream,
                                          headers=headers, timeout=timeout, observer=trace, adapt=adapt,
-                                         done_marker=RESPONSES_DONE if endpoint is RESPONSES else DONE)
+                                         done_marker=RESPONSES_DONE if endpoint is RESPONSES else DONE,
+                                         raw_usage=raw_usage)
 
     # -- the Responses API ----------------------------------------------------------------------
 
@@ -473,8 +480,11 @@ class Router:
             result = await self.dispatch(CHAT, payload, record, use_case=_value(use_case),
                                          tier=_value(tier))
             assert result.stream is not None
-            async for event in iter_sse_json(result.stream):
-                yield event
+            try:
+                async for event in iter_sse_json(result.stream):
+                    yield event
+            finally:
+                await result.stream.aclose()  # type: ignore[attr-defined]  # a shared stream counts its readers
         except BaseException as exc:
             error = exc
             raise
@@ -610,7 +620,8 @@ class Router:
             self.quotas.observe(await self.fleet.usage(table.limits.checks), table.limits.checks)
 
     def get_metrics(self) -> dict[str, Any]:
-        return {**self.telemetry.snapshot(), "cache": self.cache.stats()}
+        return {**self.telemetry.snapshot(), "cache": self.cache.stats(),
+                "stream_recoveries": self.recovery.stats()}
 
 
 def apply_route_defaults(payload: dict[str, Any], route: Any, endpoint: Endpoint) -> None:

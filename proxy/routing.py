@@ -56,6 +56,11 @@ class ProviderSpec:
     models: tuple[str, ...] = ()
     first_byte_timeout: float | None = None
     pass_client_key: bool = False  # bring-your-own-key: the client's Authorization goes upstream
+    # streams: ask for the usage event (`stream_options.include_usage`) even when the client does not
+    stream_usage: bool = True
+    # how it continues an assistant message it is given (a stream recovered mid-answer): `prefix`
+    # (`"prefix": true` on the last assistant message), `continue_final_message` (vLLM), `instruction`
+    continuation: str = "instruction"
     apis: tuple[str, ...] = API_NAMES
 
     @property
@@ -540,7 +545,7 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
         raise ValueError("must be a mapping with base_url (or kind: mock)")
     allowed = {"base_url", "kind", "api_key", "api_key_env", "api_key_header", "headers",
                "failure_threshold", "recovery_timeout", "max_concurrency", "models", "first_byte_timeout",
-               "pass_client_key", "apis"}
+               "pass_client_key", "apis", "stream_usage", "continuation"}
     unknown = set(raw) - allowed
     if unknown:
         raise ValueError(f"unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(allowed))})")
@@ -580,12 +585,14 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
         first_byte_timeout=_positive(raw, "first_byte_timeout"),
         pass_client_key=raw.get("pass_client_key") is True,
         apis=tuple(apis),
+        stream_usage=_opt_bool(raw, "stream_usage", True),
+        continuation=_choice(raw, "continuation", CONTINUATIONS),
     )
 
 
 ROUTE_KEYS = frozenset({"use_case", "tier", "model", "fallbacks", "max_tokens", "temperature",
                         "system_prompt", "cache", "cache_ttl", "enabled", "timeout", "first_byte_timeout",
-                        "embeddings_model", "completions_model"})
+                        "embeddings_model", "completions_model", "stream_recovery"})
 
 
 def parse_route(raw: Any, providers: Mapping[str, ProviderSpec]) -> Route | None:
@@ -637,7 +644,7 @@ def parse_route(raw: Any, providers: Mapping[str, ProviderSpec]) -> Route | None
     return Route(use_case, tier, model, tuple(fallbacks), max_tokens, temperature,
                  _opt_str(raw.get("system_prompt")), cache, cache_ttl,
                  _positive(raw, "timeout"), _positive(raw, "first_byte_timeout"),
-                 kinds["embeddings"], kinds["completions"])
+                 kinds["embeddings"], kinds["completions"], _choice(raw, "stream_recovery", STREAM_RECOVERY))
 
 
 def _model_ref(raw: Any, providers: Mapping[str, ProviderSpec]) -> ModelRef:
@@ -648,6 +655,28 @@ def _model_ref(raw: Any, providers: Mapping[str, ProviderSpec]) -> ModelRef:
         raise ValueError(f"{raw!r} names provider {ref.provider!r}, which is not defined "
                          f"(providers: {', '.join(providers) or 'none'})")
     return ref
+
+
+CONTINUATIONS = ("instruction", "prefix", "continue_final_message")
+STREAM_RECOVERY = ("off", "continue")
+
+
+def _opt_bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}: {value!r} is not true or false")
+    return value
+
+
+def _choice(raw: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = raw.get(key)
+    if value is None:
+        return choices[0]
+    if value not in choices:
+        raise ValueError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    return str(value)
 
 
 def _opt_str(raw: Any) -> str | None:

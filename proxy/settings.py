@@ -96,6 +96,9 @@ class _Settings:
     max_concurrent_per_provider: int = 0
     max_queue_per_provider: int = 1024
     max_response_bytes: int = 64 * 1024 * 1024
+    # a shared stream's subscriber this many bytes behind the upstream is cut (an SSE error event); a
+    # request arriving once a stream has relayed more than this starts its own upstream call
+    stream_subscriber_buffer: int = 1024 * 1024
     drop_headers: tuple[str, ...] = ()
     breaker_failure_threshold: int = 5
     breaker_recovery_timeout: float = 60.0

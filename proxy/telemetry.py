@@ -29,7 +29,7 @@ from .settings import RouterConfig
 from .stats import RequestStats
 from .tracing import RequestTrace, Tracing
 from .types import ConfigError, ModelRef
-from .usage import Usage, cost_usd, find_usage, finish_reasons, price_for, response_model
+from .usage import Usage, cost_usd, find_usage, finish_reasons, price_for, response_model, usage_details
 
 log = logging.getLogger("tiergate")
 request_log = logging.getLogger("tiergate.requests")
@@ -64,6 +64,8 @@ class RequestRecord:
     ref: ModelRef | None = None
     cache: str = "bypass"
     usage: Usage | None = None
+    usage_estimated: bool = False  # a stream cut before its usage event: tokens estimated from its size
+    usage_details: dict[str, int] | None = None  # a stream's cached_tokens / reasoning_tokens, when sent
     error: str | None = None
     first_byte_at: float | None = None
     ended: float = 0.0
@@ -161,7 +163,9 @@ class Telemetry:
             trace.finish_reasons = finish_reasons(body[-4096:])
 
     def _account(self, record: RequestRecord, data: bytes) -> None:
-        usage = find_usage(data)
+        self._charge(record, find_usage(data))
+
+    def _charge(self, record: RequestRecord, usage: Usage | None) -> None:
         record.usage = usage
         ref = record.ref
         if usage is None or ref is None:
@@ -219,9 +223,24 @@ class Telemetry:
         state = record.stream_state
         if state is not None and record.usage is None and state.tail:
             self._account(record, state.tail)
+            if record.usage is not None:
+                record.usage_details = usage_details(state.tail)
+            elif not state.completed and state.request_bytes:
+                # cut short before the provider's usage event: charged for what it produced, estimated
+                self._charge(record, state.estimate())
+                record.usage_estimated = True
             if record.trace is not None and record.trace.recording:
                 record.trace.response_model = response_model(state.tail)
                 record.trace.finish_reasons = finish_reasons(state.tail)
+        if state is not None and record.trace is not None and record.trace.recording \
+                and (state.recovery or record.usage_estimated):
+            span = record.trace.span  # how the stream ended: recovered by which model, tokens estimated
+            if state.recovery:
+                span.set_attribute("tiergate.stream.recovery", state.recovery)
+                if state.recovered_by:
+                    span.set_attribute("tiergate.stream.recovered_by", state.recovered_by)
+            if record.usage_estimated:
+                span.set_attribute("tiergate.usage.estimated", True)
         trace = record.trace
         if trace is not None:
             ref = record.ref
@@ -263,6 +282,11 @@ class Telemetry:
             if len(record.attempts) > 1:
                 retried.append(record)
         fallbacks = {id(r) for r in retried if _answered_by_fallback(r)}
+        if self.metrics is not None:
+            for record in records:
+                state = record.stream_state
+                if state is not None and state.recovery:
+                    self.metrics.stream_recovery(state.recovery)
         stats, metrics = self.stats, self.metrics
         for (route, ref, status, cache, stream, endpoint, error), group in groups.items():
             ok = 200 <= status < 400
@@ -403,6 +427,13 @@ class Telemetry:
                 state = record.stream_state
                 if state is not None and state.error:
                     line["stream_error"] = state.error
+                if record.usage_estimated:
+                    line["usage_estimated"] = True
+                if record.usage_details:
+                    line.update(record.usage_details)
+                if state is not None and state.recovery:
+                    line["stream_recovery"] = state.recovery
+                    line["recovered_by"] = state.recovered_by
                 if record.trace is not None:  # tracing on: the line names its trace
                     context = record.trace.span.get_span_context()
                     if context.is_valid:

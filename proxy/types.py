@@ -80,6 +80,7 @@ class Route:
     first_byte_timeout: float | None = None  # a reasoning model may think long before its first chunk
     embeddings: tuple[ModelRef, ...] = ()  # the models of `/v1/embeddings` calls on this route
     completions: tuple[ModelRef, ...] = ()  # the models of legacy `/v1/completions` calls
+    stream_recovery: str = "off"  # `continue`: a stream that breaks mid-answer is continued by the next model
 
     @property
     def name(self) -> str:

@@ -21,6 +21,7 @@ _USAGE_END = re.compile(rb'\s*(?:,\s*"total_tokens"\s*:\s*\d{1,15}\s*)?}')
 _MAX_CLOSING_BRACES = 8  # usage nests `*_tokens_details` objects one level deep
 _FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"([A-Za-z0-9_\-]{1,64})"')
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
+_DETAIL = re.compile(rb'"(cached_tokens|reasoning_tokens)"\s*:\s*(\d{1,15})')
 
 
 class Usage(NamedTuple):
@@ -68,6 +69,15 @@ def find_usage(data: bytes) -> Usage | None:
                 break
         at = data.rfind(_USAGE_KEY, 0, at)
     return None
+
+
+def usage_details(data: bytes) -> dict[str, int] | None:
+    """`cached_tokens` and `reasoning_tokens` of the last usage object in `data`, when it has them."""
+    at = data.rfind(_USAGE_KEY)
+    if at < 0:
+        return None
+    found = {m.group(1).decode(): int(m.group(2)) for m in _DETAIL.finditer(data, at, at + 1024)}
+    return found or None
 
 
 def _usage_from(obj: dict[str, Any]) -> Usage | None:

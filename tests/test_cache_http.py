@@ -154,15 +154,15 @@ async def test_cached_completion_replayed_as_a_stream_to_the_sdk(tiergate, upstr
     assert upstream.calls == 2
 
 
-async def test_a_stream_miss_is_relayed_from_upstream_and_not_stored(tiergate, upstream):
+async def test_a_stream_miss_is_relayed_from_upstream_and_stored_once_complete(tiergate, upstream):
     async with openai.AsyncOpenAI(base_url=tiergate.v1, api_key="x", max_retries=0) as client:
-        for _ in range(2):
+        for expected in ("miss", "hit"):
             raw = await client.chat.completions.with_raw_response.create(
                 model="general_purpose", temperature=0, messages=CHAT["messages"], stream=True)
-            assert raw.headers["x-tiergate-cache"] == "miss"
+            assert raw.headers["x-tiergate-cache"] == expected
             assert "".join([c.choices[0].delta.content or "" async for c in raw.parse()
                             if c.choices]) == "primary answered model-a"
-    assert upstream.calls == 2
+    assert upstream.calls == 1
 
 
 # --- coalescing ------------------------------------------------------------------------------

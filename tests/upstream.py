@@ -36,6 +36,8 @@ class Ok:
     content: str | None = None
     usage: dict[str, Any] | None = None  # added to the usage object (token details, ...)
     tool_calls: list[tuple[str, str]] | None = None  # (name, arguments): answer with these function calls
+    tool_call: bool = False  # answer with a tool call (streamed as argument fragments)
+    gap: float = 0.0  # seconds between stream chunks
 
 
 @dataclass
@@ -62,6 +64,9 @@ class BreakStream:
     """Send `after` stream chunks, then cut the connection."""
 
     after: int = 2
+    content: str | None = None
+    tool_call: bool = False
+    error_event: bool = False  # instead of cutting: send an SSE error event and end the stream
 
 
 @dataclass
@@ -151,6 +156,7 @@ class MockUpstream:
         self.listings = 0  # GET /models answered
         self.cancelled = 0
         self.completed = 0
+        self.fixed_id: str | None = None  # every chat answer carries this id (byte-exact comparisons)
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -261,13 +267,20 @@ class MockUpstream:
         if failed is not None:
             return failed
         model = body.get("model", "?")
-        content = (action.content if isinstance(action, Ok) and action.content
+        content = (action.content if isinstance(action, (Ok, BreakStream)) and action.content
                    else f"{self.name} answered {model}")
+        messages = body.get("messages") or []
+        last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+        if last.get("role") == "assistant" and (last.get("prefix") or body.get("continue_final_message")):
+            prefix = str(last.get("content") or "")  # a prefill: answer only what follows it
+            content = content[len(prefix):] if content.startswith(prefix) else content
         words = content.split(" ")
-        usage: dict[str, Any] = {"prompt_tokens": 10, "completion_tokens": len(words), "total_tokens": 10 + len(words)}
+        usage: dict[str, Any] = {"prompt_tokens": 10, "completion_tokens": len(words), "total_tokens": 10 + len(words),
+                                 "prompt_tokens_details": {"cached_tokens": 4},
+                                 "completion_tokens_details": {"reasoning_tokens": 1}}
         if isinstance(action, Ok) and action.usage:
             usage.update(action.usage)
-        rid = f"chatcmpl-{self.name}-{len(self.requests)}"
+        rid = self.fixed_id or f"chatcmpl-{self.name}-{len(self.requests)}"
         if isinstance(action, Huge):
             content = "x" * action.size
         calls = action.tool_calls if isinstance(action, Ok) else None
@@ -285,11 +298,23 @@ class MockUpstream:
         base = {"id": rid, "object": "chat.completion.chunk", "created": 1700000000, "model": model}
         events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]}]
-        events += [{**base, "choices": [{"index": 0, "delta": {"content": (w if i == 0 else " " + w)},
-                                         "finish_reason": None}]} for i, w in enumerate(words)]
-        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        if getattr(action, "tool_call", False):
+            arguments = orjson.dumps({"city": content}).decode()
+            pieces = [arguments[i:i + 6] for i in range(0, len(arguments), 6)]
+            events += [{**base, "choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, **({"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": p}}
+                                if i == 0 else {"function": {"arguments": p}})}]}, "finish_reason": None}]}
+                for i, p in enumerate(pieces)]
+            finish = "tool_calls"
+        else:
+            events += [{**base, "choices": [{"index": 0, "delta": {"content": (w if i == 0 else " " + w)},
+                                             "finish_reason": None}]} for i, w in enumerate(words)]
+            finish = "stop"
+        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
         options = body.get("stream_options") or {}
-        if options.get("include_usage"):
+        if options.get("include_usage"):  # as OpenAI: `"usage": null` on every chunk, then the usage event
+            for event in events:
+                event["usage"] = None
             events.append({**base, "choices": [], "usage": usage})
         return await self._stream(request, events, action)
 
@@ -304,6 +329,10 @@ class MockUpstream:
         await response.prepare(request)
         try:
             for i, event in enumerate(events):
+                if isinstance(action, BreakStream) and i == action.after and action.error_event:
+                    await response.write(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
+                    await response.write_eof()
+                    return response
                 if isinstance(action, BreakStream) and i == action.after:
                     assert request.transport is not None
                     request.transport.abort()
@@ -314,6 +343,8 @@ class MockUpstream:
                 await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
                 if i == 0 and isinstance(action, Ok) and action.gate is not None:
                     await action.gate.wait()
+                if isinstance(action, Ok) and action.gap:
+                    await asyncio.sleep(action.gap)
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             self.completed += 1
