@@ -267,11 +267,12 @@ async def test_metrics_are_the_conventions_under_their_prometheus_names(upstream
     assert [(s.labels["error_type"], s.value) for s in failed] == [("upstream_failed", 1.0)]
     assert value(samples, "gen_ai_client_inference_duration_seconds_count", server_address="127.0.0.1",
                  server_port=str(upstream.port)) >= 2
-    # tokens: 3 answered chats of 10 input tokens; the details of the first
+    # tokens: 3 answered chats of 10 input tokens; the details of the first, the mock's own of the others
+    # (4 cached, 1 reasoning)
     assert value(samples, "gen_ai_client_inference_usage_input_tokens_total", **chat) == 30
-    assert value(samples, "gen_ai_client_inference_usage_cache_read_input_tokens_total", **chat) == 6
+    assert value(samples, "gen_ai_client_inference_usage_cache_read_input_tokens_total", **chat) == 6 + 2 * 4
     assert value(samples, "gen_ai_client_inference_usage_cache_write_input_tokens_total", **chat) == 2
-    assert value(samples, "gen_ai_client_inference_usage_reasoning_output_tokens_total", **chat) == 1
+    assert value(samples, "gen_ai_client_inference_usage_reasoning_output_tokens_total", **chat) == 1 + 2 * 1
     assert {s.labels["gen_ai_token_modality"] for s in samples["gen_ai_client_inference_usage_input_tokens_total"]
             } == {"unknown"}  # OpenAI-shaped usage does not say
     # the stream: time to first chunk once, time per output chunk once per chunk after the first
@@ -280,7 +281,7 @@ async def test_metrics_are_the_conventions_under_their_prometheus_names(upstream
     # tiergate's own metrics are still there, and get_metrics() has the token details too
     assert value(samples, "tiergate_requests_total") == 5
     tokens = router.get_metrics()["tokens"]
-    assert tokens["cached_prompt"] == 6 and tokens["reasoning"] == 1 and tokens["prompt"] == 33
+    assert tokens["cached_prompt"] == 6 + 2 * 4 and tokens["reasoning"] == 1 + 2 * 1 and tokens["prompt"] == 33
 
 
 def test_dashboard_uses_the_genai_metrics():

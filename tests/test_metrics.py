@@ -94,7 +94,7 @@ async def test_get_metrics_reports_rates_latency_tokens_and_cost(upstream, backu
     assert stats["success_rate"] == pytest.approx(0.8)
     assert stats["cache_hit_rate"] == 0.0
     assert 0 < stats["latency_p50_ms"] <= stats["latency_p95_ms"] <= stats["latency_p99_ms"]
-    assert stats["tokens"] == {"prompt": 40, "completion": 12, "total": 52, "cached_prompt": 0, "reasoning": 0}
+    assert stats["tokens"] == {"prompt": 40, "completion": 12, "total": 52, "cached_prompt": 16, "reasoning": 4}
     assert stats["cost_usd"] == pytest.approx(64e-6)
     model = stats["models"]["primary/model-a"]
     assert model["requests"] == 5 and model["tokens"]["total"] == 52

@@ -65,7 +65,7 @@ async def test_the_sdk_sees_no_usage_it_did_not_ask_for_and_the_stream_is_charge
     assert value(metrics, "tiergate_tokens_total", model="primary/model-a", type="prompt") == 10
     assert value(metrics, "tiergate_tokens_total", model="primary/model-a", type="completion") == 5
     assert value(metrics, "tiergate_cost_usd_total", model="primary/model-a") == pytest.approx(20e-6)
-    assert snapshot["tokens"] == {"prompt": 10, "completion": 5, "total": 15}
+    assert snapshot["tokens"] == {"prompt": 10, "completion": 5, "total": 15, "cached_prompt": 4, "reasoning": 1}
     assert snapshot["cost_usd"] == pytest.approx(20e-6)
     (line,) = request_lines(caplog)
     assert line["stream"] is True and line["prompt_tokens"] == 10 and line["completion_tokens"] == 5
