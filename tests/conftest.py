@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from proxy.router import Router
@@ -17,6 +20,7 @@ from proxy.settings import RouterConfig
 
 from .upstream import MockUpstream
 
+REDIS_URL = os.environ.get("TIERGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 PRIMARY_KEY = "sk-primary-SECRET-1234567890"
 BACKUP_KEY = "sk-backup-SECRET-0987654321"
 
@@ -108,3 +112,27 @@ async def tiergate(upstream: MockUpstream, backup: MockUpstream,
                    start_tiergate: Callable[..., Awaitable[Running]]) -> Running:
     """tiergate in front of `upstream` (primary) with `backup` as the fallback."""
     return await start_tiergate(table_doc(upstream, backup))
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        await client.ping()
+    except (OSError, aioredis.RedisError) as exc:
+        await client.aclose()
+        message = f"Redis at {REDIS_URL} is unreachable ({type(exc).__name__}); set TIERGATE_TEST_REDIS_URL"
+        if os.environ.get("TIERGATE_TEST_REQUIRE_SERVICES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def namespace(redis_client) -> AsyncIterator[str]:
+    ns = f"tiergate-test-{uuid.uuid4().hex}"
+    yield ns
+    keys = await redis_client.keys(f"{ns}:*")
+    if keys:
+        await redis_client.delete(*keys)

@@ -19,9 +19,9 @@ import orjson
 import pytest
 import yaml
 
-from .conftest import table_doc
+from .conftest import REDIS_URL, table_doc
 from .test_cli import ENV, free_port, wait_healthy
-from .test_limits import REDIS_URL, counter, namespace, redis_client  # noqa: F401 - fixtures
+from .test_limits import counter
 from .upstream import MockUpstream
 
 CHAT = {"model": "general_purpose", "messages": [{"role": "user", "content": "hi"}]}

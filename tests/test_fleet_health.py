@@ -12,7 +12,7 @@ import pytest
 
 from proxy.fleet import FleetHealth, RedisLink
 
-from .test_limits import REDIS_URL, namespace, redis_client  # noqa: F401 - fixtures
+from .conftest import REDIS_URL
 
 
 @pytest.fixture

@@ -4,50 +4,21 @@ the real Redis (db 15, a namespace per test), the per-process mode without Redis
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-import uuid
-from collections.abc import AsyncIterator
 
 import openai
 import orjson
 import pytest
-import redis.asyncio as aioredis
 
 from proxy.auth import InboundAuth, parse_key
 from proxy.quotas import LimitIndex, LocalCounters, estimate_prompt_tokens, parse_limits
 from proxy.routing import table_from_dict
 from proxy.types import ConfigError
 
-from .conftest import table_doc
+from .conftest import REDIS_URL, table_doc
 
-REDIS_URL = os.environ.get("TIERGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 CHAT = {"model": "general_purpose", "messages": [{"role": "user", "content": "hi"}]}
 KEYS = ("team-a=sk-team-a-SECRET-123", "team-b=sk-team-b-SECRET-456", "sk-anonymous-SECRET-789")
-
-
-@pytest.fixture
-async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
-    try:
-        await client.ping()
-    except (OSError, aioredis.RedisError) as exc:
-        await client.aclose()
-        message = f"Redis at {REDIS_URL} is unreachable ({type(exc).__name__}); set TIERGATE_TEST_REDIS_URL"
-        if os.environ.get("TIERGATE_TEST_REQUIRE_SERVICES") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def namespace(redis_client) -> AsyncIterator[str]:
-    ns = f"tiergate-test-{uuid.uuid4().hex}"
-    yield ns
-    keys = await redis_client.keys(f"{ns}:*")
-    if keys:
-        await redis_client.delete(*keys)
 
 
 def limited(upstream, limits, **route):

@@ -15,19 +15,24 @@ from .test_cli import ENV, free_port, wait_healthy
 from .upstream import MockUpstream, Ok
 
 
-async def test_sigterm_lets_in_flight_streams_finish(tmp_path):
-    upstream = await MockUpstream("primary").start()
-    gate = asyncio.Event()
-    streams = 3
-    upstream.push(*[Ok(gate=gate) for _ in range(streams)])
+async def serve(tmp_path, upstream: MockUpstream, *, drain_timeout: float) -> tuple[asyncio.subprocess.Process, str]:
+    """`tiergate serve` in front of `upstream`, as its own process."""
     config = tmp_path / "routes.yaml"
     config.write_text(yaml.safe_dump(table_doc(upstream)))
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),
-        env={**ENV, "TIERGATE_DRAIN_TIMEOUT": "20", "TIERGATE_HEALTH_CHECK_INTERVAL": "0"},
+        env={**ENV, "TIERGATE_DRAIN_TIMEOUT": str(drain_timeout), "TIERGATE_HEALTH_CHECK_INTERVAL": "0"},
         cwd=str(tmp_path), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def test_sigterm_lets_in_flight_streams_finish(tmp_path):
+    upstream = await MockUpstream("primary").start()
+    gate = asyncio.Event()
+    streams = 3
+    upstream.push(*[Ok(gate=gate) for _ in range(streams)])
+    proc, url = await serve(tmp_path, upstream, drain_timeout=20)
     try:
         await wait_healthy(url, proc)
         async with aiohttp.ClientSession() as http:
@@ -67,14 +72,7 @@ async def test_a_drain_takes_what_it_says_and_ends_open_streams_with_an_error_ev
     upstream = await MockUpstream("primary").start()
     gate = asyncio.Event()  # never set: the streams outlive the drain
     upstream.push(Ok(gate=gate), Ok(gate=gate))
-    config = tmp_path / "routes.yaml"
-    config.write_text(yaml.safe_dump(table_doc(upstream)))
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),
-        env={**ENV, "TIERGATE_DRAIN_TIMEOUT": "1", "TIERGATE_HEALTH_CHECK_INTERVAL": "0"},
-        cwd=str(tmp_path), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = await serve(tmp_path, upstream, drain_timeout=1)
     try:
         await wait_healthy(url, proc)
         async with aiohttp.ClientSession() as http:
