@@ -398,15 +398,15 @@ class Dispatcher:
                 timeout = (self._full_timeout if budget >= self._full_timeout.total - _TIMEOUT_SLACK_S  # type: ignore[operator]
                            else aiohttp.ClientTimeout(total=max(budget, 0.001), sock_connect=self._connect))
                 resp = await provider.send(path, body, headers, timeout)
-                if slots is not None:
-                    resp = self.limits.hold(resp, slots)
-                    slots = None
                 length = resp.headers.get("Content-Length")
                 if length is not None and length.isdigit() and int(length) <= self._max_body:
                     data = await resp.read()  # the usual case: a body of known, acceptable length
                 else:
                     data = await self._read(resp, ref)
                 resp.release()
+                if slots is not None:  # the body is read: the connection is back in the pool
+                    slots.release()
+                    slots = None
                 status = resp.status
                 if status != 200:
                     raise self._failure(status, data, resp, ref, provider)

@@ -208,7 +208,7 @@ def make_handler(endpoint: Endpoint, router: Router,
         record = RequestRecord(headers.get("x-request-id") or new_request_id(), name)
         error: BaseException | None = None
         inflight = request.app[INFLIGHT_KEY]
-        task = asyncio.current_task()
+        task = request.task  # the handler's own task (asyncio.current_task() costs more)
         inflight.add(task)
         try:
             key_name = check_key(headers.get("Authorization")) if check_key is not None else None

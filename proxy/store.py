@@ -208,26 +208,29 @@ async def seed(conn: asyncpg.Connection, doc: Mapping[str, Any], timeout: float)
         await conn.execute(
             """INSERT INTO llm_providers (name, kind, base_url, api_key_env, api_key_header, api_key, headers,
                                           failure_threshold, recovery_timeout, max_concurrency, models,
-                                          first_byte_timeout, pass_client_key, apis)
-               VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14)""",
+                                          first_byte_timeout, pass_client_key, apis, stream_usage, continuation)
+               VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14, $15, $16)""",
             str(name), str(p.get("kind") or "openai"), str(p.get("base_url") or ""), p.get("api_key_env"),
             str(p.get("api_key_header") or "Authorization"), p.get("api_key"),
             orjson.dumps({str(k): str(v) for k, v in (p.get("headers") or {}).items()}).decode(),
             p.get("failure_threshold"), p.get("recovery_timeout"), p.get("max_concurrency"),
             [str(m) for m in p.get("models") or ()], p.get("first_byte_timeout"), p.get("pass_client_key") is True,
-            [str(a) for a in p["apis"]] if p.get("apis") is not None else None, timeout=timeout)
+            [str(a) for a in p["apis"]] if p.get("apis") is not None else None,
+            p.get("stream_usage") if isinstance(p.get("stream_usage"), bool) else None, p.get("continuation"),
+            timeout=timeout)
     routes = doc.get("routes") or []
     for r in routes:
         await conn.execute(
             """INSERT INTO llm_routes (use_case, tier, model, fallbacks, max_tokens, temperature, system_prompt,
                                        cache, cache_ttl, enabled, timeout, first_byte_timeout, embeddings_model,
-                                       completions_model)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)""",
+                                       completions_model, stream_recovery)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)""",
             str(r["use_case"]).lower(), str(r["tier"]).lower(), str(r["model"]),
             [str(f) for f in r.get("fallbacks") or ()], r.get("max_tokens"), r.get("temperature"),
             r.get("system_prompt"), str(r.get("cache") or "auto"), r.get("cache_ttl"),
             r.get("enabled") is not False, r.get("timeout"), r.get("first_byte_timeout"),
-            _models(r.get("embeddings_model")), _models(r.get("completions_model")), timeout=timeout)
+            _models(r.get("embeddings_model")), _models(r.get("completions_model")), r.get("stream_recovery"),
+            timeout=timeout)
     for key in TABLE_SETTINGS:
         if doc.get(key) is not None:
             await conn.execute("INSERT INTO llm_table_settings (key, value) VALUES ($1, $2::jsonb)", key,
@@ -314,7 +317,7 @@ def rows_to_doc(providers: Iterable[Mapping[str, Any]], routes: Iterable[Mapping
         entry: dict[str, Any] = {"kind": p["kind"], "base_url": p["base_url"],
                                  "api_key_header": p["api_key_header"]}
         for key in ("api_key_env", "api_key", "failure_threshold", "recovery_timeout", "max_concurrency",
-                    "first_byte_timeout", "apis"):
+                    "first_byte_timeout", "apis", "stream_usage", "continuation"):
             if p.get(key) is not None:
                 entry[key] = list(p[key]) if key == "apis" else p[key]
         if p.get("pass_client_key"):
@@ -329,7 +332,7 @@ def rows_to_doc(providers: Iterable[Mapping[str, Any]], routes: Iterable[Mapping
     for r in routes:
         entry = {"use_case": r["use_case"], "tier": r["tier"], "model": r["model"],
                  "fallbacks": list(r["fallbacks"] or ()), "cache": r["cache"]}
-        for key in ("max_tokens", "system_prompt", "cache_ttl", "timeout", "first_byte_timeout"):
+        for key in ("max_tokens", "system_prompt", "cache_ttl", "timeout", "first_byte_timeout", "stream_recovery"):
             if r.get(key) is not None:
                 entry[key] = r[key]
         for key in ("embeddings_model", "completions_model"):

@@ -29,7 +29,16 @@ from .settings import RouterConfig
 from .stats import RequestStats
 from .tracing import RequestTrace, Tracing
 from .types import ConfigError, ModelRef
-from .usage import Usage, cost_usd, find_usage, finish_reasons, price_for, response_model, usage_details
+from .usage import (
+    Usage,
+    cost_usd,
+    find_usage,
+    finish_reasons,
+    price_for,
+    response_model,
+    usage_details,
+    usage_of,
+)
 
 log = logging.getLogger("tiergate")
 request_log = logging.getLogger("tiergate.requests")
@@ -156,7 +165,10 @@ class Telemetry:
         body = result.body
         if body is None:
             return
-        self._account(record, body)
+        if result.data is not None:  # parsed by dispatch to check it is an answer: read usage from that
+            self._charge(record, usage_of(result.data))
+        else:
+            self._account(record, body)
         trace = record.trace
         if trace is not None and trace.recording:
             trace.response_model = response_model(body)

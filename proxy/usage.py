@@ -80,6 +80,12 @@ def usage_details(data: bytes) -> dict[str, int] | None:
     return found or None
 
 
+def usage_of(answer: Any) -> Usage | None:
+    """The usage of an answer dispatch has parsed already (no second look at the bytes)."""
+    obj = answer.get("usage") if type(answer) is dict else None
+    return _usage_from(obj) if type(obj) is dict else None
+
+
 def _usage_from(obj: dict[str, Any]) -> Usage | None:
     """Chat and completions (`prompt_tokens`, `*_tokens_details`), embeddings (no completion tokens)
     and the Responses API's names (`input_tokens`, `input_tokens_details`, ...)."""

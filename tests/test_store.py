@@ -108,8 +108,9 @@ async def test_route_kinds_deadlines_and_table_settings_live_in_the_database_too
     upstream = MockUpstream("primary")
     upstream.port = 9  # never called
     doc = table_doc(upstream)
-    doc["providers"]["primary"].update(first_byte_timeout=42.0, pass_client_key=True)
-    doc["routes"][0].update(timeout=120.0, first_byte_timeout=90.0,
+    doc["providers"]["primary"].update(first_byte_timeout=42.0, pass_client_key=True, stream_usage=False,
+                                       continuation="prefix")
+    doc["routes"][0].update(timeout=120.0, first_byte_timeout=90.0, stream_recovery="continue",
                             embeddings_model=["primary/text-embedding-3-small"])
     doc["model_rules"] = {"my-reasoner*": {"drop": ["temperature"], "rename": {"max_tokens": "max_completion_tokens"}}}
     doc["embeddings_model"] = "primary/text-embed"
@@ -119,10 +120,11 @@ async def test_route_kinds_deadlines_and_table_settings_live_in_the_database_too
     db_table = (await read_snapshot(schema.conn, config)).table
     assert db_table.problems == ()
     route = next(r for r in db_table.routes.values() if r.name == "general_purpose:standard")
-    assert route.timeout == 120.0 and route.first_byte_timeout == 90.0
+    assert route.timeout == 120.0 and route.first_byte_timeout == 90.0 and route.stream_recovery == "continue"
     assert [str(m) for m in route.embeddings] == ["primary/text-embedding-3-small"]
     spec = db_table.providers["primary"]
     assert spec.first_byte_timeout == 42.0 and spec.pass_client_key is True
+    assert spec.stream_usage is False and spec.continuation == "prefix"
     assert db_table.model_rules == file_table.model_rules and db_table.embeddings == file_table.embeddings
     # `routes set` writes the new columns
     from proxy.store import set_route
