@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           param="log_level") from None
     load_table(config.table_path)  # fail fast, naming the file and key, before binding
     check_service_urls(config)  # a malformed DATABASE_URL / Redis URL: one line, not a traceback
-    check_bind(config.host, config.api_keys, args.insecure)  # issue 7: no open port without keys
+    check_bind(config.host, config.api_keys, args.insecure)  # no open port without inbound keys
     if config.workers > 1:
         from .workers import run_workers
         return run_workers(config)

@@ -106,9 +106,9 @@ class Router:
         self.dispatcher = Dispatcher(self.providers, self.breakers, self.config,
                                      on_attempt=self.health.observe)
         self.recovery = self.dispatcher.stream_recovery = StreamRecovery(self.dispatcher)
-        # telemetry (issue 6): `tracer_provider` joins tiergate's spans to the caller's traces
+        # telemetry: `tracer_provider` joins tiergate's spans to the caller's traces
         self.telemetry = Telemetry(self.config, self, tracer_provider=tracer_provider)
-        # response cache, coalescing, embedding batching (issue 5); no I/O until used
+        # response cache, coalescing, embedding batching; no I/O until used
         self.cache = ResponseCache(self.config)
         self.affinity = ResponseAffinity(self.config)  # which provider holds each stored response id
         self.batcher = (EmbeddingBatcher(self._send, window_s=self.config.batch_window_ms / 1000,
@@ -202,7 +202,7 @@ class Router:
                 await provider.close()
             self.providers.clear()
             self._closed_event.set()
-        self.telemetry.drain()  # telemetry (issue 6): count and log the last requests, then
+        self.telemetry.drain()  # count and log the last requests, then
         await asyncio.to_thread(self.telemetry.close)  # flush spans off the loop
 
     async def __aenter__(self) -> Router:
@@ -302,7 +302,7 @@ class Router:
         `api_key_name` is the name of the inbound key the request came with (limits may be scoped by it).
         """
         telemetry = self.telemetry
-        trace = (telemetry.start_trace(endpoint.operation, record, payload, headers)  # issue 6
+        trace = (telemetry.start_trace(endpoint.operation, record, payload, headers)
                  if telemetry.tracing is not None else None)
         table = self._table
         if table is None:
@@ -319,7 +319,7 @@ class Router:
         adapt: Adapter | None = None
         if endpoint is RESPONSES:  # stored ids follow their provider; chat-only providers get a translation
             decision, adapt = await self._plan_responses(payload, decision, table)
-        # cache / coalescing / batching hook (issue 5); a request that cannot be cached goes straight on
+        # cache / coalescing / batching; a request that cannot be cached goes straight on
         # a Responses stream is typed events, not chat chunks: never replayed from or shared as a completion
         if self.cache.enabled and is_cacheable(route, payload, embeddings=endpoint is EMBEDDINGS) \
                 and not (stream and endpoint is RESPONSES):
@@ -341,7 +341,7 @@ class Router:
         record.attempts = result.attempts
         record.tries = result.tries
         record.first_byte_at = result.first_byte_at
-        telemetry.on_result(record, result)  # issue 6: usage and cost before the response goes out
+        telemetry.on_result(record, result)  # usage and cost before the response goes out (x-tiergate-cost-usd)
         return result
 
     async def _forward(self, endpoint: Endpoint, payload: dict[str, Any], decision: Any, stream: bool,

@@ -188,7 +188,7 @@ def _result_headers(record: RequestRecord, upstream: Mapping[str, str] | None = 
     if ref is not None:
         headers["x-tiergate-model"] = f"{ref.provider}/{ref.model}"
         headers["x-tiergate-provider"] = ref.provider
-    if record.cost_usd is not None:  # issue 6: known for non-stream responses of priced models
+    if record.cost_usd is not None:  # known for non-stream responses of priced models
         headers["x-tiergate-cost-usd"] = f"{record.cost_usd:.10f}".rstrip("0").rstrip(".") or "0"
     return headers
 
