@@ -21,7 +21,7 @@ from .urls import parse_url, redact_credentials
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the checkout (tests, docs); not there once installed
 # The embedded tables and SQL migrations ship inside the package (package data), so an installed
-# wheel finds them; `config/` at the top of the checkout is the user-facing copy.
+# wheel finds them; `config/` at the top of the checkout is a link to them, for users.
 DATA_DIR = Path(str(resources.files(__package__ or "proxy").joinpath("data")))
 DEFAULT_CONFIG_PATH = DATA_DIR / "routes.yaml"
 DEMO_CONFIG_PATH = DATA_DIR / "demo.yaml"
