@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -136,3 +137,28 @@ async def namespace(redis_client) -> AsyncIterator[str]:
     keys = await redis_client.keys(f"{ns}:*")
     if keys:
         await redis_client.delete(*keys)
+
+
+@dataclass
+class SilentServer:
+    """A TCP server that accepts connections and never answers (a Redis that hangs)."""
+
+    port: int
+    accepted: list[asyncio.StreamWriter]
+
+
+@pytest.fixture
+async def silent_server() -> AsyncIterator[SilentServer]:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # accept and never answer
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        yield SilentServer(server.sockets[0].getsockname()[1], accepted)
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()

@@ -75,24 +75,11 @@ async def test_redis_down_requests_go_on_uncached(upstream, start_tiergate, http
     assert upstream.calls == 2
 
 
-async def test_redis_slow_is_bounded_by_the_timeout(upstream, start_tiergate, http):
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)  # accept and never answer
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        running = await start_tiergate(table_doc(upstream), redis_url=f"redis://127.0.0.1:{port}/15",
-                                       redis_timeout=0.05)
-        status, headers, _ = await post(http, running.v1 + "/chat/completions", CHAT)
-        assert status == 200 and headers["x-tiergate-cache"] == "miss"
-        redis_stats = (await running.router.get_health_status())["cache"]["redis"]
-        assert redis_stats["available"] is False and "Timeout" in redis_stats["last_error"]
-        assert accepted  # it did try
-    finally:
-        for writer in accepted:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+async def test_redis_slow_is_bounded_by_the_timeout(upstream, start_tiergate, http, silent_server):
+    running = await start_tiergate(table_doc(upstream), redis_url=f"redis://127.0.0.1:{silent_server.port}/15",
+                                   redis_timeout=0.05)
+    status, headers, _ = await post(http, running.v1 + "/chat/completions", CHAT)
+    assert status == 200 and headers["x-tiergate-cache"] == "miss"
+    redis_stats = (await running.router.get_health_status())["cache"]["redis"]
+    assert redis_stats["available"] is False and "Timeout" in redis_stats["last_error"]
+    assert silent_server.accepted  # it did try

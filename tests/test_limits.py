@@ -293,32 +293,19 @@ async def test_a_spent_monthly_budget_renews_with_the_utc_month(upstream, start_
     assert abs(int(headers["Retry-After"]) - _period("m", time.time())[1]) <= 2
 
 
-async def test_a_silent_redis_costs_one_timeout_then_the_policy(upstream, start_tiergate, http):
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)  # accept and never answer
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        tg = await start_tiergate(limited(upstream, [{"name": "rpm", "requests_per_minute": 100}]),
-                                  redis_url=f"redis://:hunter2-secret@127.0.0.1:{port}/15", redis_timeout=0.1,
-                                  enable_caching=False)
-        for _ in range(3):
-            started = time.monotonic()
-            assert (await post(http, tg.v1 + "/chat/completions", CHAT))[0] == 200  # fail_open
-            assert time.monotonic() - started < 1.0
-        details = (await tg.router.get_health_status())["limits"]
-        assert details["redis"]["last_error"].startswith("timed out") and details["redis"]["available"] is False
-        async with http.get(tg.url + "/health/details") as resp:
-            assert "hunter2" not in await resp.text()
-        assert accepted
-    finally:
-        for writer in accepted:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+async def test_a_silent_redis_costs_one_timeout_then_the_policy(upstream, start_tiergate, http, silent_server):
+    tg = await start_tiergate(limited(upstream, [{"name": "rpm", "requests_per_minute": 100}]),
+                              redis_url=f"redis://:hunter2-secret@127.0.0.1:{silent_server.port}/15", redis_timeout=0.1,
+                              enable_caching=False)
+    for _ in range(3):
+        started = time.monotonic()
+        assert (await post(http, tg.v1 + "/chat/completions", CHAT))[0] == 200  # fail_open
+        assert time.monotonic() - started < 1.0
+    details = (await tg.router.get_health_status())["limits"]
+    assert details["redis"]["last_error"].startswith("timed out") and details["redis"]["available"] is False
+    async with http.get(tg.url + "/health/details") as resp:
+        assert "hunter2" not in await resp.text()
+    assert silent_server.accepted
 
 
 async def test_the_scripts_sliding_minute_drops_seconds_that_left_it(redis_client, namespace):
