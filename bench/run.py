@@ -120,10 +120,22 @@ def cpu_seconds(pid: int) -> float:
 
 
 def to_ms(value: str) -> float:
-    m = re.match(r"([\d.]+)(us|ms|s)", value)
+    """wrk's latency figure (`850.00us`, `1.20ms`, `5.03s`, `1.01m`) in milliseconds."""
+    m = re.match(r"([\d.]+)(us|ms|s|m)", value)
     assert m, value
     n = float(m.group(1))
-    return {"us": n / 1000, "ms": n, "s": n * 1000}[m.group(2)]
+    return {"us": n / 1000, "ms": n, "s": n * 1000, "m": n * 60000}[m.group(2)]
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Terminate the benchmark's processes, killing any that do not stop within 10 s."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def wrk(port: int, connections: int, seconds: int, script: Path) -> dict[str, float]:
@@ -215,13 +227,7 @@ def main() -> None:
                              statistics.median(r[key] for r in found)) for key in found[0]}
                 for name, found in runs.items()}
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
     d, f, t = rows["direct"], rows["floor"], rows["tiergate"]
     lines = [f"medians of {args.rounds} interleaved round(s) of {args.seconds} s per measurement", "",
              "| target | p50 ms (c=1) | p99 ms (c=1) | added p50 / p99 ms | req/s (c=64) | CPU µs/req (c=64) "

@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+from run import cpu_seconds, stop, to_ms  # bench/run.py: the same /proc and wrk readings
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -185,11 +187,6 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def core_ticks(core: int) -> tuple[int, int]:
     """(busy, total) jiffies of one core so far."""
     for line in Path("/proc/stat").read_text().splitlines():
@@ -198,13 +195,6 @@ def core_ticks(core: int) -> tuple[int, int]:
             idle = values[3] + values[4]
             return sum(values) - idle, sum(values)
     return 0, 1
-
-
-def to_ms(value: str) -> float:
-    m = re.match(r"([\d.]+)(us|ms|s|m)", value)
-    assert m, value
-    n = float(m.group(1))
-    return {"us": n / 1000, "ms": n, "s": n * 1000, "m": n * 60000}[m.group(2)]
 
 
 def wrk(port: int, connections: int, seconds: int, script: Path, pid: int | None,
@@ -312,13 +302,7 @@ def main() -> None:
                 row.update({f"{k}@{c}": v for k, v in run.items()})
             rows[name] = row
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
     d, f, t = rows["direct"], rows["floor"], rows["tiergate"]
     lines = [f"streams of {chunks_per_stream} chunks ({args.chunks} content chunks {args.gap * 1000:.0f} ms apart), "
              f"{args.seconds} s per run; load average at the start {' '.join(load)}", "",
