@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Mapping
 from typing import Any
-
-import aiohttp
 
 from .providers import Provider, UpstreamResponse
 from .settings import RouterConfig
@@ -120,20 +117,6 @@ class ProviderLimits:
     def hold(resp: UpstreamResponse, slots: ProviderSlots) -> UpstreamResponse:
         """The response, releasing its slot when dispatch releases or closes it."""
         return _SlotResponse(resp, slots)  # type: ignore[return-value]
-
-    async def send(self, provider: Provider, path: str, body: bytes, headers: Mapping[str, str] | None,
-                   timeout: aiohttp.ClientTimeout) -> UpstreamResponse:
-        """`provider.send` under the provider's cap; unlimited providers cost one dict lookup."""
-        slots = self.slots(provider)
-        if slots is None:
-            return await provider.send(path, body, headers, timeout)
-        await slots.acquire()
-        try:
-            resp = await provider.send(path, body, headers, timeout)
-        except BaseException:
-            slots.release()
-            raise
-        return _SlotResponse(resp, slots)
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         return {name: {"capacity": s.capacity, "active": s.active, "queued": s.queued}

@@ -59,7 +59,6 @@ class Provider:
         self.pool_limit = max(1, config.connection_pool_size + config.connection_pool_overflow)
         cap = spec.max_concurrency if spec.max_concurrency is not None else config.max_concurrent_per_provider
         self.capacity = min(cap, self.pool_limit) if cap and cap > 0 else self.pool_limit
-        self.capped = True
 
     def __repr__(self) -> str:  # never shows keys
         return f"Provider(name={self.name!r}, base_url={self.base_url!r})"
