@@ -43,6 +43,12 @@ POD_TTL_S = 15.0  # a pod not heard from for this long no longer counts in the f
 _INF = 1e300  # "no cap" in a script (Lua's tonumber does not read "inf")
 _PACKED_LIMIT = 4096  # admission commands kept packed (token amounts vary: they come and go)
 _ERRORS = (RedisError, OSError, TimeoutError, EOFError, ValueError)
+# Admission ahead of Redis (see `FleetLimits.admit_ahead`): the share of a cap near which every
+# admission waits for Redis, how old Redis's last report of a counter may be, and over how long the
+# fleet's rate of adding to a counter is measured
+SYNC_WITHIN = 0.1
+FRESH_S = 1.0
+RATE_WINDOW_S = 1.0
 
 # the UTC calendar in Lua (Howard Hinnant's civil-from-days), computed only for a budget: the day
 # number, the month id (year * 12 + month - 1) and the epoch second the next month begins
@@ -95,7 +101,8 @@ local function minute(key, sec, write)
 end
 """
 
-# KEYS: the counters. ARGV[1]: 'a' (admit: check every counter, charge all or none) or 'r' (read).
+# KEYS: the counters. ARGV[1]: 'a' (admit: check every counter, charge all or none), 'c' (charge
+# without a check: a request this pod admitted ahead, far from every cap) or 'r' (read).
 # Then per counter: window (w: sliding minute, d: UTC day, m: UTC month), cap, amount. A per-minute
 # counter admits what fits under its cap; a budget admits while it is not used up. Returns
 # "failed-index-or-0 retry-after-ms second day month used...", one string: a client parses one
@@ -137,9 +144,9 @@ for i = 1, n do
     out[#out + 1] = tostring(u)
     return table.concat(out, ' ')
   end
-  used[i] = tostring(mode == 'a' and u + amount or u)
+  used[i] = tostring(mode == 'r' and u or u + amount)
 end
-if mode == 'a' then
+if mode ~= 'r' then
   for i = 1, n do
     local w, amount = ARGV[3 * i - 1], ARGV[3 * i + 1]
     if w == 'w' then
@@ -300,6 +307,15 @@ class RedisLink:
             raise FleetUnavailable(self.last_error)
         return reply
 
+    def submit(self, packed: list[bytes]) -> asyncio.Future[Any] | None:
+        """Send one command with the next batch without waiting: its reply, or FleetUnavailable, comes
+        in the future returned (None while Redis is being left alone after a failure)."""
+        if self.clock() < self.down_until:
+            return None
+        future = asyncio.get_running_loop().create_future()
+        self._enqueue(packed, future)
+        return future
+
     def send(self, *args: Any) -> None:
         """Send one command with the next batch; nobody waits for the reply (settling charges)."""
         if self.clock() >= self.down_until:
@@ -440,15 +456,57 @@ class RedisLink:
         await self._pool.disconnect()
 
 
+class _View:
+    """A counter as Redis last reported it, what this pod has charged to it since without waiting,
+    and how fast the fleet has been adding to it."""
+
+    __slots__ = ("used", "at", "pending", "rate", "_mark", "_mark_at")
+
+    def __init__(self, now: float, used: float):
+        self.used = used
+        self.at = now
+        self.pending = 0.0
+        self.rate: float | None = None  # per second; unknown until a whole window has been seen
+        self._mark = used
+        self._mark_at = now
+
+    def saw(self, used: float, now: float) -> None:
+        self.used = used
+        self.at = now
+        if now - self._mark_at >= RATE_WINDOW_S:
+            # net of what aged out of a sliding minute: an underestimate, which the cap's share covers
+            self.rate = max(0.0, used - self._mark) / (now - self._mark_at)
+            self._mark, self._mark_at = used, now
+
+    def room(self, amount: float, cap: float, now: float, within: float, pods: int) -> float | None:
+        """The use after this request if it may be admitted without waiting for Redis, else None.
+
+        Set aside `within` of the cap and twice what the fleet could have added at its recent rate
+        since Redis's report; what is left is shared among the pods, which may all be admitting
+        ahead at once. What this pod has admitted ahead and Redis has not yet confirmed must stay
+        within its share, so the pods together never charge past the cap without Redis's check."""
+        age = now - self.at
+        if self.rate is None or age > FRESH_S:
+            return None
+        pending = self.pending + amount
+        if pending > (cap * (1.0 - within) - self.used - 2.0 * self.rate * age) / pods:
+            return None
+        return self.used + pending
+
+
 class FleetLimits:
     """The limit counters in Redis (a `quotas.Backend`), and the fleet's size for the fail_open share."""
 
-    def __init__(self, link: RedisLink, namespace: str, *, pod_id: str | None = None):
+    def __init__(self, link: RedisLink, namespace: str, *, pod_id: str | None = None,
+                 sync_within: float = SYNC_WITHIN):
         self.link = link
         self.prefix = f"{namespace}:{{limits}}:"
         self.pods_key = self.prefix + "pods"
         self.pod_id = pod_id or f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
         self.fleet_size = 1
+        self.sync_within = sync_within
+        self.ahead = 0  # requests admitted ahead of Redis's answer
+        self._views: dict[str, _View] = {}
         self._task: asyncio.Task[None] | None = None
         self._packed: dict[tuple[Any, ...], list[bytes]] = {}
 
@@ -456,20 +514,72 @@ class FleetLimits:
     def available(self) -> bool:
         return self.link.available
 
+    def admit_ahead(self, checks: tuple[Check, ...], amounts: list[float], caps: list[float]) -> Admission | None:
+        """Admit without waiting for Redis when every counter is far from its cap, and charge Redis
+        in the background; None when the request must wait for Redis's atomic check instead.
+
+        Redis's last report of every counter must be under a second old and leave room (see
+        `_View.room`): near a cap, or without a recent report, every admission is Redis's atomic
+        check, which is where exactness matters. The charge still reaches Redis at once, so the
+        counters stay true for the fleet; only the wait for the answer is skipped."""
+        if self.sync_within >= 1.0:
+            return None
+        now = self.link.clock()
+        views = self._views
+        pods = self.fleet_size
+        estimate = []
+        for check, amount, cap in zip(checks, amounts, caps, strict=True):
+            view = views.get(check.key)
+            if view is None:
+                return None
+            used = view.room(amount, cap, now, self.sync_within, pods)
+            if used is None:
+                return None
+            estimate.append(used)
+        future = self.link.submit(self._command("c", checks, amounts, caps))
+        if future is None:
+            return None  # Redis is being left alone after a failure: the caller's policy decides
+        for check, amount in zip(checks, amounts, strict=True):
+            views[check.key].pending += amount
+        self.ahead += 1
+        future.add_done_callback(lambda done: self._charged(done, checks, amounts))
+        return Admission(-1, 0.0, tuple(estimate), future)
+
+    def _charged(self, done: asyncio.Future[Any], checks: tuple[Check, ...], amounts: list[float]) -> None:
+        views = self._views
+        for check, amount in zip(checks, amounts, strict=True):
+            view = views.get(check.key)
+            if view is not None:
+                view.pending -= amount
+        if done.cancelled() or done.exception() is not None:
+            return  # the link has logged it and is left alone for a while: admissions wait for it again
+        try:
+            admission = self._parse(done.result())
+        except FleetUnavailable:
+            return
+        self._saw(checks, admission.used)
+
     async def admit(self, checks: tuple[Check, ...], amounts: list[float], caps: list[float]) -> Admission:
-        memo_key = (checks, *caps, *amounts)  # a request limit's command is the same every time
+        admission = self._parse(await self.link.call_packed(self._command("a", checks, amounts, caps)))
+        self._saw(checks, admission.used)
+        return admission
+
+    def _command(self, mode: str, checks: tuple[Check, ...], amounts: list[float], caps: list[float]) -> list[bytes]:
+        memo_key = (mode, checks, *caps, *amounts)  # a request limit's command is the same every time
         packed = self._packed.get(memo_key)
         if packed is None:
             args: list[Any] = ["EVALSHA", ADMIT_SHA, len(checks)]
             args += [self.prefix + c.key for c in checks]
-            args.append("a")
+            args.append(mode)
             for check, cap, amount in zip(checks, caps, amounts, strict=True):
                 args += (check.window, cap if math.isfinite(cap) else _INF, amount)
             packed = self.link.pack(*args)
             if len(self._packed) >= _PACKED_LIMIT:
                 self._packed.clear()
             self._packed[memo_key] = packed
-        reply = await self.link.call_packed(packed)
+        return packed
+
+    def _parse(self, reply: Any) -> Admission:
         try:
             fields = reply.split()
             failed, retry_ms, sec, day, month = map(int, fields[:5])
@@ -477,7 +587,28 @@ class FleetLimits:
         except (AttributeError, TypeError, ValueError):  # not our script's answer: as if Redis failed
             raise FleetUnavailable(f"unexpected reply from redis at {self.link.where()}") from None
 
+    def _saw(self, checks: tuple[Check, ...], used: tuple[float, ...]) -> None:
+        now = self.link.clock()
+        views = self._views
+        for check, value in zip(checks, used, strict=False):  # a refusal reports up to the full counter
+            view = views.get(check.key)
+            if view is None:
+                if len(views) >= _PACKED_LIMIT:
+                    views.clear()
+                view = views[check.key] = _View(now, value)
+            view.saw(value, now)
+
     def settle(self, checks: tuple[Check, ...], deltas: list[float], token: Any) -> None:
+        if isinstance(token, asyncio.Future):  # admitted ahead: the charge's own answer has where it went
+            if not token.done():
+                token.add_done_callback(lambda done: self.settle(checks, deltas, done))
+                return
+            if token.cancelled() or token.exception() is not None:
+                return  # the charge never reached Redis: there is nothing to correct
+            try:
+                token = self._parse(token.result()).token
+            except FleetUnavailable:
+                return
         sec, day, month = token
         args: list[Any] = ["EVALSHA", SETTLE_SHA, len(checks)]
         args += [self.prefix + c.key for c in checks]
@@ -535,7 +666,7 @@ class FleetLimits:
                 pass
 
     def stats(self) -> dict[str, Any]:
-        return {**self.link.stats(), "fleet_size": self.fleet_size}
+        return {**self.link.stats(), "fleet_size": self.fleet_size, "admitted_ahead": self.ahead}
 
 
 # --- provider health shared by the fleet -----------------------------------------------------------

@@ -486,7 +486,9 @@ class Quotas:
         shared = backend is not None
         if backend is not None:
             try:
-                admission = await backend.admit(checks, amounts, caps)
+                admission = backend.admit_ahead(checks, amounts, caps)
+                if admission is None:
+                    admission = await backend.admit(checks, amounts, caps)
             except FleetUnavailable:
                 self.decided_by_policy += 1
                 if self.policy == "fail_closed":

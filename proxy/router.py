@@ -121,7 +121,7 @@ class Router:
         if self.config.redis_url:
             from .fleet import FleetHealth, FleetLimits, RedisLink
             self.fleet = FleetLimits(RedisLink(self.config.redis_url, timeout=self.config.redis_timeout),
-                                     self.config.cache_namespace)
+                                     self.config.cache_namespace, sync_within=self.config.limits_sync_within)
             self.fleet_health = FleetHealth(self.fleet.link, self.config.cache_namespace)
             self.breakers.on_state_change = self._share_breaker_state
             self.dispatcher.fleet_health = self.fleet_health

@@ -117,6 +117,10 @@ class _Settings:
     # rate limits and budgets: what to do while Redis cannot be reached (fail_open: count in this
     # process against the limit's share of the fleet; fail_closed: refuse requests a limit applies to)
     limits_on_redis_failure: str = "fail_open"
+    # a request is admitted without waiting for Redis while every limit it counts against is further
+    # than this share of its cap from full (and than the fleet's last second of use); nearer, each
+    # admission waits for Redis's atomic check. 1 makes every admission wait.
+    limits_sync_within: float = 0.1
     # batching
     enable_batching: bool = False
     batch_window_ms: float = 5.0
@@ -151,6 +155,9 @@ class _Settings:
                 except ValueError as exc:
                     raise ConfigError(str(exc), param=name) from None
 
+        if not 0.0 <= self.limits_sync_within <= 1.0:
+            raise ConfigError(f"limits_sync_within = {self.limits_sync_within}: expected a share of the cap "
+                              "between 0 and 1", param="limits_sync_within")
         if self.metrics_auth not in METRICS_AUTH:
             raise ConfigError(f"metrics_auth = {self.metrics_auth!r}: expected one of {', '.join(METRICS_AUTH)}",
                               param="metrics_auth")

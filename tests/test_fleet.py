@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -16,10 +15,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import openai
 import orjson
-import pytest
 import yaml
 
-from .conftest import REDIS_URL, table_doc
+from .conftest import REDIS_URL, PrivateRedis, table_doc
 from .test_cli import ENV, free_port, wait_healthy
 from .test_limits import counter
 from .upstream import MockUpstream
@@ -144,40 +142,6 @@ async def test_a_token_budget_stops_a_stream_workload_within_one_request(tmp_pat
 
 
 # -- Redis killed and restarted ---------------------------------------------------------------------
-
-
-class PrivateRedis:
-    """A redis-server of the test's own, on a free port, without persistence."""
-
-    def __init__(self, tmp_path):
-        self.port = free_port()
-        self.dir = tmp_path
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
-        self.proc = await asyncio.create_subprocess_exec(
-            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(self.dir), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        async with asyncio.timeout(10):
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                    writer.close()
-                    return
-                except OSError:
-                    await asyncio.sleep(0.02)
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
 
 
 async def test_redis_killed_and_restarted_mid_traffic(tmp_path, upstream, start_tiergate):

@@ -15,7 +15,7 @@ from proxy.quotas import LimitIndex, LocalCounters, estimate_prompt_tokens, pars
 from proxy.routing import table_from_dict
 from proxy.types import ConfigError
 
-from .conftest import REDIS_URL, table_doc
+from .conftest import REDIS_URL, PrivateRedis, table_doc
 
 CHAT = {"model": "general_purpose", "messages": [{"role": "user", "content": "hi"}]}
 KEYS = ("team-a=sk-team-a-SECRET-123", "team-b=sk-team-b-SECRET-456", "sk-anonymous-SECRET-789")
@@ -363,3 +363,103 @@ def test_an_unknown_failure_policy_is_a_config_error():
 
     with pytest.raises(ConfigError, match="limits_on_redis_failure.*fail_open, fail_closed"):
         Quotas(policy="fail_sideways")
+
+
+# -- admission ahead of Redis's answer ---------------------------------------------------------------
+
+
+async def test_far_from_the_cap_a_request_is_admitted_ahead_and_still_counted(redis_client, namespace):
+    from proxy.fleet import FleetLimits, RedisLink
+
+    now = [1000.0]
+    link = RedisLink(REDIS_URL, timeout=1.0, clock=lambda: now[0])
+    try:
+        specs, _ = parse_limits([{"name": "rpm", "requests_per_minute": 100},
+                                 {"name": "tpm", "tokens_per_minute": 10_000}], [])
+        checks = LimitIndex(specs).checks
+        fleet = FleetLimits(link, namespace)
+        amounts, caps = [1.0, 50.0], [100.0, 10_000.0]
+        assert fleet.admit_ahead(checks, amounts, caps) is None  # nothing reported yet: Redis decides
+        await fleet.admit(checks, amounts, caps)
+        assert fleet.admit_ahead(checks, amounts, caps) is None  # the fleet's rate is not known yet
+        now[0] += 1.0
+        await fleet.admit(checks, amounts, caps)  # a second later: 1 request and 50 tokens a second
+        admission = fleet.admit_ahead(checks, amounts, caps)
+        assert admission is not None and admission.failed == -1 and admission.used == (3.0, 150.0)
+        # charged at once all the same: the counters stay true for every pod
+        await admission.token
+        assert await counter(redis_client, namespace, "rpm:requests_per_minute") == 3
+        assert await counter(redis_client, namespace, "tpm:tokens_per_minute") == 150
+        # and settled like any admission (the answer used 20 tokens, not 50)
+        fleet.settle(checks, [0.0, -30.0], admission.token)
+
+        async def settled() -> bool:
+            return await counter(redis_client, namespace, "tpm:tokens_per_minute") == 120
+
+        await wait_for(settled)
+        # ahead of Redis, one pod may take its share of the room (90% of the cap, less what is used
+        # and twice the recent rate), not more: 90 - 3 - 2 * 1 * 0 = 87 requests before it waits
+        ahead = [fleet.admit_ahead(checks[:1], [1.0], [100.0]) for _ in range(100)]
+        assert sum(a is not None for a in ahead) == 87 and ahead[87] is None
+        await asyncio.gather(*(a.token for a in ahead if a is not None))
+        assert await counter(redis_client, namespace, "rpm:requests_per_minute") == 90
+        # with three pods in the fleet each takes a third of the room; Redis's report is fresh again
+        fleet.fleet_size = 3
+        await fleet.admit(checks[:1], [1.0], [100.0])  # 91 used: no room left, it waits for Redis
+        assert fleet.admit_ahead(checks[:1], [1.0], [100.0]) is None
+        assert fleet.stats()["admitted_ahead"] == 88
+        # a report older than a second is not trusted
+        assert fleet.admit_ahead(checks[1:], [50.0], [10_000.0]) is not None
+        now[0] += 1.5
+        assert fleet.admit_ahead(checks[1:], [50.0], [10_000.0]) is None
+    finally:
+        await link.close()
+
+
+async def test_an_ahead_charge_that_redis_fails_is_not_settled(tmp_path, namespace):
+    from proxy.fleet import FleetLimits, RedisLink
+    from proxy.quotas import FleetUnavailable
+
+    server = PrivateRedis(tmp_path)
+    await server.start()
+    now = [1000.0]
+    link = RedisLink(server.url, timeout=1.0, clock=lambda: now[0])
+    try:
+        specs, _ = parse_limits([{"name": "tpm", "tokens_per_minute": 10_000}], [])
+        checks = LimitIndex(specs).checks
+        fleet = FleetLimits(link, namespace)
+        await fleet.admit(checks, [10.0], [10_000.0])
+        now[0] += 1.0
+        await fleet.admit(checks, [10.0], [10_000.0])
+        await server.kill()  # Redis goes away between the report and the next request
+        admission = fleet.admit_ahead(checks, [10.0], [10_000.0])
+        assert admission is not None  # the report is fresh: admitted, the charge sent
+        fleet.settle(checks, [-5.0], admission.token)  # before the charge's answer: waits for it
+        with pytest.raises(FleetUnavailable):
+            await admission.token
+        assert not link.available and fleet._views[checks[0].key].pending == 0
+        assert fleet.admit_ahead(checks, [10.0], [10_000.0]) is None  # Redis is left alone: the policy
+    finally:
+        await link.close()
+        await server.kill()
+
+
+async def test_a_served_limit_admits_ahead_and_counts_every_request(upstream, start_tiergate, http, redis_client,
+                                                                     namespace):
+    tg = await start_tiergate(limited(upstream, [{"name": "rpm", "requests_per_minute": 100_000}]),
+                              redis_url=REDIS_URL, cache_namespace=namespace, redis_timeout=1.0,
+                              enable_caching=False)
+    served = 0
+
+    async def ahead() -> bool:
+        nonlocal served
+        assert (await post(http, tg.v1 + "/chat/completions", CHAT))[0] == 200
+        served += 1
+        return (await tg.router.get_health_status())["limits"]["redis"]["admitted_ahead"] >= 5
+
+    await wait_for(ahead)  # once Redis has reported the counter for a second, it is not waited for
+
+    async def counted() -> bool:
+        return await counter(redis_client, namespace, "rpm:requests_per_minute") == served
+
+    await wait_for(counted)
