@@ -1,6 +1,6 @@
 """Where the Python work of one request goes: opcodes executed per request, by file and function.
 
-    python bench/opcount.py [floor|tiergate] [--upstream http://127.0.0.1:18001/v1] [--lines proxy/] 2>/dev/null
+    python bench/opcount.py [floor|tiergate] [--stream] [--upstream http://127.0.0.1:18001/v1] [--lines proxy/]
 
 Deterministic where timings on a shared 2-core machine are not. Needs an upstream answering
 `POST /v1/chat/completions` (e.g. the nginx that `bench/run.py` starts, or `bench/mock_upstream.py`).
@@ -22,8 +22,9 @@ from aiohttp import web
 HERE = Path(__file__).resolve().parent
 LOAD = """
 import asyncio, sys, aiohttp
-port, n = int(sys.argv[1]), int(sys.argv[2])
-body = b'{"model":"general_purpose","messages":[{"role":"user","content":"Hello there"}],"temperature":0.7}'
+port, n, stream = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+body = (b'{"model":"general_purpose","messages":[{"role":"user","content":"Hello there"}],"temperature":0.7'
+        + (b',"stream":true}' if stream else b'}'))
 async def main():
     async with aiohttp.ClientSession() as s:
         left = list(range(n))
@@ -58,8 +59,9 @@ async def main(args: argparse.Namespace) -> None:
     if args.target == "floor":
         sys.path.insert(0, str(HERE))
         import floor
+        import stream_floor
 
-        app = await floor.make_app(upstream + "/chat/completions")
+        app = await (stream_floor if args.stream else floor).make_app(upstream + "/chat/completions")
     else:
         from proxy.server import build_app
         from proxy.settings import RouterConfig
@@ -76,7 +78,8 @@ async def main(args: argparse.Namespace) -> None:
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def load(n: int) -> None:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", LOAD, str(port), str(n))
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", LOAD, str(port), str(n),
+                                                    "1" if args.stream else "0")
         assert await proc.wait() == 0, "the load generator failed (is the upstream answering?)"
 
     await load(args.requests)  # warm up pools and caches
@@ -108,6 +111,8 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--lines", default="", help="also count by line in files whose path contains this")
+    parser.add_argument("--stream", action="store_true",
+                        help="streamed requests (the floor: bench/stream_floor.py); the upstream must stream")
     parser.add_argument("--asyncio", action="store_true", help="asyncio's own loop instead of uvloop")
     arguments = parser.parse_args()
     if not arguments.asyncio:  # as `tiergate serve` runs (and the floor): the loop's own work is in C

@@ -17,6 +17,7 @@ import argparse
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-UPSTREAM_PORT, FLOOR_PORT, TIERGATE_PORT, LIMITED_PORT = 18001, 18002, 18003, 18004
+
+
+def free_port() -> int:
+    """A port nobody listens on now (a mock upstream of another run may hold 18001)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+UPSTREAM_PORT, FLOOR_PORT, TIERGATE_PORT, LIMITED_PORT = free_port(), free_port(), free_port(), free_port()
 ANSWER = ('{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench-model",'
           '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},'
           '"logprobs":null,"finish_reason":"stop"}],'

@@ -34,17 +34,10 @@ import threading
 import time
 from pathlib import Path
 
-from run import cpu_seconds, stop, to_ms  # bench/run.py: the same /proc and wrk readings
+from run import cpu_seconds, free_port, stop, to_ms  # bench/run.py: the same /proc and wrk readings
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-
-
-def free_port() -> int:
-    """A port nobody listens on now (other benchmarks may run on this machine)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 UPSTREAM_PORT, FLOOR_PORT, TIERGATE_PORT = free_port(), free_port(), free_port()

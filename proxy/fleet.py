@@ -49,6 +49,9 @@ _ERRORS = (RedisError, OSError, TimeoutError, EOFError, ValueError)
 SYNC_WITHIN = 0.1
 FRESH_S = 1.0
 RATE_WINDOW_S = 1.0
+# the charges of requests admitted ahead are summed and sent this often (one command per set of
+# counters), not one by one: a request pays no Redis work of its own, the fleet learns them within it
+AHEAD_FLUSH_S = 0.005
 
 # the UTC calendar in Lua (Howard Hinnant's civil-from-days), computed only for a budget: the day
 # number, the month id (year * 12 + month - 1) and the epoch second the next month begins
@@ -494,6 +497,16 @@ class _View:
         return self.used + pending
 
 
+class _Charge:
+    """The summed charges of requests admitted ahead, sent together; `answer` gets where they went."""
+
+    __slots__ = ("amounts", "answer")
+
+    def __init__(self, amounts: list[float], answer: asyncio.Future[Any]):
+        self.amounts = amounts
+        self.answer = answer
+
+
 class FleetLimits:
     """The limit counters in Redis (a `quotas.Backend`), and the fleet's size for the fail_open share."""
 
@@ -507,6 +520,8 @@ class FleetLimits:
         self.sync_within = sync_within
         self.ahead = 0  # requests admitted ahead of Redis's answer
         self._views: dict[str, _View] = {}
+        self._batches: dict[tuple[Check, ...], _Charge] = {}  # charges admitted ahead, not yet sent
+        self._flush_at: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._packed: dict[tuple[Any, ...], list[bytes]] = {}
 
@@ -520,8 +535,9 @@ class FleetLimits:
 
         Redis's last report of every counter must be under a second old and leave room (see
         `_View.room`): near a cap, or without a recent report, every admission is Redis's atomic
-        check, which is where exactness matters. The charge still reaches Redis at once, so the
-        counters stay true for the fleet; only the wait for the answer is skipped."""
+        check, which is where exactness matters. The charge still reaches Redis within
+        `AHEAD_FLUSH_S`, summed with the others admitted meanwhile, so the counters stay true for
+        the fleet; only the wait is skipped. The admission's token is a future of where it went."""
         if self.sync_within >= 1.0:
             return None
         now = self.link.clock()
@@ -536,27 +552,53 @@ class FleetLimits:
             if used is None:
                 return None
             estimate.append(used)
-        future = self.link.submit(self._command("c", checks, amounts, caps))
-        if future is None:
+        if not self.link.available:
             return None  # Redis is being left alone after a failure: the caller's policy decides
-        for check, amount in zip(checks, amounts, strict=True):
+        batch = self._batches.get(checks)
+        if batch is None:
+            batch = self._batches[checks] = _Charge([0.0] * len(checks), asyncio.get_running_loop().create_future())
+            if self._flush_at is None:
+                self._flush_at = asyncio.get_running_loop().call_later(AHEAD_FLUSH_S, self.flush)
+        sums = batch.amounts
+        for i, (check, amount) in enumerate(zip(checks, amounts, strict=True)):
             views[check.key].pending += amount
+            sums[i] += amount
         self.ahead += 1
-        future.add_done_callback(lambda done: self._charged(done, checks, amounts))
-        return Admission(-1, 0.0, tuple(estimate), future)
+        return Admission(-1, 0.0, tuple(estimate), batch.answer)
 
-    def _charged(self, done: asyncio.Future[Any], checks: tuple[Check, ...], amounts: list[float]) -> None:
+    def flush(self) -> list[asyncio.Future[Any]]:
+        """Send the summed charges of the requests admitted ahead since the last flush."""
+        self._flush_at = None
+        batches, self._batches = self._batches, {}
+        sent = []
+        for checks, batch in batches.items():
+            future = self.link.submit(self._command("c", checks, batch.amounts, [0.0] * len(checks), memo=False))
+            if future is None:
+                self._charged(None, checks, batch)
+            else:
+                future.add_done_callback(lambda done, checks=checks, batch=batch: self._charged(done, checks, batch))
+                sent.append(future)
+        return sent
+
+    def _charged(self, done: asyncio.Future[Any] | None, checks: tuple[Check, ...], batch: _Charge) -> None:
         views = self._views
-        for check, amount in zip(checks, amounts, strict=True):
+        for check, amount in zip(checks, batch.amounts, strict=True):
             view = views.get(check.key)
             if view is not None:
                 view.pending -= amount
-        if done.cancelled() or done.exception() is not None:
-            return  # the link has logged it and is left alone for a while: admissions wait for it again
+        answer = batch.answer
+        if done is None or done.cancelled() or done.exception() is not None:
+            # never reached Redis: the link has logged why and admissions wait for it again
+            answer.set_exception(FleetUnavailable(self.link.last_error or "redis unavailable"))
+            answer.exception()  # nobody need look: settling skips a charge that never landed
+            return
         try:
             admission = self._parse(done.result())
-        except FleetUnavailable:
+        except FleetUnavailable as exc:
+            answer.set_exception(exc)
+            answer.exception()
             return
+        answer.set_result(admission.token)
         self._saw(checks, admission.used)
 
     async def admit(self, checks: tuple[Check, ...], amounts: list[float], caps: list[float]) -> Admission:
@@ -564,9 +606,10 @@ class FleetLimits:
         self._saw(checks, admission.used)
         return admission
 
-    def _command(self, mode: str, checks: tuple[Check, ...], amounts: list[float], caps: list[float]) -> list[bytes]:
+    def _command(self, mode: str, checks: tuple[Check, ...], amounts: list[float], caps: list[float], *,
+                 memo: bool = True) -> list[bytes]:
         memo_key = (mode, checks, *caps, *amounts)  # a request limit's command is the same every time
-        packed = self._packed.get(memo_key)
+        packed = self._packed.get(memo_key) if memo else None
         if packed is None:
             args: list[Any] = ["EVALSHA", ADMIT_SHA, len(checks)]
             args += [self.prefix + c.key for c in checks]
@@ -574,9 +617,10 @@ class FleetLimits:
             for check, cap, amount in zip(checks, caps, amounts, strict=True):
                 args += (check.window, cap if math.isfinite(cap) else _INF, amount)
             packed = self.link.pack(*args)
-            if len(self._packed) >= _PACKED_LIMIT:
-                self._packed.clear()
-            self._packed[memo_key] = packed
+            if memo:
+                if len(self._packed) >= _PACKED_LIMIT:
+                    self._packed.clear()
+                self._packed[memo_key] = packed
         return packed
 
     def _parse(self, reply: Any) -> Admission:
@@ -605,10 +649,7 @@ class FleetLimits:
                 return
             if token.cancelled() or token.exception() is not None:
                 return  # the charge never reached Redis: there is nothing to correct
-            try:
-                token = self._parse(token.result()).token
-            except FleetUnavailable:
-                return
+            token = token.result()
         sec, day, month = token
         args: list[Any] = ["EVALSHA", SETTLE_SHA, len(checks)]
         args += [self.prefix + c.key for c in checks]
@@ -657,6 +698,9 @@ class FleetLimits:
             await asyncio.sleep(interval)
 
     async def stop(self) -> None:
+        if self._flush_at is not None:  # charges admitted ahead reach Redis before the pod leaves
+            self._flush_at.cancel()
+            await asyncio.gather(*self.flush(), return_exceptions=True)  # each bounded by the link's timeout
         await cancel_and_wait(self._task)
         self._task = None
         if self.link.available and self.link.calls:
