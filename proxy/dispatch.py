@@ -182,6 +182,7 @@ class Dispatcher:
         # a non-stream attempt with (nearly) the whole budget shares one timeout object
         self._full_timeout = aiohttp.ClientTimeout(total=min(config.timeout, self._attempt_timeout),
                                                    sock_connect=config.connect_timeout)
+        self._full_timeout_from = self._full_timeout.total - _TIMEOUT_SLACK_S  # type: ignore[operator]
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout, sock_read=config.stream_idle_timeout)
         self._max_attempts = max(1, config.max_retries)
@@ -270,11 +271,14 @@ class Dispatcher:
                         break
                     await self._sleep(wait)
                     remaining = deadline - clock()
-                plan = plans.get(ref) if plans else None
                 adapted = adapt(ref, provider) if adapt is not None else None
-                outgoing, attempt_path, marker = (payload, path, done_marker) if adapted is None else (
-                    adapted.payload, adapted.path, adapted.done_marker)
-                outgoing = outgoing if plan is None else plan.apply(outgoing)
+                if adapted is None:
+                    outgoing, attempt_path, marker = payload, path, done_marker
+                else:
+                    outgoing, attempt_path, marker = adapted.payload, adapted.path, adapted.done_marker
+                plan = plans.get(ref) if plans else None
+                if plan is not None:
+                    outgoing = plan.apply(outgoing)
                 outgoing["model"] = ref.model
                 added = add_usage and provider.spec.stream_usage
                 if added:
@@ -291,7 +295,7 @@ class Dispatcher:
                     attempt_headers = {k: v for k, v in attempt_headers.items() if k not in provider.protected}
                 if observer is not None:
                     attempt_headers = observer.attempt_started(ref, attempt_headers)
-                slots = self.limits.slots(provider)
+                slots = provider.slots or self.limits.slots(provider)
                 if slots is not None and slots.active < slots.capacity and not slots._waiters:
                     slots.active += 1  # the usual case, without a coroutine
                 elif slots is not None:
@@ -394,9 +398,10 @@ class Dispatcher:
         resp: UpstreamResponse | None = None
         try:
             if not stream:
-                budget = min(budget, self._attempt_timeout)
-                timeout = (self._full_timeout if budget >= self._full_timeout.total - _TIMEOUT_SLACK_S  # type: ignore[operator]
-                           else aiohttp.ClientTimeout(total=max(budget, 0.001), sock_connect=self._connect))
+                # the full timeout is never longer than the attempt's own budget: min() only when shorter
+                timeout = (self._full_timeout if budget >= self._full_timeout_from
+                           else aiohttp.ClientTimeout(total=max(min(budget, self._attempt_timeout), 0.001),
+                                                      sock_connect=self._connect))
                 resp = await provider.send(path, body, headers, timeout)
                 length = resp.headers.get("Content-Length")
                 if length is not None and length.isdigit() and int(length) <= self._max_body:

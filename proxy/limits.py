@@ -105,12 +105,15 @@ class ProviderLimits:
         self._slots: dict[str, ProviderSlots] = {}
 
     def slots(self, provider: Provider) -> ProviderSlots | None:
+        """The provider's slots, shared with the provider it replaced while the capacity is the same;
+        kept on the provider too, where the attempt loop finds them without a call."""
         cap = provider.capacity
         if cap <= 0:
             return None
         slots = self._slots.get(provider.name)
         if slots is None or slots.capacity != cap:
             slots = self._slots[provider.name] = ProviderSlots(provider.name, cap, self._max_queue)
+        provider.slots = slots
         return slots
 
     @staticmethod

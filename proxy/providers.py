@@ -12,7 +12,7 @@ import hashlib
 import re
 import struct
 from collections.abc import AsyncIterator, Awaitable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import orjson
@@ -20,6 +20,9 @@ from yarl import URL
 
 from .routing import ProviderSpec
 from .settings import RouterConfig
+
+if TYPE_CHECKING:
+    from .limits import ProviderSlots
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -59,6 +62,7 @@ class Provider:
         self.pool_limit = max(1, config.connection_pool_size + config.connection_pool_overflow)
         cap = spec.max_concurrency if spec.max_concurrency is not None else config.max_concurrent_per_provider
         self.capacity = min(cap, self.pool_limit) if cap and cap > 0 else self.pool_limit
+        self.slots: ProviderSlots | None = None  # that queue, set by the dispatcher's ProviderLimits
 
     def __repr__(self) -> str:  # never shows keys
         return f"Provider(name={self.name!r}, base_url={self.base_url!r})"

@@ -193,9 +193,10 @@ def _result_headers(record: RequestRecord, upstream: Mapping[str, str] | None = 
     return headers
 
 
-def make_handler(endpoint: Endpoint, router: Router,
-                 auth: InboundAuth) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """The handler of one endpoint, with the router, the keys and the limits bound once."""
+def make_handler(endpoint: Endpoint, router: Router, auth: InboundAuth,
+                 inflight: set[asyncio.Task[Any]]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The handler of one endpoint, with the router, the keys, the limits and the app's set of
+    requests in flight bound once."""
     config = router.config
     max_body, body_timeout, max_messages = config.max_body_bytes, config.client_body_timeout, config.max_messages
     name = endpoint.name
@@ -207,7 +208,6 @@ def make_handler(endpoint: Endpoint, router: Router,
         headers = request.headers
         record = RequestRecord(headers.get("x-request-id") or new_request_id(), name)
         error: BaseException | None = None
-        inflight = request.app[INFLIGHT_KEY]
         task = request.task  # the handler's own task (asyncio.current_task() costs more)
         inflight.add(task)
         try:
@@ -376,7 +376,8 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
         router = Router(router)
     app = web.Application(client_max_size=router.config.max_body_bytes + 1)
     app[ROUTER_KEY] = router
-    app[INFLIGHT_KEY] = set()
+    inflight: set[asyncio.Task[Any]] = set()
+    app[INFLIGHT_KEY] = inflight
     auth = app[AUTH_KEY] = InboundAuth(router.config.api_keys)
 
     async def router_lifetime(app: web.Application) -> AsyncIterator[None]:
@@ -387,10 +388,10 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     app.cleanup_ctx.append(router_lifetime)
     # every route answers an unsupported `Expect` with an OpenAI-shaped 417 (aiohttp's default can 500)
     expect = {"expect_handler": expect_continue}
-    app.router.add_post("/v1/chat/completions", make_handler(CHAT, router, auth), **expect)
-    app.router.add_post("/v1/completions", make_handler(COMPLETIONS, router, auth), **expect)
-    app.router.add_post("/v1/embeddings", make_handler(EMBEDDINGS, router, auth), **expect)
-    app.router.add_post("/v1/responses", make_handler(RESPONSES, router, auth), **expect)
+    app.router.add_post("/v1/chat/completions", make_handler(CHAT, router, auth, inflight), **expect)
+    app.router.add_post("/v1/completions", make_handler(COMPLETIONS, router, auth, inflight), **expect)
+    app.router.add_post("/v1/embeddings", make_handler(EMBEDDINGS, router, auth, inflight), **expect)
+    app.router.add_post("/v1/responses", make_handler(RESPONSES, router, auth, inflight), **expect)
     app.router.add_get("/v1/models", list_models, **expect)
     app.router.add_get("/health", health, **expect)
     app.router.add_get("/ready", ready, **expect)

@@ -22,6 +22,7 @@ _MAX_CLOSING_BRACES = 8  # usage nests `*_tokens_details` objects one level deep
 _FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"([A-Za-z0-9_\-]{1,64})"')
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 _DETAIL = re.compile(rb'"(cached_tokens|reasoning_tokens)"\s*:\s*(\d{1,15})')
+_COUNTS_ONLY = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
 
 
 class Usage(NamedTuple):
@@ -98,6 +99,8 @@ def _usage_from(obj: dict[str, Any]) -> Usage | None:
     if type(prompt) is not int or type(completion) is not int:
         return None
     prompt, completion = max(prompt, 0), max(completion, 0)
+    if obj.keys() <= _COUNTS_ONLY:  # the counts alone (many compatible servers): no details to look for
+        return Usage(prompt, completion)
     input_details = obj.get("prompt_tokens_details") or obj.get("input_tokens_details")
     output_details = obj.get("completion_tokens_details") or obj.get("output_tokens_details")
     cache_read = cache_write = reasoning = 0
