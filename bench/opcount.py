@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -68,9 +69,13 @@ async def main(args: argparse.Namespace) -> None:
 
         table = Path(tempfile.mkdtemp()) / "routes.yaml"
         table.write_text(f'providers:\n  bench: {{base_url: "{upstream}", api_key: sk-bench}}\n'
-                         "routes:\n  - {use_case: general_purpose, tier: standard, model: bench/bench-model}\n")
-        app = build_app(RouterConfig.load(table, environ={"TIERGATE_HEALTH_CHECK_INTERVAL": "0"},
-                                          dotenv_path=None))
+                         "routes:\n  - {use_case: general_purpose, tier: standard, model: bench/bench-model}\n"
+                         + ("limits:\n  - {name: bench, requests_per_minute: 1000000000}\n" if args.limit else ""))
+        environ = {"TIERGATE_HEALTH_CHECK_INTERVAL": "0"}
+        if args.redis_url:
+            environ.update(TIERGATE_REDIS_URL=args.redis_url,
+                           TIERGATE_CACHE_NAMESPACE=f"tiergate-opcount-{os.getpid()}")
+        app = build_app(RouterConfig.load(table, environ=environ, dotenv_path=None))
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -113,6 +118,8 @@ if __name__ == "__main__":
     parser.add_argument("--lines", default="", help="also count by line in files whose path contains this")
     parser.add_argument("--stream", action="store_true",
                         help="streamed requests (the floor: bench/stream_floor.py); the upstream must stream")
+    parser.add_argument("--redis-url", default="", help="tiergate with this Redis (shared cache, fleet state)")
+    parser.add_argument("--limit", action="store_true", help="and one limit every request counts against")
     parser.add_argument("--asyncio", action="store_true", help="asyncio's own loop instead of uvloop")
     arguments = parser.parse_args()
     if not arguments.asyncio:  # as `tiergate serve` runs (and the floor): the loop's own work is in C

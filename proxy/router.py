@@ -73,6 +73,9 @@ RESPONSES = Endpoint("responses", "/responses", "chat", True)
 # the top-level `id` of a Response body, or of the response in a stream's first event
 _RESPONSE_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
 _ID_SNIFF_BYTES = 8192
+# how a stream that broke is counted: the provider's silence a 504, the client leaving a 499 (as
+# nginx counts it), anything else the provider did a 502
+_STREAM_ERROR_STATUS = {"timeout": 504, "client_closed": 499}
 # the events a complete Responses stream ends with (a failed or incomplete response is complete too)
 RESPONSES_DONE = (b"response.completed", b"response.incomplete", b"response.failed")
 
@@ -449,7 +452,7 @@ class Router:
             state = record.stream_state
             if state is not None and state.error is not None:  # a stream that broke counts as what it was
                 record.error = f"stream_{state.error}"
-                record.status = 504 if state.error == "timeout" else 502
+                record.status = _STREAM_ERROR_STATUS.get(state.error, 502)
         self.telemetry.finish(record)
         if record.quota is not None:  # limits: replace the estimate with the real usage
             self.quotas.settle(record)

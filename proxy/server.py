@@ -48,6 +48,7 @@ ROUTER_KEY = web.AppKey("router", Router)
 AUTH_KEY = web.AppKey("auth", InboundAuth)
 INFLIGHT_KEY = web.AppKey("inflight", set)  # the handler tasks of requests in flight (drained at shutdown)
 DRAIN = "tiergate is shutting down"  # the cancel message that ends a stream still open after the drain
+CLIENT_CLOSED = "client_closed"  # a stream's outcome when its client went away before the end
 
 
 # field -> accepted JSON types; None is accepted for every optional field
@@ -264,6 +265,14 @@ async def _relay_stream(request: web.Request, chunks: AsyncIterator[bytes],
         async for chunk in chunks:
             await response.write(chunk)
         await response.write_eof()
+    except ConnectionResetError:
+        # the client left mid-stream (aiohttp raises its ClientConnectionResetError): nothing more can
+        # be sent, and it is no error of tiergate's to log with a traceback; counted as a 499
+        state = record.stream_state
+        if state is not None:
+            state.error = state.error or CLIENT_CLOSED
+        else:
+            record.status, record.error = 499, CLIENT_CLOSED
     except asyncio.CancelledError as exc:
         if DRAIN not in exc.args:
             raise
