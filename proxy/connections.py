@@ -5,7 +5,8 @@ request costs in log lines.
 aiohttp has an idle keep-alive timer but no bound on the time to receive headers (a connection
 trickling a header a minute stays forever) and no cap on connections (at the descriptor limit
 `accept()` fails and every legitimate client is starved). `GuardedAppRunner` runs the app with a
-`GuardedServer`, whose protocol (`GuardedRequestHandler`) adds the header deadline; the server caps
+`GuardedServer`, whose protocol (`GuardedRequestHandler`) notes since when a connection has waited
+for a request's headers and whose sweep closes those past the header deadline; the server caps
 open connections and, at the cap, closes the oldest idle connection (one that has not finished a
 request first) to make room, so a request is still served while idle or slow connections fill the
 cap. A malformed request is answered with an OpenAI-shaped 400 and logged in one line, at most
@@ -94,12 +95,14 @@ def _reason(exc: BaseException) -> str:
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's protocol plus a deadline for the request headers and a quiet answer to garbage."""
 
-    def __init__(self, manager: GuardedServer, *, header_timeout: float, **kwargs: Any):
+    def __init__(self, manager: GuardedServer, **kwargs: Any):
         super().__init__(manager, **kwargs)
-        self._header_timeout = header_timeout
-        self._header_timer: asyncio.TimerHandle | None = None
         self._malformed_log = manager.malformed_log
         self.served = False  # a request's headers arrived on this connection at least once
+        # since when (loop time) it has waited for a request's headers: the server's sweep closes it
+        # once that is longer than the header timeout (a timer per connection would cost every
+        # connection and request a timer set and cancelled)
+        self.waiting_since: float | None = None
 
     @property
     def idle(self) -> bool:
@@ -110,7 +113,7 @@ class GuardedRequestHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if self.transport is not None:  # not closed at once by the server's cap
-            self._arm_header_timer()
+            self.waiting_since = self._loop.time()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -118,27 +121,13 @@ class GuardedRequestHandler(RequestHandler):
             return
         if self._messages:
             self.served = True  # headers complete: the handler (and its body timeout) take over
-            self._disarm_header_timer()
-        elif self._header_timer is None and self.idle:
-            self._arm_header_timer()  # the first bytes of a request on an idle keep-alive connection
+            self.waiting_since = None
+        elif self.waiting_since is None and self.idle:
+            self.waiting_since = self._loop.time()  # the first bytes of a request on an idle keep-alive connection
 
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._disarm_header_timer()
-        super().connection_lost(exc)
-
-    def _arm_header_timer(self) -> None:
-        if self._header_timeout > 0:
-            self._header_timer = self._loop.call_later(self._header_timeout, self._headers_late)
-
-    def _disarm_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _headers_late(self) -> None:
-        self._header_timer = None
-        if self.idle and not self._messages:
-            self.force_close()
+    def headers_late(self, now: float, timeout: float) -> bool:
+        since = self.waiting_since
+        return since is not None and now - since >= timeout and self.idle and not self._messages
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -167,13 +156,35 @@ class GuardedServer(web.Server):
         self.refused_log = RateLimitedLog()
         self.evicted = 0  # idle connections closed to make room
         self.refused = 0  # connections refused because every open one was busy
+        self._sweeper: asyncio.TimerHandle | None = None
+        # a connection is closed between one header timeout and a quarter more after it went silent
+        self._sweep_interval = min(1.0, max(0.05, limits.header_timeout / 4))
+
+    def _sweep(self) -> None:
+        """Close the connections that have waited longer than the header timeout for a request's headers."""
+        self._sweeper = None
+        now = self._loop.time()
+        timeout = self.limits.header_timeout
+        for conn in list(self._connections):
+            if isinstance(conn, GuardedRequestHandler) and conn.headers_late(now, timeout):
+                conn.waiting_since = None
+                conn.force_close()
+        if self._connections:
+            self._sweeper = self._loop.call_later(self._sweep_interval, self._sweep)
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        await super().shutdown(timeout)
 
     def __call__(self) -> GuardedRequestHandler:
-        return GuardedRequestHandler(self, loop=self._loop, header_timeout=self.limits.header_timeout,
-                                     **self._kwargs)
+        return GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
+        if self._sweeper is None and self.limits.header_timeout > 0:
+            self._sweeper = self._loop.call_later(self._sweep_interval, self._sweep)
         open_now = len(self._connections)
         if open_now <= self.limits.max_connections:
             return

@@ -257,9 +257,10 @@ def make_handler(endpoint: Endpoint, router: Router, auth: InboundAuth,
 
 async def _relay_stream(request: web.Request, chunks: AsyncIterator[bytes],
                         record: RequestRecord, upstream: Mapping[str, str] | None = None) -> web.StreamResponse:
-    response = web.StreamResponse(status=200, headers=_result_headers(record, upstream))
-    response.content_type = "text/event-stream"
-    response.headers["Cache-Control"] = "no-cache"
+    headers = _result_headers(record, upstream)
+    headers["Content-Type"] = "text/event-stream"  # a header, not the content_type setter that parses it again
+    response = web.StreamResponse(status=200, headers=headers)
+    response.headers["Cache-Control"] = "no-cache"  # replaces the provider's, whatever its case
     try:
         await response.prepare(request)
         async for chunk in chunks:
