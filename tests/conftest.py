@@ -83,12 +83,13 @@ async def start_tiergate() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
     """Factory: `await start_tiergate(doc, **settings)` runs tiergate on a loopback port."""
     started: list[Running] = []
 
-    async def start(doc: dict[str, Any], *, breaker_clock: Any = None, **settings: Any) -> Running:
+    async def start(doc: dict[str, Any], *, breaker_clock: Any = None, handler_cancellation: bool = True,
+                    **settings: Any) -> Running:
         config = make_config(**settings)
         router = Router(config, table=table_from_dict(doc, source="test",
                                                       allow_model_override=config.allow_model_override),
                         breaker_clock=breaker_clock)
-        runner = web.AppRunner(build_app(router), handler_cancellation=True, access_log=None,
+        runner = web.AppRunner(build_app(router), handler_cancellation=handler_cancellation, access_log=None,
                                shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -7,13 +7,8 @@ import logging
 
 import orjson
 import pytest
-from aiohttp import web
 
-from proxy.router import Router
-from proxy.routing import table_from_dict
-from proxy.server import build_app
-
-from .conftest import BACKUP_KEY, PRIMARY_KEY, make_config, table_doc
+from .conftest import BACKUP_KEY, PRIMARY_KEY, table_doc
 from .upstream import Fail, Hang, Ok, Reset
 
 
@@ -133,46 +128,39 @@ async def test_client_disconnect_cancels_the_upstream_request(tiergate, upstream
 
 
 @pytest.mark.parametrize("cancellation", [True, False])
-async def test_a_client_that_leaves_mid_stream_is_a_499_and_no_logged_error(upstream, caplog, cancellation):
+async def test_a_client_that_leaves_mid_stream_is_a_499_and_no_logged_error(upstream, start_tiergate, caplog,
+                                                                              cancellation):
     """A user pressing stop: the client closes its socket after the first chunk while the provider
     goes on. With handler cancellation (as `tiergate serve` runs) the handler is cancelled; without it
     (aiohttp's default, e.g. `build_app` mounted in an application's own runner) the next write to the
     closed socket fails. Neither is an error of tiergate's to log with a traceback, nor a 500."""
     caplog.set_level(logging.INFO)
-    router = Router(make_config(), table=table_from_dict(table_doc(upstream), source="test"))
-    runner = web.AppRunner(build_app(router), handler_cancellation=cancellation, access_log=None,
-                           shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        body = orjson.dumps({**CHAT, "stream": True})
-        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        for _ in range(3):
-            upstream.push(Ok(content="one two three four", gap=0.02))
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(request)
-            await asyncio.wait_for(reader.readuntil(b"data:"), 5)
-            writer.close()
-            await writer.wait_closed()
+    tg = await start_tiergate(table_doc(upstream), handler_cancellation=cancellation)
+    router, port = tg.router, int(tg.url.rsplit(":", 1)[1])
+    body = orjson.dumps({**CHAT, "stream": True})
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    for _ in range(3):
+        upstream.push(Ok(content="one two three four", gap=0.02))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await asyncio.wait_for(reader.readuntil(b"data:"), 5)
+        writer.close()
+        await writer.wait_closed()
 
-        def statuses() -> dict[str, float]:
-            text, _ = router.telemetry.render_metrics()
-            found: dict[str, float] = {}
-            for line in text.decode().splitlines():
-                if line.startswith("tiergate_requests_total{"):
-                    status = line.split('status="')[1].split('"')[0]
-                    found[status] = found.get(status, 0) + float(line.rsplit(" ", 1)[1])
-            return found
+    def statuses() -> dict[str, float]:
+        text, _ = router.telemetry.render_metrics()
+        found: dict[str, float] = {}
+        for line in text.decode().splitlines():
+            if line.startswith("tiergate_requests_total{"):
+                status = line.split('status="')[1].split('"')[0]
+                found[status] = found.get(status, 0) + float(line.rsplit(" ", 1)[1])
+        return found
 
-        async with asyncio.timeout(10):
-            while sum(statuses().values()) < 3:
-                await asyncio.sleep(0.01)
-        assert statuses() == {"499": 3.0}
-    finally:
-        await runner.cleanup()
+    async with asyncio.timeout(10):
+        while sum(statuses().values()) < 3:
+            await asyncio.sleep(0.01)
+    assert statuses() == {"499": 3.0}
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], \
         [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
