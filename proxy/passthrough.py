@@ -152,9 +152,16 @@ async def forward(request: web.Request, router: Router, provider_name: str, reco
             await response.write(chunk)
         await response.write_eof()
         return response
+    except ConnectionResetError:  # writing to the client failed (aiohttp's ClientConnectionResetError): it left
+        record.status, record.error = 499, "client_closed"
+        return response
     except (aiohttp.ClientError, TimeoutError) as exc:  # the upstream broke off mid-body: cut the client off too
-        record.error = f"upstream_{type(exc).__name__}"
-        raise ConnectionResetError(f"{provider_name} broke off the pass-through answer") from None
+        record.status, record.error = 502, f"upstream_{type(exc).__name__}"
+        log.warning("%s broke off the pass-through answer to %s %s (request %s): %s", provider_name,
+                    request.method, request.path, record.request_id, type(exc).__name__)
+        if request.transport is not None:
+            request.transport.close()  # no end of body: the client sees an answer cut short, not a complete one
+        return response
     finally:
         upstream.release()
 

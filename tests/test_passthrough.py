@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -284,3 +285,51 @@ async def test_sync_client_models_moderations_and_speech(upstream, start_tiergat
 
     assert await asyncio.to_thread(sync_calls) == ("gpt-4o-mini", False)
     assert (tmp_path / "speech.mp3").stat().st_size == upstream.speech_bytes
+
+
+def _statuses(running: Any) -> dict[str, float]:
+    text, _ = running.router.telemetry.render_metrics()
+    found: dict[str, float] = {}
+    for line in text.decode().splitlines():
+        if line.startswith("tiergate_requests_total{"):
+            status = line.split('status="')[1].split('"')[0]
+            found[status] = found.get(status, 0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
+async def _counted(running: Any, n: int) -> dict[str, float]:
+    async with asyncio.timeout(10):
+        while sum(_statuses(running).values()) < n:
+            await asyncio.sleep(0.01)
+    return _statuses(running)
+
+
+async def test_an_answer_the_provider_breaks_off_is_cut_for_the_client_too(upstream, start_tiergate, http, caplog):
+    """The client must see that the body is incomplete (no end of body), one line in the log says
+    why, and the request counts as a 502: not a traceback and a 500."""
+    running = await start_tiergate(doc(upstream, passthrough_provider="primary"))
+    upstream.speech_cut = True
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.post(running.v1 + "/audio/speech", json={"model": "tts-1", "input": "x", "voice": "a"}) as resp:
+            assert resp.status == 200
+            await resp.read()
+    assert await _counted(running, 1) == {"502": 1.0}
+    assert not [r for r in caplog.records if r.exc_info or "Error handling request" in r.getMessage()]
+    assert any("broke off the pass-through answer" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_client_that_leaves_a_passed_through_answer_is_a_499(upstream, start_tiergate, caplog):
+    """Without handler cancellation (aiohttp's default for an app in an application's own runner),
+    leaving shows as a failed write to the client: not the provider's fault, not a logged error."""
+    running = await start_tiergate(doc(upstream, passthrough_provider="primary"), handler_cancellation=False)
+    upstream.speech_bytes = 64 * 1024 * 1024  # more than the sockets hold: tiergate is still writing
+    port = int(running.url.rsplit(":", 1)[1])
+    body = b'{"model":"tts-1","input":"x","voice":"a"}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    await reader.readexactly(65536)
+    writer.transport.abort()  # gone at once
+    assert await _counted(running, 1) == {"499": 1.0}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

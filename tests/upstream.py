@@ -147,6 +147,7 @@ class MockUpstream:
         self.models = models
         self.responses = responses
         self.speech_bytes = speech_bytes
+        self.speech_cut = False  # break off the audio answer halfway (the connection closed, no end of body)
         self.stored: dict[str, dict[str, Any]] = {}  # Responses API: id -> {"response", "input"}
         self.default: Action = Ok()
         self.script: list[Action] = []
@@ -594,6 +595,10 @@ class MockUpstream:
         block = bytes(range(256)) * 256  # 64 KiB
         left = self.speech_bytes
         while left > 0:
+            if self.speech_cut and left <= self.speech_bytes // 2:
+                assert request.transport is not None
+                request.transport.close()
+                return response
             await response.write(block[:left])
             left -= len(block)
         await response.write_eof()
