@@ -117,6 +117,11 @@ class Check(NamedTuple):
     limit: float
     key: str  # the counter's name (the backend prefixes its namespace)
 
+    def __hash__(self) -> int:
+        # the counter's name is unique in a table; hashing the spec would hash its twelve fields
+        # each time a tuple of checks keys a memo (every admission)
+        return hash(self.key)
+
     @property
     def is_budget(self) -> bool:
         return self.window != "w"
