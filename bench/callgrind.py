@@ -66,7 +66,7 @@ def instructions(pythonpath: str, upstream: str, requests: int, workdir: Path) -
         env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, proc)
-        subprocess.run([python, "-c", LOAD, str(port), str(requests)], check=True, cwd=workdir)
+        subprocess.run([python, "-c", LOAD, str(port), str(requests), "0"], check=True, cwd=workdir)  # non-stream
     finally:
         proc.send_signal(signal.SIGINT)  # a clean shutdown: callgrind writes its file at exit
         proc.wait(timeout=300)

@@ -5,8 +5,8 @@ The client's request headers go upstream as sent (a provider acts on `OpenAI-Org
 tiergate's or the connection's; the provider's response headers come back (`x-ratelimit-*`, its
 `x-request-id`, `openai-processing-ms`) except hop-by-hop ones and the framing of a body tiergate
 re-frames. Both run on every request: the names a client or provider sends repeat from one request
-to the next, so which of them pass is worked out once per set of names and the copy is done by
-C-level `zip`/`map`, not a Python loop over the headers.
+to the next, so which of them pass is worked out once per set of names, and the copy only visits
+the headers that pass.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | frozenset({
     "strict-transport-security"})
 
 _PLANS_MAX = 512  # distinct sets of header names remembered (clients and providers repeat theirs)
-_Plan = tuple[tuple[int, ...], tuple[str, ...]]
+_Plan = tuple[tuple[str, int], ...]  # (name in the copy, position in the headers) of each header that passes
 
 
 class HeaderFilter:
@@ -46,22 +46,27 @@ class HeaderFilter:
         self._plans: dict[tuple[str, ...], _Plan] = {}
 
     def __call__(self, headers: Mapping[str, str]) -> dict[str, str]:
-        names = tuple(headers.keys())
+        names = tuple(headers)  # a mapping iterates its names (a multidict's each time they occur)
         plan = self._plans.get(names)
         if plan is None:
             plan = self._plan(names)
-        keep, kept_names = plan
-        values = tuple(headers.values())
-        return dict(zip(kept_names, map(values.__getitem__, keep), strict=True))
+        copy: dict[str, str] = {}
+        if plan:  # often none passes (a provider's answer with only framing headers)
+            values = tuple(headers.values())
+            # a loop over the passing headers: `dict(zip(names, map(values.__getitem__, ...)))` costs
+            # 1.6-2 times as much (each `__getitem__` through its method wrapper builds an argument tuple)
+            for name, i in plan:
+                copy[name] = values[i]
+        return copy
 
     def _plan(self, names: tuple[str, ...]) -> _Plan:
-        keep = []
+        passing = []
         for i, name in enumerate(names):
             lower = name.lower()
             if lower in self.drop or (self.prefix is not None and lower.startswith(self.prefix)):
                 continue
-            keep.append(i)
-        plan = (tuple(keep), tuple(names[i].lower() if self.lower else names[i] for i in keep))
+            passing.append((lower if self.lower else name, i))
+        plan = tuple(passing)
         if len(self._plans) < _PLANS_MAX:
             self._plans[names] = plan
         return plan
