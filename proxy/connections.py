@@ -116,7 +116,7 @@ class GuardedRequestHandler(RequestHandler):
             self.waiting_since = self._loop.time()
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+        RequestHandler.data_received(self, data)  # aiohttp's own, named: super() costs ~1k instructions a call
         if self._force_close:
             return
         if self._messages:

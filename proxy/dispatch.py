@@ -410,7 +410,10 @@ class Dispatcher:
                     data = await self._read(resp, ref)
                 resp.release()
                 if slots is not None:  # the body is read: the connection is back in the pool
-                    slots.release()
+                    if slots._waiters:
+                        slots.release()  # the slot passes to the next request waiting for one
+                    else:
+                        slots.active -= 1  # the usual case, without a call (as it was taken)
                     slots = None
                 status = resp.status
                 if status != 200:

@@ -98,7 +98,10 @@ def _usage_from(obj: dict[str, Any]) -> Usage | None:
         completion = obj.get("output_tokens") or 0
     if type(prompt) is not int or type(completion) is not int:
         return None
-    prompt, completion = max(prompt, 0), max(completion, 0)
+    if prompt < 0:  # comparisons, not max(): CPython 3.11 parses max()'s keyword arguments on every call
+        prompt = 0
+    if completion < 0:
+        completion = 0
     if obj.keys() <= _COUNTS_ONLY:  # the counts alone (many compatible servers): no details to look for
         return Usage(prompt, completion)
     input_details = obj.get("prompt_tokens_details") or obj.get("input_tokens_details")
