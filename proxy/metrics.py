@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Any
 
 from prometheus_client import (
@@ -113,9 +111,11 @@ class _PendingHistogram:
         self.total += value * count
 
     def observe_ms(self, values: list[float]) -> None:
-        counts = self.counts
-        for i, n in Counter(map(bisect_left, repeat(self.bounds), values)).items():
-            counts[i] += n
+        # a plain loop: cheaper than counting with a `Counter` (its construction alone costs what
+        # bisecting a dozen values does) at every batch size
+        counts, bounds = self.counts, self.bounds
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
         self.total += sum(values)
 
     def flush(self) -> None:
