@@ -8,7 +8,7 @@ import logging
 import orjson
 import pytest
 
-from .conftest import BACKUP_KEY, PRIMARY_KEY, table_doc
+from .conftest import BACKUP_KEY, PRIMARY_KEY, requests_counted, table_doc
 from .upstream import Fail, Hang, Ok, Reset
 
 
@@ -136,7 +136,7 @@ async def test_a_client_that_leaves_mid_stream_is_a_499_and_no_logged_error(upst
     closed socket fails. Neither is an error of tiergate's to log with a traceback, nor a 500."""
     caplog.set_level(logging.INFO)
     tg = await start_tiergate(table_doc(upstream), handler_cancellation=cancellation)
-    router, port = tg.router, int(tg.url.rsplit(":", 1)[1])
+    port = int(tg.url.rsplit(":", 1)[1])
     body = orjson.dumps({**CHAT, "stream": True})
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -148,19 +148,7 @@ async def test_a_client_that_leaves_mid_stream_is_a_499_and_no_logged_error(upst
         writer.close()
         await writer.wait_closed()
 
-    def statuses() -> dict[str, float]:
-        text, _ = router.telemetry.render_metrics()
-        found: dict[str, float] = {}
-        for line in text.decode().splitlines():
-            if line.startswith("tiergate_requests_total{"):
-                status = line.split('status="')[1].split('"')[0]
-                found[status] = found.get(status, 0) + float(line.rsplit(" ", 1)[1])
-        return found
-
-    async with asyncio.timeout(10):
-        while sum(statuses().values()) < 3:
-            await asyncio.sleep(0.01)
-    assert statuses() == {"499": 3.0}
+    assert await requests_counted(tg, 3) == {"499": 3.0}
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], \
         [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 

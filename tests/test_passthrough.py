@@ -19,7 +19,7 @@ import openai
 import pytest
 import yaml
 
-from .conftest import BACKUP_KEY, PRIMARY_KEY, table_doc
+from .conftest import BACKUP_KEY, PRIMARY_KEY, requests_counted, table_doc
 from .test_cli import ENV, free_port
 from .upstream import MockUpstream
 
@@ -287,23 +287,6 @@ async def test_sync_client_models_moderations_and_speech(upstream, start_tiergat
     assert (tmp_path / "speech.mp3").stat().st_size == upstream.speech_bytes
 
 
-def _statuses(running: Any) -> dict[str, float]:
-    text, _ = running.router.telemetry.render_metrics()
-    found: dict[str, float] = {}
-    for line in text.decode().splitlines():
-        if line.startswith("tiergate_requests_total{"):
-            status = line.split('status="')[1].split('"')[0]
-            found[status] = found.get(status, 0) + float(line.rsplit(" ", 1)[1])
-    return found
-
-
-async def _counted(running: Any, n: int) -> dict[str, float]:
-    async with asyncio.timeout(10):
-        while sum(_statuses(running).values()) < n:
-            await asyncio.sleep(0.01)
-    return _statuses(running)
-
-
 async def test_an_answer_the_provider_breaks_off_is_cut_for_the_client_too(upstream, start_tiergate, http, caplog):
     """The client must see that the body is incomplete (no end of body), one line in the log says
     why, and the request counts as a 502: not a traceback and a 500."""
@@ -313,7 +296,7 @@ async def test_an_answer_the_provider_breaks_off_is_cut_for_the_client_too(upstr
         async with http.post(running.v1 + "/audio/speech", json={"model": "tts-1", "input": "x", "voice": "a"}) as resp:
             assert resp.status == 200
             await resp.read()
-    assert await _counted(running, 1) == {"502": 1.0}
+    assert await requests_counted(running, 1) == {"502": 1.0}
     assert not [r for r in caplog.records if r.exc_info or "Error handling request" in r.getMessage()]
     assert any("broke off the pass-through answer" in r.getMessage() for r in caplog.records)
 
@@ -331,5 +314,5 @@ async def test_a_client_that_leaves_a_passed_through_answer_is_a_499(upstream, s
     await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     await reader.readexactly(65536)
     writer.transport.abort()  # gone at once
-    assert await _counted(running, 1) == {"499": 1.0}
+    assert await requests_counted(running, 1) == {"499": 1.0}
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
