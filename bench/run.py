@@ -9,6 +9,10 @@ Writes bench/out/last.md and prints the table.
 `--limit` adds a third target, tiergate with one limit on every request counted in a local Redis
 (`--redis-url`, default db 15; a key namespace of its own), measured in the same interleaved rounds:
 the added p50 at concurrency 1 and the requests/s at concurrency 64 against tiergate without one.
+
+`--baseline DIR` adds tiergate run from another checkout (`PYTHONPATH=DIR`, e.g. a worktree of an
+older build), measured in the same interleaved rounds: the regression of this build against that
+one, with the machine's drift shared by both.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-UPSTREAM_PORT, FLOOR_PORT, TIERGATE_PORT, LIMITED_PORT = free_port(), free_port(), free_port(), free_port()
+UPSTREAM_PORT, FLOOR_PORT, TIERGATE_PORT, LIMITED_PORT, BASELINE_PORT = (free_port() for _ in range(5))
 ANSWER = ('{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench-model",'
           '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},'
           '"logprobs":null,"finish_reason":"stop"}],'
@@ -176,6 +180,7 @@ def main() -> None:
                         help="the SDK's request headers and OpenAI's response headers on every call")
     parser.add_argument("--limit", action="store_true", help="also tiergate with one limit per request in Redis")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="the Redis of --limit")
+    parser.add_argument("--baseline", metavar="DIR", help="also tiergate from the checkout DIR, to compare builds")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "taskset"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -221,6 +226,15 @@ def main() -> None:
             runs["tiergate+limit"] = []
             targets["tiergate+limit"] = (LIMITED_PORT, limited.pid)
             rounds.append("tiergate+limit")
+        if args.baseline:
+            baseline = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "proxy", "serve", "--config",
+                                         str(tmp / "routes.yaml"), "--port", str(BASELINE_PORT)],
+                                        cwd=str(tmp), env={**env, "PYTHONPATH": args.baseline}, stdout=log, stderr=log)
+            procs.append(baseline)
+            wait_port(BASELINE_PORT)
+            runs["baseline"] = []
+            targets["baseline"] = (BASELINE_PORT, baseline.pid)
+            rounds.insert(1, "baseline")
         order = ["direct"] + rounds * args.rounds  # interleaved: drift hits them alike
         for name in order:
             port, pid = targets[name]
@@ -261,6 +275,11 @@ def main() -> None:
                      f"{lt['p50'] - t['p50']:+.3f} ms over tiergate (target <= 0.15), req/s "
                      f"{100 * lt['rps'] / t['rps']:.1f}% of tiergate without limits (target >= 80%), "
                      f"CPU {lt['cpu'] - t['cpu']:+.1f} µs/req")
+    if args.baseline:
+        b = rows["baseline"]
+        lines.append(f"this build vs the baseline {args.baseline}: req/s {100 * t['rps'] / b['rps']:.1f}% of "
+                     f"its (target >= 95%), CPU per request {100 * (t['cpu'] / b['cpu'] - 1):+.1f}%, "
+                     f"added p50 {t['p50'] - b['p50']:+.3f} ms")
     text = "\n".join(lines)
     print(text)
     (HERE / "out").mkdir(exist_ok=True)

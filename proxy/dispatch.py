@@ -25,6 +25,7 @@ import aiohttp
 import orjson
 
 from .breaker import BreakerBoard
+from .deadlines import Deadlines
 from .limits import ProviderLimits, ProviderSlots
 from .providers import Provider, UpstreamResponse
 from .routing import RouteDecision
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tiergate")
 
-_TIMEOUT_SLACK_S = 0.005  # a deadline this much later than exact is not worth a new timeout object
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError, OSError)
 # the list a successful answer of each endpoint must carry; anything else is not an answer
@@ -55,6 +55,7 @@ DONE = b"data: [DONE]"  # the end of a chat/completions stream
 _SSE_STARTS = (b"data:", b"event:", b":", b"id:", b"retry:")
 _ERROR_EVENT = b'data: {"error"'
 _INF = float("inf")
+current_task = asyncio.current_task
 
 
 @dataclass(slots=True)
@@ -179,10 +180,10 @@ class Dispatcher:
         self._first_byte = config.first_byte_timeout
         self._connect = config.connect_timeout
         self._timeout = config.timeout
-        # a non-stream attempt with (nearly) the whole budget shares one timeout object
-        self._full_timeout = aiohttp.ClientTimeout(total=min(config.timeout, self._attempt_timeout),
-                                                   sock_connect=config.connect_timeout)
-        self._full_timeout_from = self._full_timeout.total - _TIMEOUT_SLACK_S  # type: ignore[operator]
+        # an attempt's deadline is kept by `deadlines` (one timer for all); aiohttp bounds only the
+        # connect and, in a stream, the gap between chunks
+        self.deadlines = Deadlines()
+        self._untimed = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout)
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout, sock_read=config.stream_idle_timeout)
         self._max_attempts = max(1, config.max_retries)
@@ -393,16 +394,17 @@ class Dispatcher:
                        headers: Mapping[str, str] | None, stream: bool, budget: float, first_byte: float,
                        ref: ModelRef, attempts: list[Attempt], slots: ProviderSlots | None,
                        done_marker: bytes | tuple[bytes, ...], strip_usage: bool = False) -> Result:
-        """One try. A non-stream attempt runs under aiohttp's own total timeout (cheaper than
-        asyncio.timeout); a stream is bounded until its first chunk, then by the gap between chunks."""
+        """One try, under its deadline (the budget; until its first chunk for a stream, which is then bounded
+        by the gap between chunks)."""
         resp: UpstreamResponse | None = None
+        task = current_task()
+        seconds = (budget if budget < self._attempt_timeout else self._attempt_timeout) if not stream \
+            else (budget if budget < first_byte else first_byte)
+        armed = self.deadlines.arm(task, seconds if seconds > 0.001 else 0.001) \
+            if seconds != _INF and task is not None else None
         try:
             if not stream:
-                # the full timeout is never longer than the attempt's own budget: min() only when shorter
-                timeout = (self._full_timeout if budget >= self._full_timeout_from
-                           else aiohttp.ClientTimeout(total=max(min(budget, self._attempt_timeout), 0.001),
-                                                      sock_connect=self._connect))
-                resp = await provider.send(path, body, headers, timeout)
+                resp = await provider.send(path, body, headers, self._untimed)
                 length = resp.headers.get("Content-Length")
                 if length is not None and length.isdigit() and int(length) <= self._max_body:
                     data = await resp.read()  # the usual case: a body of known, acceptable length
@@ -420,27 +422,32 @@ class Dispatcher:
                     raise self._failure(status, data, resp, ref, provider)
                 return Result(200, ref, attempts, body=data, headers=resp.headers,
                               data=self._answer(path, data, ref))
-            async with asyncio.timeout(min(budget, first_byte)):
-                resp = await provider.send(path, body, headers, self._stream_timeout)
-                if slots is not None:
-                    resp = self.limits.hold(resp, slots)
-                    slots = None
-                status = resp.status
-                if status != 200:
-                    data = await self._read(resp, ref)
-                    resp.release()
-                    raise self._failure(status, data, resp, ref, provider)
-                content_type = resp.headers.get("Content-Type", "")
-                if not content_type.startswith("text/event-stream"):  # a JSON body or a page, not a stream
-                    resp.close()
-                    raise _Retryable(Attempt(ref.provider, ref.model, "not_a_stream", status))
-                first = await resp.content.readany()
-                if not first:
-                    resp.close()
-                    raise _Retryable(Attempt(ref.provider, ref.model, "empty_stream", status))
-                if first.startswith(_ERROR_EVENT) or not first.lstrip().startswith(_SSE_STARTS):
-                    resp.close()  # an error event before any content, or bytes that are not SSE: fall back
-                    raise _Retryable(Attempt(ref.provider, ref.model, "stream_error", status))
+            resp = await provider.send(path, body, headers, self._stream_timeout)
+            if slots is not None:
+                resp = self.limits.hold(resp, slots)
+                slots = None
+            status = resp.status
+            if status != 200:
+                data = await self._read(resp, ref)
+                resp.release()
+                raise self._failure(status, data, resp, ref, provider)
+            content_type = resp.headers.get("Content-Type", "")
+            if not content_type.startswith("text/event-stream"):  # a JSON body or a page, not a stream
+                resp.close()
+                raise _Retryable(Attempt(ref.provider, ref.model, "not_a_stream", status))
+            first = await resp.content.readany()
+            if not first:
+                resp.close()
+                raise _Retryable(Attempt(ref.provider, ref.model, "empty_stream", status))
+            if first.startswith(_ERROR_EVENT) or not first.lstrip().startswith(_SSE_STARTS):
+                resp.close()  # an error event before any content, or bytes that are not SSE: fall back
+                raise _Retryable(Attempt(ref.provider, ref.model, "stream_error", status))
+        except asyncio.CancelledError:
+            if resp is not None:
+                resp.close()
+            if armed is not None and self.deadlines.expired(task):  # type: ignore[arg-type]
+                raise _Retryable(Attempt(ref.provider, ref.model, "timeout")) from None
+            raise
         except TimeoutError:
             if resp is not None:
                 resp.close()
@@ -461,6 +468,8 @@ class Dispatcher:
                 resp.close()
             raise
         finally:
+            if armed is not None:
+                self.deadlines.disarm(task, armed)  # type: ignore[arg-type]
             if slots is not None:  # never reached aiohttp's response: hand the slot back
                 slots.release()
         state = StreamState(request_bytes=len(body))

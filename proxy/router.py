@@ -204,6 +204,7 @@ class Router:
             for provider in list(self.providers.values()):
                 await provider.close()
             self.providers.clear()
+            self.dispatcher.deadlines.close()
             self._closed_event.set()
         self.telemetry.drain()  # count and log the last requests, then
         await asyncio.to_thread(self.telemetry.close)  # flush spans off the loop
