@@ -27,6 +27,7 @@ from pathlib import Path
 from opcount import LOAD  # the same requests as the opcode count
 
 REPO = Path(__file__).resolve().parent.parent
+EXTRA_ENV: dict[str, str] = {}  # --env KEY=VALUE
 _TOTALS = re.compile(r"^(?:summary|totals):\s*([\d,]+)", re.MULTILINE)
 
 
@@ -56,7 +57,7 @@ def instructions(pythonpath: str, upstream: str, requests: int, workdir: Path) -
                      "routes:\n  - {use_case: general_purpose, tier: standard, model: bench/bench-model}\n")
     port = free_port()
     out = workdir / f"callgrind.{requests}.out"
-    env = {**os.environ, "PYTHONPATH": pythonpath, "TIERGATE_HEALTH_CHECK_INTERVAL": "0",
+    env = {**os.environ, "PYTHONPATH": pythonpath, "TIERGATE_HEALTH_CHECK_INTERVAL": "0", **EXTRA_ENV,
            "PYTHONHASHSEED": "0"}
     # the interpreter itself, not a shim script (valgrind would count the shim's shell too)
     python = os.path.realpath(sys.executable)
@@ -81,8 +82,10 @@ def main() -> None:
     parser.add_argument("--pythonpath", default=str(REPO), help="the checkout to measure (default: this one)")
     parser.add_argument("--upstream", default="http://127.0.0.1:18001/v1")
     parser.add_argument("--requests", type=int, default=800, help="requests counted (beyond the 8 of warm-up)")
+    parser.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for tiergate")
     parser.add_argument("--keep", metavar="DIR", help="leave the callgrind files in DIR (for callgrind_annotate)")
     args = parser.parse_args()
+    EXTRA_ENV.update(kv.split("=", 1) for kv in args.env)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.keep or tmp)
         workdir.mkdir(parents=True, exist_ok=True)

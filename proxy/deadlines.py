@@ -20,7 +20,14 @@ _EARLY = 0.001 * _PER_SECOND  # a bucket whose end is this close is due (the loo
 _EXPIRED_MAX = 1024  # tasks remembered as cancelled by a deadline before they saw it
 _MESSAGE = "tiergate: the attempt's deadline passed"
 
-get_running_loop = asyncio.get_running_loop
+try:  # the running task of a known loop, without asyncio.current_task()'s get_running_loop(): CPython
+    # 3.11 checks the process id there, a getpid() system call on every call
+    from asyncio.tasks import _current_tasks
+
+    _task_of = _current_tasks.get
+except ImportError:  # pragma: no cover - a Python that keeps the current task elsewhere
+    def _task_of(loop: asyncio.AbstractEventLoop) -> asyncio.Task[object] | None:
+        return None
 
 
 class Deadlines:
@@ -39,10 +46,15 @@ class Deadlines:
         # tasks cancelled by their deadline (with `cancelling()` as it was when armed)
         self._expired: dict[asyncio.Task[object], int] = {}
 
+    def current_task(self) -> asyncio.Task[object] | None:
+        """The task running now (the one `arm` cancels)."""
+        task = _task_of(self._loop) if self._loop is not None else None
+        return task if task is not None else asyncio.current_task()
+
     def arm(self, task: asyncio.Task[object], seconds: float) -> int:
         """Cancel `task` once `seconds` have passed, unless `disarm` comes first; returns the bucket
         that `disarm` takes."""
-        loop = get_running_loop()
+        loop = task.get_loop()
         if loop is not self._loop:  # the first attempt, or a library user's new event loop
             self._restart(loop)
         number = int((loop.time() + seconds) * _PER_SECOND) + 1  # the bucket's end: not before the deadline

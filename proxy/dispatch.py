@@ -55,7 +55,6 @@ DONE = b"data: [DONE]"  # the end of a chat/completions stream
 _SSE_STARTS = (b"data:", b"event:", b":", b"id:", b"retry:")
 _ERROR_EVENT = b'data: {"error"'
 _INF = float("inf")
-current_task = asyncio.current_task
 
 
 @dataclass(slots=True)
@@ -397,7 +396,7 @@ class Dispatcher:
         """One try, under its deadline (the budget; until its first chunk for a stream, which is then bounded
         by the gap between chunks)."""
         resp: UpstreamResponse | None = None
-        task = current_task()
+        task = self.deadlines.current_task()
         seconds = (budget if budget < self._attempt_timeout else self._attempt_timeout) if not stream \
             else (budget if budget < first_byte else first_byte)
         armed = self.deadlines.arm(task, seconds if seconds > 0.001 else 0.001) \

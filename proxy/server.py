@@ -21,7 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from .auth import InboundAuth
-from .connections import ConnectionLimits, GuardedAppRunner, descriptor_budget
+from .connections import DIRECT_ROUTES, ConnectionLimits, GuardedAppRunner, descriptor_budget
 from .dispatch import stream_error_event, tried
 from .headers import relayed_headers, request_filter
 from .openapi import openapi_json
@@ -398,10 +398,11 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     app.cleanup_ctx.append(router_lifetime)
     # every route answers an unsupported `Expect` with an OpenAI-shaped 417 (aiohttp's default can 500)
     expect = {"expect_handler": expect_continue}
-    app.router.add_post("/v1/chat/completions", make_handler(CHAT, router, auth, inflight), **expect)
-    app.router.add_post("/v1/completions", make_handler(COMPLETIONS, router, auth, inflight), **expect)
-    app.router.add_post("/v1/embeddings", make_handler(EMBEDDINGS, router, auth, inflight), **expect)
-    app.router.add_post("/v1/responses", make_handler(RESPONSES, router, auth, inflight), **expect)
+    direct = app[DIRECT_ROUTES] = {}  # the server calls these past the app's router (see connections.py)
+    for endpoint in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES):
+        path = "/v1" + endpoint.path
+        direct[path] = make_handler(endpoint, router, auth, inflight)
+        app.router.add_post(path, direct[path], **expect)
     app.router.add_get("/v1/models", list_models, **expect)
     app.router.add_get("/health", health, **expect)
     app.router.add_get("/ready", ready, **expect)

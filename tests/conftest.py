@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from proxy.connections import ConnectionLimits, GuardedAppRunner
 from proxy.router import Router
 from proxy.routing import table_from_dict
 from proxy.server import build_app
@@ -89,8 +90,11 @@ async def start_tiergate() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
         router = Router(config, table=table_from_dict(doc, source="test",
                                                       allow_model_override=config.allow_model_override),
                         breaker_clock=breaker_clock)
-        runner = web.AppRunner(build_app(router), handler_cancellation=handler_cancellation, access_log=None,
-                               shutdown_timeout=1.0)
+        # the runner `tiergate serve` uses: its connection guard and direct routes included
+        limits = ConnectionLimits(config.header_timeout, config.keepalive_timeout,
+                                  config.max_connections or 4096)
+        runner = GuardedAppRunner(build_app(router), limits=limits, handler_cancellation=handler_cancellation,
+                                  access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

@@ -171,3 +171,52 @@ async def test_a_flood_of_malformed_requests_logs_a_bounded_number_of_lines(tmp_
     malformed = [line for line in lines if "malformed HTTP request" in line]
     assert 1 <= len(malformed) <= 2, malformed
     assert len(lines) <= 6, lines
+
+
+# -- the direct routes: the hot endpoints past aiohttp's URL dispatcher, nothing else changed -------
+
+
+async def test_direct_routes_take_only_an_exact_post_and_leave_the_rest_to_the_app():
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from proxy.connections import direct_routes
+
+    seen: list[str] = []
+
+    async def chat(request: web.BaseRequest) -> web.Response:
+        seen.append("direct")
+        return web.Response()
+
+    async def app(request: web.BaseRequest) -> web.Response:
+        seen.append("app")
+        return web.Response()
+
+    handle = direct_routes({"/v1/chat/completions": chat}, app)
+    cases = [  # method, request target, headers, who answers
+        ("POST", "/v1/chat/completions", {}, "direct"),
+        ("GET", "/v1/chat/completions", {}, "app"),
+        ("POST", "/v1/chat/completions?x=1", {}, "app"),
+        ("POST", "/v1/chat%2Fcompletions", {}, "app"),
+        ("POST", "/v1/chat/completions/", {}, "app"),
+        ("POST", "/v1/chat/completions", {"Expect": "100-continue"}, "app"),
+        ("POST", "/v1/embeddings", {}, "app"),
+    ]
+    for method, target, headers, expected in cases:
+        seen.clear()
+        await handle(make_mocked_request(method, target, headers=headers))
+        assert seen == [expected], (method, target, headers)
+
+
+async def test_served_endpoints_answer_the_same_by_either_way(tiergate, http):
+    body = {"model": "general_purpose", "messages": [{"role": "user", "content": "hi"}]}
+    answers = []
+    for target in ("/v1/chat/completions", "/v1/chat/completions?via=app"):
+        async with http.post(tiergate.url + target, json=body) as resp:
+            answers.append((resp.status, (await resp.json())["choices"][0]["message"]["content"]))
+    assert answers[0] == answers[1] and answers[0][0] == 200
+    async with http.get(tiergate.url + "/v1/chat/completions") as resp:  # the app's 405, in OpenAI's shape
+        assert resp.status == 405 and "error" in await resp.json()
+    async with http.post(tiergate.url + "/v1/chat/completions", json=body,
+                         headers={"Expect": "100-continue"}) as resp:  # the app's expect handler
+        assert resp.status == 200
