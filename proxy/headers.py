@@ -80,7 +80,8 @@ def request_filter(extra_drop: tuple[str, ...] = (), *, keep_authorization: bool
     return HeaderFilter(drop, prefix="x-tiergate-", lower=True)
 
 
-RESPONSE_FILTER = HeaderFilter(DROPPED_RESPONSE_HEADERS)
+# names lower-cased (case carries no meaning in HTTP): the copy is then asked about a name as a plain dict
+RESPONSE_FILTER = HeaderFilter(DROPPED_RESPONSE_HEADERS, lower=True)
 
 
 def relayed_headers(upstream: Mapping[str, str] | None, request_id: str) -> dict[str, str]:
@@ -88,7 +89,7 @@ def relayed_headers(upstream: Mapping[str, str] | None, request_id: str) -> dict
     provider's `x-request-id` stays (the SDK reports it), tiergate's goes in `x-tiergate-request-id`."""
     if upstream:
         headers = RESPONSE_FILTER(upstream)
-        if "x-request-id" not in upstream:  # case-insensitive for aiohttp's headers
+        if "x-request-id" not in headers:
             headers["x-request-id"] = request_id
     else:
         headers = {"x-request-id": request_id}

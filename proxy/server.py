@@ -180,12 +180,16 @@ def _deadline(headers: Mapping[str, str], stream: bool) -> float | None:
     return timeout
 
 
+_ATTEMPTS = tuple(map(str, range(16)))  # x-tiergate-attempts, without a str() per response
+
+
 def _result_headers(record: RequestRecord, upstream: Mapping[str, str] | None = None) -> dict[str, str]:
     ref = record.ref
     headers = relayed_headers(upstream, record.request_id)
     headers["x-tiergate-route"] = record.route
     headers["x-tiergate-cache"] = record.cache
-    headers["x-tiergate-attempts"] = str(record.tries)
+    tries = record.tries
+    headers["x-tiergate-attempts"] = _ATTEMPTS[tries] if 0 <= tries < 16 else str(tries)
     if ref is not None:
         headers["x-tiergate-model"] = f"{ref.provider}/{ref.model}"
         headers["x-tiergate-provider"] = ref.provider
