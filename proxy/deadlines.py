@@ -6,13 +6,17 @@ that bookkeeping costs more than the rest of the attempt loop. Here an attempt's
 into the bucket of the deadlines that fall within the same `RESOLUTION` of loop time (a bucket is
 dropped when its last attempt ends); one timer, set for the earliest bucket, cancels the tasks of
 the buckets that have run out. The task turns that cancellation into `TimeoutError`, as
-`asyncio.timeout` does. A deadline fires up to `RESOLUTION` (plus the loop's lag) late, and at
-most a millisecond early (the loop's clock may tick in milliseconds).
+`asyncio.timeout` does. The same buckets also hold calls due at a time (`call_at`: the hedge of an
+answer whose first byte is late) and let a deadline be brought forward to now (`expire_now`).
+A deadline fires up to `RESOLUTION` (plus the loop's lag) late, and at most a millisecond early
+(the loop's clock may tick in milliseconds).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 RESOLUTION = 0.01  # seconds: how late a deadline may fire (the deadlines of one bucket fire together)
 _PER_SECOND = 1 / RESOLUTION
@@ -39,8 +43,9 @@ class Deadlines:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         # bucket number (its end, in RESOLUTIONs of loop time) -> the tasks whose deadline falls in it, each
-        # with what its `cancelling()` was when armed (another cancel, such as a client that left, stays a cancel)
-        self._buckets: dict[int, dict[asyncio.Task[object], int]] = {}
+        # with what its `cancelling()` was when armed (another cancel, such as a client that left, stays a
+        # cancel); or a key of `call_at` with its function
+        self._buckets: dict[int, dict[Any, Any]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0  # the bucket the timer is set for
         # tasks cancelled by their deadline (with `cancelling()` as it was when armed)
@@ -66,7 +71,34 @@ class Deadlines:
         bucket[task] = task.cancelling()
         return number
 
-    def disarm(self, task: asyncio.Task[object], number: int) -> None:
+    def call_at(self, key: object, seconds: float, call: Callable[[], object]) -> int:
+        """Call `call` once `seconds` have passed, unless `disarm(key, ...)` comes first."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("call_at before any arm(): no loop yet")
+        number = int((loop.time() + seconds) * _PER_SECOND) + 1
+        bucket = self._buckets.get(number)
+        if bucket is None:
+            bucket = self._buckets[number] = {}
+            if self._timer is None or number < self._timer_at:
+                self._schedule(number)
+        bucket[key] = call
+        return number
+
+    def expire_now(self, task: asyncio.Task[object], number: int) -> bool:
+        """Bring an armed deadline forward to now (the attempt is no longer wanted); False when it was
+        disarmed or had fired already."""
+        bucket = self._buckets.get(number)
+        if bucket is None or task not in bucket:
+            return False
+        cancelling = bucket.pop(task)
+        if not bucket:
+            del self._buckets[number]
+        self._expired[task] = cancelling
+        task.cancel(_MESSAGE)
+        return True
+
+    def disarm(self, task: object, number: int) -> None:
         """The attempt ended in time (or otherwise): its deadline no longer applies."""
         bucket = self._buckets.get(number)
         if bucket is not None:  # else it fired already
@@ -113,7 +145,9 @@ class Deadlines:
                 del expired[task]
         for number in [n for n in buckets if n <= now]:
             for task, cancelling in buckets.pop(number).items():
-                if not task.done():
+                if type(cancelling) is not int:  # a call_at
+                    cancelling()
+                elif not task.done():
                     expired[task] = cancelling
                     task.cancel(_MESSAGE)
         if buckets:  # the live buckets are few (attempts in flight share them): min() is cheap

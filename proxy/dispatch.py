@@ -5,7 +5,9 @@ cools down after a rate limit; take a slot of its provider's pool (tiergate's ow
 the request's deadline); send the request under its budgets; on a retryable failure (connection
 error, timeout, 5xx, 408, 429, an answer that is not one) count it and move on, backing off (and
 honouring Retry-After) only before trying a deployment that already failed this request. A client
-error (other 4xx) is passed back at once. A stream is handed back once its first chunk has arrived,
+error (other 4xx) is passed back at once. A non-stream attempt is never cut before its deadline, but
+once its first byte is later than the first-byte budget the route's next candidates start alongside
+it (a hedge) and the first answer wins. A stream is handed back once its first chunk has arrived,
 so a failure before the first byte falls back like any other; later, it ends with the provider's
 final event or with an SSE error event, never with a silent cut.
 """
@@ -17,8 +19,9 @@ import email.utils
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
@@ -206,6 +209,7 @@ class Dispatcher:
         adapt: Adapter | None = None,
         raw_usage: bool = False,
         recover: bool = True,
+        max_attempts: int | None = None,
     ) -> Result:
         """Send `payload` to the decision's candidates; raise UpstreamError when none answers.
 
@@ -219,7 +223,8 @@ class Dispatcher:
         not ask: that event is then taken out of the client's stream, unless `raw_usage` (the caller
         relays it to several clients and filters for each). A stream of a route with
         `stream_recovery: continue` is continued by the next candidate if it breaks mid-answer (not
-        when `recover` is false: the continuation itself)."""
+        when `recover` is false: the continuation itself). `max_attempts` lowers TIERGATE_MAX_RETRIES (the
+        rest of a request already under way)."""
         clock = time.perf_counter  # monotonic, sub-microsecond (uvloop's loop.time() ticks in ms)
         route = decision.route
         limit = route.timeout if route is not None and route.timeout else (None if stream else self._timeout)
@@ -228,7 +233,7 @@ class Dispatcher:
         deadline = clock() + timeout if timeout else _INF
         candidates = decision.candidates if self._fallback else decision.candidates[:1]
         plans = decision.plans
-        max_attempts = self._max_attempts
+        max_attempts = self._max_attempts if max_attempts is None else max_attempts
         attempts: list[Attempt] = []
         failures: dict[ModelRef, int] = {}  # per deployment, this request
         retry_after: dict[ModelRef, float] = {}
@@ -312,10 +317,16 @@ class Dispatcher:
                 sent += 1
                 first_byte = plan.first_byte_timeout if plan is not None and plan.first_byte_timeout \
                     else self._first_byte
+                # a non-stream answer's first byte is all of it: a slow one is not cut, but once its first byte
+                # is late the rest of the candidates start alongside and the first answer wins
+                hedge = _Hedge(self.deadlines, partial(
+                    self._rest, deadline, path, payload, decision, ref, headers, observer, done_marker, adapt,
+                    raw_usage, max_attempts - sent)) \
+                    if not stream and len(candidates) > 1 and sent < max_attempts and ref != candidates[-1] else None
                 try:
                     result = await self._attempt(provider, attempt_path, body, attempt_headers, stream,
                                                  deadline - clock(), first_byte, ref, attempts, slots,
-                                                 marker, added and not raw_usage)
+                                                 marker, added and not raw_usage, hedge)
                 except _Retryable as failure:
                     failure.attempt.latency_ms = (clock() - attempt_started) * 1000
                     self._note(attempts, failure.attempt, observer)
@@ -331,11 +342,15 @@ class Dispatcher:
                     failures[ref] = failures.get(ref, 0) + 1
                     if failure.retry_after is not None:
                         retry_after[ref] = failure.retry_after
+                    if hedge is not None and hedge.task is not None:  # the rest is running already: its answer
+                        return await hedge.join(attempts)
                     if clock() >= deadline:
                         sent = max_attempts
                         break
                     continue
                 except UpstreamStatusError as exc:
+                    if hedge is not None:
+                        hedge.settle()
                     breaker.record_success()  # the provider answered; the request was at fault
                     self._note(attempts, Attempt(ref.provider, ref.model, "client_error", exc.status,
                                                  (clock() - attempt_started) * 1000), observer)
@@ -343,8 +358,12 @@ class Dispatcher:
                     exc.ref = ref  # type: ignore[attr-defined]
                     raise
                 except BaseException:
+                    if hedge is not None:
+                        hedge.settle()
                     breaker.release_trial()  # cancelled (client left) or a bug: not the provider's fault
                     raise
+                if hedge is not None:
+                    hedge.settle()  # answered first: the rest is not needed
                 if not stream and not breaker.clean:
                     breaker.record_success()
                 self._note(attempts, Attempt(ref.provider, ref.model, "ok", 200, (clock() - attempt_started) * 1000),
@@ -362,6 +381,21 @@ class Dispatcher:
             if not progressed:
                 break
         raise self._all_failed(decision, attempts, last)
+
+    async def _rest(self, deadline: float, path: str, payload: dict[str, Any], decision: RouteDecision,
+                    after: ModelRef, headers: Mapping[str, str] | None, observer: AttemptObserver | None,
+                    done_marker: bytes | tuple[bytes, ...], adapt: Adapter | None, raw_usage: bool,
+                    max_attempts: int) -> Result:
+        """The candidates after `after` (a slow attempt's hedge), within what is left of the request's
+        deadline and attempts (the upstream calls of one request stay within TIERGATE_MAX_RETRIES)."""
+        candidates = decision.candidates
+        rest = tuple(c for c in candidates[candidates.index(after) + 1:] if c != after)
+        if not rest:
+            raise UpstreamError(f"route {decision.name}: no other candidate", status=502, attempts=[])
+        timeout = None if deadline == _INF else max(deadline - time.perf_counter(), 0.001)
+        return await self.run(path, dict(payload), RouteDecision(decision.name, rest, decision.route, decision.plans),
+                              headers=headers, timeout=timeout, observer=observer, done_marker=done_marker,
+                              adapt=adapt, raw_usage=raw_usage, max_attempts=max_attempts)
 
     async def _fleet_allows(self, fleet: FleetHealth, deployment: str) -> bool:
         """Not blocked by the fleet (a dict lookup); when the fleet's open breaker has just run out, only
@@ -392,9 +426,10 @@ class Dispatcher:
     async def _attempt(self, provider: Provider, path: str, body: bytes,
                        headers: Mapping[str, str] | None, stream: bool, budget: float, first_byte: float,
                        ref: ModelRef, attempts: list[Attempt], slots: ProviderSlots | None,
-                       done_marker: bytes | tuple[bytes, ...], strip_usage: bool = False) -> Result:
+                       done_marker: bytes | tuple[bytes, ...], strip_usage: bool = False,
+                       hedge: _Hedge | None = None) -> Result:
         """One try, under its deadline (the budget; until its first chunk for a stream, which is then bounded
-        by the gap between chunks)."""
+        by the gap between chunks). A non-stream try with a `hedge` starts it if its first byte is late."""
         resp: UpstreamResponse | None = None
         task = self.deadlines.current_task()
         seconds = (budget if budget < self._attempt_timeout else self._attempt_timeout) if not stream \
@@ -403,7 +438,11 @@ class Dispatcher:
             if seconds != _INF and task is not None else None
         try:
             if not stream:
+                if hedge is not None and armed is not None:
+                    hedge.watch(task, armed, first_byte)  # type: ignore[arg-type]
                 resp = await provider.send(path, body, headers, self._untimed)
+                if hedge is not None:
+                    hedge.unwatch()  # the first byte came
                 length = resp.headers.get("Content-Length")
                 if length is not None and length.isdigit() and int(length) <= self._max_body:
                     data = await resp.read()  # the usual case: a body of known, acceptable length
@@ -467,6 +506,8 @@ class Dispatcher:
                 resp.close()
             raise
         finally:
+            if hedge is not None:
+                hedge.unwatch()
             if armed is not None:
                 self.deadlines.disarm(task, armed)  # type: ignore[arg-type]
             if slots is not None:  # never reached aiohttp's response: hand the slot back
@@ -632,6 +673,71 @@ class _Retryable(Exception):
         self.retry_after = retry_after
         self.body = body
         self.headers = headers
+
+
+class _Hedge:
+    """The rest of a non-stream request's candidates, started when an attempt's first byte (its
+    response headers) is later than its first-byte budget. The slow attempt is not cut: whichever
+    answers first is the answer. If the rest answers first, the slow attempt's deadline is brought
+    forward to now; if the slow attempt fails, the rest decides; if it answers, the rest is cancelled."""
+
+    __slots__ = ("_deadlines", "_start", "task", "_primary", "_watch")
+
+    def __init__(self, deadlines: Deadlines, start: Callable[[], Awaitable[Result]]):
+        self._deadlines = deadlines
+        self._start = start
+        self.task: asyncio.Task[Result] | None = None
+        self._primary: tuple[asyncio.Task[object], int] | None = None  # the slow attempt's task and deadline
+        self._watch: int | None = None
+
+    def watch(self, task: asyncio.Task[object], armed: int, first_byte: float) -> None:
+        self._primary = (task, armed)
+        self._watch = self._deadlines.call_at(self, first_byte, self._begin)
+
+    def unwatch(self) -> None:
+        if self._watch is not None:
+            self._deadlines.disarm(self, self._watch)
+            self._watch = None
+
+    def _begin(self) -> None:
+        self._watch = None
+        if self.task is None and self._primary is not None:
+            self.task = self._primary[0].get_loop().create_task(self._run())
+
+    async def _run(self) -> Result:
+        result = await self._start()
+        primary = self._primary
+        if primary is not None:  # still waiting: it gives way
+            self._deadlines.expire_now(*primary)
+        return result
+
+    def settle(self) -> None:
+        """The slow attempt ended (answered, or the request is over): the rest is not needed."""
+        self._primary = None
+        self.unwatch()
+        task = self.task
+        if task is not None:
+            if task.done():
+                if not task.cancelled():
+                    task.exception()  # seen: a failure of the rest is no "never retrieved" warning
+            else:
+                task.cancel()
+
+    async def join(self, attempts: list[Attempt]) -> Result:
+        """The slow attempt failed or gave way: the answer (or the error) is the rest's."""
+        self._primary = None
+        assert self.task is not None
+        try:
+            result = await self.task
+        except BaseException as exc:
+            self.settle()  # cancelled while waiting: the rest goes too
+            earlier = getattr(exc, "attempts", None)
+            if isinstance(earlier, list):
+                exc.attempts = attempts + earlier  # type: ignore[attr-defined]
+            raise
+        result.attempts = attempts + result.attempts
+        result.tries = tried(result.attempts)
+        return result
 
 
 class _Incomplete(Exception):

@@ -88,3 +88,23 @@ async def test_a_new_event_loop_starts_afresh():
     assert await attempt(deadlines, 0.02, asyncio.get_running_loop().create_future()) == "timeout"
     deadlines.close()
     assert deadlines.pending() == 0
+
+
+async def test_a_call_falls_due_and_a_deadline_may_be_brought_forward():
+    deadlines = Deadlines()
+    loop = asyncio.get_running_loop()
+    calls: list[str] = []
+    work = loop.create_future()
+    task = asyncio.create_task(attempt(deadlines, 30, work))  # a far deadline
+    await asyncio.sleep(0)  # armed (and the loop known)
+    due = loop.create_future()
+    deadlines.call_at("late", 0.02, lambda: (calls.append("late"), due.set_result(None)))
+    gone = deadlines.call_at("disarmed", 0.02, lambda: calls.append("disarmed"))
+    deadlines.disarm("disarmed", gone)
+    await due
+    assert calls == ["late"]
+    # the attempt is no longer wanted: its deadline is now, and it sees a timeout
+    number = next(n for n, bucket in deadlines._buckets.items() if task in bucket)
+    assert deadlines.expire_now(task, number)
+    assert await task == "timeout"
+    assert not deadlines.expire_now(task, number)  # disarmed: nothing to bring forward

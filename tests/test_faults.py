@@ -57,6 +57,59 @@ async def test_a_slow_non_stream_answer_is_not_cut_by_the_first_byte_budget(upst
     assert status == 200
 
 
+async def test_a_hung_non_stream_provider_is_fallen_back_from_after_the_first_byte_budget(upstream, backup,
+                                                                                          start_tiergate, http):
+    # a non-stream answer's first byte is all of it: once it is late, the rest of the route starts alongside
+    running = await start_tiergate(table_doc(upstream, backup), first_byte_timeout=0.3, timeout=30)
+    upstream.default = Hang()
+    started = time.monotonic()
+    status, headers, raw = await post(http, running.v1 + "/chat/completions")
+    assert status == 200 and headers["x-tiergate-model"] == "backup/model-b"
+    assert orjson.loads(raw)["choices"][0]["message"]["content"] == "backup answered model-b"
+    assert time.monotonic() - started < 5  # not the whole deadline
+    assert headers["x-tiergate-attempts"] == "2"
+    assert running.router.breakers.get("primary/model-a").failures == 1  # the hung attempt counts
+    await wait_for(lambda: upstream.cancelled == 1)  # and its connection was given up
+    async with openai.AsyncOpenAI(base_url=running.v1, api_key="k", max_retries=0, timeout=10) as client:
+        answer = await client.chat.completions.create(model="general_purpose", messages=CHAT["messages"])
+    assert answer.choices[0].message.content == "backup answered model-b"
+
+
+async def test_a_slow_non_stream_answer_still_wins_when_the_rest_fails_or_hangs(upstream, backup, start_tiergate,
+                                                                               http):
+    running = await start_tiergate(table_doc(upstream, backup), first_byte_timeout=0.1, timeout=30)
+    for rest in (Fail(500), Hang()):
+        upstream.push(Ok(delay=0.6))
+        backup.default = rest  # every try of the rest
+        status, headers, raw = await post(http, running.v1 + "/chat/completions")
+        assert status == 200 and headers["x-tiergate-model"] == "primary/model-a", rest
+        assert orjson.loads(raw)["choices"][0]["message"]["content"] == "primary answered model-a"
+    await wait_for(lambda: backup.cancelled == 1)  # the hung rest was cancelled once the slow one answered
+
+
+async def test_the_rest_started_alongside_stays_within_the_retry_setting(upstream, backup, start_tiergate, http):
+    running = await start_tiergate(table_doc(upstream, backup), first_byte_timeout=0.2, timeout=1.5, max_retries=2)
+    upstream.default = Hang()
+    backup.default = Fail(500)
+    status, headers, _ = await post(http, running.v1 + "/chat/completions")
+    # the hung one is waited for to the deadline (it might still answer), then the backup's 500 decides
+    assert status == 500 and headers["x-should-retry"] == "false"
+    assert len(upstream.requests) + len(backup.requests) == 2  # one each: not 1 + 2
+
+
+async def test_without_another_candidate_a_late_first_byte_changes_nothing(upstream, start_tiergate, http):
+    running = await start_tiergate(table_doc(upstream), first_byte_timeout=0.1, timeout=0.5)
+    upstream.default = Hang()
+    status, _, raw = await post(http, running.v1 + "/chat/completions")
+    assert status == 504 and orjson.loads(raw)["error"]["code"] == "upstream_timeout"
+
+
+async def wait_for(condition, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 # -- streams never end as if complete ----------------------------------------------------------
 
 
