@@ -180,7 +180,6 @@ class Dispatcher:
         self._on_attempt = on_attempt
         self._attempt_timeout = config.attempt_timeout or _INF
         self._first_byte = config.first_byte_timeout
-        self._connect = config.connect_timeout
         self._timeout = config.timeout
         # an attempt's deadline is kept by `deadlines` (one timer for all); aiohttp bounds only the
         # connect and, in a stream, the gap between chunks
