@@ -79,6 +79,14 @@ async def backup() -> AsyncIterator[MockUpstream]:
     await server.stop()
 
 
+def production_runner(router: Router, *, handler_cancellation: bool = True) -> web.AppRunner:
+    """The runner `tiergate serve` uses for `router`'s app: its connection guard and direct routes included."""
+    config = router.config
+    limits = ConnectionLimits(config.header_timeout, config.keepalive_timeout, config.max_connections or 4096)
+    return GuardedAppRunner(build_app(router), limits=limits, handler_cancellation=handler_cancellation,
+                            access_log=None, shutdown_timeout=1.0)
+
+
 @pytest.fixture
 async def start_tiergate() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
     """Factory: `await start_tiergate(doc, **settings)` runs tiergate on a loopback port."""
@@ -90,11 +98,7 @@ async def start_tiergate() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
         router = Router(config, table=table_from_dict(doc, source="test",
                                                       allow_model_override=config.allow_model_override),
                         breaker_clock=breaker_clock)
-        # the runner `tiergate serve` uses: its connection guard and direct routes included
-        limits = ConnectionLimits(config.header_timeout, config.keepalive_timeout,
-                                  config.max_connections or 4096)
-        runner = GuardedAppRunner(build_app(router), limits=limits, handler_cancellation=handler_cancellation,
-                                  access_log=None, shutdown_timeout=1.0)
+        runner = production_runner(router, handler_cancellation=handler_cancellation)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

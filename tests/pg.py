@@ -26,7 +26,8 @@ import pytest
 from aiohttp import web
 
 from proxy.router import Router
-from proxy.server import build_app
+
+from .conftest import production_runner
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -165,7 +166,7 @@ class Served:
 
 async def serve_router(router: Router) -> Served:
     """Run a router behind the real aiohttp app on a loopback port."""
-    runner = web.AppRunner(build_app(router), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    runner = production_runner(router)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

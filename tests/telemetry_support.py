@@ -11,8 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.router import Router
 from proxy.routing import table_from_dict
-from proxy.server import build_app
 from proxy.settings import RouterConfig
+
+from .conftest import production_runner
 
 PRICING = {"primary/model-a": {"input": 1.0, "output": 2.0}, "backup/model-b": {"input": 0.5, "output": 1.5}}
 
@@ -28,7 +29,7 @@ async def running(doc: dict[str, Any], config: RouterConfig, *, tracer_provider:
                   ) -> AsyncIterator[tuple[str, Router]]:
     """tiergate on a loopback port; yields (base url, router); cleans up (and flushes telemetry) on exit."""
     router = Router(config, table=table_from_dict(doc, source="test"), tracer_provider=tracer_provider)
-    runner = web.AppRunner(build_app(router), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    runner = production_runner(router)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
