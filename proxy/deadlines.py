@@ -62,27 +62,23 @@ class Deadlines:
         loop = task.get_loop()
         if loop is not self._loop:  # the first attempt, or a library user's new event loop
             self._restart(loop)
-        number = int((loop.time() + seconds) * _PER_SECOND) + 1  # the bucket's end: not before the deadline
-        bucket = self._buckets.get(number)
-        if bucket is None:
-            bucket = self._buckets[number] = {}
-            if self._timer is None or number < self._timer_at:
-                self._schedule(number)
-        bucket[task] = task.cancelling()
-        return number
+        return self._place(loop, task, task.cancelling(), seconds)
 
     def call_at(self, key: object, seconds: float, call: Callable[[], object]) -> int:
         """Call `call` once `seconds` have passed, unless `disarm(key, ...)` comes first."""
-        loop = self._loop
-        if loop is None:
+        if self._loop is None:
             raise RuntimeError("call_at before any arm(): no loop yet")
+        return self._place(self._loop, key, call, seconds)
+
+    def _place(self, loop: asyncio.AbstractEventLoop, key: object, value: object, seconds: float) -> int:
+        """Put `key` in the bucket `seconds` from now (its end: never before the deadline)."""
         number = int((loop.time() + seconds) * _PER_SECOND) + 1
         bucket = self._buckets.get(number)
         if bucket is None:
             bucket = self._buckets[number] = {}
             if self._timer is None or number < self._timer_at:
                 self._schedule(number)
-        bucket[key] = call
+        bucket[key] = value
         return number
 
     def expire_now(self, task: asyncio.Task[object], number: int) -> bool:

@@ -348,8 +348,6 @@ class Dispatcher:
                         break
                     continue
                 except UpstreamStatusError as exc:
-                    if hedge is not None:
-                        hedge.settle()
                     breaker.record_success()  # the provider answered; the request was at fault
                     self._note(attempts, Attempt(ref.provider, ref.model, "client_error", exc.status,
                                                  (clock() - attempt_started) * 1000), observer)
@@ -357,12 +355,11 @@ class Dispatcher:
                     exc.ref = ref  # type: ignore[attr-defined]
                     raise
                 except BaseException:
-                    if hedge is not None:
-                        hedge.settle()
                     breaker.release_trial()  # cancelled (client left) or a bug: not the provider's fault
                     raise
-                if hedge is not None:
-                    hedge.settle()  # answered first: the rest is not needed
+                finally:
+                    if hedge is not None:  # this attempt is over: the rest, if started, is not needed
+                        hedge.settle()     # (or it was joined already)
                 if not stream and not breaker.clean:
                     breaker.record_success()
                 self._note(attempts, Attempt(ref.provider, ref.model, "ok", 200, (clock() - attempt_started) * 1000),

@@ -23,7 +23,7 @@ from yarl import URL
 
 from .affinity import Holder
 from .auth import InboundAuth
-from .telemetry import RequestRecord
+from .telemetry import CLIENT_CLOSED, RequestRecord
 from .types import (
     InvalidRequestError,
     ModelRef,
@@ -153,7 +153,7 @@ async def forward(request: web.Request, router: Router, provider_name: str, reco
         await response.write_eof()
         return response
     except ConnectionResetError:  # writing to the client failed (aiohttp's ClientConnectionResetError): it left
-        record.status, record.error = 499, "client_closed"
+        record.status, record.error = 499, CLIENT_CLOSED
         return response
     except (aiohttp.ClientError, TimeoutError) as exc:  # the upstream broke off mid-body: cut the client off too
         record.status, record.error = 502, f"upstream_{type(exc).__name__}"

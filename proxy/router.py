@@ -33,7 +33,7 @@ from .recovery import StreamRecovery
 from .responses import ChatStreamTranslator, chat_to_response, to_chat_request
 from .routing import RouteDecision, RoutingTable, load_table
 from .settings import RouterConfig, check_service_urls
-from .telemetry import RequestRecord, Telemetry
+from .telemetry import CLIENT_CLOSED, RequestRecord, Telemetry
 from .types import (
     ConfigError,
     InvalidRequestError,
@@ -75,7 +75,7 @@ _RESPONSE_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
 _ID_SNIFF_BYTES = 8192
 # how a stream that broke is counted: the provider's silence a 504, the client leaving a 499 (as
 # nginx counts it), anything else the provider did a 502
-_STREAM_ERROR_STATUS = {"timeout": 504, "client_closed": 499}
+_STREAM_ERROR_STATUS = {"timeout": 504, CLIENT_CLOSED: 499}
 # the events a complete Responses stream ends with (a failed or incomplete response is complete too)
 RESPONSES_DONE = (b"response.completed", b"response.incomplete", b"response.failed")
 

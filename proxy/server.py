@@ -28,7 +28,7 @@ from .openapi import openapi_json
 from .passthrough import make_model_handler, make_passthrough_handler, make_stored_response_handler
 from .router import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Endpoint, Router, new_request_id
 from .settings import RouterConfig
-from .telemetry import RequestRecord
+from .telemetry import CLIENT_CLOSED, RequestRecord
 from .types import (
     ConfigError,
     InvalidRequestError,
@@ -48,7 +48,6 @@ ROUTER_KEY = web.AppKey("router", Router)
 AUTH_KEY = web.AppKey("auth", InboundAuth)
 INFLIGHT_KEY = web.AppKey("inflight", set)  # the handler tasks of requests in flight (drained at shutdown)
 DRAIN = "tiergate is shutting down"  # the cancel message that ends a stream still open after the drain
-CLIENT_CLOSED = "client_closed"  # a stream's outcome when its client went away before the end
 
 
 # field -> accepted JSON types; None is accepted for every optional field

@@ -42,6 +42,7 @@ from .usage import (
 
 log = logging.getLogger("tiergate")
 request_log = logging.getLogger("tiergate.requests")
+CLIENT_CLOSED = "client_closed"  # the outcome of a request whose client went away before its end
 
 _DRAIN_AFTER_S = 0.2  # a finished request is counted and logged at most this late...
 _BATCH_SIZE = 64  # ...or as soon as this many have finished
