@@ -112,6 +112,18 @@ async def start_tiergate() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
         await running.runner.cleanup()
 
 
+# the routing headers as client libraries carry them (LangChain's default_headers, LiteLLM's extra_headers)
+ROUTING = {"X-Use-Case": "general_purpose", "X-Model-Tier": "standard"}
+
+
+@pytest.fixture
+async def routed(upstream: MockUpstream, start_tiergate: Callable[..., Awaitable[Running]]) -> Running:
+    """tiergate in front of `upstream`, its route naming an embeddings model besides its chat model."""
+    doc = table_doc(upstream)
+    doc["routes"][0]["embeddings_model"] = "primary/text-embedding-3-small"
+    return await start_tiergate(doc)
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
