@@ -352,6 +352,8 @@ class MockUpstream:
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
+        except ConnectionResetError:  # the caller left mid-stream without cancelling this handler
+            self.cancelled += 1
         return response
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
@@ -478,14 +480,18 @@ class MockUpstream:
                    {"type": "response.completed", "response": response}]
         stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await stream.prepare(request)
-        for i, event in enumerate(events):
-            if isinstance(action, BreakStream) and i == action.after:
-                assert request.transport is not None
-                request.transport.abort()
-                return stream
-            event = {**event, "sequence_number": i}
-            await stream.write(f"event: {event['type']}\ndata: ".encode() + orjson.dumps(event) + b"\n\n")
-        await stream.write_eof()
+        try:
+            for i, event in enumerate(events):
+                if isinstance(action, BreakStream) and i == action.after:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return stream
+                event = {**event, "sequence_number": i}
+                await stream.write(f"event: {event['type']}\ndata: ".encode() + orjson.dumps(event) + b"\n\n")
+            await stream.write_eof()
+        except ConnectionResetError:  # the caller left mid-stream
+            self.cancelled += 1
+            return stream
         self.completed += 1
         return stream
 
@@ -594,14 +600,18 @@ class MockUpstream:
         await response.prepare(request)
         block = bytes(range(256)) * 256  # 64 KiB
         left = self.speech_bytes
-        while left > 0:
-            if self.speech_cut and left <= self.speech_bytes // 2:
-                assert request.transport is not None
-                request.transport.close()
-                return response
-            await response.write(block[:left])
-            left -= len(block)
-        await response.write_eof()
+        try:
+            while left > 0:
+                if self.speech_cut and left <= self.speech_bytes // 2:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+                await response.write(block[:left])
+                left -= len(block)
+            await response.write_eof()
+        except ConnectionResetError:  # the caller left mid-answer: a provider just stops writing
+            self.cancelled += 1
+            return response
         self.completed += 1
         return response
 
