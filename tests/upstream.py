@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import random
 import threading
 import time
@@ -187,7 +188,9 @@ class MockUpstream:
             app.router.add_post("/v1/responses/{id}/cancel", self._response_cancel)
             app.router.add_get("/v1/responses/{id}/input_items", self._response_input_items)
         app.router.add_route("*", "/v1/{tail:.*}", self._other)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        # A log line of the mock's own server is named as the mock's, never as tiergate's aiohttp.server
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                     logger=logging.getLogger("tests.upstream"))
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
