@@ -300,9 +300,7 @@ class Dispatcher:
                 if observer is not None:
                     attempt_headers = observer.attempt_started(ref, attempt_headers)
                 slots = provider.slots or self.limits.slots(provider)
-                if slots is not None and slots.active < slots.capacity and not slots._waiters:
-                    slots.active += 1  # the usual case, without a coroutine
-                elif slots is not None:
+                if slots is not None and not slots.take():
                     try:
                         await slots.acquire(None if remaining == _INF else max(0.0, remaining))
                     except (RateLimitError, TimeoutError):  # tiergate's own queue: not the provider's fault
@@ -446,10 +444,7 @@ class Dispatcher:
                     data = await self._read(resp, ref)
                 resp.release()
                 if slots is not None:  # the body is read: the connection is back in the pool
-                    if slots._waiters:
-                        slots.release()  # the slot passes to the next request waiting for one
-                    else:
-                        slots.active -= 1  # the usual case, without a call (as it was taken)
+                    slots.release()
                     slots = None
                 status = resp.status
                 if status != 200:

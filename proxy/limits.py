@@ -35,10 +35,16 @@ class ProviderSlots:
     def queued(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self, timeout: float | None = None) -> None:
-        """Take a slot, waiting at most `timeout` seconds (TimeoutError past it)."""
+    def take(self) -> bool:
+        """Take a free slot without waiting (the usual case, no coroutine); False when `acquire` must queue."""
         if self.active < self.capacity and not self._waiters:
             self.active += 1
+            return True
+        return False
+
+    async def acquire(self, timeout: float | None = None) -> None:
+        """Take a slot, waiting at most `timeout` seconds (TimeoutError past it)."""
+        if self.take():
             return
         if len(self._waiters) >= self.max_queue:
             raise RateLimitError(
