@@ -227,20 +227,3 @@ class PrivateRedis:
             self.proc.kill()
             await self.proc.wait()
 
-
-async def requests_counted(running: Running, n: int, timeout: float = 10.0) -> dict[str, float]:
-    """`tiergate_requests_total` by status, once `n` requests have been counted."""
-
-    def statuses() -> dict[str, float]:
-        text, _ = running.router.telemetry.render_metrics()
-        found: dict[str, float] = {}
-        for line in text.decode().splitlines():
-            if line.startswith("tiergate_requests_total{"):
-                status = line.split('status="')[1].split('"')[0]
-                found[status] = found.get(status, 0) + float(line.rsplit(" ", 1)[1])
-        return found
-
-    async with asyncio.timeout(timeout):
-        while sum(statuses().values()) < n:
-            await asyncio.sleep(0.01)
-    return statuses()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -53,3 +54,19 @@ def value(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
     """The sum of the samples of `name` whose labels include `labels` (0 when none)."""
     return sum(s.value for s in samples.get(name, [])
                if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+async def requests_counted(running: Any, n: int, timeout: float = 10.0) -> dict[str, float]:
+    """`tiergate_requests_total` of a `start_tiergate` instance by status, once `n` requests have been counted."""
+
+    def statuses() -> dict[str, float]:
+        found: dict[str, float] = {}
+        for sample in parse_metrics(running.router.telemetry.render_metrics()[0].decode()).get(
+                "tiergate_requests_total", []):
+            found[sample.labels["status"]] = found.get(sample.labels["status"], 0) + sample.value
+        return found
+
+    async with asyncio.timeout(timeout):
+        while sum(statuses().values()) < n:
+            await asyncio.sleep(0.01)
+    return statuses()

@@ -8,7 +8,8 @@ import logging
 import orjson
 import pytest
 
-from .conftest import BACKUP_KEY, PRIMARY_KEY, requests_counted, table_doc
+from .conftest import BACKUP_KEY, PRIMARY_KEY, table_doc
+from .telemetry_support import requests_counted
 from .upstream import Fail, Hang, Ok, Reset
 
 

@@ -19,7 +19,8 @@ import openai
 import pytest
 import yaml
 
-from .conftest import BACKUP_KEY, PRIMARY_KEY, requests_counted, table_doc
+from .conftest import BACKUP_KEY, PRIMARY_KEY, table_doc
+from .telemetry_support import requests_counted
 from .test_cli import ENV, free_port
 from .upstream import MockUpstream
 
