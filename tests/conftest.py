@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -227,3 +229,16 @@ class PrivateRedis:
             self.proc.kill()
             await self.proc.wait()
 
+
+async def until(condition: Callable[[], object], timeout: float = 5.0) -> float:
+    """Poll `condition` (a function, or one returning an awaitable) until it holds, instead of a fixed
+    sleep; the seconds it took. AssertionError when it does not hold within `timeout`."""
+    started = time.monotonic()
+    while True:
+        met = condition()
+        if inspect.isawaitable(met):
+            met = await met
+        if met:
+            return time.monotonic() - started
+        assert time.monotonic() - started < timeout, "condition not met in time"
+        await asyncio.sleep(0.005)

@@ -4,7 +4,6 @@ hit/miss/bypass/coalesced, policy, Cache-Control, replay read by the official SD
 from __future__ import annotations
 
 import asyncio
-import time
 
 import openai
 import orjson
@@ -14,7 +13,7 @@ from proxy.router import Router
 from proxy.routing import table_from_dict
 from proxy.types import UpstreamError, UpstreamStatusError
 
-from .conftest import make_config, table_doc
+from .conftest import make_config, table_doc, until
 from .upstream import Fail, Hang, Ok
 
 CHAT = {"model": "general_purpose", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
@@ -23,15 +22,6 @@ CHAT = {"model": "general_purpose", "messages": [{"role": "user", "content": "hi
 async def post(http, url, body, headers=None):
     async with http.post(url, data=orjson.dumps(body), headers=headers or {}) as resp:
         return resp.status, resp.headers, await resp.read()
-
-
-async def wait_for(condition, timeout: float = 5.0) -> None:
-    """Poll `condition` until true (no fixed sleeps)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.002)
 
 
 async def test_deterministic_request_miss_then_hit_with_the_same_bytes(tiergate, upstream, http):
@@ -174,7 +164,7 @@ async def test_fifty_identical_concurrent_requests_make_one_upstream_call(tierga
     url = tiergate.v1 + "/chat/completions"
     tasks = [asyncio.create_task(post(http, url, CHAT)) for _ in range(50)]
     cache = tiergate.router.cache
-    await wait_for(lambda: cache.coalesced == 49 and upstream.calls == 1)
+    await until(lambda: cache.coalesced == 49 and upstream.calls == 1)
     gate.set()
     results = await asyncio.gather(*tasks)
     assert upstream.calls == 1
@@ -197,7 +187,7 @@ async def test_a_waiter_that_goes_away_does_not_cancel_the_others(router, upstre
     gate = asyncio.Event()
     upstream.default = Ok(gate=gate)
     tasks = [asyncio.create_task(router.complete("hi", temperature=0)) for _ in range(3)]
-    await wait_for(lambda: router.cache.coalesced == 2 and upstream.calls == 1)
+    await until(lambda: router.cache.coalesced == 2 and upstream.calls == 1)
     tasks[0].cancel()  # the leader's client disconnects
     await asyncio.wait([tasks[0]])
     assert tasks[0].cancelled()
@@ -211,11 +201,11 @@ async def test_a_waiter_that_goes_away_does_not_cancel_the_others(router, upstre
 async def test_when_every_waiter_goes_away_the_upstream_call_is_cancelled(router, upstream):
     upstream.default = Hang()
     tasks = [asyncio.create_task(router.complete("hi", temperature=0)) for _ in range(2)]
-    await wait_for(lambda: router.cache.coalesced == 1 and upstream.calls == 1)
+    await until(lambda: router.cache.coalesced == 1 and upstream.calls == 1)
     for task in tasks:
         task.cancel()
     await asyncio.wait(tasks)
-    await wait_for(lambda: upstream.cancelled == 1 and router.cache.stats()["in_flight"] == 0)
+    await until(lambda: upstream.cancelled == 1 and router.cache.stats()["in_flight"] == 0)
 
 
 async def test_an_upstream_failure_reaches_every_waiter(router, upstream, backup):

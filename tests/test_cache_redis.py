@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import time
 
 import orjson
 
-from .conftest import REDIS_URL, table_doc
+from .conftest import REDIS_URL, table_doc, until
 
 CHAT = {"model": "general_purpose", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
 
@@ -16,14 +14,6 @@ CHAT = {"model": "general_purpose", "messages": [{"role": "user", "content": "hi
 async def post(http, url, body, headers=None):
     async with http.post(url, data=orjson.dumps(body), headers=headers or {}) as resp:
         return resp.status, resp.headers, await resp.read()
-
-
-async def wait_for(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
 
 
 def closed_port() -> int:
@@ -42,7 +32,7 @@ async def test_two_sidecars_share_one_redis(upstream, start_tiergate, http, redi
     async def stored() -> bool:
         return bool(await redis_client.keys(f"{namespace}:*"))
 
-    await wait_for(stored)  # written in the background, after the answer
+    await until(stored)  # written in the background, after the answer
     (key,) = await redis_client.keys(f"{namespace}:*")
     assert 0 < await redis_client.ttl(key) <= 120  # the route's TTL
     status, headers, second = await post(http, b.v1 + "/chat/completions", CHAT)

@@ -12,7 +12,7 @@ import openai
 import orjson
 import pytest
 
-from .conftest import BACKUP_KEY, PRIMARY_KEY, table_doc
+from .conftest import BACKUP_KEY, PRIMARY_KEY, table_doc, until
 from .upstream import CloseEarly, ErrorIn200, Fail, FakeJson, Hang, Huge, NotAStream, Ok, StallStream
 
 CHAT = {"model": "general_purpose", "messages": [{"role": "user", "content": "hi"}]}
@@ -69,7 +69,7 @@ async def test_a_hung_non_stream_provider_is_fallen_back_from_after_the_first_by
     assert time.monotonic() - started < 5  # not the whole deadline
     assert headers["x-tiergate-attempts"] == "2"
     assert running.router.breakers.get("primary/model-a").failures == 1  # the hung attempt counts
-    await wait_for(lambda: upstream.cancelled == 1)  # and its connection was given up
+    await until(lambda: upstream.cancelled == 1)  # and its connection was given up
     async with openai.AsyncOpenAI(base_url=running.v1, api_key="k", max_retries=0, timeout=10) as client:
         answer = await client.chat.completions.create(model="general_purpose", messages=CHAT["messages"])
     assert answer.choices[0].message.content == "backup answered model-b"
@@ -84,7 +84,7 @@ async def test_a_slow_non_stream_answer_still_wins_when_the_rest_fails_or_hangs(
         status, headers, raw = await post(http, running.v1 + "/chat/completions")
         assert status == 200 and headers["x-tiergate-model"] == "primary/model-a", rest
         assert orjson.loads(raw)["choices"][0]["message"]["content"] == "primary answered model-a"
-    await wait_for(lambda: backup.cancelled == 1)  # the hung rest was cancelled once the slow one answered
+    await until(lambda: backup.cancelled == 1)  # the hung rest was cancelled once the slow one answered
 
 
 async def test_the_rest_started_alongside_stays_within_the_retry_setting(upstream, backup, start_tiergate, http):
@@ -102,12 +102,6 @@ async def test_without_another_candidate_a_late_first_byte_changes_nothing(upstr
     upstream.default = Hang()
     status, _, raw = await post(http, running.v1 + "/chat/completions")
     assert status == 504 and orjson.loads(raw)["error"]["code"] == "upstream_timeout"
-
-
-async def wait_for(condition, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 # -- streams never end as if complete ----------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 
 from proxy.fleet import FleetHealth, RedisLink
 
-from .conftest import REDIS_URL
+from .conftest import REDIS_URL, until
 
 
 @pytest.fixture
@@ -30,14 +30,6 @@ async def pods(namespace) -> AsyncIterator[list[FleetHealth]]:  # noqa: F811
     for health in made:
         await health.stop()
         await health.link.close()
-
-
-async def until(condition, timeout: float = 5.0) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, "condition not met in time"
-        await asyncio.sleep(0.005)
-    return time.monotonic() - started
 
 
 async def test_an_open_breaker_reaches_the_fleet_within_a_second(pods):

@@ -12,7 +12,7 @@ from proxy.auth import InboundAuth, check_bind, is_loopback
 from proxy.limits import ProviderSlots
 from proxy.types import AuthenticationError, ConfigError, RateLimitError
 
-from .conftest import table_doc
+from .conftest import table_doc, until
 from .test_cli import run_cli
 from .upstream import Ok
 
@@ -24,15 +24,6 @@ async def post(http, url, body, headers=None):
     async with http.post(url, data=body if isinstance(body, bytes) else orjson.dumps(body),
                          headers=headers or {}) as resp:
         return resp.status, resp.headers, await resp.read()
-
-
-async def until(condition, timeout: float = 5.0) -> None:
-    """Poll `condition` until it holds (no fixed sleeps in tests)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.01)
 
 
 def assert_openai_error(data: bytes, code: str | None = None) -> dict:

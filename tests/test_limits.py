@@ -15,7 +15,7 @@ from proxy.quotas import LimitIndex, LocalCounters, estimate_prompt_tokens, pars
 from proxy.routing import table_from_dict
 from proxy.types import ConfigError
 
-from .conftest import REDIS_URL, PrivateRedis, table_doc
+from .conftest import REDIS_URL, PrivateRedis, table_doc, until
 
 CHAT = {"model": "general_purpose", "messages": [{"role": "user", "content": "hi"}]}
 KEYS = ("team-a=sk-team-a-SECRET-123", "team-b=sk-team-b-SECRET-456", "sk-anonymous-SECRET-789")
@@ -34,14 +34,6 @@ def limited(upstream, limits, **route):
 async def post(http, url, body, headers=None):
     async with http.post(url, data=orjson.dumps(body), headers=headers or {}) as resp:
         return resp.status, resp.headers, orjson.loads(await resp.read())
-
-
-async def wait_for(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def counter(redis_client, namespace: str, key: str) -> float:
@@ -179,7 +171,7 @@ async def test_tokens_are_reserved_then_settled_with_real_usage(upstream, start_
     upstream.push(Ok(gate=gate))
     body = {**CHAT, "max_tokens": 200}  # estimate: 5 prompt + 200 completion
     task = asyncio.create_task(post(http, tg.v1 + "/chat/completions", body))
-    await wait_for(lambda: asyncio.sleep(0, upstream.calls == 1))
+    await until(lambda: asyncio.sleep(0, upstream.calls == 1))
     assert await counter(redis_client, namespace, "tpm:tokens_per_minute") == 205  # the estimate, reserved
     gate.set()
     status, _, answer = await task
@@ -189,7 +181,7 @@ async def test_tokens_are_reserved_then_settled_with_real_usage(upstream, start_
     async def settled() -> bool:
         return await counter(redis_client, namespace, "tpm:tokens_per_minute") == real
 
-    await wait_for(settled)
+    await until(settled)
     # a stream: settled from the usage chunk the client asked for
     async with openai.AsyncOpenAI(base_url=tg.v1, api_key="x", max_retries=0) as client:
         chunks = [c async for c in await client.chat.completions.create(
@@ -200,7 +192,7 @@ async def test_tokens_are_reserved_then_settled_with_real_usage(upstream, start_
     async def stream_settled() -> bool:
         return await counter(redis_client, namespace, "tpm:tokens_per_minute") == real + usage.total_tokens
 
-    await wait_for(stream_settled)
+    await until(stream_settled)
     # a request whose estimate does not fit is refused before going upstream
     calls = upstream.calls
     status, headers, refused = await post(http, tg.v1 + "/chat/completions", {**CHAT, "max_tokens": 5000})
@@ -333,7 +325,7 @@ async def test_a_failed_request_gives_its_tokens_back(upstream, start_tiergate, 
     async def released() -> bool:
         return await counter(redis_client, namespace, "tpm:tokens_per_minute") == 0
 
-    await wait_for(released)
+    await until(released)
 
 
 async def test_redis_link_pipelines_a_turns_commands(redis_client, namespace):
@@ -396,7 +388,7 @@ async def test_far_from_the_cap_a_request_is_admitted_ahead_and_still_counted(re
         async def settled() -> bool:
             return await counter(redis_client, namespace, "tpm:tokens_per_minute") == 120
 
-        await wait_for(settled)
+        await until(settled)
         # ahead of Redis, one pod may take its share of the room (90% of the cap, less what is used
         # and twice the recent rate), not more: 90 - 3 - 2 * 1 * 0 = 87 requests before it waits
         ahead = [fleet.admit_ahead(checks[:1], [1.0], [100.0]) for _ in range(100)]
@@ -457,9 +449,9 @@ async def test_a_served_limit_admits_ahead_and_counts_every_request(upstream, st
         served += 1
         return (await tg.router.get_health_status())["limits"]["redis"]["admitted_ahead"] >= 5
 
-    await wait_for(ahead)  # once Redis has reported the counter for a second, it is not waited for
+    await until(ahead)  # once Redis has reported the counter for a second, it is not waited for
 
     async def counted() -> bool:
         return await counter(redis_client, namespace, "rpm:requests_per_minute") == served
 
-    await wait_for(counted)
+    await until(counted)

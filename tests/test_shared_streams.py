@@ -5,7 +5,6 @@ replayed to later identical requests, streamed or not."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import orjson
 from openai import AsyncOpenAI
@@ -14,19 +13,12 @@ from proxy.dispatch import Result, StreamState
 from proxy.fanout import SharedStream
 from proxy.types import ModelRef
 
-from .conftest import table_doc
+from .conftest import table_doc, until
 from .telemetry_support import config_with, running
 from .upstream import BreakStream, Ok
 
 ANSWER = "the quick brown fox jumps over the lazy dog"
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "stream": True, "temperature": 0}
-
-
-async def until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 async def test_five_identical_streams_share_one_upstream_call(upstream, backup, http):
