@@ -224,11 +224,11 @@ def micro() -> list[tuple[str, float]]:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from prometheus_client import CollectorRegistry, Counter
 
-    from proxy.dispatch import Attempt, Result
-    from proxy.router import Router
-    from proxy.routing import table_from_dict
+    from proxy.engine.dispatch import Attempt, Result
+    from proxy.engine.router import Router
+    from proxy.observability.telemetry import RequestRecord, Telemetry
     from proxy.settings import RouterConfig
-    from proxy.telemetry import RequestRecord, Telemetry
+    from proxy.table.routing import table_from_dict
     from proxy.types import ModelRef
 
     counter = Counter("bench_total", "x", ["route", "model", "provider", "status"], registry=CollectorRegistry())
@@ -304,12 +304,12 @@ def tracing_breakdown() -> list[tuple[str, float]]:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from proxy.dispatch import Attempt
-    from proxy.span_export import HandOffSpanProcessor, _rebuild, json_exporter_available, own_resource
-    from proxy.telemetry import RequestRecord
-    from proxy.tracing import Tracing
+    from proxy.engine.dispatch import Attempt
+    from proxy.observability.span_export import HandOffSpanProcessor, _rebuild, json_exporter_available, own_resource
+    from proxy.observability.telemetry import RequestRecord
+    from proxy.observability.tracing import Tracing
+    from proxy.protocol.usage import Usage
     from proxy.types import ModelRef
-    from proxy.usage import Usage
 
     ref = ModelRef("bench", "bench-model")
 

@@ -64,7 +64,7 @@ async def main(args: argparse.Namespace) -> None:
 
         app = await (stream_floor if args.stream else floor).make_app(upstream + "/chat/completions")
     else:
-        from proxy.server import build_app
+        from proxy.edge.app import build_app
         from proxy.settings import RouterConfig
 
         table = Path(tempfile.mkdtemp()) / "routes.yaml"

@@ -6,9 +6,8 @@
                                    tier=ModelTier.ECONOMY)
 """
 
-from .asgi import fastapi_exception_handler
-from .discovery import DiscoveredModel, Discovery
-from .router import (
+from .edge.asgi import fastapi_exception_handler
+from .engine.router import (
     BaseLLMRouter,
     DynamicLLMRouter,
     Router,
@@ -19,8 +18,9 @@ from .router import (
     get_unified_router,
     router_context,
 )
-from .routing import RouteDecision, RoutingTable, load_table
 from .settings import RouterConfig
+from .table.discovery import DiscoveredModel, Discovery
+from .table.routing import RouteDecision, RoutingTable, load_table
 from .types import (
     AuthenticationError,
     ConfigError,

@@ -17,11 +17,11 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from proxy.connections import ConnectionLimits, GuardedAppRunner
-from proxy.router import Router
-from proxy.routing import table_from_dict
-from proxy.server import build_app
+from proxy.edge.app import build_app
+from proxy.edge.connections import ConnectionLimits, GuardedAppRunner
+from proxy.engine.router import Router
 from proxy.settings import RouterConfig
+from proxy.table.routing import table_from_dict
 
 from .upstream import MockUpstream
 

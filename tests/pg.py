@@ -25,7 +25,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from proxy.router import Router
+from proxy.engine.router import Router
 
 from .conftest import production_runner
 

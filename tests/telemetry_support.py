@@ -10,9 +10,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.router import Router
-from proxy.routing import table_from_dict
+from proxy.engine.router import Router
 from proxy.settings import RouterConfig
+from proxy.table.routing import table_from_dict
 
 from .conftest import production_runner
 

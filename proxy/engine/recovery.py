@@ -1,0 +1,227 @@
+"""Recovery mid-answer (a route's `stream_recovery: continue`): a stream that breaks after content was
+relayed and before its final chunk is continued by the route's next candidate, so the client reads one
+unbroken answer.
+
+The next candidate gets the original request plus the text relayed so far as the assistant's message,
+through its provider's `continuation` mechanism: `prefix` (`"prefix": true` on that message, as
+DeepSeek and Mistral take it), `continue_final_message` (vLLM), else `instruction` (a user message
+asking to go on where the answer stopped). Only the continuation is relayed: its leading role chunk
+is dropped and its `id`, `model` and `created` are rewritten to what the client already received.
+
+What it cannot guarantee: the continuation is another model's (or another call's) text, so its style
+may differ, and with `instruction` the model may repeat or rephrase the last words; `max_tokens`
+applies to the continuation afresh; the broken attempt's own tokens are not charged. Never attempted
+in the middle of a tool call, a refusal, a structured (`json_schema`) output or several choices, nor
+after the final chunk: those end with the SSE error event, as without recovery. At most one recovery
+per stream; a continuation that breaks too ends with its error event, never with `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ..protocol.sse import partial, split_events
+from ..table.routing import RouteDecision
+from ..types import ModelRef, TiergateError
+
+if TYPE_CHECKING:
+    from .dispatch import AttemptObserver, Dispatcher, Result, StreamState
+
+CONTINUE_INSTRUCTION = ("Your previous answer was cut off. Continue it exactly where it stopped, without "
+                        "repeating anything and without any preamble.")
+OUTCOMES = ("recovered", "failed", "refused_tool_call", "refused_structured", "refused_finished",
+            "refused_choices", "no_candidate")
+_ERROR_EVENT = b'data: {"error"'  # a provider's error event (in content it would be escaped: \"error\")
+_ROLE_ONLY = re.compile(rb'"delta"\s*:\s*\{\s*"role"\s*:\s*"assistant"\s*(,\s*"content"\s*:\s*(""|null)\s*)?'
+                        rb'(,\s*"refusal"\s*:\s*null\s*)?\}')
+
+
+class StreamRecovery:
+    """Wraps a recoverable route's stream; counts recoveries by outcome."""
+
+    def __init__(self, dispatcher: Dispatcher):
+        self.dispatcher = dispatcher
+        self.outcomes: Counter[str] = Counter()
+
+    def wrap(self, result: Result, path: str, payload: dict[str, Any], decision: RouteDecision, *,
+             headers: Mapping[str, str] | None, observer: AttemptObserver | None, done_marker: bytes,
+             raw_usage: bool) -> AsyncIterator[bytes]:
+        assert result.stream is not None and result.stream_state is not None
+        return self._relay(result.stream, result.stream_state, result.ref, path, dict(payload), decision,
+                           headers, observer, done_marker, raw_usage)
+
+    async def _relay(self, inner: AsyncIterator[bytes], state: StreamState, ref: ModelRef, path: str,
+                     payload: dict[str, Any], decision: RouteDecision, headers: Mapping[str, str] | None,
+                     observer: AttemptObserver | None, done_marker: bytes,
+                     raw_usage: bool) -> AsyncIterator[bytes]:
+        relayed: list[bytes] = []  # kept for the partial answer (only on routes with recovery)
+        broke: bytes | None = None
+        try:
+            async for chunk in inner:
+                if state.error is not None:  # the relay's error event: the stream broke
+                    broke = chunk
+                    break
+                if _ERROR_EVENT in chunk:  # the provider's error event mid-stream: withheld, a break
+                    at = chunk.index(_ERROR_EVENT)
+                    if at == 0 or chunk[:at].endswith(b"\n"):  # at an event's start
+                        if at:
+                            relayed.append(chunk[:at])
+                            yield chunk[:at]
+                        state.error = "error_event"
+                        broke = chunk[at:]
+                        break
+                relayed.append(chunk)
+                yield chunk
+        finally:
+            await inner.aclose()  # type: ignore[attr-defined]
+        if broke is None:
+            return
+        so_far = partial(relayed)
+        outcome = self._refusal(payload, so_far)
+        candidates: tuple[Any, ...] = ()
+        if outcome is None:
+            after = decision.candidates[decision.candidates.index(ref) + 1:] \
+                if ref in decision.candidates else ()
+            providers = self.dispatcher.providers
+            mode = next((providers[r.provider].spec.continuation for r in after if r.provider in providers), None)
+            candidates = tuple(r for r in after if r.provider in providers
+                               and providers[r.provider].spec.continuation == mode)
+            if not candidates:
+                outcome = "no_candidate"
+        if outcome is not None:
+            self._count(state, outcome)
+            yield broke
+            return
+        body = continuation_payload(payload, so_far.text, self.dispatcher.providers[candidates[0].provider]
+                                    .spec.continuation)
+        try:
+            second = await self.dispatcher.run(
+                path, body, RouteDecision(decision.name, candidates, decision.route, decision.plans),
+                stream=True, headers=headers, observer=observer, done_marker=done_marker,
+                raw_usage=raw_usage, recover=False)
+        except TiergateError:
+            self._count(state, "failed")
+            yield broke
+            return
+        rewrite = _Rewrite(so_far.id, so_far.model, so_far.created, drop_role=so_far.role_sent)
+        inner2, state2 = second.stream, second.stream_state
+        assert inner2 is not None and state2 is not None
+        try:
+            async for chunk in inner2:
+                if state2.error is not None:
+                    yield rewrite.flush() + chunk  # the continuation broke too: its error event ends it
+                    continue
+                out = rewrite.feed(chunk)
+                if out:
+                    yield out
+            rest = rewrite.flush()
+            if rest:
+                yield rest
+        finally:
+            await inner2.aclose()  # type: ignore[attr-defined]
+            state.recovered_by = str(second.ref)
+            state.bytes += state2.bytes
+            state.chunks += state2.chunks
+            state.tail = state2.tail  # the continuation's usage event
+            state.request_bytes = state2.request_bytes
+            if state2.completed:
+                state.error = None
+                state.completed = True
+                self._count(state, "recovered")
+            else:
+                state.error = state2.error or state.error
+                self._count(state, "failed")
+
+    @staticmethod
+    def _refusal(payload: dict[str, Any], so_far: Any) -> str | None:
+        """Why this stream may not be continued, or None."""
+        response_format = payload.get("response_format")
+        if type(response_format) is dict and response_format.get("type") in ("json_schema", "json_object"):
+            return "refused_structured"
+        if so_far.tool_call or so_far.error:
+            return "refused_tool_call"
+        if so_far.other_choices:
+            return "refused_choices"
+        if so_far.finished:
+            return "refused_finished"
+        return None
+
+    def _count(self, state: StreamState, outcome: str) -> None:
+        state.recovery = outcome
+        self.outcomes[outcome] += 1
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.outcomes)
+
+
+def continuation_payload(payload: dict[str, Any], text: str, mode: str) -> dict[str, Any]:
+    """The original request plus the partial answer, in the provider's way of continuing one."""
+    messages = list(payload.get("messages") or ())
+    body = {k: v for k, v in payload.items() if k not in ("n",)}
+    if text:
+        if mode == "prefix":
+            messages.append({"role": "assistant", "content": text, "prefix": True})
+        elif mode == "continue_final_message":
+            messages.append({"role": "assistant", "content": text})
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
+        else:
+            messages += [{"role": "assistant", "content": text}, {"role": "user", "content": CONTINUE_INSTRUCTION}]
+    body["messages"] = messages
+    return body
+
+
+class _Rewrite:
+    """The continuation's events as the client's stream: its leading role chunk dropped, its id, model
+    and created those the client already received (whole events at a time; bytes replaced, not
+    re-serialised)."""
+
+    def __init__(self, id: Any, model: Any, created: Any, *, drop_role: bool):
+        self.target = (id, model, created)
+        self.replace: list[tuple[bytes, bytes]] | None = None
+        self.drop_role = drop_role
+        self.carry = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        events, self.carry = split_events(self.carry + chunk)
+        if not events:
+            return b""
+        if self.replace is None:
+            self.replace = self._replacements(events)
+        if self.drop_role:
+            events = self._drop_role(events)
+        for old, new in self.replace:
+            events = events.replace(old, new)
+        return events
+
+    def flush(self) -> bytes:
+        rest, self.carry = self.carry, b""
+        return rest
+
+    def _replacements(self, events: bytes) -> list[tuple[bytes, bytes]]:
+        first = next((line[5:].strip() for line in events.splitlines() if line.startswith(b"data:")), b"")
+        try:
+            obj = orjson.loads(first)
+        except orjson.JSONDecodeError:
+            return []
+        out = []
+        if type(obj) is dict:
+            for key, want in zip(("id", "model", "created"), self.target, strict=True):
+                have = obj.get(key)
+                if want is not None and have is not None and have != want:
+                    out.append((b'"' + key.encode() + b'":' + orjson.dumps(have),
+                                b'"' + key.encode() + b'":' + orjson.dumps(want)))
+        return out
+
+    def _drop_role(self, events: bytes) -> bytes:
+        """Drop the continuation's first event when it only opens the assistant's message."""
+        self.drop_role = False
+        head, sep, rest = events.partition(b"\n\n")
+        if _ROLE_ONLY.search(head) and b'"finish_reason":"' not in head:
+            return rest
+        return events

@@ -1,0 +1,865 @@
+"""`Router`: the engine, shared by the HTTP server and in-process callers.
+
+It holds the current routing table (an immutable snapshot, swapped whole), the providers'
+pooled sessions, their breakers and the dispatcher, and exposes the library API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ..adapters.responses import ChatStreamTranslator, chat_to_response, to_chat_request
+from ..fleet.affinity import Holder, ResponseAffinity
+from ..limits.quotas import Quotas
+from ..observability.telemetry import CLIENT_CLOSED, RequestRecord, Telemetry
+from ..settings import RouterConfig, check_service_urls
+from ..table.discovery import Discovery, discover
+from ..table.routing import RouteDecision, RoutingTable, load_table
+from ..types import (
+    ConfigError,
+    InvalidRequestError,
+    LLMResponse,
+    ModelRef,
+    ModelTier,
+    RouterClosedError,
+    TiergateError,
+    UpstreamError,
+    UseCase,
+)
+from .batching import EmbeddingBatcher
+from .breaker import BreakerBoard
+from .cache import CacheControl, ResponseCache, is_cacheable
+from .dispatch import DONE, Adaptation, Adapter, Dispatcher, Result, tried
+from .health import HealthMonitor
+from .providers import Provider, make_provider
+from .recovery import StreamRecovery
+
+if TYPE_CHECKING:
+    from ..fleet.state import FleetHealth, FleetLimits
+    from ..table.store import RouteStore
+
+log = logging.getLogger("tiergate")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One OpenAI operation tiergate forwards."""
+
+    name: str
+    path: str
+    operation: str  # the OpenTelemetry GenAI operation name
+    streamable: bool
+    kind: str = "chat"  # which of a route's models serve it: chat, embeddings, completions
+
+
+CHAT = Endpoint("chat.completions", "/chat/completions", "chat", True)
+COMPLETIONS = Endpoint("completions", "/completions", "text_completion", True, "completions")
+EMBEDDINGS = Endpoint("embeddings", "/embeddings", "embeddings", False, "embeddings")
+# a Responses call is a chat in the GenAI conventions' terms (their operation names have no "responses")
+RESPONSES = Endpoint("responses", "/responses", "chat", True)
+
+# the top-level `id` of a Response body, or of the response in a stream's first event
+_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
+_ID_SNIFF_BYTES = 8192
+# how a stream that broke is counted: the provider's silence a 504, the client leaving a 499 (as
+# nginx counts it), anything else the provider did a 502
+_STREAM_ERROR_STATUS = {"timeout": 504, CLIENT_CLOSED: 499}
+# the events a complete Responses stream ends with (a failed or incomplete response is complete too)
+RESPONSES_DONE = (b"response.completed", b"response.incomplete", b"response.failed")
+
+
+_ID_PREFIX = "req_" + os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """Unique per process (random prefix) and across processes; no system call per request."""
+    return f"{_ID_PREFIX}{next(_id_counter):010x}"
+
+
+class Router:
+    """Routes OpenAI-shaped requests to providers. Create, `await initialize()`, use, `await close()`."""
+
+    def __init__(self, config: RouterConfig | None = None, *, table: RoutingTable | None = None,
+                 dynamic: bool = False, breaker_clock: Callable[[], datetime] | None = None,
+                 tracer_provider: Any = None):
+        self.config = config or RouterConfig.load()
+        self.dynamic = dynamic
+        self._table = table
+        self._given_table = table  # what initialize() starts from again after a close()
+        self.providers: dict[str, Provider] = {}
+        self._retired: set[Provider] = set()  # replaced or removed, closed after a grace period
+        self.breakers = BreakerBoard(fail_max=self.config.breaker_failure_threshold,
+                                     reset_timeout=self.config.breaker_recovery_timeout,
+                                     clock=breaker_clock)
+        self.health = HealthMonitor(self.providers, interval=self.config.health_check_interval,
+                                    timeout=self.config.connect_timeout)
+        self.dispatcher = Dispatcher(self.providers, self.breakers, self.config,
+                                     on_attempt=self.health.observe)
+        self.recovery = self.dispatcher.stream_recovery = StreamRecovery(self.dispatcher)
+        # telemetry: `tracer_provider` joins tiergate's spans to the caller's traces
+        self.telemetry = Telemetry(self.config, self, tracer_provider=tracer_provider)
+        # response cache, coalescing, embedding batching; no I/O until used
+        self.cache = ResponseCache(self.config)
+        self.affinity = ResponseAffinity(self.config)  # which provider holds each stored response id
+        self.batcher = (EmbeddingBatcher(self._send, window_s=self.config.batch_window_ms / 1000,
+                                         max_inputs=self.config.batch_max_inputs)
+                        if self.config.enable_batching else None)
+        # rate limits and budgets: counted for the fleet in Redis when TIERGATE_REDIS_URL is set
+        self.fleet: FleetLimits | None = None
+        # and deployments some tiergate found failing (open breakers, rate-limit cooldowns), shared too
+        self.fleet_health: FleetHealth | None = None
+        if self.config.redis_url:
+            from ..fleet.state import FleetHealth, FleetLimits, RedisLink
+            self.fleet = FleetLimits(RedisLink(self.config.redis_url, timeout=self.config.redis_timeout),
+                                     self.config.cache_namespace, sync_within=self.config.limits_sync_within)
+            self.fleet_health = FleetHealth(self.fleet.link, self.config.cache_namespace)
+            self.breakers.on_state_change = self._share_breaker_state
+            self.dispatcher.fleet_health = self.fleet_health
+        self.quotas = Quotas(self.fleet, policy=self.config.limits_on_redis_failure)
+        self._limits_collected = False  # the limits' /metrics families, registered once
+        self.started_at = time.time()
+        self.initialized = False
+        self.closed = False  # close() was called: requests get RouterClosedError, not a routing error
+        self._closed_event = asyncio.Event()
+        self.draining = False
+        self._store: RouteStore | None = None  # the table from Postgres (dynamic routers)
+        self._discovered: tuple[str, ...] = ()  # provider/model ids found by the last discovery
+        self._byok = False
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    async def initialize(self) -> None:
+        """Load the table, start the providers' pools. Fails fast on a bad table."""
+        if self.initialized:
+            return
+        self._table = self._given_table
+        if self._table is None:
+            self._table = load_table(self.config.table_path,
+                                     allow_model_override=self.config.allow_model_override)
+        if self.dynamic and not self.config.database_dsn:
+            log.warning("a dynamic router follows the database, but DATABASE_URL is not set: "
+                        "routing from %s", self._table.source)
+        if self.dynamic and self.config.database_dsn:  # Postgres table; the file is the fallback
+            from ..table.store import RouteStore  # asyncpg is loaded only by routers that use the database
+
+            check_service_urls(self.config)  # a malformed DATABASE_URL: ConfigError, not asyncpg's ValueError
+
+            self._store = RouteStore(self.config, self.apply_table)
+            self._table = await self._store.load_initial(self._table)
+        await self.apply_table(self._table)
+        if self._store is not None:
+            self._store.start()
+        self.health.start()
+        if self.fleet_health is not None:
+            self.fleet_health.start()
+        if self.fleet is not None:
+            self.fleet.start(self._refresh_limits,
+                             active=lambda: self._table is not None and self._table.limits is not None)
+        if self.telemetry.metrics is not None and not self._limits_collected:
+            from ..limits.quotas import LimitsCollector
+            self.telemetry.metrics.add_collector(LimitsCollector(self))
+            self._limits_collected = True
+        self.initialized = True
+        self.closed = False
+        self._closed_event.clear()
+        for warning in self.key_warnings():  # once per provider, at start-up
+            log.warning("%s: its calls will fail upstream", warning)
+
+    async def close(self) -> None:
+        """Stop the background tasks and close every pool. Calling it again does nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        self.initialized = False
+        self._table = None  # a call after close() raises RouterClosedError (see `table`)
+        try:
+            if self._store is not None:
+                await self._store.stop()
+                self._store = None
+            await self.health.stop()
+            if self.fleet_health is not None:
+                await self.fleet_health.stop()
+            if self.fleet is not None:
+                await self.fleet.stop()
+                await self.fleet.link.close()
+            if self.batcher is not None:
+                await self.batcher.close()
+            await self.cache.close()
+            await self.affinity.close()
+        finally:  # the pools are closed even when stopping something above failed
+            await self._close_retired(list(self._retired))
+            for provider in list(self.providers.values()):
+                await provider.close()
+            self.providers.clear()
+            self.dispatcher.deadlines.close()
+            self._closed_event.set()
+        self.telemetry.drain()  # count and log the last requests, then
+        await asyncio.to_thread(self.telemetry.close)  # flush spans off the loop
+
+    async def __aenter__(self) -> Router:
+        await self.initialize()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- the table --------------------------------------------------------------------------
+
+    async def wait_closed(self) -> None:
+        """Return once `close()` has run."""
+        await self._closed_event.wait()
+
+    @property
+    def table(self) -> RoutingTable:
+        if self._table is None:
+            if self.closed:
+                raise RouterClosedError("the router is closed: make a new one (get_llm_router() or "
+                                        "create_router()) instead of using it after close()")
+            raise RuntimeError("the router is not initialized: await router.initialize() first")
+        return self._table
+
+    async def apply_table(self, table: RoutingTable) -> None:
+        """Start any providers the new table adds or changes, then swap the snapshot in one assignment.
+
+        A replaced or removed provider's pool is closed once requests already using it have had
+        time to finish (the drain timeout plus the request timeout)."""
+        started: list[Provider] = []
+        for name, spec in table.providers.items():
+            current = self.providers.get(name)
+            if current is None or current.spec != spec:
+                provider = make_provider(spec, self.config)
+                await provider.start()
+                started.append(provider)
+        retired = [p for name, p in self.providers.items() if name not in table.providers]
+        for provider in started:
+            if provider.name in self.providers:
+                retired.append(self.providers[provider.name])
+            self.providers[provider.name] = provider
+        for provider in retired:
+            if self.providers.get(provider.name) is provider:
+                del self.providers[provider.name]
+        self.breakers.configure({name: (spec.failure_threshold, spec.recovery_timeout)
+                                 for name, spec in table.providers.items()})
+        for ref in table.models():  # every deployment of the table shows in health from the start
+            self.breakers.of(ref)
+        self._table = table
+        self._byok = any(spec.pass_client_key for spec in table.providers.values())
+        self.telemetry.table_changed()
+        if retired:
+            loop = asyncio.get_running_loop()
+            self._retired.update(retired)
+            loop.call_later(self.config.drain_timeout + self.config.timeout,
+                            lambda: loop.create_task(self._close_retired(retired)))
+
+    async def _close_retired(self, providers: list[Provider]) -> None:
+        for provider in providers:
+            if provider in self._retired:
+                self._retired.discard(provider)
+                await provider.close()
+
+    def _share_breaker_state(self, name: str, old: str, new: str) -> None:
+        """A deployment's breaker opened or closed here: tell the fleet, which skips it too."""
+        if self.fleet_health is None or "/" not in name:
+            return
+        if new == "open":
+            self.fleet_health.publish(name, "open", self.breakers.get(name).reset_timeout, "breaker")
+        elif new == "closed" and old != "closed":
+            self.fleet_health.publish(name, "closed", 0)
+
+    @property
+    def byok(self) -> bool:
+        """Does a provider of the table take the client's own key (`pass_client_key`)?"""
+        return self._byok
+
+    # -- the one dispatch path ------------------------------------------------------------------
+
+    async def dispatch(
+        self,
+        endpoint: Endpoint,
+        payload: dict[str, Any],
+        record: RequestRecord,
+        *,
+        use_case: str | None = None,
+        tier: str | None = None,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        cache_control: str | None = None,
+        api_key_name: str | None = None,
+    ) -> Result:
+        """Resolve the route, apply its defaults and forward. Raises TiergateError on failure.
+
+        `record` is filled in; the caller hands it to `finish()` when the response has ended.
+        `cache_control` is the client's Cache-Control header (no-cache, no-store).
+        `api_key_name` is the name of the inbound key the request came with (limits may be scoped by it).
+        """
+        telemetry = self.telemetry
+        trace = (telemetry.start_trace(endpoint.operation, record, payload, headers)
+                 if telemetry.tracing is not None else None)
+        table = self._table
+        if table is None:
+            table = self.table  # raises: not initialized
+        decision = table.resolve(use_case, tier, payload.get("model"), endpoint.kind)
+        if table.limits is not None:  # rate limits and budgets: charge an estimate now (may downgrade)
+            decision = await self.quotas.admit(table.limits, table, decision, payload, api_key_name, record)
+        record.route = decision.name
+        stream = bool(payload.get("stream")) and endpoint.streamable
+        record.stream = stream
+        route = decision.route
+        if route is not None:
+            apply_route_defaults(payload, route, endpoint)
+        adapt: Adapter | None = None
+        if endpoint is RESPONSES:  # stored ids follow their provider; chat-only providers get a translation
+            decision, adapt = await self._plan_responses(payload, decision, table)
+        # cache / coalescing / batching; a request that cannot be cached goes straight on
+        # a Responses stream is typed events, not chat chunks: never replayed from or shared as a completion
+        if self.cache.enabled and is_cacheable(route, payload, embeddings=endpoint is EMBEDDINGS) \
+                and not (stream and endpoint is RESPONSES):
+            result = await self.cache.serve(
+                endpoint.path, payload, decision, record, stream=stream, embeddings=endpoint is EMBEDDINGS,
+                control=CacheControl.parse(cache_control),
+                call=lambda **options: self._forward(endpoint, payload, decision, stream, headers, timeout, trace,
+                                                     adapt, **options))
+        elif self.batcher is not None and endpoint is EMBEDDINGS:
+            result = await self._forward(endpoint, payload, decision, stream, headers, timeout, trace)
+        else:
+            result = await self.dispatcher.run(endpoint.path, payload, decision, stream=stream,
+                                               headers=headers, timeout=timeout, observer=trace, adapt=adapt,
+                                         done_marker=RESPONSES_DONE if endpoint is RESPONSES else DONE)
+        if endpoint is RESPONSES and payload.get("store") is not False:
+            result = await self._remember_response(result, table)
+        record.status = result.status
+        record.ref = result.ref
+        record.attempts = result.attempts
+        record.tries = result.tries
+        record.first_byte_at = result.first_byte_at
+        telemetry.on_result(record, result)  # usage and cost before the response goes out (x-tiergate-cost-usd)
+        return result
+
+    async def _forward(self, endpoint: Endpoint, payload: dict[str, Any], decision: Any, stream: bool,
+                       headers: Mapping[str, str] | None, timeout: float | None, trace: Any = None,
+                       adapt: Adapter | None = None, raw_usage: bool = False) -> Result:
+        """Upstream: embeddings through the batcher when batching is on, the rest straight to the dispatcher.
+        `raw_usage`: a shared stream keeps the usage event; each subscriber filters it for its client."""
+        if self.batcher is not None and endpoint is EMBEDDINGS:
+            return await self.batcher.submit(payload, decision, headers=headers, timeout=timeout)
+        return await self.dispatcher.run(endpoint.path, payload, decision, stream=stream,
+                                         headers=headers, timeout=timeout, observer=trace, adapt=adapt,
+                                         done_marker=RESPONSES_DONE if endpoint is RESPONSES else DONE,
+                                         raw_usage=raw_usage)
+
+    # -- the Responses API ----------------------------------------------------------------------
+
+    async def _plan_responses(self, payload: dict[str, Any], decision: RouteDecision,
+                              table: RoutingTable) -> tuple[RouteDecision, Adapter | None]:
+        """The candidates of a Responses call, and how each is sent.
+
+        A `previous_response_id` goes to the provider that holds it and nowhere else. A candidate whose
+        provider does not serve the Responses API gets the call translated to Chat Completions; when
+        the call cannot be translated, such candidates are left out (400 when none is left)."""
+        specs = table.providers
+        candidates = decision.candidates
+        previous = payload.get("previous_response_id")
+        if isinstance(previous, str) and previous:
+            holder = await self.affinity.lookup(previous)
+            if holder is not None and holder.translated:
+                raise InvalidRequestError(
+                    f"previous_response_id {previous!r} was answered by provider {holder.provider!r}, which "
+                    "serves only Chat Completions (tiergate translated the call), so nothing was stored "
+                    "there; send the whole conversation as `input` instead", param="previous_response_id",
+                    code="previous_response_not_stored")
+            if holder is not None:
+                candidates = tuple(c for c in candidates if c.provider == holder.provider) or (
+                    ModelRef(holder.provider, holder.model),)
+            else:  # not seen by this tiergate (or forgotten): only a Responses provider may know it
+                candidates = tuple(c for c in candidates if c.provider in specs
+                                   and specs[c.provider].serves_responses)[:1]
+                if not candidates:
+                    raise InvalidRequestError(
+                        f"previous_response_id {previous!r} is unknown to tiergate and no candidate of route "
+                        f"{decision.name} serves the Responses API", param="previous_response_id",
+                        code="previous_response_not_found")
+            return RouteDecision(decision.name, candidates, decision.route, decision.plans), None
+        chat_only = [c for c in candidates if c.provider in specs and not specs[c.provider].serves_responses]
+        if not chat_only:
+            return decision, None
+        try:
+            chat = to_chat_request(payload)
+        except InvalidRequestError as exc:
+            native = tuple(c for c in candidates if c not in chat_only)
+            if not native:
+                names = ", ".join(sorted({c.provider for c in chat_only}))
+                raise InvalidRequestError(f"route {decision.name}: {exc.message} (providers {names} serve only "
+                                          "Chat Completions)", param=exc.param, code=exc.code) from None
+            return RouteDecision(decision.name, native, decision.route, decision.plans), None
+        return decision, _translation(payload, chat, "resp_" + new_request_id().removeprefix("req_"))
+
+    async def _remember_response(self, result: Result, table: RoutingTable) -> Result:
+        """Note which provider holds the response id (read from the body, or a stream's first event)."""
+        ref = result.ref
+        spec = table.providers.get(ref.provider)
+        translated = spec is not None and not spec.serves_responses
+        if result.body is not None:
+            match = _RESPONSE_ID.search(result.body, 0, _ID_SNIFF_BYTES)
+            if match is not None:
+                await self.affinity.remember(match[1].decode(), Holder(ref.provider, ref.model, translated))
+        elif result.stream is not None:
+            result.stream = self._remember_from_stream(result.stream, Holder(ref.provider, ref.model, translated))
+        return result
+
+    async def _remember_from_stream(self, chunks: AsyncIterator[bytes], holder: Holder) -> AsyncIterator[bytes]:
+        head: bytes | None = b""
+        try:
+            async for chunk in chunks:
+                if head is not None:
+                    head += chunk
+                    match = _RESPONSE_ID.search(head, 0, _ID_SNIFF_BYTES)
+                    if match is not None:  # before the client sees the id, so a follow-up finds it
+                        await self.affinity.remember(match[1].decode(), holder)
+                        head = None
+                    elif len(head) >= _ID_SNIFF_BYTES:
+                        head = None
+                yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    async def _send(self, payload: dict[str, Any], decision: Any, headers: Mapping[str, str] | None,
+                    timeout: float | None) -> Result:
+        return await self.dispatcher.run(EMBEDDINGS.path, payload, decision, headers=headers, timeout=timeout)
+
+    def finish(self, record: RequestRecord, error: BaseException | None = None) -> None:
+        if error is not None:
+            if isinstance(error, TiergateError):
+                record.status = error.status
+                record.error = error.code or error.error_type
+                record.attempts = getattr(error, "attempts", None) or record.attempts
+                record.tries = tried(record.attempts)
+            else:
+                record.status = 499 if isinstance(error, asyncio.CancelledError) else 500
+                record.error = type(error).__name__
+        else:
+            state = record.stream_state
+            if state is not None and state.error is not None:  # a stream that broke counts as what it was
+                record.error = f"stream_{state.error}"
+                record.status = _STREAM_ERROR_STATUS.get(state.error, 502)
+        self.telemetry.finish(record)
+        if record.quota is not None:  # limits: replace the estimate with the real usage
+            self.quotas.settle(record)
+
+    # -- library API ------------------------------------------------------------------------
+
+    async def complete(self, messages: str | list[dict[str, Any]], use_case: UseCase | str | None = None,
+                       tier: ModelTier | str | None = None, **params: Any) -> LLMResponse:
+        """A chat completion. `messages` may be a plain string (one user message)."""
+        payload = {"messages": _messages(messages), **params}
+        payload.pop("stream", None)
+        return await self._complete(CHAT, payload, use_case, tier)
+
+    async def complete_text(self, prompt: str | list[str], use_case: UseCase | str | None = None,
+                            tier: ModelTier | str | None = None, **params: Any) -> LLMResponse:
+        """A legacy text completion (`/v1/completions`)."""
+        payload = {"prompt": prompt, **params}
+        payload.pop("stream", None)
+        return await self._complete(COMPLETIONS, payload, use_case, tier)
+
+    async def stream(self, messages: str | list[dict[str, Any]], use_case: UseCase | str | None = None,
+                     tier: ModelTier | str | None = None, **params: Any) -> AsyncIterator[dict[str, Any]]:
+        """A streamed chat completion: yields each chunk as a dict, as the OpenAI API sends it."""
+        payload = {"messages": _messages(messages), **params, "stream": True}
+        record = RequestRecord(new_request_id(), CHAT.name)
+        error: BaseException | None = None
+        try:
+            result = await self.dispatch(CHAT, payload, record, use_case=_value(use_case),
+                                         tier=_value(tier))
+            assert result.stream is not None
+            try:
+                async for event in iter_sse_json(result.stream):
+                    yield event
+            finally:
+                await result.stream.aclose()  # type: ignore[attr-defined]  # a shared stream counts its readers
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.finish(record, error)
+
+    async def embed(self, input: str | list[str], use_case: UseCase | str | None = None,
+                    tier: ModelTier | str | None = None, **params: Any) -> dict[str, Any]:
+        """Embeddings; returns the OpenAI response body as a dict."""
+        payload = {"input": input, **params}
+        record = RequestRecord(new_request_id(), EMBEDDINGS.name)
+        error: BaseException | None = None
+        try:
+            result = await self.dispatch(EMBEDDINGS, payload, record, use_case=_value(use_case),
+                                         tier=_value(tier))
+            body = orjson.loads(result.body or b"{}")
+            body.setdefault("metadata", {}).update(_metadata(record))
+            return body
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.finish(record, error)
+
+    async def _complete(self, endpoint: Endpoint, payload: dict[str, Any], use_case: Any,
+                        tier: Any) -> LLMResponse:
+        record = RequestRecord(new_request_id(), endpoint.name)
+        error: BaseException | None = None
+        try:
+            result = await self.dispatch(endpoint, payload, record, use_case=_value(use_case),
+                                         tier=_value(tier))
+            data = result.data if result.data is not None else orjson.loads(result.body or b"{}")
+            return LLMResponse(
+                id=data.get("id", ""), model=data.get("model", result.ref.model),
+                choices=data.get("choices", []), usage=data.get("usage") or {},
+                created=data.get("created", 0), cached=record.cache == "hit",
+                latency_ms=record.latency_ms, metadata=_metadata(record))
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.finish(record, error)
+
+    # -- inspection -------------------------------------------------------------------------
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """`GET /v1/models`: route names, aliases and concrete models."""
+        table = self.table
+        created = int(self.started_at)
+        seen: dict[str, dict[str, Any]] = {}
+        for route in table.routes.values():
+            seen[route.name] = {"id": route.name, "object": "model", "created": created,
+                                "owned_by": "tiergate", "tiergate": {"kind": "route", "model": str(route.model),
+                                                                     "fallbacks": [str(f) for f in route.fallbacks]}}
+        for alias, ref in table.aliases.items():
+            seen.setdefault(alias, {"id": alias, "object": "model", "created": created,
+                                    "owned_by": ref.provider, "tiergate": {"kind": "alias", "model": str(ref)}})
+        for ref in table.models():
+            seen.setdefault(str(ref), {"id": str(ref), "object": "model", "created": created,
+                                       "owned_by": ref.provider, "tiergate": {"kind": "model"}})
+        discovered = [str(r) for r in self._store.available_models] if self._store else self._discovered
+        for ref in discovered:
+            seen.setdefault(ref, {"id": ref, "object": "model", "created": created,
+                                  "owned_by": ref.partition("/")[0], "tiergate": {"kind": "discovered"}})
+        return list(seen.values())
+
+    async def discover_available_models(self) -> Discovery:
+        """Ask each provider of the table for its models (`GET /models`); a dynamic router also
+        upserts them into `llm_models` and marks the ones no longer listed unavailable.
+
+        Returns the models found, a list of `DiscoveredModel` (provider, id, prices, context window);
+        its `errors` maps each provider that could not be asked to the reason."""
+        providers = {n: self.providers[n] for n in self.table.providers if n in self.providers}
+        found = await discover(providers, self.config.timeout)
+        self._discovered = tuple(m.ref for m in found.all())
+        if self._store is not None:
+            await self._store.record_discovery(found.models)
+        return found
+
+    def key_warnings(self) -> list[str]:
+        """One line per provider of the table that has no API key to send."""
+        out = []
+        for name, provider in self.providers.items():
+            if not provider.has_key:
+                spec = provider.spec
+                where = f"{spec.api_key_env} is unset" if spec.api_key_env else "none in the table"
+                out.append(f"provider {name} has no API key ({where})")
+        return out
+
+    async def get_health_status(self) -> dict[str, Any]:
+        """Overall status, providers, circuit breakers, the routing table's source and age, uptime,
+        cache, and warnings (providers without a key). A coroutine, as the migration guides await it."""
+        table = self._table
+        breakers = self.breakers.snapshot()
+        providers = self.health.snapshot(self.breakers.provider_states())
+        unavailable = sum(1 for p in providers.values() if not p["available"])
+        if table is None or (providers and unavailable == len(providers)):
+            status = "unhealthy"
+        elif unavailable or table.problems or any(b["state"] != "closed" for b in breakers.values()):
+            status = "degraded"
+        else:
+            status = "healthy"
+        database = self._store.health(table) if self._store is not None and table is not None else None
+        if database is not None and database["database"]["state"] != "connected" and status == "healthy":
+            status = "degraded"
+        limits = self.quotas.snapshot(table.limits if table is not None else None)
+        if limits["limits"] and limits["state"].startswith("unreachable") and status == "healthy":
+            status = "degraded"  # limits are counted by the failure policy, not for the fleet
+        health = {
+            "status": status,
+            "ready": self.initialized and not self.draining,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "providers": providers,
+            "circuit_breakers": breakers,
+            "routing_table": None if table is None else {
+                "source": table.source, "age_s": round(table.age(), 3), "routes": len(table.routes),
+                "problems": list(table.problems)},
+            "cache": self.cache.stats(),
+            "batching": self.batcher.stats() if self.batcher is not None else None,
+            "warnings": self.key_warnings(),
+            "limits": limits,
+            "fleet_health": self.fleet_health.snapshot() if self.fleet_health is not None else None,
+        }
+        if database is not None:
+            health["routing_table"].update(database)
+        return health
+
+    async def _refresh_limits(self) -> None:
+        """Read every limit's use from Redis (the heartbeat's refresh): health and metrics stay
+        current on a pod that sees little traffic."""
+        table = self._table
+        if table is not None and table.limits is not None and self.fleet is not None:
+            self.quotas.observe(await self.fleet.usage(table.limits.checks), table.limits.checks)
+
+    def get_metrics(self) -> dict[str, Any]:
+        return {**self.telemetry.snapshot(), "cache": self.cache.stats(),
+                "stream_recoveries": self.recovery.stats()}
+
+
+def apply_route_defaults(payload: dict[str, Any], route: Any, endpoint: Endpoint) -> None:
+    """Fill in the route's defaults where the client sent nothing."""
+    if endpoint is EMBEDDINGS:
+        return
+    if endpoint is RESPONSES:  # the Responses API's names for the same defaults
+        if route.max_tokens is not None and "max_output_tokens" not in payload:
+            payload["max_output_tokens"] = route.max_tokens
+        if route.temperature is not None and "temperature" not in payload:
+            payload["temperature"] = route.temperature
+        if route.system_prompt and not payload.get("instructions"):
+            payload["instructions"] = route.system_prompt
+        return
+    if (route.max_tokens is not None and "max_tokens" not in payload
+            and "max_completion_tokens" not in payload):
+        payload["max_tokens"] = route.max_tokens
+    if route.temperature is not None and "temperature" not in payload:
+        payload["temperature"] = route.temperature
+    if route.system_prompt and endpoint is CHAT:
+        messages = payload.get("messages")
+        if isinstance(messages, list) and not any(
+                isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages):
+            payload["messages"] = [{"role": "system", "content": route.system_prompt}, *messages]
+
+
+def _translation(request: dict[str, Any], chat: dict[str, Any], response_id: str) -> Adapter:
+    """The per-candidate adapter of a Responses call: providers that serve the Responses API get it
+    as written, the others get `chat` (the translated request) and their answer translated back."""
+
+    def transform_body(data: bytes) -> bytes:
+        try:
+            completion = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            completion = {}
+        return orjson.dumps(chat_to_response(completion, request, response_id))
+
+    def adapt(ref: ModelRef, provider: Provider) -> Adaptation | None:
+        if provider.spec.serves_responses:
+            return None
+
+        async def transform_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            translator = ChatStreamTranslator(request, response_id, int(time.time()), ref.model)
+            try:
+                async for chunk in chunks:
+                    out = translator.feed(chunk)
+                    if out:
+                        yield out
+                    if translator.ended:
+                        break
+                tail = translator.close()
+                if tail:
+                    yield tail
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
+
+        return Adaptation(CHAT.path, chat, transform_body, transform_stream)
+
+    return adapt
+
+
+async def iter_sse_json(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """Parse an SSE byte stream into the JSON objects of its `data:` lines; an error event raises."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            for line in event.splitlines():
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                obj = orjson.loads(data)
+                if isinstance(obj, dict) and "error" in obj and "choices" not in obj:
+                    err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
+                    raise UpstreamError(str(err.get("message")), code=err.get("code"))
+                yield obj
+
+
+def _messages(messages: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    if not isinstance(messages, list):
+        raise InvalidRequestError("messages must be a string or a list of messages", param="messages")
+    return messages
+
+
+def _value(x: Any) -> str | None:
+    if x is None:
+        return None
+    return x.value if isinstance(x, (UseCase, ModelTier)) else str(x)
+
+
+def _metadata(record: RequestRecord) -> dict[str, Any]:
+    return {"request_id": record.request_id, "route": record.route,
+            "provider": record.ref.provider if record.ref else None,
+            "model": str(record.ref) if record.ref else None,
+            "attempts": record.tries, "cache": record.cache}
+
+
+# --- factory ---------------------------------------------------------------------------------
+
+
+class UnifiedLLMRouter(Router):
+    """A router on the file table (`config/routes.yaml`, `TIERGATE_CONFIG`); never connects to Postgres."""
+
+    def __init__(self, config: RouterConfig | None = None, **kwargs: Any):
+        super().__init__(config, dynamic=False, **kwargs)
+
+
+class DynamicLLMRouter(Router):
+    """A router that follows the routing table in Postgres (`DATABASE_URL`), the file as its fallback."""
+
+    def __init__(self, config: RouterConfig | None = None, **kwargs: Any):
+        super().__init__(config, dynamic=True, **kwargs)
+
+
+# The type to annotate with (a FastAPI dependency's, for one): every router is one.
+BaseLLMRouter = Router
+
+
+def _router_class(dynamic: bool) -> type[Router]:
+    return DynamicLLMRouter if dynamic else UnifiedLLMRouter
+
+
+async def create_router(cls_or_config: type[Router] | RouterConfig | None = None, *,
+                        config: RouterConfig | None = None, dynamic: bool | None = None,
+                        table: RoutingTable | None = None) -> Router:
+    """A new, initialized router (the caller closes it).
+
+    `create_router(UnifiedLLMRouter)`, `create_router(DynamicLLMRouter, config=...)`,
+    `create_router(config)` or `create_router(config, dynamic=True)`."""
+    if isinstance(cls_or_config, type):
+        if not issubclass(cls_or_config, Router):
+            raise TypeError(f"create_router(): {cls_or_config.__name__} is not a router class")
+        cls = cls_or_config
+        if cls in (UnifiedLLMRouter, DynamicLLMRouter):
+            if dynamic is not None and dynamic != (cls is DynamicLLMRouter):
+                raise TypeError(f"create_router(): {cls.__name__} with dynamic={dynamic}")
+            router = cls(config, table=table)
+        else:
+            router = cls(config, table=table, dynamic=bool(dynamic))
+    else:
+        if cls_or_config is not None and config is not None:
+            raise TypeError("create_router(): a config given twice")
+        router = _router_class(bool(dynamic))(cls_or_config or config, table=table)
+    await router.initialize()
+    return router
+
+
+@dataclass(eq=False)
+class _Shared:
+    """The shared router of one event loop, and what it was asked for."""
+
+    router: Router
+    dynamic: bool
+    ready: asyncio.Task[None]
+
+
+# One shared router per event loop: a router's pools and tasks belong to the loop that made them, so
+# a new loop (a second asyncio.run(), a second TestClient block) gets a router of its own. Entries of
+# closed loops are dropped on the next call.
+_shared: dict[asyncio.AbstractEventLoop, _Shared] = {}
+
+
+async def get_llm_router(dynamic: bool | None = None, config: RouterConfig | None = None) -> Router:
+    """The shared router of the running event loop: created and initialized on the first call, the
+    same one after (until it is closed; a closed one is replaced by the next call).
+
+    `dynamic=True` follows the routing table in Postgres. A later call that asks for something else
+    (another `dynamic`, a `config` that differs from the router's) raises ConfigError instead of
+    handing out a router configured otherwise: use `create_router()` for a second one. The router is
+    closed when its loop ends (asyncio.run() cancels it), or by `await router.close()`."""
+    loop = asyncio.get_running_loop()
+    for other in [lp for lp in _shared if lp.is_closed()]:
+        _shared.pop(other, None)
+    shared = _shared.get(loop)
+    if shared is not None and (shared.router.closed or _failed(shared.ready)):
+        shared = None
+    if shared is None:
+        dynamic = bool(dynamic)
+        router = _router_class(dynamic)(config)
+        shared = _shared[loop] = _Shared(router, dynamic, loop.create_task(router.initialize()))
+        loop.create_task(_close_with_loop(router), name="tiergate-shared-router")
+        try:
+            await asyncio.shield(shared.ready)  # a caller cancelled meanwhile leaves it to the next
+        except Exception:
+            await router.close()  # what a failed start-up opened; the next call tries again
+            raise
+        return router
+    if dynamic is not None and dynamic != shared.dynamic:
+        raise ConfigError(f"get_llm_router(dynamic={dynamic}): the shared router was made with "
+                          f"dynamic={shared.dynamic}; close it first, or use create_router() for another")
+    if config is not None and config != shared.router.config:
+        changed = sorted(f.name for f in fields(config) if f.compare
+                         and getattr(config, f.name) != getattr(shared.router.config, f.name))
+        raise ConfigError(f"get_llm_router(config=...): the shared router was made with another config "
+                          f"(differs in {', '.join(changed)}); close it first, or use create_router() "
+                          f"for another")
+    await asyncio.shield(shared.ready)
+    return shared.router
+
+
+def _failed(task: asyncio.Task[None]) -> bool:
+    return task.done() and (task.cancelled() or task.exception() is not None)
+
+
+async def get_unified_router(config: RouterConfig | None = None) -> Router:
+    """The shared router on the file table: `get_llm_router(dynamic=False, config=config)`."""
+    return await get_llm_router(dynamic=False, config=config)
+
+
+async def get_dynamic_router(config: RouterConfig | None = None) -> Router:
+    """The shared router following Postgres: `get_llm_router(dynamic=True, config=config)`."""
+    return await get_llm_router(dynamic=True, config=config)
+
+
+async def _close_with_loop(router: Router) -> None:
+    """Close the shared router when its loop ends: asyncio.run() cancels the tasks left at the end."""
+    try:
+        await router.wait_closed()
+    except asyncio.CancelledError:
+        await router.close()
+        raise
+
+
+@asynccontextmanager
+async def router_context(config: RouterConfig | None = None, *, dynamic: bool = False,
+                         table: RoutingTable | None = None) -> AsyncIterator[Router]:
+    """`async with router_context() as router:` a router that is closed on exit."""
+    router = await create_router(config, dynamic=dynamic, table=table)
+    try:
+        yield router
+    finally:
+        await router.close()

@@ -1,0 +1,121 @@
+"""Recovery mid-answer: a route with `stream_recovery: continue` whose stream breaks after content was
+relayed is continued by its next candidate, and the client reads one answer; a tool call that breaks
+is never continued; without the setting a broken stream ends with the error event, never [DONE]."""
+
+from __future__ import annotations
+
+import logging
+
+import openai
+import orjson
+import pytest
+from openai import AsyncOpenAI
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from proxy.table.routing import table_from_dict
+
+from ..conftest import table_doc
+from ..telemetry_support import config_with, parse_metrics, running, value
+from ..upstream import BreakStream, Ok
+
+ANSWER = "one two three four five six seven"
+MESSAGES = [{"role": "user", "content": "count"}]
+
+
+def recovering_doc(upstream, backup, continuation: str = "prefix") -> dict:
+    doc = table_doc(upstream, backup, stream_recovery="continue")
+    doc["providers"]["backup"]["continuation"] = continuation
+    return doc
+
+
+def request_lines(caplog: pytest.LogCaptureFixture) -> list[dict]:
+    return [orjson.loads(r.getMessage()) for r in caplog.records if r.name == "tiergate.requests"]
+
+
+async def test_a_broken_stream_is_continued_by_the_next_model_as_one_answer(upstream, backup, http, caplog):
+    caplog.set_level(logging.INFO)
+    upstream.push(BreakStream(after=4, content=ANSWER))  # role chunk, "one", " two", " three", then cut
+    backup.default = Ok(content=ANSWER)
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with running(recovering_doc(upstream, backup), config_with(request_log="logging"),
+                       tracer_provider=tracer_provider) as (url, router):
+        client = AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        stream = await client.chat.completions.create(model="auto", messages=MESSAGES, stream=True)
+        chunks = [c async for c in stream]
+        async with http.get(url + "/metrics") as resp:
+            metrics = parse_metrics(await resp.text())
+        assert router.get_metrics()["stream_recoveries"] == {"recovered": 1}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
+    assert {c.id for c in chunks} == {"chatcmpl-primary-1"} and {c.model for c in chunks} == {"model-a"}
+    assert [c.choices[0].delta.role for c in chunks if c.choices and c.choices[0].delta.role] == ["assistant"]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    # the continuation was asked with the partial answer as the assistant's prefix
+    assert backup.requests[-1].json["messages"][-1] == {"role": "assistant", "content": "one two three",
+                                                        "prefix": True}
+    assert value(metrics, "tiergate_stream_recoveries_total", outcome="recovered") == 1
+    (line,) = request_lines(caplog)
+    assert line["status"] == 200 and line["error"] is None
+    assert line["stream_recovery"] == "recovered" and line["recovered_by"] == "backup/model-b"
+    (span,) = [s for s in exporter.get_finished_spans() if "tiergate.stream.recovery" in (s.attributes or {})]
+    assert span.attributes["tiergate.stream.recovered_by"] == "backup/model-b"
+    tracer_provider.shutdown()
+
+
+async def test_a_continuation_by_instruction_and_raw_bytes_end_with_done(upstream, backup, http):
+    upstream.push(BreakStream(after=3, content=ANSWER))
+    backup.default = Ok(content=ANSWER)
+    async with running(recovering_doc(upstream, backup, "instruction"), config_with()) as (url, _):
+        async with http.post(url + "/v1/chat/completions",
+                             json={"model": "auto", "messages": MESSAGES, "stream": True}) as resp:
+            body = await resp.read()
+    assert body.endswith(b"data: [DONE]\n\n") and b'"error"' not in body
+    sent = backup.requests[-1].json["messages"]
+    assert sent[-2] == {"role": "assistant", "content": "one two"} and sent[-1]["role"] == "user"
+
+
+async def test_an_error_event_mid_stream_is_withheld_and_the_answer_continued(upstream, backup, http):
+    upstream.push(BreakStream(after=3, content=ANSWER, error_event=True))
+    backup.default = Ok(content=ANSWER)
+    async with running(recovering_doc(upstream, backup), config_with()) as (url, router):
+        client = AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        stream = await client.chat.completions.create(model="auto", messages=MESSAGES, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert router.get_metrics()["stream_recoveries"] == {"recovered": 1}
+    assert text == ANSWER
+
+
+async def test_a_tool_call_that_breaks_is_not_recovered(upstream, backup, http):
+    upstream.push(BreakStream(after=3, content="Paris", tool_call=True))
+    async with running(recovering_doc(upstream, backup), config_with()) as (url, router):
+        client = AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        stream = await client.chat.completions.create(
+            model="auto", messages=MESSAGES, stream=True,
+            tools=[{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}])
+        with pytest.raises(openai.APIError):
+            async for _ in stream:
+                pass
+        assert router.get_metrics()["stream_recoveries"] == {"refused_tool_call": 1}
+    assert backup.calls == 0
+
+
+async def test_without_recovery_a_broken_stream_ends_with_the_error_event(upstream, backup, http):
+    upstream.push(BreakStream(after=4, content=ANSWER))
+    async with running(table_doc(upstream, backup), config_with()) as (url, _):
+        async with http.post(url + "/v1/chat/completions",
+                             json={"model": "auto", "messages": MESSAGES, "stream": True}) as resp:
+            body = await resp.read()
+    assert b"[DONE]" not in body and body.rstrip().endswith(b'"code":"upstream_connection"}}')
+    assert backup.calls == 0
+
+
+def test_stream_recovery_and_continuation_are_checked_in_the_table(upstream, backup):
+    with pytest.raises(Exception, match="stream_recovery"):
+        table_from_dict(table_doc(upstream, backup, stream_recovery="retry"), source="t")
+    doc = table_doc(upstream, backup)
+    doc["providers"]["backup"]["continuation"] = "magic"
+    with pytest.raises(Exception, match="continuation"):
+        table_from_dict(doc, source="t")
