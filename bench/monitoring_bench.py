@@ -224,9 +224,9 @@ def micro() -> list[tuple[str, float]]:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from prometheus_client import CollectorRegistry, Counter
 
-    from proxy.engine.dispatch import Attempt, Result
     from proxy.engine.router import Router
-    from proxy.observability.telemetry import RequestRecord, Telemetry
+    from proxy.observability.telemetry import Telemetry
+    from proxy.outcome import Attempt, RequestRecord, Result
     from proxy.settings import RouterConfig
     from proxy.table.routing import table_from_dict
     from proxy.types import ModelRef
@@ -304,10 +304,9 @@ def tracing_breakdown() -> list[tuple[str, float]]:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from proxy.engine.dispatch import Attempt
     from proxy.observability.span_export import HandOffSpanProcessor, _rebuild, json_exporter_available, own_resource
-    from proxy.observability.telemetry import RequestRecord
     from proxy.observability.tracing import Tracing
+    from proxy.outcome import Attempt, RequestRecord
     from proxy.protocol.usage import Usage
     from proxy.types import ModelRef
 

@@ -20,9 +20,9 @@ from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from ..engine.dispatch import stream_error_event, tried
+from ..engine.dispatch import stream_error_event
 from ..engine.router import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Endpoint, Router, new_request_id
-from ..observability.telemetry import CLIENT_CLOSED, RequestRecord
+from ..outcome import CLIENT_CLOSED, RequestRecord, tried
 from ..settings import RouterConfig
 from ..types import (
     ConfigError,

@@ -22,7 +22,7 @@ from aiohttp import web
 from yarl import URL
 
 from ..fleet.affinity import Holder
-from ..observability.telemetry import CLIENT_CLOSED, RequestRecord
+from ..outcome import CLIENT_CLOSED, RequestRecord
 from ..types import (
     InvalidRequestError,
     ModelRef,

@@ -12,9 +12,9 @@ from typing import Any
 
 import orjson
 
+from ..outcome import Result
 from ..table.routing import RouteDecision
 from ..types import UpstreamError
-from .dispatch import Result
 
 # (payload, decision, headers, timeout) -> the upstream result
 Send = Callable[[dict[str, Any], RouteDecision, Mapping[str, str] | None, float | None], Awaitable[Result]]

@@ -25,12 +25,11 @@ from aiocache.base import BaseCache
 from aiocache.serializers import BaseSerializer, NullSerializer
 from redis.exceptions import RedisError
 
-from ..observability.telemetry import RequestRecord
+from ..outcome import RequestRecord, Result
 from ..protocol.sse import assemble, wants_usage
 from ..settings import RouterConfig
 from ..table.routing import RouteDecision
 from ..types import ConfigError, ModelRef, Route, TiergateError
-from .dispatch import Result
 from .fanout import SharedStream
 
 log = logging.getLogger("tiergate")

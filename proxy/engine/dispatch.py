@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 import orjson
 
-from ..protocol.sse import USAGE_PATHS, UsageFilter, content_chars, wants_usage, with_usage
-from ..protocol.usage import Usage
+from ..outcome import SKIPPED, Attempt, Result, StreamState, tried
+from ..protocol.sse import USAGE_PATHS, UsageFilter, wants_usage, with_usage
 from ..settings import RouterConfig
 from ..table.routing import RouteDecision
 from ..types import (
@@ -58,64 +58,6 @@ DONE = b"data: [DONE]"  # the end of a chat/completions stream
 _SSE_STARTS = (b"data:", b"event:", b":", b"id:", b"retry:")
 _ERROR_EVENT = b'data: {"error"'
 _INF = float("inf")
-
-
-@dataclass(slots=True)
-class Attempt:
-    """One try at one candidate, as reported in errors, logs and traces."""
-
-    provider: str
-    model: str
-    outcome: str  # ok | client_error | http_<status> | timeout | connection | invalid_response | breaker_open | ...
-    status: int | None = None
-    latency_ms: float = 0.0
-
-    def describe(self) -> str:
-        return f"{self.provider}/{self.model}: {self.outcome}"
-
-
-@dataclass(slots=True)
-class Result:
-    """What answered and how. Exactly one of `body` and `stream` is set.
-
-    `headers` are the provider's response headers (relayed to the client); `data` is the parsed
-    non-stream body when dispatch parsed it to check it is an answer."""
-
-    status: int
-    ref: ModelRef
-    attempts: list[Attempt]
-    body: bytes | None = None
-    stream: AsyncIterator[bytes] | None = None
-    content_type: str = "application/json"
-    first_byte_at: float | None = None
-    stream_state: StreamState | None = None
-    tries: int = 0  # attempts that reached a provider (see `tried`)
-    headers: Mapping[str, str] | None = None
-    data: Any = None
-    usage_requested: bool = False  # the upstream stream was asked for its usage event (by client or tiergate)
-
-
-@dataclass(slots=True)
-class StreamState:
-    """Filled in while a stream is relayed; read by telemetry when it ends."""
-
-    chunks: int = 0
-    bytes: int = 0
-    tail: bytes = b""  # the upstream's last bytes as it sent them (the usage event, even when not relayed)
-    completed: bool = False
-    error: str | None = None
-    request_bytes: int = 0  # the request body sent upstream (for an estimate of its tokens)
-    recovered_by: str | None = None  # the model that continued the answer after a break (see recovery.py)
-    recovery: str | None = None  # how a recovery went: recovered, failed, refused_<why>, no_candidate
-
-    def estimate(self) -> Usage:
-        """Tokens of a stream cut before its usage event: about four characters a token, the prompt
-        from the request's size, the completion from the content relayed (its share of the last bytes,
-        scaled to all of them)."""
-        tail = self.tail
-        chars = content_chars(tail[tail.find(b"data:"):]) if tail else 0
-        completion = chars * self.bytes / len(tail) if tail else 0
-        return Usage(self.request_bytes // 4, int(completion + 3) // 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -612,7 +554,7 @@ class Dispatcher:
                     last: _Retryable | None) -> TiergateError:
         """One error for the whole request, of the status class the deciding failure had: the last
         provider's 429 stays a 429 with its Retry-After, its 5xx that 5xx; unreachable is 502, a deadline 504."""
-        sent = [a for a in attempts if a.outcome not in _SKIPPED]
+        sent = [a for a in attempts if a.outcome not in SKIPPED]
         reasons = "; ".join(a.describe() for a in attempts) or "no candidate"
         summary = f"route {decision.name}: every candidate failed ({reasons})"
         if not sent:
@@ -642,16 +584,6 @@ class Dispatcher:
         if decisive.outcome == "timeout":
             return UpstreamError(summary, status=504, code="upstream_timeout", attempts=attempts, tried=True)
         return UpstreamError(summary, status=502, code="upstream_failed", attempts=attempts, tried=True)
-
-
-def tried(attempts: list[Attempt]) -> int:
-    """How many attempts really went to a provider (skips for open breakers do not count)."""
-    if len(attempts) == 1:  # the usual case
-        return 0 if attempts[0].outcome in _SKIPPED else 1
-    return sum(1 for a in attempts if a.outcome not in _SKIPPED)
-
-
-_SKIPPED = frozenset({"breaker_open", "cooldown", "fleet_blocked", "unknown_provider", "queue_full"})
 
 
 class _Retryable(Exception):

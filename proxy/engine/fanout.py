@@ -20,8 +20,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..outcome import Result, StreamState
 from ..protocol.sse import UsageFilter
-from .dispatch import Result, StreamState, stream_error_event
+from .dispatch import stream_error_event
 
 
 class SharedStream:

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..outcome import Attempt
 from ..types import cancel_and_wait
-from .dispatch import Attempt
 from .providers import Provider
 
 log = logging.getLogger("tiergate.health")

@@ -30,7 +30,8 @@ from ..table.routing import RouteDecision
 from ..types import ModelRef, TiergateError
 
 if TYPE_CHECKING:
-    from .dispatch import AttemptObserver, Dispatcher, Result, StreamState
+    from ..outcome import Result, StreamState
+    from .dispatch import AttemptObserver, Dispatcher
 
 CONTINUE_INSTRUCTION = ("Your previous answer was cut off. Continue it exactly where it stopped, without "
                         "repeating anything and without any preamble.")

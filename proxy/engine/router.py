@@ -23,7 +23,8 @@ import orjson
 from ..adapters.responses import ChatStreamTranslator, chat_to_response, to_chat_request
 from ..fleet.affinity import Holder, ResponseAffinity
 from ..limits.quotas import Quotas
-from ..observability.telemetry import CLIENT_CLOSED, RequestRecord, Telemetry
+from ..observability.telemetry import Telemetry
+from ..outcome import CLIENT_CLOSED, RequestRecord, Result, tried
 from ..settings import RouterConfig, check_service_urls
 from ..table.discovery import Discovery, discover
 from ..table.routing import RouteDecision, RoutingTable, load_table
@@ -41,7 +42,7 @@ from ..types import (
 from .batching import EmbeddingBatcher
 from .breaker import BreakerBoard
 from .cache import CacheControl, ResponseCache, is_cacheable
-from .dispatch import DONE, Adaptation, Adapter, Dispatcher, Result, tried
+from .dispatch import DONE, Adaptation, Adapter, Dispatcher
 from .health import HealthMonitor
 from .providers import Provider, make_provider
 from .recovery import StreamRecovery

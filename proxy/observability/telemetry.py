@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from ..engine.dispatch import Attempt, Result, StreamState
+from ..outcome import RequestRecord, Result
 from ..protocol.usage import (
     Usage,
     cost_usd,
@@ -42,7 +42,6 @@ from .tracing import RequestTrace, Tracing
 
 log = logging.getLogger("tiergate")
 request_log = logging.getLogger("tiergate.requests")
-CLIENT_CLOSED = "client_closed"  # the outcome of a request whose client went away before its end
 
 _DRAIN_AFTER_S = 0.2  # a finished request is counted and logged at most this late...
 _BATCH_SIZE = 64  # ...or as soon as this many have finished
@@ -61,39 +60,6 @@ def _answered_by_fallback(record: RequestRecord) -> bool:
     """Answered, by a model other than the first one tried."""
     first, ref = record.attempts[0], record.ref
     return ref is not None and 200 <= record.status < 400 and (first.provider, first.model) != (ref.provider, ref.model)
-
-
-class RequestRecord:
-    """What one request did, filled in along its path and handed to `Telemetry.finish` once.
-
-    A plain class whose defaults live on the class: creating one per request sets four fields."""
-
-    route: str = ""
-    stream: bool = False
-    status: int = 0
-    ref: ModelRef | None = None
-    cache: str = "bypass"
-    usage: Usage | None = None
-    usage_estimated: bool = False  # a stream cut before its usage event: tokens estimated from its size
-    usage_details: dict[str, int] | None = None  # a stream's cached_tokens / reasoning_tokens, when sent
-    error: str | None = None
-    first_byte_at: float | None = None
-    ended: float = 0.0
-    tries: int = 0  # attempts that reached a provider
-    cost_usd: float | None = None
-    stream_state: StreamState | None = None
-    trace: RequestTrace | None = None
-    attempts: list[Attempt] | tuple[()] = ()  # the dispatcher's list, once there is one
-    quota: Any = None  # what the limits charged this request (quotas.Reservation), settled at its end
-
-    def __init__(self, request_id: str, endpoint: str):
-        self.request_id = request_id
-        self.endpoint = endpoint
-        self.started = time.perf_counter()
-
-    @property
-    def latency_ms(self) -> float:
-        return (time.perf_counter() - self.started) * 1000
 
 
 def _buffered_stderr() -> io.BufferedWriter | None:

@@ -25,7 +25,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from ..engine.dispatch import Attempt, tried
+from ..outcome import Attempt, tried
 from ..types import ConfigError, ModelRef
 from .semconv import LATEST, NAMES, GenAINames
 from .span_export import (  # noqa: F401 - exporter_from_env is part of this module's interface

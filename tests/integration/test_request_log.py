@@ -126,7 +126,8 @@ async def test_finished_requests_are_counted_in_batches_and_on_every_read(capsys
     any read counts and logs it, in the order requests finished."""
     import asyncio
 
-    from proxy.observability.telemetry import _BATCH_SIZE, RequestRecord, Telemetry
+    from proxy.observability.telemetry import _BATCH_SIZE, Telemetry
+    from proxy.outcome import RequestRecord
     from proxy.types import ModelRef
 
     telemetry = Telemetry(config_with(request_log="stderr"))

@@ -9,8 +9,8 @@ import asyncio
 import orjson
 from openai import AsyncOpenAI
 
-from proxy.engine.dispatch import Result, StreamState
 from proxy.engine.fanout import SharedStream
+from proxy.outcome import Result, StreamState
 from proxy.types import ModelRef
 
 from ..conftest import table_doc, until

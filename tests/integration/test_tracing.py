@@ -15,8 +15,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from proxy.engine.dispatch import Attempt
 from proxy.observability.tracing import exporter_from_env
+from proxy.outcome import Attempt
 
 from ..conftest import BACKUP_KEY, PRIMARY_KEY, table_doc
 from ..telemetry_support import PRICING, config_with, running

@@ -1,0 +1,120 @@
+"""The outcome of a request: its attempts, its result, the state of its stream, and its record.
+
+The vocabulary the engine fills in and observers (telemetry, tracing, health, the edge) read:
+it imports nothing of the engine, so an observer never depends on the loop that produced it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .protocol.sse import content_chars
+from .protocol.usage import Usage
+from .types import ModelRef
+
+CLIENT_CLOSED = "client_closed"  # the outcome of a request whose client went away before its end
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try at one candidate, as reported in errors, logs and traces."""
+
+    provider: str
+    model: str
+    outcome: str  # ok | client_error | http_<status> | timeout | connection | invalid_response | breaker_open | ...
+    status: int | None = None
+    latency_ms: float = 0.0
+
+    def describe(self) -> str:
+        return f"{self.provider}/{self.model}: {self.outcome}"
+
+
+@dataclass(slots=True)
+class Result:
+    """What answered and how. Exactly one of `body` and `stream` is set.
+
+    `headers` are the provider's response headers (relayed to the client); `data` is the parsed
+    non-stream body when dispatch parsed it to check it is an answer."""
+
+    status: int
+    ref: ModelRef
+    attempts: list[Attempt]
+    body: bytes | None = None
+    stream: AsyncIterator[bytes] | None = None
+    content_type: str = "application/json"
+    first_byte_at: float | None = None
+    stream_state: StreamState | None = None
+    tries: int = 0  # attempts that reached a provider (see `tried`)
+    headers: Mapping[str, str] | None = None
+    data: Any = None
+    usage_requested: bool = False  # the upstream stream was asked for its usage event (by client or tiergate)
+
+
+@dataclass(slots=True)
+class StreamState:
+    """Filled in while a stream is relayed; read by telemetry when it ends."""
+
+    chunks: int = 0
+    bytes: int = 0
+    tail: bytes = b""  # the upstream's last bytes as it sent them (the usage event, even when not relayed)
+    completed: bool = False
+    error: str | None = None
+    request_bytes: int = 0  # the request body sent upstream (for an estimate of its tokens)
+    recovered_by: str | None = None  # the model that continued the answer after a break (see recovery.py)
+    recovery: str | None = None  # how a recovery went: recovered, failed, refused_<why>, no_candidate
+
+    def estimate(self) -> Usage:
+        """Tokens of a stream cut before its usage event: about four characters a token, the prompt
+        from the request's size, the completion from the content relayed (its share of the last bytes,
+        scaled to all of them)."""
+        tail = self.tail
+        chars = content_chars(tail[tail.find(b"data:"):]) if tail else 0
+        completion = chars * self.bytes / len(tail) if tail else 0
+        return Usage(self.request_bytes // 4, int(completion + 3) // 4)
+
+
+def tried(attempts: list[Attempt]) -> int:
+    """How many attempts really went to a provider (skips for open breakers do not count)."""
+    if len(attempts) == 1:  # the usual case
+        return 0 if attempts[0].outcome in SKIPPED else 1
+    return sum(1 for a in attempts if a.outcome not in SKIPPED)
+
+
+SKIPPED = frozenset({"breaker_open", "cooldown", "fleet_blocked", "unknown_provider", "queue_full"})
+
+
+
+class RequestRecord:
+    """What one request did, filled in along its path and handed to `Telemetry.finish` once.
+
+    A plain class whose defaults live on the class: creating one per request sets four fields."""
+
+    route: str = ""
+    stream: bool = False
+    status: int = 0
+    ref: ModelRef | None = None
+    cache: str = "bypass"
+    usage: Usage | None = None
+    usage_estimated: bool = False  # a stream cut before its usage event: tokens estimated from its size
+    usage_details: dict[str, int] | None = None  # a stream's cached_tokens / reasoning_tokens, when sent
+    error: str | None = None
+    first_byte_at: float | None = None
+    ended: float = 0.0
+    tries: int = 0  # attempts that reached a provider
+    cost_usd: float | None = None
+    stream_state: StreamState | None = None
+    trace: Any = None  # the request's span (tracing.RequestTrace) when tracing is on
+    attempts: list[Attempt] | tuple[()] = ()  # the dispatcher's list, once there is one
+    quota: Any = None  # what the limits charged this request (quotas.Reservation), settled at its end
+
+    def __init__(self, request_id: str, endpoint: str):
+        self.request_id = request_id
+        self.endpoint = endpoint
+        self.started = time.perf_counter()
+
+    @property
+    def latency_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
