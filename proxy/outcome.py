@@ -6,6 +6,8 @@ it imports nothing of the engine, so an observer never depends on the loop that 
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -16,6 +18,14 @@ from .protocol.usage import Usage
 from .types import ModelRef
 
 CLIENT_CLOSED = "client_closed"  # the outcome of a request whose client went away before its end
+
+_ID_PREFIX = "req_" + os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """Unique per process (random prefix) and across processes; no system call per request."""
+    return f"{_ID_PREFIX}{next(_id_counter):010x}"
 
 
 @dataclass(slots=True)

@@ -1,0 +1,38 @@
+"""A plan: the ordered candidates one request may be sent to, each with how it is sent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..adapters.base import Translation
+from ..table.routing import ParamRule
+from ..types import ModelRef, Route
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One deployment to try: its model, the table's rule for it (fields it refuses, its first-byte
+    budget), and its translation when its provider speaks another API than the client's."""
+
+    ref: ModelRef
+    rule: ParamRule | None = None
+    translation: Translation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Where one request goes, in order. `name` is the route's (`use_case:tier`, or what the client named)."""
+
+    name: str
+    route: Route | None
+    candidates: tuple[Candidate, ...]
+
+    def after(self, ref: ModelRef) -> Plan:
+        """The candidates after `ref`'s first place (what a hedge or a recovery may try instead)."""
+        refs = [c.ref for c in self.candidates]
+        start = refs.index(ref) + 1 if ref in refs else 0
+        return Plan(self.name, self.route, tuple(c for c in self.candidates[start:] if c.ref != ref))
+
+    def first(self) -> Plan:
+        """The first candidate alone (fallback turned off)."""
+        return Plan(self.name, self.route, self.candidates[:1])
