@@ -12,11 +12,35 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeVar
 
 from ..settings import RouterConfig
 from ..types import RateLimitError
-from .providers import Provider, UpstreamResponse
+
+
+class Capped(Protocol):
+    """What the slots need of a provider (`providers.Provider`): its name, its cap, and where to keep
+    its slots. A protocol, so that this module does not import back the one that holds the slots."""
+
+    name: str
+    capacity: int
+    slots: ProviderSlots | None
+
+
+class Held(Protocol):
+    """The upstream response a slot is held for (`providers.UpstreamResponse` is one)."""
+
+    status: int
+    headers: Mapping[str, str]
+    content: Any
+
+    async def read(self) -> bytes: ...
+    def release(self) -> Any: ...
+    def close(self) -> None: ...
+
+
+R = TypeVar("R", bound=Held)
 
 
 class ProviderSlots:
@@ -76,7 +100,7 @@ class _SlotResponse:
 
     __slots__ = ("_resp", "_slots", "status", "headers", "content")
 
-    def __init__(self, resp: UpstreamResponse, slots: ProviderSlots):
+    def __init__(self, resp: Held, slots: ProviderSlots):
         self._resp = resp
         self._slots: ProviderSlots | None = slots
         self.status = resp.status
@@ -110,7 +134,7 @@ class ProviderLimits:
         self._max_queue = max(0, config.max_queue_per_provider)
         self._slots: dict[str, ProviderSlots] = {}
 
-    def slots(self, provider: Provider) -> ProviderSlots | None:
+    def slots(self, provider: Capped) -> ProviderSlots | None:
         """The provider's slots, shared with the provider it replaced while the capacity is the same;
         kept on the provider too, where the attempt loop finds them without a call."""
         cap = provider.capacity
@@ -123,7 +147,7 @@ class ProviderLimits:
         return slots
 
     @staticmethod
-    def hold(resp: UpstreamResponse, slots: ProviderSlots) -> UpstreamResponse:
+    def hold(resp: R, slots: ProviderSlots) -> R:
         """The response, releasing its slot when dispatch releases or closes it."""
         return _SlotResponse(resp, slots)  # type: ignore[return-value]
 
