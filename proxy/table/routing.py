@@ -400,35 +400,65 @@ def table_from_dict(
     label = source.removeprefix("file:")
     if not isinstance(doc, dict):
         raise ConfigError(f"{label}: the routing table must be a mapping with providers and routes")
+    # each section's parser appends a problem per bad entry, naming its key, and keeps the good ones
     problems: list[str] = []
+    providers = _parse_providers(doc.get("providers"), label, problems)
+    aliases = _parse_aliases(doc.get("aliases"), providers, problems)
+    pricing = _parse_pricing(doc.get("pricing"), problems)
+    rules = _parse_model_rules(doc.get("model_rules"), problems)
+    embeddings = _parse_embeddings(doc.get("embeddings_model"), providers, problems)
+    routes = _parse_routes(doc.get("routes"), providers, problems)
+    problems = [redact_credentials(p) for p in problems]  # they are logged and shown in /health/details
+    passthrough_provider = _parse_passthrough_provider(doc.get("passthrough_provider"), providers, problems)
+    passthrough_paths = _parse_passthrough_paths(doc.get("passthrough_paths"), providers, problems)
+    limits, limit_problems = parse_limits(doc.get("limits"), providers)
+    problems += limit_problems
 
-    providers: dict[str, ProviderSpec] = {}
-    raw_providers = doc.get("providers") or {}
-    if not isinstance(raw_providers, dict):
+    if problems and strict:
+        raise ConfigError(f"{label}: " + f"\n{label}: ".join(problems))
+    if not routes:
+        raise ConfigError(f"{label}: routes: no valid route" + (f" ({'; '.join(problems)})" if problems else ""))
+    return RoutingTable(providers, routes, aliases, pricing, source=source, problems=problems,
+                        allow_model_override=allow_model_override, model_rules=rules, embeddings=embeddings,
+                        passthrough_provider=passthrough_provider, passthrough_paths=passthrough_paths,
+                        limits=LimitIndex(limits))
+
+
+def _parse_providers(raw: Any, label: str, problems: list[str]) -> dict[str, ProviderSpec]:
+    """`providers:`; not a mapping at all is fatal (nothing else can be read without them)."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
         raise ConfigError(f"{label}: providers: must be a mapping of name to settings", param="providers")
-    for name, raw in raw_providers.items():
+    providers: dict[str, ProviderSpec] = {}
+    for name, entry in raw.items():
         try:
-            providers[str(name)] = parse_provider(str(name), raw)
+            providers[str(name)] = parse_provider(str(name), entry)
         except ValueError as exc:
             problems.append(f"providers.{name}: {exc}")
+    return providers
 
-    aliases: dict[str, ModelRef] = {}
-    raw_aliases = doc.get("aliases") or {}
-    if not isinstance(raw_aliases, dict):
+
+def _parse_aliases(raw: Any, providers: Mapping[str, ProviderSpec], problems: list[str]) -> dict[str, ModelRef]:
+    raw = raw or {}
+    if not isinstance(raw, dict):
         problems.append("aliases: must be a mapping of alias to provider/model")
-        raw_aliases = {}
-    for alias, ref in raw_aliases.items():
+        return {}
+    aliases: dict[str, ModelRef] = {}
+    for alias, ref in raw.items():
         try:
             aliases[str(alias)] = _model_ref(ref, providers)
         except ValueError as exc:
             problems.append(f"aliases.{alias}: {exc}")
+    return aliases
 
-    pricing: dict[str, Pricing] = {}
-    raw_pricing = doc.get("pricing") or {}
-    if not isinstance(raw_pricing, dict):
+
+def _parse_pricing(raw: Any, problems: list[str]) -> dict[str, Pricing]:
+    raw = raw or {}
+    if not isinstance(raw, dict):
         problems.append("pricing: must be a mapping of provider/model to {input, output}")
-        raw_pricing = {}
-    for ref, price in raw_pricing.items():
+        return {}
+    pricing: dict[str, Pricing] = {}
+    for ref, price in raw.items():
         try:
             if not isinstance(price, dict):
                 raise ValueError("must be {input: USD per 1M tokens, output: USD per 1M tokens}")
@@ -437,35 +467,46 @@ def table_from_dict(
                                         None if cached is None else float(cached))
         except (TypeError, ValueError) as exc:
             problems.append(f"pricing.{ref}: {exc}")
+    return pricing
 
-    rules: list[tuple[str, ParamRule]] = []
-    raw_rules = doc.get("model_rules") or {}
-    if not isinstance(raw_rules, dict):
+
+def _parse_model_rules(raw: Any, problems: list[str]) -> list[tuple[str, ParamRule]]:
+    raw = raw or {}
+    if not isinstance(raw, dict):
         problems.append("model_rules: must be a mapping of model pattern to {drop, rename, first_byte_timeout}")
-        raw_rules = {}
-    for pattern, raw in raw_rules.items():
+        return []
+    rules: list[tuple[str, ParamRule]] = []
+    for pattern, entry in raw.items():
         try:
-            rules.append((str(pattern).lower(), parse_rule(raw)))
+            rules.append((str(pattern).lower(), parse_rule(entry)))
         except ValueError as exc:
             problems.append(f"model_rules.{pattern}: {exc}")
+    return rules
 
-    embeddings: tuple[ModelRef, ...] = ()
-    if doc.get("embeddings_model"):
-        try:
-            embeddings = _model_list(doc.get("embeddings_model"), providers)
-        except ValueError as exc:
-            problems.append(f"embeddings_model: {exc}")
 
+def _parse_embeddings(raw: Any, providers: Mapping[str, ProviderSpec],
+                      problems: list[str]) -> tuple[ModelRef, ...]:
+    """`embeddings_model:`, the table's models for embeddings when a route names none."""
+    if not raw:
+        return ()
+    try:
+        return _model_list(raw, providers)
+    except ValueError as exc:
+        problems.append(f"embeddings_model: {exc}")
+        return ()
+
+
+def _parse_routes(raw: Any, providers: Mapping[str, ProviderSpec], problems: list[str]) -> list[Route]:
+    """`routes:` without the disabled ones; a second route for the same (use case, tier) is a problem."""
+    if not isinstance(raw, list) or not raw:
+        problems.append("routes: must be a non-empty list of {use_case, tier, model, ...}")
+        return []
     routes: list[Route] = []
     seen: dict[tuple[UseCase, ModelTier], int] = {}
-    raw_routes = doc.get("routes")
-    if not isinstance(raw_routes, list) or not raw_routes:
-        problems.append("routes: must be a non-empty list of {use_case, tier, model, ...}")
-        raw_routes = []
-    for i, raw in enumerate(raw_routes):
+    for i, entry in enumerate(raw):
         where = f"routes[{i}]"
         try:
-            route = parse_route(raw, providers)
+            route = parse_route(entry, providers)
         except ValueError as exc:
             sep = "." if _KEYED.match(str(exc)) else ": "
             problems.append(f"{where}{sep}{exc}")
@@ -478,36 +519,37 @@ def table_from_dict(
             continue
         seen[key] = i
         routes.append(route)
+    return routes
 
-    problems = [redact_credentials(p) for p in problems]  # they are logged and shown in /health/details
-    passthrough_provider = doc.get("passthrough_provider")
-    if passthrough_provider is not None and str(passthrough_provider) not in providers:
-        problems.append(f"passthrough_provider: {passthrough_provider!r} is not a provider of the table "
+
+def _parse_passthrough_provider(raw: Any, providers: Mapping[str, ProviderSpec],
+                                problems: list[str]) -> str | None:
+    """`passthrough_provider:`, where unknown models and unserved `/v1/*` paths go (None: nowhere)."""
+    if raw is None:
+        return None
+    if str(raw) not in providers:
+        problems.append(f"passthrough_provider: {raw!r} is not a provider of the table "
                         f"(providers: {', '.join(providers) or 'none'})")
-        passthrough_provider = None
-    passthrough_paths: dict[str, str] = {}
-    raw_paths = doc.get("passthrough_paths") or {}
-    if not isinstance(raw_paths, dict):
+        return None
+    return str(raw)
+
+
+def _parse_passthrough_paths(raw: Any, providers: Mapping[str, ProviderSpec],
+                             problems: list[str]) -> dict[str, str]:
+    """`passthrough_paths:`, path prefix -> provider for `/v1/*` paths passed through."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
         problems.append('passthrough_paths: must be a mapping of path prefix to provider, e.g. {"/v1/audio/": local}')
-        raw_paths = {}
-    for prefix, provider in raw_paths.items():
+        return {}
+    paths: dict[str, str] = {}
+    for prefix, provider in raw.items():
         if not str(prefix).startswith("/v1/"):
             problems.append(f"passthrough_paths.{prefix}: a path prefix must start with /v1/")
         elif str(provider) not in providers:
             problems.append(f"passthrough_paths.{prefix}: {provider!r} is not a provider of the table")
         else:
-            passthrough_paths[str(prefix)] = str(provider)
-    limits, limit_problems = parse_limits(doc.get("limits"), providers)
-    problems += limit_problems
-
-    if problems and strict:
-        raise ConfigError(f"{label}: " + f"\n{label}: ".join(problems))
-    if not routes:
-        raise ConfigError(f"{label}: routes: no valid route" + (f" ({'; '.join(problems)})" if problems else ""))
-    return RoutingTable(providers, routes, aliases, pricing, source=source, problems=problems,
-                        allow_model_override=allow_model_override, model_rules=rules, embeddings=embeddings,
-                        passthrough_provider=None if passthrough_provider is None else str(passthrough_provider),
-                        passthrough_paths=passthrough_paths, limits=LimitIndex(limits))
+            paths[str(prefix)] = str(provider)
+    return paths
 
 
 def parse_rule(raw: Any) -> ParamRule:
