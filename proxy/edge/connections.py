@@ -103,7 +103,9 @@ def _reason(exc: BaseException) -> str:
 
 
 class GuardedRequestHandler(RequestHandler):
-    """aiohttp's protocol plus a deadline for the request headers and a quiet answer to garbage."""
+    """aiohttp's protocol plus a deadline for the request headers and a quiet answer to garbage.
+    It reads its base class's state (`_waiter`, `_messages`, `_force_close`, `_loop`): aiohttp has
+    no public view of whether a connection is idle or has a request's headers."""
 
     def __init__(self, manager: GuardedServer, **kwargs: Any):
         super().__init__(manager, **kwargs)
@@ -244,14 +246,24 @@ class GuardedAppRunner(web.AppRunner):
         self.limits = limits
 
     async def _make_server(self) -> web.Server:
+        # aiohttp's own hook (private, and the only one) for the server a runner uses
         server = await super()._make_server()  # the app's start-up, and the server it would use
         handle = server.request_handler
-        direct = self._app.get(DIRECT_ROUTES)
+        direct = self.app.get(DIRECT_ROUTES)
         if direct:
             handle = direct_routes(direct, handle)
+        # the loop is the running one (aiohttp's runner made its server on it, and so does ours)
         return GuardedServer(handle, limits=self.limits, request_factory=server.request_factory,
-                             handler_cancellation=server.handler_cancellation, loop=server._loop,
-                             **server._kwargs)
+                             handler_cancellation=server.handler_cancellation, **_protocol_settings(server))
+
+
+def _protocol_settings(server: web.Server) -> dict[str, Any]:
+    """The settings aiohttp's runner gave its server for each connection's protocol (keep-alive,
+    access log, the app's handler_args...), handed on to the `GuardedServer` that replaces it.
+    aiohttp has no public way to give a runner another server class, nor to read these back: this
+    is the one read of its private state outside the subclasses (aiohttp 3.9 to 3.14 keep them in
+    `Server._kwargs`)."""
+    return dict(server._kwargs)
 
 
 def direct_routes(routes: Mapping[str, Handler], app_handler: Handler) -> Handler:
