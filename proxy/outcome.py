@@ -118,7 +118,7 @@ class RequestRecord:
     stream_state: StreamState | None = None
     trace: Any = None  # the request's span (tracing.RequestTrace) when tracing is on
     attempts: list[Attempt] | tuple[()] = ()  # the dispatcher's list, once there is one
-    quota: Any = None  # what the limits charged this request (quotas.Reservation), settled at its end
+    quota: Any = None  # what the limits charged this request (limits.admission.Reservation), settled at its end
 
     def __init__(self, request_id: str, endpoint: str):
         self.request_id = request_id

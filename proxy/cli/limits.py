@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from ..limits.quotas import KINDS, LimitIndex
+from ..limits.spec import KINDS, LimitIndex
 from ..settings import RouterConfig
 from ..table.routing import RoutingTable, load_table
 
@@ -63,7 +63,7 @@ async def _rows(config: RouterConfig) -> tuple[list[dict[str, Any]], str]:
     note = f"limits from {table.source}; "
     if config.redis_url and index.checks:
         from ..fleet.state import FleetLimits, RedisLink
-        from ..limits.quotas import FleetUnavailable
+        from ..limits.spec import FleetUnavailable
 
         link = RedisLink(config.redis_url, timeout=max(config.redis_timeout, 1.0))
         try:

@@ -22,7 +22,7 @@ import orjson
 
 from ..adapters.responses import ChatStreamTranslator, chat_to_response, to_chat_request
 from ..fleet.affinity import Holder, ResponseAffinity
-from ..limits.quotas import Quotas
+from ..limits.admission import Quotas
 from ..observability.telemetry import Telemetry
 from ..outcome import CLIENT_CLOSED, RequestRecord, Result, tried
 from ..settings import RouterConfig, check_service_urls

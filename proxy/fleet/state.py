@@ -31,7 +31,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from ..limits.quotas import Admission, Check, FleetUnavailable
+from ..limits.counters import Admission
+from ..limits.spec import Check, FleetUnavailable
 from ..types import ConfigError, cancel_and_wait
 
 log = logging.getLogger("tiergate.fleet")
@@ -508,7 +509,7 @@ class _Charge:
 
 
 class FleetLimits:
-    """The limit counters in Redis (a `quotas.Backend`), and the fleet's size for the fail_open share."""
+    """The limit counters in Redis (a `limits.counters.Backend`), and the fleet's size for the fail_open share."""
 
     def __init__(self, link: RedisLink, namespace: str, *, pod_id: str | None = None,
                  sync_within: float = SYNC_WITHIN):

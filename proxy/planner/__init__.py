@@ -20,7 +20,7 @@ from .plan import Candidate, Plan
 if TYPE_CHECKING:
     from ..adapters.base import Endpoint
     from ..fleet.affinity import ResponseAffinity
-    from ..limits.quotas import Quotas
+    from ..limits.admission import Quotas
     from ..outcome import RequestRecord
     from ..table.routing import RouteDecision, RoutingTable
     from ..types import ModelRef

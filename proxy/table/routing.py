@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..limits.quotas import LimitIndex, parse_limits
+from ..limits.spec import LimitIndex, parse_limits
 from ..types import (
     CACHE_POLICIES,
     DEFAULT_TIER,
@@ -171,7 +171,7 @@ class RoutingTable:
         self.passthrough_paths: tuple[tuple[str, str], ...] = tuple(
             sorted((passthrough_paths or {}).items(), key=lambda kv: -len(kv[0])))
         self.loaded_at = time.time()
-        # rate limits and budgets (quotas.py); None when the table has none: one falsy check per request
+        # rate limits and budgets (proxy/limits); None when the table has none: one falsy check per request
         self.limits: LimitIndex | None = limits if limits else None
 
         self._plans: dict[ModelRef, ParamRule] = {}

@@ -380,7 +380,7 @@ def limit_rows_to_doc(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]
 
 async def seed_limits(conn: asyncpg.Connection, doc: Mapping[str, Any], timeout: float) -> int:
     """Insert a table document's `limits:` as `llm_limits` rows (those already there are kept)."""
-    from ..limits.quotas import limit_rows, parse_limits
+    from ..limits.spec import limit_rows, parse_limits
 
     specs, _ = parse_limits(doc.get("limits"), (doc.get("providers") or {}).keys())
     rows = limit_rows(specs)

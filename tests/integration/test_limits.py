@@ -11,7 +11,9 @@ import orjson
 import pytest
 
 from proxy.edge.auth import InboundAuth, parse_key
-from proxy.limits.quotas import LimitIndex, LocalCounters, estimate_prompt_tokens, parse_limits
+from proxy.limits.counters import LocalCounters
+from proxy.limits.estimate import estimate_prompt_tokens
+from proxy.limits.spec import LimitIndex, parse_limits
 from proxy.table.routing import table_from_dict
 from proxy.types import ConfigError
 
@@ -276,13 +278,13 @@ async def test_the_scripts_calendar_matches_utc(redis_client):
 
 
 async def test_a_spent_monthly_budget_renews_with_the_utc_month(upstream, start_tiergate, http, namespace):
-    from proxy.limits.quotas import _period
+    from proxy.limits.counters import calendar_period
 
     tg = await start_tiergate(limited(upstream, [{"name": "monthly", "usd_per_month": 0}]), redis_url=REDIS_URL,
                               cache_namespace=namespace, redis_timeout=1.0)
     status, headers, body = await post(http, tg.v1 + "/chat/completions", CHAT)
     assert status == 429 and body["error"]["code"] == "budget_exceeded" and upstream.calls == 0
-    assert abs(int(headers["Retry-After"]) - _period("m", time.time())[1]) <= 2
+    assert abs(int(headers["Retry-After"]) - calendar_period("m", time.time())[1]) <= 2
 
 
 async def test_a_silent_redis_costs_one_timeout_then_the_policy(upstream, start_tiergate, http, silent_server):
@@ -351,7 +353,7 @@ async def test_redis_link_pipelines_a_turns_commands(redis_client, namespace):
 
 
 def test_an_unknown_failure_policy_is_a_config_error():
-    from proxy.limits.quotas import Quotas
+    from proxy.limits.admission import Quotas
 
     with pytest.raises(ConfigError, match="limits_on_redis_failure.*fail_open, fail_closed"):
         Quotas(policy="fail_sideways")
@@ -410,7 +412,7 @@ async def test_far_from_the_cap_a_request_is_admitted_ahead_and_still_counted(re
 
 async def test_an_ahead_charge_that_redis_fails_is_not_settled(tmp_path, namespace):
     from proxy.fleet.state import FleetLimits, RedisLink
-    from proxy.limits.quotas import FleetUnavailable
+    from proxy.limits.spec import FleetUnavailable
 
     server = PrivateRedis(tmp_path)
     await server.start()
