@@ -53,24 +53,24 @@ def load_config() -> RouterConfig:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    return _run(_db_init(load_config(), args.source))
+    return run_db_command(_db_init(load_config(), args.source))
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
     config = load_config()
     action: Callable[[RouterConfig, argparse.Namespace], Any] = {
         "list": _routes_list, "set": _routes_set, "delete": _routes_delete}[args.routes_command]
-    return _run(action(config, args))
+    return run_db_command(action(config, args))
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
-    return _run(_discover(load_config()))
+    return run_db_command(_discover(load_config()))
 
 
 DB_COMMANDS = {"db": cmd_db, "routes": cmd_routes, "discover": cmd_discover}
 
 
-def _run(coro: Any) -> Any:
+def run_db_command(coro: Any) -> Any:
     """Run one command's coroutine; a database problem becomes a one-line message and exit 1."""
     from ..table import store  # asyncpg is loaded only for the database commands
 

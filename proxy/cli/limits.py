@@ -30,9 +30,9 @@ def add_limits_commands(sub: Any) -> None:
 def cmd_limits(args: argparse.Namespace) -> int:
     config = RouterConfig.load(overrides={"config_path": args.config})
     if config.database_dsn:
-        from .db import _run  # a database problem: one line and exit 1
+        from .db import run_db_command  # a database problem: one line and exit 1
 
-        found = _run(_rows(config))
+        found = run_db_command(_rows(config))
         if isinstance(found, int):
             return found
         rows, note = found

@@ -81,8 +81,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{'route':<32} {'model':<48} fallbacks")
     for row in table.describe():
         print(f"{row['route']:<32} {row['model']:<48} {', '.join(row['fallbacks']) or '-'}")
-    from ..engine.providers import _has_key
-    missing = [name for name, spec in table.providers.items() if not _has_key(spec, config)]
+    from ..engine.providers import provider_has_key
+    missing = [name for name, spec in table.providers.items() if not provider_has_key(spec, config)]
     if missing:
         print(f"note: no API key configured for provider(s): {', '.join(missing)}")
     return 0

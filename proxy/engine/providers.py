@@ -50,7 +50,7 @@ class Provider:
         self.config = config
         self.base_url = spec.base_url
         self.headers = build_headers(spec, config)
-        self.has_key = _has_key(spec, config)
+        self.has_key = provider_has_key(spec, config)
         # forwarded client headers never replace these: the table's headers and the provider's key
         self.protected = frozenset(name.lower() for name, _ in spec.headers) | frozenset(
             () if spec.pass_client_key else {"authorization", spec.api_key_header.lower()})
@@ -161,7 +161,8 @@ def _secret_patterns(key: str | None) -> tuple[re.Pattern[bytes], ...]:
             re.compile(rb"(?:[*.x]|\xe2\x80\xa6){3,}" + re.escape(raw[-4:])))  # a masked middle, then the last four
 
 
-def _has_key(spec: ProviderSpec, config: RouterConfig) -> bool:
+def provider_has_key(spec: ProviderSpec, config: RouterConfig) -> bool:
+    """Whether tiergate has a key to send to this provider (the mock kind needs none)."""
     return spec.kind == "mock" or bool(provider_key(spec, config))
 
 
