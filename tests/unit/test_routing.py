@@ -218,3 +218,34 @@ def test_route_defaults_for_responses_use_its_field_names(table):
     payload = {"input": "x", "max_output_tokens": 5, "instructions": "Mine."}
     apply_route_defaults(payload, route, RESPONSES)
     assert (payload["max_output_tokens"], payload["instructions"]) == (5, "Mine.")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"aliases": ["fast"]}, "test: aliases: must be a mapping of alias to provider/model"),
+    ({"aliases": {"slow": "nowhere/x"}}, "test: aliases.slow: 'nowhere/x' names provider 'nowhere'"),
+    ({"pricing": ["p/gp"]}, "test: pricing: must be a mapping of provider/model to {input, output}"),
+    ({"pricing": {"p/gp": 3}}, "test: pricing.p/gp: must be {input: USD per 1M tokens"),
+    ({"pricing": {"p/gp": {"input": "cheap"}}}, "test: pricing.p/gp: could not convert string to float"),
+    ({"model_rules": ["o1*"]}, "test: model_rules: must be a mapping of model pattern to"),
+    ({"model_rules": {"o1*": {"colour": 1}}}, "test: model_rules.o1*: unknown key 'colour'"),
+    ({"embeddings_model": "nowhere/e"}, "test: embeddings_model: 'nowhere/e' names provider 'nowhere'"),
+    ({"providers": ["p"]}, "test: providers: must be a mapping of name to settings"),
+])
+def test_each_section_of_a_bad_table_names_its_key(extra, message):
+    with pytest.raises(ConfigError) as err:
+        table_from_dict({**DOC, **extra}, source="file:test")
+    assert message in err.value.message
+
+
+def test_a_lenient_table_keeps_the_good_entries_and_notes_the_bad_in_order():
+    doc = {**DOC, "aliases": {"fast": "p/fast-model", "slow": "nowhere/x"},
+           "pricing": {"p/gp": {"input": 1, "output": 2}, "p/bad": 3},
+           "model_rules": {"o1*": {"drop": ["temperature"]}, "bad*": []},
+           "routes": [*DOC["routes"], {"use_case": "debugging", "tier": "gold", "model": "p/d"}],
+           "passthrough_paths": {"/v1/audio/": "p", "audio": "p"}}
+    table = table_from_dict(doc, source="db", strict=False)
+    assert set(table.aliases) == {"fast"} and set(table.pricing) == {"p/gp"}
+    assert [p for p, _ in table.model_rules[:1]] == ["o1*"] and len(table.routes) == 3
+    assert table.passthrough_paths == (("/v1/audio/", "p"),)
+    assert [p.split(":")[0] for p in table.problems] == [
+        "aliases.slow", "pricing.p/bad", "model_rules.bad*", "routes[3].tier", "passthrough_paths.audio"]
