@@ -224,6 +224,7 @@ def micro() -> list[tuple[str, float]]:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from prometheus_client import CollectorRegistry, Counter
 
+    from proxy.engine.costing import charge_answer
     from proxy.engine.router import Router
     from proxy.observability.telemetry import Telemetry
     from proxy.outcome import Attempt, RequestRecord, Result
@@ -252,6 +253,7 @@ def micro() -> list[tuple[str, float]]:
            "pricing": {"bench/bench-model": {"input": 1, "output": 2}},
            "routes": [{"use_case": "general_purpose", "tier": "standard", "model": "bench/bench-model"}]}
     ref = ModelRef("bench", "bench-model")
+    bench_table = table_from_dict(doc, source="bench")
     for label, enabled, tracer in (("Telemetry.finish, monitoring off", False, None),
                                    ("usage + cost + finish (metrics, stats, log line to stderr)", True, None),
                                    ("... + request and attempt spans (batch exporter)", True, "on")):
@@ -260,10 +262,11 @@ def micro() -> list[tuple[str, float]]:
         if tracer:
             provider = TracerProvider()
             provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter(), max_queue_size=1 << 20))
-        router = Router(config, table=table_from_dict(doc, source="bench"), tracer_provider=provider)
+        router = Router(config, table=bench_table, tracer_provider=provider)
         telemetry: Telemetry = router.telemetry
+        telemetry.table_changed(bench_table)  # as Router.apply_table does (this router is not initialized)
 
-        def one(telemetry: Telemetry = telemetry) -> None:
+        def one(telemetry: Telemetry = telemetry, table: Any = bench_table) -> None:
             record = RequestRecord("req", "chat.completions")
             record.route = "general_purpose:standard"
             trace = telemetry.start_trace("chat", record, CHAT, None)
@@ -272,7 +275,10 @@ def micro() -> list[tuple[str, float]]:
                 trace.attempt_ended(Attempt("bench", "bench-model", "ok", 200, 1.0))
             record.status, record.ref, record.tries = 200, ref, 1
             record.attempts = [Attempt("bench", "bench-model", "ok", 200, 1.0)]
-            telemetry.on_result(record, Result(200, ref, record.attempts, body=ANSWER, tries=1))
+            result = Result(200, ref, record.attempts, body=ANSWER, tries=1)
+            if telemetry.enabled:  # as the router does: usage and cost, then what telemetry reports
+                charge_answer(record, result, table)
+            telemetry.on_result(record, result)
             telemetry.finish(record)
 
         async def batch(one: Any = one, telemetry: Telemetry = telemetry) -> None:

@@ -123,16 +123,23 @@ class LLMResponse:
 
 
 class TiergateError(Exception):
-    """Base of every error tiergate raises; each maps to an OpenAI error body and status."""
+    """Base of every error tiergate raises; each maps to an OpenAI error body and status.
+
+    `attempts` are the upstream attempts made before the error was decided (`outcome.Attempt` values:
+    outcome.py imports this module, so the class is not named here), empty when none was made; `ref`
+    is the model whose answer decided it (an upstream client error passed through), else None."""
 
     status: int = 500
     error_type: str = "api_error"
     code: str | None = None
+    attempts: list[Any]
+    ref: ModelRef | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.attempts = []
         if code is not None:
             self.code = code
 

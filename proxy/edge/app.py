@@ -233,9 +233,9 @@ def make_handler(endpoint: Endpoint, router: Router, auth: InboundAuth,
             extra = {"x-tiergate-route": record.route} if record.route else None
             if extra is not None and isinstance(exc, UpstreamError):
                 extra["x-tiergate-attempts"] = str(tried(exc.attempts))
-            if isinstance(exc, UpstreamStatusError) and getattr(exc, "ref", None) is not None:
-                record.ref = exc.ref  # type: ignore[attr-defined]
-                record.attempts = exc.attempts  # type: ignore[attr-defined]
+            if isinstance(exc, UpstreamStatusError) and exc.ref is not None:
+                record.ref = exc.ref
+                record.attempts = exc.attempts
                 record.tries = tried(record.attempts)
                 extra = _result_headers(record)
                 del extra["x-request-id"]  # the provider's, relayed by error_response

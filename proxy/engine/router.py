@@ -23,7 +23,8 @@ import orjson
 from ..adapters.responses import ChatStreamTranslator, chat_to_response, to_chat_request
 from ..fleet.affinity import Holder, ResponseAffinity
 from ..limits.admission import Quotas
-from ..observability.telemetry import Telemetry
+from ..observability.health_report import health_report
+from ..observability.telemetry import GaugeSources, Telemetry
 from ..outcome import CLIENT_CLOSED, RequestRecord, Result, tried
 from ..settings import RouterConfig, check_service_urls
 from ..table.discovery import Discovery, discover
@@ -42,6 +43,7 @@ from ..types import (
 from .batching import EmbeddingBatcher
 from .breaker import BreakerBoard
 from .cache import CacheControl, ResponseCache, is_cacheable
+from .costing import charge_answer, charge_stream
 from .dispatch import DONE, Adaptation, Adapter, Dispatcher
 from .health import HealthMonitor
 from .providers import Provider, make_provider
@@ -111,7 +113,7 @@ class Router:
                                      on_attempt=self.health.observe)
         self.recovery = self.dispatcher.stream_recovery = StreamRecovery(self.dispatcher)
         # telemetry: `tracer_provider` joins tiergate's spans to the caller's traces
-        self.telemetry = Telemetry(self.config, self, tracer_provider=tracer_provider)
+        self.telemetry = Telemetry(self.config, tracer_provider=tracer_provider)
         # response cache, coalescing, embedding batching; no I/O until used
         self.cache = ResponseCache(self.config)
         self.affinity = ResponseAffinity(self.config)  # which provider holds each stored response id
@@ -170,8 +172,9 @@ class Router:
             self.fleet.start(self._refresh_limits,
                              active=lambda: self._table is not None and self._table.limits is not None)
         if self.telemetry.metrics is not None and not self._limits_collected:
-            from ..limits.quotas import LimitsCollector
-            self.telemetry.metrics.add_collector(LimitsCollector(self))
+            from ..observability.limits_metrics import LimitsCollector
+            self.telemetry.metrics.add_collector(LimitsCollector(
+                self.quotas, lambda: self._table.limits if self._table is not None else None))
             self._limits_collected = True
         self.initialized = True
         self.closed = False
@@ -258,7 +261,9 @@ class Router:
             self.breakers.of(ref)
         self._table = table
         self._byok = any(spec.pass_client_key for spec in table.providers.values())
-        self.telemetry.table_changed()
+        self.telemetry.table_changed(table, GaugeSources(  # what the state gauges read when /metrics is scraped
+            self.breakers.items, self.cache.stats, lambda: None if self._store is None else (
+                self._store.state == "connected", self._store.last_refresh_age())))
         if retired:
             loop = asyncio.get_running_loop()
             self._retired.update(retired)
@@ -346,7 +351,12 @@ class Router:
         record.attempts = result.attempts
         record.tries = result.tries
         record.first_byte_at = result.first_byte_at
-        telemetry.on_result(record, result)  # usage and cost before the response goes out (x-tiergate-cost-usd)
+        if telemetry.enabled:  # usage and cost before the response goes out (x-tiergate-cost-usd)
+            if result.stream_state is not None:
+                record.stream_state = result.stream_state  # a stream's are read from its tail in finish()
+            else:
+                charge_answer(record, result, table)
+            telemetry.on_result(record, result)
         return result
 
     async def _forward(self, endpoint: Endpoint, payload: dict[str, Any], decision: Any, stream: bool,
@@ -445,7 +455,7 @@ class Router:
             if isinstance(error, TiergateError):
                 record.status = error.status
                 record.error = error.code or error.error_type
-                record.attempts = getattr(error, "attempts", None) or record.attempts
+                record.attempts = error.attempts or record.attempts
                 record.tries = tried(record.attempts)
             else:
                 record.status = 499 if isinstance(error, asyncio.CancelledError) else 500
@@ -455,6 +465,9 @@ class Router:
             if state is not None and state.error is not None:  # a stream that broke counts as what it was
                 record.error = f"stream_{state.error}"
                 record.status = _STREAM_ERROR_STATUS.get(state.error, 502)
+        state = record.stream_state
+        if state is not None and record.usage is None:  # a stream's usage and cost, from its last event
+            charge_stream(record, state, self._table)
         self.telemetry.finish(record)
         if record.quota is not None:  # limits: replace the estimate with the real usage
             self.quotas.settle(record)
@@ -583,39 +596,14 @@ class Router:
         """Overall status, providers, circuit breakers, the routing table's source and age, uptime,
         cache, and warnings (providers without a key). A coroutine, as the migration guides await it."""
         table = self._table
-        breakers = self.breakers.snapshot()
-        providers = self.health.snapshot(self.breakers.provider_states())
-        unavailable = sum(1 for p in providers.values() if not p["available"])
-        if table is None or (providers and unavailable == len(providers)):
-            status = "unhealthy"
-        elif unavailable or table.problems or any(b["state"] != "closed" for b in breakers.values()):
-            status = "degraded"
-        else:
-            status = "healthy"
-        database = self._store.health(table) if self._store is not None and table is not None else None
-        if database is not None and database["database"]["state"] != "connected" and status == "healthy":
-            status = "degraded"
-        limits = self.quotas.snapshot(table.limits if table is not None else None)
-        if limits["limits"] and limits["state"].startswith("unreachable") and status == "healthy":
-            status = "degraded"  # limits are counted by the failure policy, not for the fleet
-        health = {
-            "status": status,
-            "ready": self.initialized and not self.draining,
-            "uptime_s": round(time.time() - self.started_at, 3),
-            "providers": providers,
-            "circuit_breakers": breakers,
-            "routing_table": None if table is None else {
-                "source": table.source, "age_s": round(table.age(), 3), "routes": len(table.routes),
-                "problems": list(table.problems)},
-            "cache": self.cache.stats(),
-            "batching": self.batcher.stats() if self.batcher is not None else None,
-            "warnings": self.key_warnings(),
-            "limits": limits,
-            "fleet_health": self.fleet_health.snapshot() if self.fleet_health is not None else None,
-        }
-        if database is not None:
-            health["routing_table"].update(database)
-        return health
+        return health_report(
+            table, ready=self.initialized and not self.draining, uptime_s=time.time() - self.started_at,
+            breakers=self.breakers.snapshot(), providers=self.health.snapshot(self.breakers.provider_states()),
+            database=self._store.health(table) if self._store is not None and table is not None else None,
+            limits=self.quotas.snapshot(table.limits if table is not None else None),
+            cache=self.cache.stats(), batching=self.batcher.stats() if self.batcher is not None else None,
+            warnings=self.key_warnings(),
+            fleet_health=self.fleet_health.snapshot() if self.fleet_health is not None else None)
 
     async def _refresh_limits(self) -> None:
         """Read every limit's use from Redis (the heartbeat's refresh): health and metrics stay

@@ -3,8 +3,9 @@
 `RequestRecord` is filled in along the request's path and given to `Telemetry.finish` once,
 when the response (or the stream) has ended. `Telemetry` composes the Prometheus metrics
 (metrics.py), the in-process statistics behind `Router.get_metrics()` (stats.py), traces
-(tracing.py) and the one structured JSON log line per request (here). Usage and cost are read
-from the upstream bytes (usage.py) without re-serialising them.
+(tracing.py) and the one structured JSON log line per request (here). Usage and cost come on the
+record (the router charges them, engine/costing.py); what else it reports is pushed to it: the
+routing table and the state its gauges read (`table_changed`), never read from the router.
 """
 
 from __future__ import annotations
@@ -16,29 +17,24 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from itertools import chain
 from operator import attrgetter, itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
 from ..outcome import RequestRecord, Result
-from ..protocol.usage import (
-    Usage,
-    cost_usd,
-    find_usage,
-    finish_reasons,
-    price_for,
-    response_model,
-    usage_details,
-    usage_of,
-)
+from ..protocol.usage import finish_reasons, response_model
 from ..settings import RouterConfig
 from ..types import ConfigError, ModelRef
 from .metrics import CONTENT_TYPE, PrometheusMetrics, multiprocess_dir
 from .semconv import INFERENCE_OPERATIONS, OPERATION_OF_ENDPOINT, names_for
 from .stats import RequestStats
 from .tracing import RequestTrace, Tracing
+
+if TYPE_CHECKING:
+    from ..table.routing import RoutingTable
 
 log = logging.getLogger("tiergate")
 request_log = logging.getLogger("tiergate.requests")
@@ -48,8 +44,7 @@ _BATCH_SIZE = 64  # ...or as soon as this many have finished
 _SAMPLE_EVERY_S = 1.0  # multiprocess mode: how often a worker refreshes its state gauges
 _UNPAID_CACHE_RESULTS = frozenset({"hit", "coalesced"})  # answered without an upstream call of their own
 REQUEST_LOG_TARGETS = ("stderr", "logging", "off")
-_UNKNOWN = object()
-_MEMO_LIMIT = 4096  # entries in the per-model memos (labels, prices)
+_MEMO_LIMIT = 4096  # entries in the per-model memos (labels, provider addresses)
 _USAGE, _COST, _ATTEMPTS = attrgetter("usage"), attrgetter("cost_usd"), attrgetter("attempts")
 _PROMPT, _COMPLETION = itemgetter(0), itemgetter(1)
 _CACHE_READ, _CACHE_WRITE, _REASONING = itemgetter(2), itemgetter(3), itemgetter(4)
@@ -60,6 +55,15 @@ def _answered_by_fallback(record: RequestRecord) -> bool:
     """Answered, by a model other than the first one tried."""
     first, ref = record.attempts[0], record.ref
     return ref is not None and 200 <= record.status < 400 and (first.provider, first.model) != (ref.provider, ref.model)
+
+
+class GaugeSources(NamedTuple):
+    """What the state gauges read when /metrics is scraped, handed over by the router with each table."""
+
+    breakers: Callable[[], Iterable[tuple[str, Any]]]  # (deployment, breaker with a `.state`) pairs
+    cache_stats: Callable[[], Mapping[str, Any] | None] | None = None  # the response cache's `stats()`
+    # the routing table's database: (connected, seconds since a good read), None without one
+    database: Callable[[], tuple[bool, float | None] | None] | None = None
 
 
 def _buffered_stderr() -> io.BufferedWriter | None:
@@ -75,11 +79,11 @@ class Telemetry:
     """Metrics, traces and request logs of one router. `enabled=False` (ENABLE_MONITORING=false)
     leaves only the request and success counts behind `get_metrics()`."""
 
-    def __init__(self, config: RouterConfig | None = None, router: Any = None, *,
-                 tracer_provider: Any = None):
+    def __init__(self, config: RouterConfig | None = None, *, tracer_provider: Any = None):
         config = config or RouterConfig()
         self.enabled = config.enable_monitoring
-        self._router = router
+        self._table: RoutingTable | None = None  # the current routing table, pushed by `table_changed`
+        self._gauges: GaugeSources | None = None
         self.stats = RequestStats()
         self.metrics: PrometheusMetrics | None = None
         self.tracing: Tracing | None = None
@@ -89,7 +93,6 @@ class Telemetry:
         self._drain_timer: asyncio.TimerHandle | None = None
         self._batch = 1 if self._multiproc else _BATCH_SIZE  # several workers: counted at once
         self._labels: dict[ModelRef, str] = {}  # provider/model label per model, built once
-        self._prices: dict[ModelRef, Any] = {}  # price per model in the current table (see `table_changed`)
         self._servers: dict[str, tuple[str, int] | None] = {}  # provider -> (host, port) of its base URL
         self.request_log = config.request_log.strip().lower()
         if self.request_log not in REQUEST_LOG_TARGETS:
@@ -122,51 +125,21 @@ class Telemetry:
         return trace
 
     def on_result(self, record: RequestRecord, result: Result) -> None:
-        """The upstream answered: read usage and cost from a body now (so the response can carry
-        `x-tiergate-cost-usd`); a stream's are read from its tail when it ends."""
-        if not self.enabled:
-            return
-        if result.stream_state is not None:
-            record.stream_state = result.stream_state
-            return
-        body = result.body
-        if body is None:
-            return
-        if result.data is not None:  # parsed by dispatch to check it is an answer: read usage from that
-            self._charge(record, usage_of(result.data))
-        else:
-            self._account(record, body)
+        """The upstream answered (usage and cost are on the record already): a body's model and finish
+        reasons for the span; a stream's are read from its tail when it ends."""
         trace = record.trace
-        if trace is not None and trace.recording:
+        body = result.body
+        if trace is not None and trace.recording and body is not None and result.stream_state is None:
             trace.response_model = response_model(body)
             trace.finish_reasons = finish_reasons(body[-4096:])
 
-    def _account(self, record: RequestRecord, data: bytes) -> None:
-        self._charge(record, find_usage(data))
-
-    def _charge(self, record: RequestRecord, usage: Usage | None) -> None:
-        record.usage = usage
-        ref = record.ref
-        if usage is None or ref is None:
-            return
-        if record.cache in _UNPAID_CACHE_RESULTS:
-            record.cost_usd = 0.0
-            return
-        price = self._prices.get(ref, _UNKNOWN)
-        if price is _UNKNOWN:
-            if len(self._prices) >= _MEMO_LIMIT:  # clients may name any model: stay bounded
-                self._prices.clear()
-            table = getattr(self._router, "_table", None)
-            price = self._prices[ref] = (price_for(table.pricing, ref.provider, ref.model)
-                                         if table is not None else None)
-        if price is not None:
-            record.cost_usd = cost_usd(usage, price)
-
-    def table_changed(self) -> None:
-        """A new routing table (its `pricing` and providers may differ): forget the memoised prices and
-        provider addresses."""
-        self._prices = {}
+    def table_changed(self, table: RoutingTable, gauges: GaugeSources | None = None) -> None:
+        """A new routing table (its providers may differ: forget their memoised addresses), and what the
+        state gauges read at scrape time (breakers, cache, the table's database)."""
+        self._table = table
         self._servers = {}
+        if gauges is not None:
+            self._gauges = gauges
 
     def _server(self, provider: str) -> tuple[str, int] | None:
         """The (host, port) of `provider`'s base URL (the GenAI conventions' `server.address`/`.port`)."""
@@ -175,7 +148,7 @@ class Telemetry:
         except KeyError:
             pass
         server = None
-        table = getattr(self._router, "_table", None)
+        table = self._table
         spec = table.providers.get(provider) if table is not None else None
         if spec is not None and spec.base_url:
             from urllib.parse import urlsplit
@@ -200,17 +173,9 @@ class Telemetry:
             self.stats.overall.add(200 <= record.status < 400, (record.ended - record.started) * 1000, 0, 0, None)
             return
         state = record.stream_state
-        if state is not None and record.usage is None and state.tail:
-            self._account(record, state.tail)
-            if record.usage is not None:
-                record.usage_details = usage_details(state.tail)
-            elif not state.completed and state.request_bytes:
-                # cut short before the provider's usage event: charged for what it produced, estimated
-                self._charge(record, state.estimate())
-                record.usage_estimated = True
-            if record.trace is not None and record.trace.recording:
-                record.trace.response_model = response_model(state.tail)
-                record.trace.finish_reasons = finish_reasons(state.tail)
+        if state is not None and state.tail and record.trace is not None and record.trace.recording:
+            record.trace.response_model = response_model(state.tail)
+            record.trace.finish_reasons = finish_reasons(state.tail)
         if state is not None and record.trace is not None and record.trace.recording \
                 and (state.recovery or record.usage_estimated):
             span = record.trace.span  # how the stream ended: recovered by which model, tokens estimated
@@ -424,14 +389,11 @@ class Telemetry:
 
     def sample(self) -> None:
         """Refresh the state gauges: breaker states, routing table age, cache size."""
-        metrics = self.metrics
-        router = self._router
-        if metrics is None or router is None:
+        metrics, gauges, table = self.metrics, self._gauges, self._table
+        if metrics is None or gauges is None:
             return
-        table = getattr(router, "_table", None)
-        cache = getattr(router, "cache", None)
         cache_bytes = None
-        stats = getattr(cache, "stats", None)
+        stats = gauges.cache_stats
         if callable(stats) and not inspect.iscoroutinefunction(stats):
             try:
                 found = stats()
@@ -439,11 +401,11 @@ class Telemetry:
                                    None)
             except (AttributeError, TypeError, ValueError) as exc:
                 log.debug("cache stats unavailable: %s", exc)
-        metrics.sample(dict(router.breakers.items()), table.age() if table is not None else None,
+        metrics.sample(dict(gauges.breakers()), table.age() if table is not None else None,
                        cache_bytes if isinstance(cache_bytes, (int, float)) else None)
-        store = getattr(router, "_store", None)  # a routing table in Postgres
-        if store is not None:
-            metrics.sample_database(store.state == "connected", store.last_refresh_age())
+        database = gauges.database() if gauges.database is not None else None
+        if database is not None:  # a routing table in Postgres
+            metrics.sample_database(*database)
         if self.tracing is not None:
             metrics.spans_dropped_total(self.tracing.dropped_spans())
 

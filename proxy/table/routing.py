@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..limits.spec import LimitIndex, parse_limits
+from ..protocol.usage import Usage, cost_usd, price_for
 from ..types import (
     CACHE_POLICIES,
     DEFAULT_TIER,
@@ -175,6 +176,7 @@ class RoutingTable:
         self.limits: LimitIndex | None = limits if limits else None
 
         self._plans: dict[ModelRef, ParamRule] = {}
+        self._prices: dict[ModelRef, Pricing | None] = {}  # per model, looked up once (see `price`)
         default = self.routes.get((DEFAULT_USE_CASE, DEFAULT_TIER)) or next(iter(self.routes.values()))
         self.default = self._decision(default.name, default.candidates, default)
         decisions = {key: self._decision(r.name, r.candidates, r) for key, r in self.routes.items()}
@@ -226,6 +228,17 @@ class RoutingTable:
             base = rule or ParamRule()
             return ParamRule(base.drop, base.rename, route.first_byte_timeout)
         return rule
+
+    def price(self, ref: ModelRef, usage: Usage) -> float | None:
+        """USD for `usage` at `ref`'s price in this table (input tokens served from the provider's cache at
+        its `cached_input` price when the table gives one); None when the table has no price for it."""
+        try:
+            pricing = self._prices[ref]
+        except KeyError:
+            pricing = price_for(self.pricing, ref.provider, ref.model)
+            if len(self._prices) < 4096:  # clients may name any model: keep the memo bounded
+                self._prices[ref] = pricing
+        return cost_usd(usage, pricing) if pricing is not None else None
 
     # -- resolution (hot path) ------------------------------------------------------------
 

@@ -194,23 +194,30 @@ async def test_multiprocess_scrape_shows_every_worker(upstream, http, tmp_path):
 
 
 def test_state_gauges_read_at_scrape_time():
-    """Cache size comes from the router's cache `stats()` when there is one (read defensively)."""
-    from types import SimpleNamespace
-
+    """The state gauges read what the router pushed with the table, when scraped: breakers, the table's
+    age, the cache's `stats()` (read defensively) and the table's database."""
     from proxy.engine.breaker import BreakerBoard
-    from proxy.observability.telemetry import Telemetry
+    from proxy.observability.telemetry import GaugeSources, Telemetry
+    from proxy.table.routing import table_from_dict
 
+    table = table_from_dict({"providers": {"p": {"base_url": "http://127.0.0.1:1/v1", "api_key": "k"}},
+                             "routes": [{"use_case": "general_purpose", "tier": "standard", "model": "p/m"}]},
+                            source="test")
     breakers = BreakerBoard(["p", "q"], fail_max=1)
     breakers.get("q").record_failure()
-    stand_in = SimpleNamespace(breakers=breakers, _table=None, cache=SimpleNamespace(stats=lambda: {"bytes": 1234}))
-    body, content_type = Telemetry(config_with(), stand_in).render_metrics()
+    telemetry = Telemetry(config_with())
+    telemetry.table_changed(table, GaugeSources(breakers.items, lambda: {"bytes": 1234}, lambda: (False, 7.5)))
+    body, content_type = telemetry.render_metrics()
     m = parse_metrics(body.decode())
     assert content_type.startswith("text/plain")
     assert value(m, "tiergate_cache_bytes") == 1234
     assert value(m, "tiergate_circuit_state", provider="p") == 0
     assert value(m, "tiergate_circuit_state", provider="q") == 2
-    broken = SimpleNamespace(breakers=breakers, _table=None, cache=SimpleNamespace(stats=lambda: None))
-    assert b"tiergate_cache_bytes 0.0" in Telemetry(config_with(), broken).render_metrics()[0]
+    assert value(m, "tiergate_routing_table_age_seconds") >= 0
+    assert value(m, "tiergate_database_up") == 0 and value(m, "tiergate_database_last_refresh_age_seconds") == 7.5
+    broken = Telemetry(config_with())
+    broken.table_changed(table, GaugeSources(breakers.items, lambda: None))
+    assert b"tiergate_cache_bytes 0.0" in broken.render_metrics()[0]
 
 
 def test_gathered_counts_render_exactly_as_direct_observations():

@@ -249,3 +249,20 @@ def test_a_lenient_table_keeps_the_good_entries_and_notes_the_bad_in_order():
     assert table.passthrough_paths == (("/v1/audio/", "p"),)
     assert [p.split(":")[0] for p in table.problems] == [
         "aliases.slow", "pricing.p/bad", "model_rules.bad*", "routes[3].tier", "passthrough_paths.audio"]
+
+
+def test_price_is_the_tables_price_of_the_usage():
+    from proxy.protocol.usage import Usage
+
+    priced = table_from_dict({**DOC, "pricing": {"p/a": {"input": 2.5, "output": 10.0},
+                                                 "p/b": {"input": 2.0, "output": 8.0, "cached_input": 0.5}}},
+                             source="test")
+    assert priced.price(ModelRef("p", "a"), Usage(1000, 500)) == pytest.approx((1000 * 2.5 + 500 * 10.0) / 1e6)
+    # no cached-input price: cached input tokens are charged as input
+    assert priced.price(ModelRef("p", "a"), Usage(1000, 500, cache_read=800)) == pytest.approx(0.0075)
+    # a cached-input price: those tokens at that price, the rest of the input at the input price
+    assert priced.price(ModelRef("p", "b"), Usage(1000, 500, cache_read=800)) == pytest.approx(
+        (200 * 2.0 + 800 * 0.5 + 500 * 8.0) / 1e6)
+    assert priced.price(ModelRef("p", "unpriced"), Usage(1000, 500)) is None
+    assert priced.price(ModelRef("p", "unpriced"), Usage(1000, 500)) is None  # remembered as unpriced
+    assert table_from_dict(DOC, source="test").price(ModelRef("p", "a"), Usage(1, 1)) is None  # no pricing at all
