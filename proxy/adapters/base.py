@@ -49,15 +49,14 @@ _TYPE_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "a bo
 
 @dataclass(frozen=True, slots=True)
 class Translation:
-    """How one candidate is sent when its provider speaks another API than the client's: its own path
-    and request (sent like any payload: `model` set per candidate, serialised once), what turns its
-    answer (a body, or a stream's chunks) back into the client's API, and how its stream ends."""
+    """How one candidate is sent when its provider speaks another API than the client's: the
+    provider's endpoint and the request in its API (sent like any payload: `model` set per candidate,
+    serialised once), and what turns its answer (a body, or a stream's chunks) back into the client's."""
 
-    path: str
+    endpoint: Endpoint
     payload: dict[str, Any]
     transform_body: Callable[[bytes], bytes]
     transform_stream: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
-    done: tuple[bytes, ...] = (DONE,)
 
     def apply(self, result: Result) -> Result:
         if result.body is not None:
@@ -85,6 +84,7 @@ class Endpoint:
     done: tuple[bytes, ...] = (DONE,)  # the events a complete stream ends with (any one of them)
     usage_option: bool = False  # takes `stream_options.include_usage`, so tiergate may ask for usage
     deterministic: bool = False  # the same request gives the same answer: cacheable without a seed
+    batchable: bool = False  # requests with the same options may go upstream as one (and be split back)
 
     def validate(self, payload: Any, max_messages: int) -> None:
         """Type-check the fields tiergate knows; anything else goes upstream untouched."""

@@ -49,4 +49,5 @@ CHAT = ChatEndpoint("chat.completions", "/chat/completions", "chat", True, requi
 COMPLETIONS = Endpoint("completions", "/completions", "text_completion", True, "completions", required="prompt",
                        answer_key="choices", usage_option=True)
 EMBEDDINGS = EmbeddingsEndpoint("embeddings", "/embeddings", "embeddings", False, "embeddings", required="input",
-                                answer_key="data", deterministic=True)
+                                answer_key="data", deterministic=True,
+                                batchable=True)

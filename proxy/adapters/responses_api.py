@@ -136,19 +136,17 @@ def _translation(request: dict[str, Any], chat: dict[str, Any], response_id: str
         async def transform_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             translator = ChatStreamTranslator(request, response_id, int(time.time()), ref.model)
             try:
-                async for chunk in chunks:
+                async for chunk in chunks:  # read to the stream's end, so it counts as complete
                     out = translator.feed(chunk)
                     if out:
                         yield out
-                    if translator.ended:
-                        break
                 tail = translator.close()
                 if tail:
                     yield tail
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]
 
-        return Translation(CHAT.path, chat, transform_body, transform_stream, CHAT.done)
+        return Translation(CHAT, chat, transform_body, transform_stream)
 
     return translate
 

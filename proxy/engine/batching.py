@@ -13,11 +13,11 @@ from typing import Any
 import orjson
 
 from ..outcome import Result
-from ..table.routing import RouteDecision
+from ..planner.plan import Plan
 from ..types import UpstreamError
 
-# (payload, decision, headers, timeout) -> the upstream result
-Send = Callable[[dict[str, Any], RouteDecision, Mapping[str, str] | None, float | None], Awaitable[Result]]
+# (payload, plan, headers, timeout) -> the upstream result
+Send = Callable[[dict[str, Any], Plan, Mapping[str, str] | None, float | None], Awaitable[Result]]
 
 
 @dataclass(slots=True)
@@ -31,7 +31,7 @@ class _Member:
 
 @dataclass(slots=True)
 class _Batch:
-    decision: RouteDecision
+    plan: Plan
     template: dict[str, Any]
     headers: Mapping[str, str] | None
     timeout: float | None
@@ -53,15 +53,15 @@ class EmbeddingBatcher:
         self.batches = 0
         self.batched_requests = 0
 
-    async def submit(self, payload: dict[str, Any], decision: RouteDecision, *,
+    async def submit(self, payload: dict[str, Any], plan: Plan, *,
                      headers: Mapping[str, str] | None = None, timeout: float | None = None) -> Result:
         raw = payload.get("input")
         inputs = [raw] if isinstance(raw, str) else raw
         if (not isinstance(inputs, list) or not inputs or len(inputs) > self.max_inputs
                 or not all(isinstance(x, str) for x in inputs)):
-            return await self._send(payload, decision, headers, timeout)  # token arrays: sent as they are
+            return await self._send(payload, plan, headers, timeout)  # token arrays: sent as they are
         options = {k: v for k, v in payload.items() if k != "input"}
-        key = (decision.candidates, orjson.dumps({k: v for k, v in options.items() if k != "model"},
+        key = (tuple(c.ref for c in plan.candidates), orjson.dumps({k: v for k, v in options.items() if k != "model"},
                                                  option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS))
         batch = self._open.get(key)
         if batch is not None and len(batch.inputs) + len(inputs) > self.max_inputs:
@@ -69,7 +69,7 @@ class EmbeddingBatcher:
             batch = None
         loop = asyncio.get_running_loop()
         if batch is None:
-            batch = _Batch(decision, options, headers, timeout)
+            batch = _Batch(plan, options, headers, timeout)
             self._open[key] = batch
             batch.timer = loop.call_later(self.window_s, self._flush, key, batch)
         future: asyncio.Future[Result] = loop.create_future()
@@ -94,12 +94,12 @@ class EmbeddingBatcher:
         members = batch.members
         try:
             if len(members) == 1:  # nobody joined: the request goes as it came, its answer back unchanged
-                result = await self._send(members[0].payload, batch.decision, batch.headers, batch.timeout)
+                result = await self._send(members[0].payload, batch.plan, batch.headers, batch.timeout)
                 _resolve(members[0].future, result)
                 return
             self.batches += 1
             self.batched_requests += len(members)
-            result = await self._send({**batch.template, "input": batch.inputs}, batch.decision,
+            result = await self._send({**batch.template, "input": batch.inputs}, batch.plan,
                                       batch.headers, batch.timeout)
             for member, part in zip(members, split_response(result, members, len(batch.inputs)), strict=True):
                 _resolve(member.future, part)

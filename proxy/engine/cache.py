@@ -26,9 +26,9 @@ from aiocache.serializers import BaseSerializer, NullSerializer
 from redis.exceptions import RedisError
 
 from ..outcome import RequestRecord, Result
+from ..planner.plan import Plan
 from ..protocol.sse import assemble, wants_usage
 from ..settings import RouterConfig
-from ..table.routing import RouteDecision
 from ..types import ConfigError, ModelRef, Route, TiergateError
 from .fanout import SharedStream
 
@@ -315,20 +315,6 @@ def cache_key(path: str, candidates: tuple[ModelRef, ...], payload: dict[str, An
     return digest.hexdigest()
 
 
-def is_cacheable(route: Route | None, payload: dict[str, Any], *, embeddings: bool) -> bool:
-    """`always`, `never`, or `auto`: only deterministic requests (temperature 0 once the route's
-    defaults are in, or a seed; embeddings are deterministic)."""
-    policy = route.cache if route is not None else "auto"
-    if policy == "always":
-        return True
-    if policy == "never":
-        return False
-    if embeddings:
-        return True
-    temperature = payload.get("temperature")
-    return temperature == 0 or payload.get("seed") is not None
-
-
 @dataclass(frozen=True, slots=True)
 class CacheControl:
     """The client's `Cache-Control`: `no-cache` skips the lookup, `no-store` skips storing."""
@@ -404,19 +390,17 @@ class ResponseCache:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def serve(self, path: str, payload: dict[str, Any], decision: RouteDecision, record: RequestRecord,
-                    *, stream: bool, embeddings: bool, control: CacheControl,
-                    call: Callable[..., Awaitable[Result]]) -> Result:
+    async def serve(self, path: str, payload: dict[str, Any], plan: Plan, record: RequestRecord,
+                    *, stream: bool, control: CacheControl, call: Callable[..., Awaitable[Result]]) -> Result:
         """Answer from the cache, or join an identical request in flight, or `call` upstream and store.
 
         Sets `record.cache`: hit | miss | coalesced | bypass (not cacheable, or the lookup skipped).
         Streams are answered from a cached completion (replayed as SSE), else join an identical stream
         in flight (`call(raw_usage=True)` starts it); a complete stream is stored as its completion.
+        The caller asks the request's endpoint whether it is cacheable first.
         """
-        route = decision.route
-        if not is_cacheable(route, payload, embeddings=embeddings):
-            return await call()
-        key = cache_key(path, decision.candidates, payload)
+        route = plan.route
+        key = cache_key(path, tuple(c.ref for c in plan.candidates), payload)
         ttl = self.ttl_for(route)
         if control.lookup:
             cached = await self.get(key, ttl)

@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..planner.plan import Plan
 from ..protocol.sse import partial, split_events
-from ..table.routing import RouteDecision
 from ..types import ModelRef, TiergateError
 
 if TYPE_CHECKING:
     from ..outcome import Result, StreamState
-    from .dispatch import AttemptObserver, Dispatcher
+    from .dispatch import AttemptLoop, Call
 
 CONTINUE_INSTRUCTION = ("Your previous answer was cut off. Continue it exactly where it stopped, without "
                         "repeating anything and without any preamble.")
@@ -45,21 +45,17 @@ _ROLE_ONLY = re.compile(rb'"delta"\s*:\s*\{\s*"role"\s*:\s*"assistant"\s*(,\s*"c
 class StreamRecovery:
     """Wraps a recoverable route's stream; counts recoveries by outcome."""
 
-    def __init__(self, dispatcher: Dispatcher):
-        self.dispatcher = dispatcher
+    def __init__(self, loop: AttemptLoop):
+        self.loop = loop
         self.outcomes: Counter[str] = Counter()
 
-    def wrap(self, result: Result, path: str, payload: dict[str, Any], decision: RouteDecision, *,
-             headers: Mapping[str, str] | None, observer: AttemptObserver | None, done_marker: bytes,
-             raw_usage: bool) -> AsyncIterator[bytes]:
+    def wrap(self, result: Result, call: Call) -> AsyncIterator[bytes]:
         assert result.stream is not None and result.stream_state is not None
-        return self._relay(result.stream, result.stream_state, result.ref, path, dict(payload), decision,
-                           headers, observer, done_marker, raw_usage)
+        return self._relay(result.stream, result.stream_state, result.ref,
+                           call.narrowed(call.plan, payload=dict(call.payload)))
 
-    async def _relay(self, inner: AsyncIterator[bytes], state: StreamState, ref: ModelRef, path: str,
-                     payload: dict[str, Any], decision: RouteDecision, headers: Mapping[str, str] | None,
-                     observer: AttemptObserver | None, done_marker: bytes,
-                     raw_usage: bool) -> AsyncIterator[bytes]:
+    async def _relay(self, inner: AsyncIterator[bytes], state: StreamState, ref: ModelRef,
+                     call: Call) -> AsyncIterator[bytes]:
         relayed: list[bytes] = []  # kept for the partial answer (only on routes with recovery)
         broke: bytes | None = None
         try:
@@ -83,28 +79,22 @@ class StreamRecovery:
         if broke is None:
             return
         so_far = partial(relayed)
-        outcome = self._refusal(payload, so_far)
-        candidates: tuple[Any, ...] = ()
-        if outcome is None:
-            after = decision.candidates[decision.candidates.index(ref) + 1:] \
-                if ref in decision.candidates else ()
-            providers = self.dispatcher.providers
-            mode = next((providers[r.provider].spec.continuation for r in after if r.provider in providers), None)
-            candidates = tuple(r for r in after if r.provider in providers
-                               and providers[r.provider].spec.continuation == mode)
-            if not candidates:
-                outcome = "no_candidate"
-        if outcome is not None:
-            self._count(state, outcome)
+        outcome = self._refusal(call.payload, so_far)
+        plan = self._continuation(call.plan.after(ref)) if outcome is None else None
+        if plan is None:
+            self._count(state, outcome or "no_candidate")
             yield broke
             return
-        body = continuation_payload(payload, so_far.text, self.dispatcher.providers[candidates[0].provider]
-                                    .spec.continuation)
+        async for chunk in self._continued(call, plan, so_far, state, broke):
+            yield chunk
+
+    async def _continued(self, call: Call, plan: Plan, so_far: Any, state: StreamState,
+                         broke: bytes) -> AsyncIterator[bytes]:
+        """The next candidate's continuation of the answer, relayed as the rest of the same stream."""
+        mode = self.loop.providers[plan.candidates[0].ref.provider].spec.continuation
+        body = continuation_payload(call.payload, so_far.text, mode)
         try:
-            second = await self.dispatcher.run(
-                path, body, RouteDecision(decision.name, candidates, decision.route, decision.plans),
-                stream=True, headers=headers, observer=observer, done_marker=done_marker,
-                raw_usage=raw_usage, recover=False)
+            second = await self.loop.run(call.narrowed(plan, payload=body, timeout=None, recover=False))
         except TiergateError:
             self._count(state, "failed")
             yield broke
@@ -137,6 +127,17 @@ class StreamRecovery:
             else:
                 state.error = state2.error or state.error
                 self._count(state, "failed")
+
+    def _continuation(self, after: Plan) -> Plan | None:
+        """The candidates after the one that broke whose providers continue an answer the same way as
+        the first of them does; None when there is none."""
+        providers = self.loop.providers
+        known = [c for c in after.candidates if c.ref.provider in providers]
+        if not known:
+            return None
+        mode = providers[known[0].ref.provider].spec.continuation
+        same = tuple(c for c in known if providers[c.ref.provider].spec.continuation == mode)
+        return Plan(after.name, after.route, same)
 
     @staticmethod
     def _refusal(payload: dict[str, Any], so_far: Any) -> str | None:

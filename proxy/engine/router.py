@@ -7,10 +7,7 @@ pooled sessions, their breakers and the dispatcher, and exposes the library API.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -20,20 +17,21 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..adapters.responses import ChatStreamTranslator, chat_to_response, to_chat_request
-from ..fleet.affinity import Holder, ResponseAffinity
+from ..adapters import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
+from ..fleet.affinity import ResponseAffinity
 from ..limits.admission import Quotas
 from ..observability.health_report import health_report
 from ..observability.telemetry import GaugeSources, Telemetry
-from ..outcome import CLIENT_CLOSED, RequestRecord, Result, tried
+from ..outcome import CLIENT_CLOSED, RequestRecord, Result, new_request_id, tried
+from ..planner import Planner, PlanRequest
+from ..planner.plan import Plan
 from ..settings import RouterConfig, check_service_urls
 from ..table.discovery import Discovery, discover
-from ..table.routing import RouteDecision, RoutingTable, load_table
+from ..table.routing import RoutingTable, load_table
 from ..types import (
     ConfigError,
     InvalidRequestError,
     LLMResponse,
-    ModelRef,
     ModelTier,
     RouterClosedError,
     TiergateError,
@@ -42,9 +40,9 @@ from ..types import (
 )
 from .batching import EmbeddingBatcher
 from .breaker import BreakerBoard
-from .cache import CacheControl, ResponseCache, is_cacheable
+from .cache import CacheControl, ResponseCache
 from .costing import charge_answer, charge_stream
-from .dispatch import DONE, Adaptation, Adapter, Dispatcher
+from .dispatch import AttemptLoop, Call, CooldownStarted
 from .health import HealthMonitor
 from .providers import Provider, make_provider
 from .recovery import StreamRecovery
@@ -56,40 +54,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tiergate")
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One OpenAI operation tiergate forwards."""
-
-    name: str
-    path: str
-    operation: str  # the OpenTelemetry GenAI operation name
-    streamable: bool
-    kind: str = "chat"  # which of a route's models serve it: chat, embeddings, completions
-
-
-CHAT = Endpoint("chat.completions", "/chat/completions", "chat", True)
-COMPLETIONS = Endpoint("completions", "/completions", "text_completion", True, "completions")
-EMBEDDINGS = Endpoint("embeddings", "/embeddings", "embeddings", False, "embeddings")
-# a Responses call is a chat in the GenAI conventions' terms (their operation names have no "responses")
-RESPONSES = Endpoint("responses", "/responses", "chat", True)
-
-# the top-level `id` of a Response body, or of the response in a stream's first event
-_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
-_ID_SNIFF_BYTES = 8192
 # how a stream that broke is counted: the provider's silence a 504, the client leaving a 499 (as
 # nginx counts it), anything else the provider did a 502
 _STREAM_ERROR_STATUS = {"timeout": 504, CLIENT_CLOSED: 499}
-# the events a complete Responses stream ends with (a failed or incomplete response is complete too)
-RESPONSES_DONE = (b"response.completed", b"response.incomplete", b"response.failed")
-
-
-_ID_PREFIX = "req_" + os.urandom(6).hex()
-_id_counter = itertools.count(1)
-
-
-def new_request_id() -> str:
-    """Unique per process (random prefix) and across processes; no system call per request."""
-    return f"{_ID_PREFIX}{next(_id_counter):010x}"
 
 
 class Router:
@@ -109,9 +76,9 @@ class Router:
                                      clock=breaker_clock)
         self.health = HealthMonitor(self.providers, interval=self.config.health_check_interval,
                                     timeout=self.config.connect_timeout)
-        self.dispatcher = Dispatcher(self.providers, self.breakers, self.config,
-                                     on_attempt=self.health.observe)
-        self.recovery = self.dispatcher.stream_recovery = StreamRecovery(self.dispatcher)
+        self.loop = AttemptLoop(self.providers, self.breakers, self.config)
+        self.loop.events.on_attempt_end.append(self.health.observe)
+        self.recovery = self.loop.continuer = StreamRecovery(self.loop)
         # telemetry: `tracer_provider` joins tiergate's spans to the caller's traces
         self.telemetry = Telemetry(self.config, tracer_provider=tracer_provider)
         # response cache, coalescing, embedding batching; no I/O until used
@@ -130,8 +97,10 @@ class Router:
                                      self.config.cache_namespace, sync_within=self.config.limits_sync_within)
             self.fleet_health = FleetHealth(self.fleet.link, self.config.cache_namespace)
             self.breakers.on_state_change = self._share_breaker_state
-            self.dispatcher.fleet_health = self.fleet_health
+            self.loop.gate.fleet_health = self.fleet_health
+            self.loop.events.on_cooldown_start.append(self._share_cooldown)
         self.quotas = Quotas(self.fleet, policy=self.config.limits_on_redis_failure)
+        self.planner = Planner(self.quotas, self.affinity, fallback=self.config.enable_fallback)
         self._limits_collected = False  # the limits' /metrics families, registered once
         self.started_at = time.time()
         self.initialized = False
@@ -208,7 +177,7 @@ class Router:
             for provider in list(self.providers.values()):
                 await provider.close()
             self.providers.clear()
-            self.dispatcher.deadlines.close()
+            self.loop.deadlines.close()
             self._closed_event.set()
         self.telemetry.drain()  # count and log the last requests, then
         await asyncio.to_thread(self.telemetry.close)  # flush spans off the loop
@@ -285,6 +254,11 @@ class Router:
         elif new == "closed" and old != "closed":
             self.fleet_health.publish(name, "closed", 0)
 
+    def _share_cooldown(self, event: CooldownStarted) -> None:
+        """A deployment answered 429 here: the fleet skips it for as long."""
+        if self.fleet_health is not None:
+            self.fleet_health.publish(event.deployment, "cooldown", event.seconds, event.reason)
+
     @property
     def byok(self) -> bool:
         """Does a provider of the table take the client's own key (`pass_client_key`)?"""
@@ -318,34 +292,18 @@ class Router:
         if table is None:
             table = self.table  # raises: not initialized
         decision = table.resolve(use_case, tier, payload.get("model"), endpoint.kind)
-        if table.limits is not None:  # rate limits and budgets: charge an estimate now (may downgrade)
-            decision = await self.quotas.admit(table.limits, table, decision, payload, api_key_name, record)
-        record.route = decision.name
+        plan = await self.planner.plan(decision, PlanRequest(endpoint, payload, record, api_key_name), table)
         stream = bool(payload.get("stream")) and endpoint.streamable
         record.stream = stream
-        route = decision.route
-        if route is not None:
-            apply_route_defaults(payload, route, endpoint)
-        adapt: Adapter | None = None
-        if endpoint is RESPONSES:  # stored ids follow their provider; chat-only providers get a translation
-            decision, adapt = await self._plan_responses(payload, decision, table)
+        call = Call(endpoint, payload, plan, stream, headers, timeout, trace)
         # cache / coalescing / batching; a request that cannot be cached goes straight on
-        # a Responses stream is typed events, not chat chunks: never replayed from or shared as a completion
-        if self.cache.enabled and is_cacheable(route, payload, embeddings=endpoint is EMBEDDINGS) \
-                and not (stream and endpoint is RESPONSES):
+        if self.cache.enabled and endpoint.cacheable(plan.route, payload, stream):
             result = await self.cache.serve(
-                endpoint.path, payload, decision, record, stream=stream, embeddings=endpoint is EMBEDDINGS,
-                control=CacheControl.parse(cache_control),
-                call=lambda **options: self._forward(endpoint, payload, decision, stream, headers, timeout, trace,
-                                                     adapt, **options))
-        elif self.batcher is not None and endpoint is EMBEDDINGS:
-            result = await self._forward(endpoint, payload, decision, stream, headers, timeout, trace)
+                endpoint.path, payload, plan, record, stream=stream, control=CacheControl.parse(cache_control),
+                call=lambda raw_usage=False: self._forward(call.narrowed(plan, raw_usage=raw_usage)))
         else:
-            result = await self.dispatcher.run(endpoint.path, payload, decision, stream=stream,
-                                               headers=headers, timeout=timeout, observer=trace, adapt=adapt,
-                                         done_marker=RESPONSES_DONE if endpoint is RESPONSES else DONE)
-        if endpoint is RESPONSES and payload.get("store") is not False:
-            result = await self._remember_response(result, table)
+            result = await self._forward(call)
+        result = await endpoint.answered(result, payload, table, self.affinity)
         record.status = result.status
         record.ref = result.ref
         record.attempts = result.attempts
@@ -359,96 +317,15 @@ class Router:
             telemetry.on_result(record, result)
         return result
 
-    async def _forward(self, endpoint: Endpoint, payload: dict[str, Any], decision: Any, stream: bool,
-                       headers: Mapping[str, str] | None, timeout: float | None, trace: Any = None,
-                       adapt: Adapter | None = None, raw_usage: bool = False) -> Result:
-        """Upstream: embeddings through the batcher when batching is on, the rest straight to the dispatcher.
-        `raw_usage`: a shared stream keeps the usage event; each subscriber filters it for its client."""
-        if self.batcher is not None and endpoint is EMBEDDINGS:
-            return await self.batcher.submit(payload, decision, headers=headers, timeout=timeout)
-        return await self.dispatcher.run(endpoint.path, payload, decision, stream=stream,
-                                         headers=headers, timeout=timeout, observer=trace, adapt=adapt,
-                                         done_marker=RESPONSES_DONE if endpoint is RESPONSES else DONE,
-                                         raw_usage=raw_usage)
+    async def _forward(self, call: Call) -> Result:
+        """Upstream: embeddings through the batcher when batching is on, the rest straight to the loop."""
+        if self.batcher is not None and call.endpoint.batchable:
+            return await self.batcher.submit(call.payload, call.plan, headers=call.headers, timeout=call.timeout)
+        return await self.loop.run(call)
 
-    # -- the Responses API ----------------------------------------------------------------------
-
-    async def _plan_responses(self, payload: dict[str, Any], decision: RouteDecision,
-                              table: RoutingTable) -> tuple[RouteDecision, Adapter | None]:
-        """The candidates of a Responses call, and how each is sent.
-
-        A `previous_response_id` goes to the provider that holds it and nowhere else. A candidate whose
-        provider does not serve the Responses API gets the call translated to Chat Completions; when
-        the call cannot be translated, such candidates are left out (400 when none is left)."""
-        specs = table.providers
-        candidates = decision.candidates
-        previous = payload.get("previous_response_id")
-        if isinstance(previous, str) and previous:
-            holder = await self.affinity.lookup(previous)
-            if holder is not None and holder.translated:
-                raise InvalidRequestError(
-                    f"previous_response_id {previous!r} was answered by provider {holder.provider!r}, which "
-                    "serves only Chat Completions (tiergate translated the call), so nothing was stored "
-                    "there; send the whole conversation as `input` instead", param="previous_response_id",
-                    code="previous_response_not_stored")
-            if holder is not None:
-                candidates = tuple(c for c in candidates if c.provider == holder.provider) or (
-                    ModelRef(holder.provider, holder.model),)
-            else:  # not seen by this tiergate (or forgotten): only a Responses provider may know it
-                candidates = tuple(c for c in candidates if c.provider in specs
-                                   and specs[c.provider].serves_responses)[:1]
-                if not candidates:
-                    raise InvalidRequestError(
-                        f"previous_response_id {previous!r} is unknown to tiergate and no candidate of route "
-                        f"{decision.name} serves the Responses API", param="previous_response_id",
-                        code="previous_response_not_found")
-            return RouteDecision(decision.name, candidates, decision.route, decision.plans), None
-        chat_only = [c for c in candidates if c.provider in specs and not specs[c.provider].serves_responses]
-        if not chat_only:
-            return decision, None
-        try:
-            chat = to_chat_request(payload)
-        except InvalidRequestError as exc:
-            native = tuple(c for c in candidates if c not in chat_only)
-            if not native:
-                names = ", ".join(sorted({c.provider for c in chat_only}))
-                raise InvalidRequestError(f"route {decision.name}: {exc.message} (providers {names} serve only "
-                                          "Chat Completions)", param=exc.param, code=exc.code) from None
-            return RouteDecision(decision.name, native, decision.route, decision.plans), None
-        return decision, _translation(payload, chat, "resp_" + new_request_id().removeprefix("req_"))
-
-    async def _remember_response(self, result: Result, table: RoutingTable) -> Result:
-        """Note which provider holds the response id (read from the body, or a stream's first event)."""
-        ref = result.ref
-        spec = table.providers.get(ref.provider)
-        translated = spec is not None and not spec.serves_responses
-        if result.body is not None:
-            match = _RESPONSE_ID.search(result.body, 0, _ID_SNIFF_BYTES)
-            if match is not None:
-                await self.affinity.remember(match[1].decode(), Holder(ref.provider, ref.model, translated))
-        elif result.stream is not None:
-            result.stream = self._remember_from_stream(result.stream, Holder(ref.provider, ref.model, translated))
-        return result
-
-    async def _remember_from_stream(self, chunks: AsyncIterator[bytes], holder: Holder) -> AsyncIterator[bytes]:
-        head: bytes | None = b""
-        try:
-            async for chunk in chunks:
-                if head is not None:
-                    head += chunk
-                    match = _RESPONSE_ID.search(head, 0, _ID_SNIFF_BYTES)
-                    if match is not None:  # before the client sees the id, so a follow-up finds it
-                        await self.affinity.remember(match[1].decode(), holder)
-                        head = None
-                    elif len(head) >= _ID_SNIFF_BYTES:
-                        head = None
-                yield chunk
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
-
-    async def _send(self, payload: dict[str, Any], decision: Any, headers: Mapping[str, str] | None,
+    async def _send(self, payload: dict[str, Any], plan: Plan, headers: Mapping[str, str] | None,
                     timeout: float | None) -> Result:
-        return await self.dispatcher.run(EMBEDDINGS.path, payload, decision, headers=headers, timeout=timeout)
+        return await self.loop.run(Call(EMBEDDINGS, payload, plan, headers=headers, timeout=timeout))
 
     def finish(self, record: RequestRecord, error: BaseException | None = None) -> None:
         if error is not None:
@@ -615,65 +492,6 @@ class Router:
     def get_metrics(self) -> dict[str, Any]:
         return {**self.telemetry.snapshot(), "cache": self.cache.stats(),
                 "stream_recoveries": self.recovery.stats()}
-
-
-def apply_route_defaults(payload: dict[str, Any], route: Any, endpoint: Endpoint) -> None:
-    """Fill in the route's defaults where the client sent nothing."""
-    if endpoint is EMBEDDINGS:
-        return
-    if endpoint is RESPONSES:  # the Responses API's names for the same defaults
-        if route.max_tokens is not None and "max_output_tokens" not in payload:
-            payload["max_output_tokens"] = route.max_tokens
-        if route.temperature is not None and "temperature" not in payload:
-            payload["temperature"] = route.temperature
-        if route.system_prompt and not payload.get("instructions"):
-            payload["instructions"] = route.system_prompt
-        return
-    if (route.max_tokens is not None and "max_tokens" not in payload
-            and "max_completion_tokens" not in payload):
-        payload["max_tokens"] = route.max_tokens
-    if route.temperature is not None and "temperature" not in payload:
-        payload["temperature"] = route.temperature
-    if route.system_prompt and endpoint is CHAT:
-        messages = payload.get("messages")
-        if isinstance(messages, list) and not any(
-                isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages):
-            payload["messages"] = [{"role": "system", "content": route.system_prompt}, *messages]
-
-
-def _translation(request: dict[str, Any], chat: dict[str, Any], response_id: str) -> Adapter:
-    """The per-candidate adapter of a Responses call: providers that serve the Responses API get it
-    as written, the others get `chat` (the translated request) and their answer translated back."""
-
-    def transform_body(data: bytes) -> bytes:
-        try:
-            completion = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            completion = {}
-        return orjson.dumps(chat_to_response(completion, request, response_id))
-
-    def adapt(ref: ModelRef, provider: Provider) -> Adaptation | None:
-        if provider.spec.serves_responses:
-            return None
-
-        async def transform_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-            translator = ChatStreamTranslator(request, response_id, int(time.time()), ref.model)
-            try:
-                async for chunk in chunks:
-                    out = translator.feed(chunk)
-                    if out:
-                        yield out
-                    if translator.ended:
-                        break
-                tail = translator.close()
-                if tail:
-                    yield tail
-            finally:
-                await chunks.aclose()  # type: ignore[attr-defined]
-
-        return Adaptation(CHAT.path, chat, transform_body, transform_stream)
-
-    return adapt
 
 
 async def iter_sse_json(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:

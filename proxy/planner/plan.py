@@ -28,10 +28,12 @@ class Plan:
     candidates: tuple[Candidate, ...]
 
     def after(self, ref: ModelRef) -> Plan:
-        """The candidates after `ref`'s first place (what a hedge or a recovery may try instead)."""
+        """The candidates after `ref`'s first place (what a hedge or a recovery may try instead); none
+        when `ref` is not in the plan."""
         refs = [c.ref for c in self.candidates]
-        start = refs.index(ref) + 1 if ref in refs else 0
-        return Plan(self.name, self.route, tuple(c for c in self.candidates[start:] if c.ref != ref))
+        if ref not in refs:
+            return Plan(self.name, self.route, ())
+        return Plan(self.name, self.route, tuple(c for c in self.candidates[refs.index(ref) + 1:] if c.ref != ref))
 
     def first(self) -> Plan:
         """The first candidate alone (fallback turned off)."""

@@ -111,7 +111,7 @@ async def test_provider_cap_queues_then_refuses_with_429(upstream, start_tiergat
         assert streaming.status == 200
         await streaming.content.readany()  # the stream holds the only slot
         queued = asyncio.create_task(post(http, url, CHAT))
-        limits = tg.router.dispatcher.limits
+        limits = tg.router.loop.limits
         await until(lambda: limits.snapshot()["primary"]["queued"] == 1)
         status, headers, data = await post(http, url, CHAT)
         assert status == 429 and headers["Retry-After"] == "1"
@@ -130,7 +130,7 @@ async def test_cap_with_no_queue_and_global_default(upstream, start_tiergate, ht
     for _ in range(3):
         status, _, _ = await post(http, tg.v1 + "/chat/completions", CHAT)
         assert status == 200
-    assert tg.router.dispatcher.limits.snapshot()["primary"] == {"capacity": 2, "active": 0, "queued": 0}
+    assert tg.router.loop.limits.snapshot()["primary"] == {"capacity": 2, "active": 0, "queued": 0}
 
 
 async def test_slots_hand_over_and_survive_cancelled_waiters():

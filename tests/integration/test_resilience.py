@@ -10,8 +10,10 @@ import orjson
 import pytest
 
 from proxy.engine.breaker import BreakerBoard
-from proxy.engine.dispatch import Dispatcher
+from proxy.adapters import CHAT as CHAT_API
+from proxy.engine.dispatch import AttemptLoop, Call
 from proxy.engine.providers import make_provider
+from proxy.planner.plan import Candidate, Plan
 from proxy.table.routing import table_from_dict
 from proxy.types import UpstreamError
 
@@ -158,20 +160,26 @@ async def test_backoff_and_retry_after_waits():
         async def sleep(seconds: float) -> None:
             waits.append(seconds)
 
-        dispatcher = Dispatcher(providers, BreakerBoard(fail_max=10), config, sleep=sleep)
+        loop = AttemptLoop(providers, BreakerBoard(fail_max=10), config, sleep=sleep)
+        first = table.default  # enable_fallback=False: its first candidate alone
+        plan = Plan(first.name, first.route, (Candidate(first.candidates[0]),))
+
+        def call() -> Call:
+            return Call(CHAT_API, dict(CHAT), plan)
+
         upstream.push(Fail(500), Fail(500), Fail(429, retry_after=1.5), Ok())
-        result = await dispatcher.run("/chat/completions", dict(CHAT), table.default)
+        result = await loop.run(call())
         assert result.status == 200 and len(result.attempts) == 4
         assert 0.05 <= waits[0] <= 0.1 and 0.1 <= waits[1] <= 0.2   # exponential, with jitter
         assert waits[2] == 1.5                                       # Retry-After honoured
-        dispatcher.breakers.get("primary/model-a").reset()  # the fake sleep lets no cooldown pass
+        loop.breakers.get("primary/model-a").reset()  # the fake sleep lets no cooldown pass
         upstream.push(Fail(429, retry_after=1.9), Ok())
-        await dispatcher.run("/chat/completions", dict(CHAT), table.default)
+        await loop.run(call())
         assert waits[-1] == 1.9                                      # ... up to the cap
-        dispatcher.breakers.get("primary/model-a").reset()
+        loop.breakers.get("primary/model-a").reset()
         upstream.push(Fail(429, retry_after=30), Ok())
         with pytest.raises(UpstreamError) as caught:                 # past it: the client's to wait
-            await dispatcher.run("/chat/completions", dict(CHAT), table.default)
+            await loop.run(call())
         assert caught.value.status == 429 and caught.value.retry_after == 30 and waits[-1] == 1.9
         for p in providers.values():
             await p.close()
@@ -249,16 +257,16 @@ async def test_active_health_checks_run_in_the_background(upstream, start_tierga
 def test_retry_after_forms():
     from email.utils import format_datetime
 
-    from proxy.engine.dispatch import _retry_after
+    from proxy.engine.dispatch import retry_after
 
     def after(value):
-        return _retry_after({} if value is None else {"Retry-After": value})
+        return retry_after({} if value is None else {"Retry-After": value})
 
     assert after("2") == 2.0 and after("0.5") == 0.5
     assert after(None) is None and after("soon") is None
     later = datetime.now(UTC) + timedelta(seconds=30)
     assert 25 < after(format_datetime(later, usegmt=True)) <= 30
-    assert _retry_after({"retry-after-ms": "1500", "Retry-After": "2"}) == 1.5  # OpenAI's, more precise
+    assert retry_after({"retry-after-ms": "1500", "Retry-After": "2"}) == 1.5  # OpenAI's, more precise
 
 
 async def test_a_provider_at_its_concurrency_cap_falls_back(upstream, backup, start_tiergate, http):

@@ -119,3 +119,24 @@ def test_stream_recovery_and_continuation_are_checked_in_the_table(upstream, bac
     doc["providers"]["backup"]["continuation"] = "magic"
     with pytest.raises(Exception, match="continuation"):
         table_from_dict(doc, source="t")
+
+
+async def test_a_translated_responses_stream_is_continued_before_it_is_translated(upstream, backup):
+    """A Responses call to providers that speak only Chat Completions: the chat stream that breaks is
+    continued by the next chat-only candidate, and the client reads one Responses stream that completes."""
+    doc = recovering_doc(upstream, backup)
+    for provider in doc["providers"].values():
+        provider["apis"] = ["chat", "completions", "embeddings"]
+    upstream.push(BreakStream(after=4, content=ANSWER))
+    backup.default = Ok(content=ANSWER)
+    async with running(doc, config_with()) as (url, router):
+        client = AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        async with client.responses.stream(model="auto", input="count") as stream:
+            kinds = [event.type async for event in stream]
+            final = await stream.get_final_response()
+        assert router.get_metrics()["stream_recoveries"] == {"recovered": 1}
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert final.output_text == ANSWER
+    assert [r.path for r in backup.requests] == ["/v1/chat/completions"]
+    assert backup.requests[-1].json["messages"][-1] == {"role": "assistant", "content": "one two three",
+                                                        "prefix": True}

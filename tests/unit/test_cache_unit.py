@@ -7,6 +7,7 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 from openai.types.completion import Completion
 
+from proxy.adapters import CHAT, EMBEDDINGS, RESPONSES
 from proxy.engine.batching import apportion
 from proxy.engine.cache import (
     ENTRY_OVERHEAD,
@@ -15,7 +16,6 @@ from proxy.engine.cache import (
     CachedResponse,
     CachedResponseSerializer,
     cache_key,
-    is_cacheable,
     redis_cache_from_url,
     replay_events,
 )
@@ -127,14 +127,16 @@ def test_policy():
     def route(cache: str) -> Route:
         return Route(UseCase.GENERAL_PURPOSE, ModelTier.STANDARD, REF, cache=cache)
 
-    assert is_cacheable(route("auto"), {"temperature": 0}, embeddings=False)
-    assert is_cacheable(route("auto"), {"temperature": 0.0}, embeddings=False)
-    assert is_cacheable(None, {"seed": 7, "temperature": 1}, embeddings=False)
-    assert not is_cacheable(route("auto"), {"temperature": 0.2}, embeddings=False)
-    assert not is_cacheable(route("auto"), {}, embeddings=False)
-    assert is_cacheable(route("auto"), {}, embeddings=True)
-    assert is_cacheable(route("always"), {"temperature": 1}, embeddings=False)
-    assert not is_cacheable(route("never"), {"temperature": 0}, embeddings=True)
+    assert CHAT.cacheable(route("auto"), {"temperature": 0}, False)
+    assert CHAT.cacheable(route("auto"), {"temperature": 0.0}, False)
+    assert CHAT.cacheable(None, {"seed": 7, "temperature": 1}, False)
+    assert not CHAT.cacheable(route("auto"), {"temperature": 0.2}, False)
+    assert not CHAT.cacheable(route("auto"), {}, False)
+    assert EMBEDDINGS.cacheable(route("auto"), {}, False)
+    assert CHAT.cacheable(route("always"), {"temperature": 1}, False)
+    assert not EMBEDDINGS.cacheable(route("never"), {"temperature": 0}, False)
+    # a Responses stream is typed events: never replayed from or shared as a completion
+    assert RESPONSES.cacheable(route("always"), {}, False) and not RESPONSES.cacheable(route("always"), {}, True)
 
 
 def test_cache_control():

@@ -100,6 +100,13 @@ def _private_names(tree: ast.Module) -> set[str]:
     return {n for n in names if isinstance(n, str) and n.startswith("_") and not n.startswith("__")}
 
 
+# private attributes of third-party objects, each read in the one module that adapts that library
+# (the name happens to be one a tiergate class uses too)
+THIRD_PARTY_READS = {
+    ("proxy.observability.metrics", "_buckets"): "prometheus_client's histogram child: bulk increments",
+}
+
+
 def test_no_private_attribute_of_another_module_is_read() -> None:
     """`x._name` (or `getattr(x, "_name")`) where `_name` belongs to a class of another tiergate module.
     (Private names of third-party objects are each read in the one module that adapts that library.)"""
@@ -115,7 +122,7 @@ def test_no_private_attribute_of_another_module_is_read() -> None:
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in (
                     "getattr", "setattr", "hasattr") and len(node.args) > 1 and isinstance(node.args[1], ast.Constant):
                 attr = node.args[1].value
-            if isinstance(attr, str) and attr in elsewhere:
+            if isinstance(attr, str) and attr in elsewhere and (name, attr) not in THIRD_PARTY_READS:
                 bad.append(f"{name}:{node.lineno}: .{attr}")
     assert not bad, "\n".join(bad)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.engine.router import CHAT, COMPLETIONS, EMBEDDINGS, apply_route_defaults
+from proxy.adapters import CHAT, COMPLETIONS, EMBEDDINGS
 from proxy.settings import DEFAULT_CONFIG_PATH, DEMO_CONFIG_PATH
 from proxy.table.routing import load_table, table_from_dict
 from proxy.types import ConfigError, ModelRef, ModelTier, UnknownRouteError, UseCase
@@ -84,18 +84,18 @@ def test_model_override_can_be_switched_off():
 def test_route_defaults_apply_only_where_the_client_sent_nothing(table):
     route = table.resolve("code_generation", "premium", None).route
     payload = {"messages": [{"role": "user", "content": "x"}], "temperature": 0.9}
-    apply_route_defaults(payload, route, CHAT)
+    CHAT.apply_defaults(payload, route)
     assert payload["temperature"] == 0.9 and payload["max_tokens"] == 100
     assert payload["messages"][0] == {"role": "system", "content": "Be terse."}
     own_system = {"messages": [{"role": "system", "content": "mine"}], "max_completion_tokens": 5}
-    apply_route_defaults(own_system, route, CHAT)
+    CHAT.apply_defaults(own_system, route)
     assert own_system["messages"] == [{"role": "system", "content": "mine"}]
     assert "max_tokens" not in own_system
     completion = {"prompt": "x"}
-    apply_route_defaults(completion, route, COMPLETIONS)
+    COMPLETIONS.apply_defaults(completion, route)
     assert completion == {"prompt": "x", "max_tokens": 100, "temperature": 0.1}
     embedding = {"input": "x"}
-    apply_route_defaults(embedding, route, EMBEDDINGS)
+    EMBEDDINGS.apply_defaults(embedding, route)
     assert embedding == {"input": "x"}
 
 
@@ -209,15 +209,32 @@ def test_passthrough_settings_are_validated(extra, message):
 
 
 def test_route_defaults_for_responses_use_its_field_names(table):
-    from proxy.engine.router import RESPONSES
+    from proxy.adapters import RESPONSES
 
     route = table.resolve("code_generation", "premium", None).route
     payload = {"input": "x"}
-    apply_route_defaults(payload, route, RESPONSES)
+    RESPONSES.apply_defaults(payload, route)
     assert payload == {"input": "x", "max_output_tokens": 100, "temperature": 0.1, "instructions": "Be terse."}
     payload = {"input": "x", "max_output_tokens": 5, "instructions": "Mine."}
-    apply_route_defaults(payload, route, RESPONSES)
+    RESPONSES.apply_defaults(payload, route)
     assert (payload["max_output_tokens"], payload["instructions"]) == (5, "Mine.")
+
+
+def test_price_is_the_tables_price_of_the_usage():
+    from proxy.protocol.usage import Usage
+
+    priced = table_from_dict({**DOC, "pricing": {"p/a": {"input": 2.5, "output": 10.0},
+                                                 "p/b": {"input": 2.0, "output": 8.0, "cached_input": 0.5}}},
+                             source="test")
+    assert priced.price(ModelRef("p", "a"), Usage(1000, 500)) == pytest.approx((1000 * 2.5 + 500 * 10.0) / 1e6)
+    # no cached-input price: cached input tokens are charged as input
+    assert priced.price(ModelRef("p", "a"), Usage(1000, 500, cache_read=800)) == pytest.approx(0.0075)
+    # a cached-input price: those tokens at that price, the rest of the input at the input price
+    assert priced.price(ModelRef("p", "b"), Usage(1000, 500, cache_read=800)) == pytest.approx(
+        (200 * 2.0 + 800 * 0.5 + 500 * 8.0) / 1e6)
+    assert priced.price(ModelRef("p", "unpriced"), Usage(1000, 500)) is None
+    assert priced.price(ModelRef("p", "unpriced"), Usage(1000, 500)) is None  # remembered as unpriced
+    assert table_from_dict(DOC, source="test").price(ModelRef("p", "a"), Usage(1, 1)) is None  # no pricing at all
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -249,20 +266,3 @@ def test_a_lenient_table_keeps_the_good_entries_and_notes_the_bad_in_order():
     assert table.passthrough_paths == (("/v1/audio/", "p"),)
     assert [p.split(":")[0] for p in table.problems] == [
         "aliases.slow", "pricing.p/bad", "model_rules.bad*", "routes[3].tier", "passthrough_paths.audio"]
-
-
-def test_price_is_the_tables_price_of_the_usage():
-    from proxy.protocol.usage import Usage
-
-    priced = table_from_dict({**DOC, "pricing": {"p/a": {"input": 2.5, "output": 10.0},
-                                                 "p/b": {"input": 2.0, "output": 8.0, "cached_input": 0.5}}},
-                             source="test")
-    assert priced.price(ModelRef("p", "a"), Usage(1000, 500)) == pytest.approx((1000 * 2.5 + 500 * 10.0) / 1e6)
-    # no cached-input price: cached input tokens are charged as input
-    assert priced.price(ModelRef("p", "a"), Usage(1000, 500, cache_read=800)) == pytest.approx(0.0075)
-    # a cached-input price: those tokens at that price, the rest of the input at the input price
-    assert priced.price(ModelRef("p", "b"), Usage(1000, 500, cache_read=800)) == pytest.approx(
-        (200 * 2.0 + 800 * 0.5 + 500 * 8.0) / 1e6)
-    assert priced.price(ModelRef("p", "unpriced"), Usage(1000, 500)) is None
-    assert priced.price(ModelRef("p", "unpriced"), Usage(1000, 500)) is None  # remembered as unpriced
-    assert table_from_dict(DOC, source="test").price(ModelRef("p", "a"), Usage(1, 1)) is None  # no pricing at all

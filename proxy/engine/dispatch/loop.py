@@ -1,0 +1,201 @@
+"""The attempt loop: try a plan's candidates in order until one answers.
+
+For each candidate: ask the gate (fleet block, breaker, cooldown, backoff); send one attempt (its
+pool slot, deadline and breaker trial are the attempt's lifetime); a retryable failure moves on,
+backing off (and honouring Retry-After) only before trying again a deployment that already failed
+this request; a client error (other 4xx) is passed back at once. A non-stream attempt is never cut
+before its deadline, but once its first byte is later than the first-byte budget the plan's next
+candidates start alongside it (a hedge) and the first answer wins. A stream is handed back once its
+first chunk has arrived, so a failure before the first byte falls back like any other; later, it
+ends with the provider's final event or with an SSE error event, never with a silent cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ...outcome import Result, tried
+from ...planner.plan import Candidate, Plan
+from ...protocol.sse import wants_usage, with_usage
+from ...types import InvalidRequestError, UpstreamError, UpstreamStatusError
+from ..deadlines import Deadlines
+from .attempt import QueueFull, Sender
+from .call import Call
+from .classify import Retryable, all_failed
+from .events import AttemptEvents
+from .gate import STOP, Gate
+from .hedge import Hedge
+from .tally import Tally
+
+if TYPE_CHECKING:
+    from ...adapters.base import Translation
+    from ...settings import RouterConfig
+    from ...types import ModelRef
+    from ..breaker import BreakerBoard
+    from ..providers import Provider
+    from .call import StreamContinuer
+
+_INF = float("inf")
+
+
+class AttemptLoop:
+    """Runs calls over pooled providers guarded by per-deployment breakers. `events` are its signals."""
+
+    def __init__(self, providers: Mapping[str, Provider], breakers: BreakerBoard, config: RouterConfig, *,
+                 sleep: Callable[[float], Any] = asyncio.sleep):
+        self.providers = providers
+        self.breakers = breakers
+        self.events = AttemptEvents()
+        self.deadlines = Deadlines()  # every attempt's deadline, kept by one timer
+        self.sender = Sender(config, self.deadlines, self.events)
+        self.limits = self.sender.limits  # the providers' connection slots
+        self.gate = Gate(providers, breakers, config, sleep)
+        self.continuer: StreamContinuer | None = None  # stream recovery (recovery.py), set by the router
+        self._first_byte = config.first_byte_timeout
+        self._timeout = config.timeout
+        self._max_attempts = max(1, config.max_retries)
+
+    async def run(self, call: Call) -> Result:
+        """Send the call to its plan's candidates; raise UpstreamError when none answers."""
+        candidates = call.plan.candidates
+        tally = Tally(self._deadline(call), self._max_attempts if call.max_attempts is None else call.max_attempts,
+                      self.events, call.observer)
+        while tally.sent < tally.max_attempts:
+            progressed = False
+            for candidate in candidates:
+                if tally.sent >= tally.max_attempts:
+                    break
+                passed = await self.gate.admit(candidate.ref, tally)
+                if passed is None:
+                    continue
+                if passed is STOP:
+                    tally.sent = tally.max_attempts
+                    break
+                provider, breaker = passed  # type: ignore[misc]
+                body, usage_added = self._body(call, candidate, provider, breaker)
+                headers = self._headers(call, candidate.ref, provider)
+                hedge = None
+                try:
+                    async with self.sender.attempt(provider, candidate.ref, breaker, tally) as attempt:
+                        progressed = True
+                        tally.sent += 1
+                        hedge = self._hedge(call, candidate, tally)
+                        result = await self._send(attempt, call, candidate, body, headers, usage_added, hedge)
+                except QueueFull:
+                    continue
+                except Retryable as failure:
+                    tally.failed(candidate.ref, failure)
+                    if hedge is not None and hedge.task is not None:  # the rest is running already: its answer
+                        return await hedge.join(tally.attempts)
+                    if time.perf_counter() >= tally.deadline:
+                        tally.sent = tally.max_attempts
+                        break
+                    continue
+                except UpstreamStatusError as exc:
+                    exc.attempts = tally.attempts  # type: ignore[attr-defined]
+                    exc.ref = candidate.ref  # type: ignore[attr-defined]
+                    raise
+                finally:
+                    if hedge is not None:  # this attempt is over: the rest, if started, is not needed
+                        hedge.settle()     # (or it was joined already)
+                return self._answered(call, candidate, result, tally, usage_added)
+            if not progressed:
+                break
+        raise all_failed(call.plan.name, tally.attempts, tally.last, self.breakers)
+
+    def _deadline(self, call: Call) -> float:
+        """The client may only shorten the route's timeout (a stream has none unless the route sets one)."""
+        route = call.plan.route
+        timeout = call.timeout
+        limit = route.timeout if route is not None and route.timeout else (None if call.stream else self._timeout)
+        if limit is not None and (timeout is None or limit < timeout):
+            timeout = limit
+        return time.perf_counter() + timeout if timeout else _INF
+
+    def _body(self, call: Call, candidate: Candidate, provider: Provider, breaker: Any) -> tuple[bytes, bool]:
+        """The request as this candidate takes it, serialised once; and whether tiergate asked its
+        stream for the usage event the client did not ask for (it is then taken out again)."""
+        translation = candidate.translation
+        outgoing = call.payload if translation is None else translation.payload
+        if candidate.rule is not None:
+            outgoing = candidate.rule.apply(outgoing)
+        outgoing["model"] = candidate.ref.model
+        added = call.stream and call.endpoint.usage_option and provider.spec.stream_usage \
+            and not wants_usage(call.payload)
+        if added:
+            outgoing = with_usage(outgoing)
+        try:
+            return orjson.dumps(outgoing), added
+        except (orjson.JSONEncodeError, TypeError):
+            breaker.release_trial()
+            raise InvalidRequestError("the request body cannot be forwarded: it is nested too deeply "
+                                      "or holds a value JSON cannot carry") from None
+
+    @staticmethod
+    def _headers(call: Call, ref: ModelRef, provider: Provider) -> Mapping[str, str] | None:
+        """The client's headers minus the provider's own (its key, the table's headers); the trace's
+        context added."""
+        headers = call.headers
+        if headers and not provider.protected.isdisjoint(headers):
+            headers = {k: v for k, v in headers.items() if k not in provider.protected}
+        if call.observer is not None:
+            headers = call.observer.attempt_started(ref, headers)
+        return headers
+
+    def _hedge(self, call: Call, candidate: Candidate, tally: Tally) -> Hedge | None:
+        """A non-stream call with candidates left and attempts to spare may hedge a late first byte."""
+        candidates = call.plan.candidates
+        if call.stream or len(candidates) < 2 or tally.sent >= tally.max_attempts \
+                or candidate.ref == candidates[-1].ref:
+            return None
+        return Hedge(self.deadlines, partial(self._rest, call, candidate.ref, tally.deadline,
+                                             tally.max_attempts - tally.sent))
+
+    async def _send(self, attempt: Any, call: Call, candidate: Candidate, body: bytes,
+                    headers: Mapping[str, str] | None, usage_added: bool, hedge: Hedge | None) -> Result:
+        target = call.endpoint if candidate.translation is None else candidate.translation.endpoint
+        rule = candidate.rule
+        first_byte = rule.first_byte_timeout if rule is not None and rule.first_byte_timeout else self._first_byte
+        return await attempt.send(target.path, body, headers, call.stream, attempt.tally.deadline - time.perf_counter(),
+                                  first_byte, target.answer_key, target.done, usage_added and not call.raw_usage, hedge)
+
+    def _answered(self, call: Call, candidate: Candidate, result: Result, tally: Tally, usage_added: bool) -> Result:
+        attempts = tally.attempts
+        result.tries = 1 if len(attempts) == 1 else tried(attempts)
+        result.usage_requested = usage_added or (call.stream and wants_usage(call.payload))
+        translation = candidate.translation
+        route = call.plan.route
+        recover = (call.stream and call.recover and self.continuer is not None and route is not None
+                   and route.stream_recovery == "continue")
+        if translation is None:
+            if recover:
+                result.stream = self.continuer.wrap(result, call)  # type: ignore[union-attr]
+            return result
+        if recover:  # continued in the provider's API, then translated as one stream
+            result.stream = self.continuer.wrap(result, _provider_call(call, translation))  # type: ignore[union-attr]
+        return translation.apply(result)
+
+    async def _rest(self, call: Call, after: ModelRef, deadline: float, max_attempts: int) -> Result:
+        """The candidates after `after` (a slow attempt's hedge), within what is left of the request's
+        deadline and attempts (the upstream calls of one request stay within TIERGATE_MAX_RETRIES)."""
+        rest = call.plan.after(after)
+        if not rest.candidates:
+            raise UpstreamError(f"route {call.plan.name}: no other candidate", status=502, attempts=[])
+        timeout = None if deadline == _INF else max(deadline - time.perf_counter(), 0.001)
+        return await self.run(call.narrowed(rest, payload=dict(call.payload), timeout=timeout,
+                                            max_attempts=max_attempts))
+
+
+def _provider_call(call: Call, translation: Translation) -> Call:
+    """A translated stream's call as its provider saw it (its API, its request), to the candidates that
+    take the same translation: what a recovery continues before the answer is translated back."""
+    plan = call.plan
+    same = tuple(Candidate(c.ref, c.rule) for c in plan.candidates if c.translation is not None)
+    return Call(translation.endpoint, translation.payload, Plan(plan.name, plan.route, same), stream=True,
+                headers=call.headers, observer=call.observer, raw_usage=call.raw_usage)

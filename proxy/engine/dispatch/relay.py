@@ -1,0 +1,76 @@
+"""Relaying an upstream stream to the client, chunk by chunk as it arrives.
+
+The stream is complete only when the provider's final event came; a break, an idle timeout or an end
+without it ends the client's stream with an SSE error event (the OpenAI SDK raises it), never with a
+clean end that looks complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import orjson
+
+from .classify import CONNECTION_ERRORS
+
+if TYPE_CHECKING:
+    from ...outcome import StreamState
+    from ...protocol.sse import UsageFilter
+    from ...types import ModelRef
+    from ..breaker import AsyncCircuitBreaker
+    from ..providers import UpstreamResponse
+
+
+class Incomplete(Exception):
+    """The upstream stream ended cleanly but without its final event."""
+
+
+def stream_error_event(message: str, *, code: str, error_type: str = "upstream_error") -> bytes:
+    return b"data: " + orjson.dumps({"error": {"message": message, "type": error_type,
+                                               "param": None, "code": code}}) + b"\n\n"
+
+
+async def relay(resp: UpstreamResponse, first: bytes, ref: ModelRef, breaker: AsyncCircuitBreaker,
+                state: StreamState, done: tuple[bytes, ...], usage: UsageFilter | None = None) -> AsyncIterator[bytes]:
+    """Yield upstream chunks as they arrive, filling in `state`. `usage` takes out the usage event
+    tiergate asked for (whole events pass, an event split across reads waits for its end)."""
+    single = done[0] if len(done) == 1 else None
+    clean = False
+    ended = False
+    try:
+        chunk = first
+        while chunk:
+            state.chunks += 1
+            state.bytes += len(chunk)
+            state.tail = (state.tail + chunk)[-4096:]
+            if not ended:
+                ended = single in chunk if single is not None else any(m in chunk for m in done)
+            if usage is None:
+                yield chunk
+            else:
+                out = usage.feed(chunk)
+                if out:
+                    yield out
+            chunk = await resp.content.readany()
+        if not ended and not any(marker in state.tail for marker in done):
+            raise Incomplete
+        if usage is not None and usage.carry:
+            yield usage.flush()
+        clean = True
+        state.completed = True
+        breaker.record_success()
+    except (TimeoutError, Incomplete, *CONNECTION_ERRORS) as exc:
+        cause = ("timeout" if isinstance(exc, TimeoutError) else
+                 "incomplete" if isinstance(exc, Incomplete) else "connection")
+        state.error = cause
+        breaker.record_failure(cause)
+        what = "ended before its final event" if cause == "incomplete" else f"broke off ({cause})"
+        yield stream_error_event(f"the upstream stream from {ref} {what} after {state.chunks} chunks",
+                                 code=f"upstream_{cause}")
+    finally:
+        if clean:
+            resp.release()
+        else:
+            breaker.release_trial()
+            resp.close()
