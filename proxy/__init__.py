@@ -7,10 +7,9 @@
 """
 
 from .edge.asgi import fastapi_exception_handler
-from .engine.router import (
+from .engine.factory import (
     BaseLLMRouter,
     DynamicLLMRouter,
-    Router,
     UnifiedLLMRouter,
     create_router,
     get_dynamic_router,
@@ -18,6 +17,7 @@ from .engine.router import (
     get_unified_router,
     router_context,
 )
+from .engine.router import Router
 from .settings import RouterConfig
 from .table.discovery import DiscoveredModel, Discovery
 from .table.routing import RouteDecision, RoutingTable, load_table

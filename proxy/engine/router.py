@@ -9,34 +9,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from ..adapters import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
+from ..adapters import EMBEDDINGS, Endpoint
 from ..fleet.affinity import ResponseAffinity
 from ..limits.admission import Quotas
 from ..observability.health_report import health_report
 from ..observability.telemetry import GaugeSources, Telemetry
-from ..outcome import CLIENT_CLOSED, RequestRecord, Result, new_request_id, tried
+from ..outcome import CLIENT_CLOSED, RequestRecord, Result, tried
 from ..planner import Planner, PlanRequest
 from ..planner.plan import Plan
 from ..settings import RouterConfig, check_service_urls
 from ..table.discovery import Discovery, discover
 from ..table.routing import RoutingTable, load_table
 from ..types import (
-    ConfigError,
-    InvalidRequestError,
-    LLMResponse,
-    ModelTier,
     RouterClosedError,
     TiergateError,
-    UpstreamError,
-    UseCase,
 )
 from .batching import EmbeddingBatcher
 from .breaker import BreakerBoard
@@ -44,6 +34,7 @@ from .cache import CacheControl, ResponseCache
 from .costing import charge_answer, charge_stream
 from .dispatch import AttemptLoop, Call, CooldownStarted
 from .health import HealthMonitor
+from .library import LibraryAPI
 from .providers import Provider, make_provider
 from .recovery import StreamRecovery
 
@@ -59,7 +50,7 @@ log = logging.getLogger("tiergate")
 _STREAM_ERROR_STATUS = {"timeout": 504, CLIENT_CLOSED: 499}
 
 
-class Router:
+class Router(LibraryAPI):
     """Routes OpenAI-shaped requests to providers. Create, `await initialize()`, use, `await close()`."""
 
     def __init__(self, config: RouterConfig | None = None, *, table: RoutingTable | None = None,
@@ -349,80 +340,6 @@ class Router:
         if record.quota is not None:  # limits: replace the estimate with the real usage
             self.quotas.settle(record)
 
-    # -- library API ------------------------------------------------------------------------
-
-    async def complete(self, messages: str | list[dict[str, Any]], use_case: UseCase | str | None = None,
-                       tier: ModelTier | str | None = None, **params: Any) -> LLMResponse:
-        """A chat completion. `messages` may be a plain string (one user message)."""
-        payload = {"messages": _messages(messages), **params}
-        payload.pop("stream", None)
-        return await self._complete(CHAT, payload, use_case, tier)
-
-    async def complete_text(self, prompt: str | list[str], use_case: UseCase | str | None = None,
-                            tier: ModelTier | str | None = None, **params: Any) -> LLMResponse:
-        """A legacy text completion (`/v1/completions`)."""
-        payload = {"prompt": prompt, **params}
-        payload.pop("stream", None)
-        return await self._complete(COMPLETIONS, payload, use_case, tier)
-
-    async def stream(self, messages: str | list[dict[str, Any]], use_case: UseCase | str | None = None,
-                     tier: ModelTier | str | None = None, **params: Any) -> AsyncIterator[dict[str, Any]]:
-        """A streamed chat completion: yields each chunk as a dict, as the OpenAI API sends it."""
-        payload = {"messages": _messages(messages), **params, "stream": True}
-        record = RequestRecord(new_request_id(), CHAT.name)
-        error: BaseException | None = None
-        try:
-            result = await self.dispatch(CHAT, payload, record, use_case=_value(use_case),
-                                         tier=_value(tier))
-            assert result.stream is not None
-            try:
-                async for event in iter_sse_json(result.stream):
-                    yield event
-            finally:
-                await result.stream.aclose()  # type: ignore[attr-defined]  # a shared stream counts its readers
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self.finish(record, error)
-
-    async def embed(self, input: str | list[str], use_case: UseCase | str | None = None,
-                    tier: ModelTier | str | None = None, **params: Any) -> dict[str, Any]:
-        """Embeddings; returns the OpenAI response body as a dict."""
-        payload = {"input": input, **params}
-        record = RequestRecord(new_request_id(), EMBEDDINGS.name)
-        error: BaseException | None = None
-        try:
-            result = await self.dispatch(EMBEDDINGS, payload, record, use_case=_value(use_case),
-                                         tier=_value(tier))
-            body = orjson.loads(result.body or b"{}")
-            body.setdefault("metadata", {}).update(_metadata(record))
-            return body
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self.finish(record, error)
-
-    async def _complete(self, endpoint: Endpoint, payload: dict[str, Any], use_case: Any,
-                        tier: Any) -> LLMResponse:
-        record = RequestRecord(new_request_id(), endpoint.name)
-        error: BaseException | None = None
-        try:
-            result = await self.dispatch(endpoint, payload, record, use_case=_value(use_case),
-                                         tier=_value(tier))
-            data = result.data if result.data is not None else orjson.loads(result.body or b"{}")
-            return LLMResponse(
-                id=data.get("id", ""), model=data.get("model", result.ref.model),
-                choices=data.get("choices", []), usage=data.get("usage") or {},
-                created=data.get("created", 0), cached=record.cache == "hit",
-                latency_ms=record.latency_ms, metadata=_metadata(record))
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self.finish(record, error)
-
     # -- inspection -------------------------------------------------------------------------
 
     def list_models(self) -> list[dict[str, Any]]:
@@ -492,181 +409,3 @@ class Router:
     def get_metrics(self) -> dict[str, Any]:
         return {**self.telemetry.snapshot(), "cache": self.cache.stats(),
                 "stream_recoveries": self.recovery.stats()}
-
-
-async def iter_sse_json(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
-    """Parse an SSE byte stream into the JSON objects of its `data:` lines; an error event raises."""
-    buffer = b""
-    async for chunk in chunks:
-        buffer += chunk
-        while b"\n\n" in buffer:
-            event, buffer = buffer.split(b"\n\n", 1)
-            for line in event.splitlines():
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    return
-                obj = orjson.loads(data)
-                if isinstance(obj, dict) and "error" in obj and "choices" not in obj:
-                    err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
-                    raise UpstreamError(str(err.get("message")), code=err.get("code"))
-                yield obj
-
-
-def _messages(messages: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    if isinstance(messages, str):
-        return [{"role": "user", "content": messages}]
-    if not isinstance(messages, list):
-        raise InvalidRequestError("messages must be a string or a list of messages", param="messages")
-    return messages
-
-
-def _value(x: Any) -> str | None:
-    if x is None:
-        return None
-    return x.value if isinstance(x, (UseCase, ModelTier)) else str(x)
-
-
-def _metadata(record: RequestRecord) -> dict[str, Any]:
-    return {"request_id": record.request_id, "route": record.route,
-            "provider": record.ref.provider if record.ref else None,
-            "model": str(record.ref) if record.ref else None,
-            "attempts": record.tries, "cache": record.cache}
-
-
-# --- factory ---------------------------------------------------------------------------------
-
-
-class UnifiedLLMRouter(Router):
-    """A router on the file table (`config/routes.yaml`, `TIERGATE_CONFIG`); never connects to Postgres."""
-
-    def __init__(self, config: RouterConfig | None = None, **kwargs: Any):
-        super().__init__(config, dynamic=False, **kwargs)
-
-
-class DynamicLLMRouter(Router):
-    """A router that follows the routing table in Postgres (`DATABASE_URL`), the file as its fallback."""
-
-    def __init__(self, config: RouterConfig | None = None, **kwargs: Any):
-        super().__init__(config, dynamic=True, **kwargs)
-
-
-# The type to annotate with (a FastAPI dependency's, for one): every router is one.
-BaseLLMRouter = Router
-
-
-def _router_class(dynamic: bool) -> type[Router]:
-    return DynamicLLMRouter if dynamic else UnifiedLLMRouter
-
-
-async def create_router(cls_or_config: type[Router] | RouterConfig | None = None, *,
-                        config: RouterConfig | None = None, dynamic: bool | None = None,
-                        table: RoutingTable | None = None) -> Router:
-    """A new, initialized router (the caller closes it).
-
-    `create_router(UnifiedLLMRouter)`, `create_router(DynamicLLMRouter, config=...)`,
-    `create_router(config)` or `create_router(config, dynamic=True)`."""
-    if isinstance(cls_or_config, type):
-        if not issubclass(cls_or_config, Router):
-            raise TypeError(f"create_router(): {cls_or_config.__name__} is not a router class")
-        cls = cls_or_config
-        if cls in (UnifiedLLMRouter, DynamicLLMRouter):
-            if dynamic is not None and dynamic != (cls is DynamicLLMRouter):
-                raise TypeError(f"create_router(): {cls.__name__} with dynamic={dynamic}")
-            router = cls(config, table=table)
-        else:
-            router = cls(config, table=table, dynamic=bool(dynamic))
-    else:
-        if cls_or_config is not None and config is not None:
-            raise TypeError("create_router(): a config given twice")
-        router = _router_class(bool(dynamic))(cls_or_config or config, table=table)
-    await router.initialize()
-    return router
-
-
-@dataclass(eq=False)
-class _Shared:
-    """The shared router of one event loop, and what it was asked for."""
-
-    router: Router
-    dynamic: bool
-    ready: asyncio.Task[None]
-
-
-# One shared router per event loop: a router's pools and tasks belong to the loop that made them, so
-# a new loop (a second asyncio.run(), a second TestClient block) gets a router of its own. Entries of
-# closed loops are dropped on the next call.
-_shared: dict[asyncio.AbstractEventLoop, _Shared] = {}
-
-
-async def get_llm_router(dynamic: bool | None = None, config: RouterConfig | None = None) -> Router:
-    """The shared router of the running event loop: created and initialized on the first call, the
-    same one after (until it is closed; a closed one is replaced by the next call).
-
-    `dynamic=True` follows the routing table in Postgres. A later call that asks for something else
-    (another `dynamic`, a `config` that differs from the router's) raises ConfigError instead of
-    handing out a router configured otherwise: use `create_router()` for a second one. The router is
-    closed when its loop ends (asyncio.run() cancels it), or by `await router.close()`."""
-    loop = asyncio.get_running_loop()
-    for other in [lp for lp in _shared if lp.is_closed()]:
-        _shared.pop(other, None)
-    shared = _shared.get(loop)
-    if shared is not None and (shared.router.closed or _failed(shared.ready)):
-        shared = None
-    if shared is None:
-        dynamic = bool(dynamic)
-        router = _router_class(dynamic)(config)
-        shared = _shared[loop] = _Shared(router, dynamic, loop.create_task(router.initialize()))
-        loop.create_task(_close_with_loop(router), name="tiergate-shared-router")
-        try:
-            await asyncio.shield(shared.ready)  # a caller cancelled meanwhile leaves it to the next
-        except Exception:
-            await router.close()  # what a failed start-up opened; the next call tries again
-            raise
-        return router
-    if dynamic is not None and dynamic != shared.dynamic:
-        raise ConfigError(f"get_llm_router(dynamic={dynamic}): the shared router was made with "
-                          f"dynamic={shared.dynamic}; close it first, or use create_router() for another")
-    if config is not None and config != shared.router.config:
-        changed = sorted(f.name for f in fields(config) if f.compare
-                         and getattr(config, f.name) != getattr(shared.router.config, f.name))
-        raise ConfigError(f"get_llm_router(config=...): the shared router was made with another config "
-                          f"(differs in {', '.join(changed)}); close it first, or use create_router() "
-                          f"for another")
-    await asyncio.shield(shared.ready)
-    return shared.router
-
-
-def _failed(task: asyncio.Task[None]) -> bool:
-    return task.done() and (task.cancelled() or task.exception() is not None)
-
-
-async def get_unified_router(config: RouterConfig | None = None) -> Router:
-    """The shared router on the file table: `get_llm_router(dynamic=False, config=config)`."""
-    return await get_llm_router(dynamic=False, config=config)
-
-
-async def get_dynamic_router(config: RouterConfig | None = None) -> Router:
-    """The shared router following Postgres: `get_llm_router(dynamic=True, config=config)`."""
-    return await get_llm_router(dynamic=True, config=config)
-
-
-async def _close_with_loop(router: Router) -> None:
-    """Close the shared router when its loop ends: asyncio.run() cancels the tasks left at the end."""
-    try:
-        await router.wait_closed()
-    except asyncio.CancelledError:
-        await router.close()
-        raise
-
-
-@asynccontextmanager
-async def router_context(config: RouterConfig | None = None, *, dynamic: bool = False,
-                         table: RoutingTable | None = None) -> AsyncIterator[Router]:
-    """`async with router_context() as router:` a router that is closed on exit."""
-    router = await create_router(config, dynamic=dynamic, table=table)
-    try:
-        yield router
-    finally:
-        await router.close()

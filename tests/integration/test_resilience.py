@@ -9,8 +9,8 @@ import openai
 import orjson
 import pytest
 
-from proxy.engine.breaker import BreakerBoard
 from proxy.adapters import CHAT as CHAT_API
+from proxy.engine.breaker import BreakerBoard
 from proxy.engine.dispatch import AttemptLoop, Call
 from proxy.engine.providers import make_provider
 from proxy.planner.plan import Candidate, Plan

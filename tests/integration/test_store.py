@@ -18,7 +18,8 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.engine.router import Router, get_llm_router
+from proxy.engine.factory import get_llm_router
+from proxy.engine.router import Router
 from proxy.settings import DEFAULT_CONFIG_PATH
 from proxy.table.routing import load_table, table_from_dict
 from proxy.table.store import CHANNEL, StoreError, init_db, load_migrations, read_snapshot

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from ...outcome import tried
+from ...types import TiergateError
 
 if TYPE_CHECKING:
     from ...outcome import Attempt, Result
@@ -70,9 +71,8 @@ class Hedge:
             result = await self.task
         except BaseException as exc:
             self.settle()  # cancelled while waiting: the rest goes too
-            earlier = getattr(exc, "attempts", None)
-            if isinstance(earlier, list):
-                exc.attempts = attempts + earlier  # type: ignore[attr-defined]
+            if isinstance(exc, TiergateError):  # the slow attempt came first
+                exc.attempts = attempts + exc.attempts
             raise
         result.attempts = attempts + result.attempts
         result.tries = tried(result.attempts)

@@ -72,12 +72,12 @@ class AttemptLoop:
                 if tally.sent >= tally.max_attempts:
                     break
                 passed = await self.gate.admit(candidate.ref, tally)
-                if passed is None:
+                if not isinstance(passed, tuple):  # skipped, or no attempt fits in the deadline any more
+                    if passed is STOP:
+                        tally.sent = tally.max_attempts
+                        break
                     continue
-                if passed is STOP:
-                    tally.sent = tally.max_attempts
-                    break
-                provider, breaker = passed  # type: ignore[misc]
+                provider, breaker = passed
                 body, usage_added = self._body(call, candidate, provider, breaker)
                 headers = self._headers(call, candidate.ref, provider)
                 hedge = None
@@ -98,8 +98,8 @@ class AttemptLoop:
                         break
                     continue
                 except UpstreamStatusError as exc:
-                    exc.attempts = tally.attempts  # type: ignore[attr-defined]
-                    exc.ref = candidate.ref  # type: ignore[attr-defined]
+                    exc.attempts = tally.attempts
+                    exc.ref = candidate.ref
                     raise
                 finally:
                     if hedge is not None:  # this attempt is over: the rest, if started, is not needed
@@ -171,15 +171,12 @@ class AttemptLoop:
         result.usage_requested = usage_added or (call.stream and wants_usage(call.payload))
         translation = candidate.translation
         route = call.plan.route
-        recover = (call.stream and call.recover and self.continuer is not None and route is not None
-                   and route.stream_recovery == "continue")
-        if translation is None:
-            if recover:
-                result.stream = self.continuer.wrap(result, call)  # type: ignore[union-attr]
-            return result
-        if recover:  # continued in the provider's API, then translated as one stream
-            result.stream = self.continuer.wrap(result, _provider_call(call, translation))  # type: ignore[union-attr]
-        return translation.apply(result)
+        continuer = self.continuer
+        if (call.stream and call.recover and continuer is not None and route is not None
+                and route.stream_recovery == "continue"):
+            # a translated stream is continued in its provider's API, then translated back as one stream
+            result.stream = continuer.wrap(result, call if translation is None else _provider_call(call, translation))
+        return result if translation is None else translation.apply(result)
 
     async def _rest(self, call: Call, after: ModelRef, deadline: float, max_attempts: int) -> Result:
         """The candidates after `after` (a slow attempt's hedge), within what is left of the request's
