@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -23,22 +23,15 @@ from yarl import URL
 
 from ..fleet.affinity import Holder
 from ..outcome import CLIENT_CLOSED, RequestRecord
-from ..types import (
-    InvalidRequestError,
-    ModelRef,
-    NotFoundError,
-    RequestTooLargeError,
-    TiergateError,
-    UpstreamError,
-)
-from .auth import InboundAuth
+from ..table.routing import RouteDecision
+from ..types import InvalidRequestError, ModelRef, NotFoundError, RequestTooLargeError, UpstreamError
+from .pipeline import Locate, Target
 
 if TYPE_CHECKING:
     from ..engine.router import Router
+    from ..table.routing import RoutingTable
 
 log = logging.getLogger("tiergate")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
@@ -214,86 +207,110 @@ async def _multipart_head(request: web.Request) -> tuple[bytes, tuple[int, int] 
     return head, None
 
 
-def make_passthrough_handler(router: Router, auth: InboundAuth, local_paths: frozenset[str],
-                             not_found: Handler) -> Handler:
-    """The handler of every `/v1/*` path tiergate does not serve itself."""
+def passthrough(router: Router, local_paths: frozenset[str]) -> Locate:
+    """Every `/v1/*` path tiergate does not serve itself: to the provider a JSON body's or a form's `model`
+    names (a route, alias or provider/model), else to the table's pass-through provider for the path."""
     config = router.config
 
-    async def passthrough(request: web.Request) -> web.StreamResponse:
-        if request.path in local_paths:  # tiergate's own path, another method: its 405
-            return await not_found(request)
-        record = RequestRecord(_request_id(request), "passthrough")
-        error: BaseException | None = None
-        try:
-            auth.check(request.headers.get("Authorization"))
-            table = router.table
-            raw = await _json_body(request, config.max_body_bytes, config.client_body_timeout)
-            payload: Any = None
-            if raw is not None:
-                try:
-                    payload = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    payload = None
-                decision = table.known_model(payload.get("model")) if isinstance(payload, dict) else None
-                if decision is not None:  # a route or alias: where it points, with its model id
-                    ref = decision.candidates[0]
-                    payload["model"] = ref.model
-                    record.route = decision.name
-                    return await forward(request, router, ref.provider, record, body=orjson.dumps(payload),
-                                         model=ref.model)
-            head, span = (await _multipart_head(request)) if raw is None else (b"", None)
-            if span is not None:
-                decision = table.known_model(head[span[0]:span[1]].decode("utf-8", "replace"))
-                if decision is not None:  # the form's `model` names a route or alias: rewritten, nothing else
-                    ref = decision.candidates[0]
-                    new = ref.model.encode()
-                    record.route = decision.name
-                    return await forward(request, router, ref.provider, record, model=ref.model,
-                                         head=head[:span[0]] + new + head[span[1]:],
-                                         length_change=len(new) - (span[1] - span[0]))
-            provider = table.passthrough_for(request.path)
-            if provider is None:
-                raise NotFoundError(
-                    f"tiergate does not serve {request.method} {request.path} itself and the routing table names "
-                    "no pass-through provider for it: set `passthrough_provider` (or `passthrough_paths`) in the "
-                    "routing table")
-            model = payload.get("model") if isinstance(payload, dict) else None
-            return await forward(request, router, provider, record, body=raw, head=head,
-                                 model=model if isinstance(model, str) else None)
-        except BaseException as exc:
-            error = exc
-            return _error_or_raise(exc, record)
-        finally:
-            router.finish(record, error)
+    async def locate(request: web.Request, record: RequestRecord) -> Target:
+        if request.path in local_paths:  # tiergate's own path, another method
+            error = InvalidRequestError(f"{request.method} is not allowed on {request.path}",
+                                        code="method_not_allowed")
+            error.status = 405
+            raise error
+        table = router.table
+        raw = await _json_body(request, config.max_body_bytes, config.client_body_timeout)
+        if raw is not None:
+            return _json_target(request, router, record, raw)
+        head, span = await _multipart_head(request)
+        if span is not None:
+            decision = table.known_model(head[span[0]:span[1]].decode("utf-8", "replace"))
+            if decision is not None:  # the form's `model` names a route or alias: rewritten, nothing else
+                return Target(decision, {}, lambda admitted: _send_form(request, router, record, admitted,
+                                                                        head, span))
+        provider = _provider(table, request)
+        return Target(_passed(provider, None), {}, lambda admitted: forward(request, router, provider, record,
+                                                                           head=head))
 
-    return passthrough
+    return locate
 
 
-def make_stored_response_handler(router: Router, auth: InboundAuth, passthrough: Handler) -> Handler:
-    """`/v1/responses/{id}[/...]`: to the provider that holds the id, never elsewhere."""
+def _json_target(request: web.Request, router: Router, record: RequestRecord, raw: bytes) -> Target:
+    """A JSON body: its `model` says where it goes, and its fields are what limits estimate from."""
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        payload = None
+    if not isinstance(payload, dict):
+        provider = _provider(router.table, request)
+        return Target(_passed(provider, None), {}, lambda admitted: forward(request, router, provider, record,
+                                                                           body=raw))
+    decision = router.table.known_model(payload.get("model"))
+    if decision is None:
+        provider = _provider(router.table, request)
+        model = payload.get("model")
+        model = model if isinstance(model, str) else None
+        return Target(_passed(provider, model), payload,
+                      lambda admitted: forward(request, router, provider, record, body=raw, model=model))
 
-    async def stored_response(request: web.Request) -> web.StreamResponse:
-        response_id = request.match_info["id"]
+    async def send(admitted: RouteDecision) -> web.StreamResponse:  # a route or alias: where it points
+        ref = admitted.candidates[0]
+        payload["model"] = ref.model
+        record.route = admitted.name
+        return await forward(request, router, ref.provider, record, body=orjson.dumps(payload), model=ref.model)
+
+    return Target(decision, payload, send)
+
+
+async def _send_form(request: web.Request, router: Router, record: RequestRecord, admitted: RouteDecision,
+                     head: bytes, span: tuple[int, int]) -> web.StreamResponse:
+    """A multipart body whose `model` names a route or alias: that field rewritten, the rest streamed."""
+    ref = admitted.candidates[0]
+    new = ref.model.encode()
+    record.route = admitted.name
+    return await forward(request, router, ref.provider, record, model=ref.model,
+                         head=head[:span[0]] + new + head[span[1]:], length_change=len(new) - (span[1] - span[0]))
+
+
+def _provider(table: RoutingTable, request: web.Request) -> str:
+    provider = table.passthrough_for(request.path)
+    if provider is None:
+        raise NotFoundError(
+            f"tiergate does not serve {request.method} {request.path} itself and the routing table names "
+            "no pass-through provider for it: set `passthrough_provider` (or `passthrough_paths`) in the "
+            "routing table")
+    return provider
+
+
+def _passed(provider: str, model: str | None) -> RouteDecision:
+    """What a call passed through to `provider` is admitted as (key- and model-scoped limits apply)."""
+    return RouteDecision("passthrough", (ModelRef(provider, model or "-"),))
+
+
+def stored_response(router: Router, passthrough: Locate) -> Locate:
+    """`/v1/responses/{id}[/{action}]`: to the provider that holds the id, never elsewhere."""
+
+    async def locate(request: web.Request, record: RequestRecord) -> Target:
+        parts = request.rel_url.parts  # ("/", "v1", "responses", id[, action])
+        response_id = parts[3]
         holder = await router.affinity.lookup(response_id)
-        if holder is None and request.method == "POST" and "action" not in request.match_info:
-            return await passthrough(request)  # e.g. /v1/responses/input_tokens: not an id
-        record = RequestRecord(_request_id(request), "responses")
+        if holder is None and request.method == "POST" and len(parts) == 4:
+            record.endpoint = "passthrough"  # e.g. /v1/responses/input_tokens: not an id
+            return await passthrough(request, record)
         record.route = "stored_response"
-        error: BaseException | None = None
-        try:
-            auth.check(request.headers.get("Authorization"))
-            provider = _holder(holder, response_id)
-            response = await forward(request, router, provider.provider, record, model=provider.model)
-            if request.method == "DELETE" and response.status == 200:
-                await router.affinity.forget(response_id)
-            return response
-        except BaseException as exc:
-            error = exc
-            return _error_or_raise(exc, record)
-        finally:
-            router.finish(record, error)
+        held = _holder(holder, response_id)
+        return Target(_passed(held.provider, held.model), {},
+                      lambda admitted: _send_stored(request, router, record, held, response_id))
 
-    return stored_response
+    return locate
+
+
+async def _send_stored(request: web.Request, router: Router, record: RequestRecord, holder: Holder,
+                       response_id: str) -> web.StreamResponse:
+    response = await forward(request, router, holder.provider, record, model=holder.model)
+    if request.method == "DELETE" and response.status == 200:
+        await router.affinity.forget(response_id)
+    return response
 
 
 def _holder(holder: Holder | None, response_id: str) -> Holder:
@@ -306,46 +323,3 @@ def _holder(holder: Holder | None, response_id: str) -> Holder:
                             "only Chat Completions (tiergate translated the call): it is not stored anywhere",
                             param="response_id", code="response_not_stored")
     return holder
-
-
-def make_model_handler(router: Router, auth: InboundAuth, passthrough: Handler) -> Handler:
-    """`GET /v1/models/{id}`: tiergate's own ids (routes, aliases, models it routes to or discovered)
-    answered here, any other passed through."""
-
-    async def retrieve_model(request: web.Request) -> web.StreamResponse:
-        model_id = request.match_info["id"]
-        try:
-            auth.check(request.headers.get("Authorization"))
-        except TiergateError as exc:
-            return _error_response(exc, _request_id(request))
-        for entry in router.list_models():
-            if entry["id"] == model_id:
-                return web.Response(body=orjson.dumps(entry), content_type="application/json")
-        if router.table.passthrough_for(request.path) is None:
-            return _error_response(NotFoundError(f"the model {model_id!r} does not exist: it is no route, alias or "
-                                                 "model of tiergate's table, and no pass-through provider is set",
-                                                 param="model", code="model_not_found"), _request_id(request))
-        return await passthrough(request)
-
-    return retrieve_model
-
-
-def _request_id(request: web.Request) -> str:
-    from ..engine.router import new_request_id
-
-    return request.headers.get("x-request-id") or new_request_id()
-
-
-def _error_or_raise(exc: BaseException, record: RequestRecord) -> web.StreamResponse:
-    if isinstance(exc, TiergateError):
-        return _error_response(exc, record.request_id)
-    if isinstance(exc, (asyncio.CancelledError, ConnectionResetError)):
-        raise exc
-    log.exception("unexpected error in pass-through (request %s)", record.request_id)
-    return _error_response(TiergateError("internal error in tiergate; see its log for request "
-                                         f"{record.request_id}"), record.request_id)
-
-
-def _error_response(exc: TiergateError, request_id: str) -> web.Response:
-    headers = {"x-request-id": request_id}
-    return web.Response(body=exc.to_body(), status=exc.status, headers=headers, content_type="application/json")

@@ -22,7 +22,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.edge.app import FIELD_TYPES
+from proxy.adapters import FIELD_TYPES
 from proxy.edge.openapi import SPEC
 
 from .test_cli import ENV, free_port

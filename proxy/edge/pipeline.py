@@ -1,0 +1,134 @@
+"""The one pipeline every `/v1` request takes, its steps written once: normalise the path, authenticate
+(the key's name), open the request record, admit against limits and budgets, run the route's own
+work, render an error in OpenAI's shape, finish (settle the limits, log, count).
+
+A route plugs in one of two ways. The routed endpoints (chat, completions, embeddings, Responses)
+are `routed`: the router resolves their route and admits them with it (`api_key_name`). Every other
+route is `located`: its `Locate` reads what it can of the request (a JSON body's `model`, a stored
+response's holder) and says what the call goes to; the pipeline admits that, then the route sends it.
+The pipeline is a plain closure around the route's coroutine, not an aiohttp middleware, so that the
+server's direct routes (see connections.py) take it too at the cost of one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from yarl import URL
+
+from ..outcome import RequestRecord, new_request_id
+from .auth import InboundAuth
+from .render import failure
+
+if TYPE_CHECKING:
+    from ..engine.router import Router
+    from ..table.routing import RouteDecision
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# a route's own work, once the key is known: (request, its record, the key's name) -> the answer
+Serve = Callable[[web.Request, RequestRecord, "str | None"], Awaitable[web.StreamResponse]]
+
+DRAIN = "tiergate is shutting down"  # the cancel message that ends a request still running after the drain
+
+
+@dataclass(slots=True)
+class Target:
+    """What a call that tiergate does not route goes to, read before it is admitted: the decision limits
+    are checked against (a route or alias the body names, else the provider it is passed to), the body
+    an estimate is read from, and how it is sent once admitted (with the decision admission returned,
+    a cheaper route's when a budget says to downgrade)."""
+
+    decision: RouteDecision
+    payload: Mapping[str, Any]
+    send: Callable[[RouteDecision], Awaitable[web.StreamResponse]]
+
+
+Locate = Callable[[web.Request, RequestRecord], Awaitable[Target]]
+
+_SLASHES = re.compile(r"/{2,}")
+
+
+def canonical_path(raw_path: str) -> str | None:
+    """`raw_path` (a request target: path and query, as sent) with repeated slashes collapsed and no
+    trailing slash; None when it is canonical already. `/v1//chat/completions` and
+    `/v1/chat/completions/` are the chat endpoint, with its limits, not another path."""
+    path, sep, query = raw_path.partition("?")
+    canonical = _SLASHES.sub("/", path)
+    if len(canonical) > 1:
+        canonical = canonical.rstrip("/")
+    return None if canonical == path else canonical + sep + query
+
+
+async def reroute(request: web.Request, target: str) -> web.StreamResponse:
+    """Serve `request` as sent to `target`, its canonical form: by the route that path names, every
+    step of that route's pipeline included (and only once: this request opened no record)."""
+    clone = request.clone(rel_url=URL(target, encoded=True))
+    match = await request.app.router.resolve(clone)
+    return await match.handler(clone)
+
+
+class Pipeline:
+    """Wraps each route's work in the steps every `/v1` request takes. `inflight` is the app's set of
+    handler tasks running, which the shutdown drains."""
+
+    def __init__(self, router: Router, auth: InboundAuth, inflight: set[asyncio.Task[Any]]):
+        self.router = router
+        self.auth = auth
+        self.inflight = inflight
+
+    def routed(self, name: str, serve: Serve) -> Handler:
+        """A routed endpoint's handler: `serve` hands the key's name to `Router.dispatch`, which admits
+        the request with the route it resolves."""
+        return self._handler(name, serve)
+
+    def located(self, name: str, locate: Locate) -> Handler:
+        """The handler of a call tiergate does not route: admitted here against what `locate` found."""
+        router = self.router
+
+        async def admit_and_send(request: web.Request, record: RequestRecord, key_name: str | None
+                                 ) -> web.StreamResponse:
+            target = await locate(request, record)
+            decision = target.decision
+            table = router.table
+            if table.limits is not None:  # key-scoped (and route-scoped) limits, as on the routed paths
+                decision = await router.quotas.admit(table.limits, table, decision, target.payload, key_name,
+                                                     record)
+            return await target.send(decision)
+
+        return self._handler(name, admit_and_send)
+
+    def _handler(self, name: str, serve: Serve) -> Handler:
+        router, inflight = self.router, self.inflight
+        check_key = self.auth.check if self.auth.enabled else None
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            raw = request.raw_path
+            if "//" in raw or raw[-1] == "/":  # a path that is not canonical: served as its canonical form
+                canonical = canonical_path(raw)
+                if canonical is not None:
+                    return await reroute(request, canonical)
+            headers = request.headers
+            record = RequestRecord(headers.get("x-request-id") or new_request_id(), name)
+            error: BaseException | None = None
+            task = request.task  # the handler's own task (asyncio.current_task() costs more)
+            inflight.add(task)
+            try:
+                key_name = check_key(headers.get("Authorization")) if check_key is not None else None
+                return await serve(request, record, key_name)
+            except (asyncio.CancelledError, ConnectionResetError) as exc:  # no one to answer
+                error = exc
+                raise
+            except BaseException as exc:
+                error, response = failure(exc, record)
+                return response
+            finally:
+                inflight.discard(task)
+                router.finish(record, error)
+
+        handle.__name__ = f"handle_{name.replace('.', '_')}"
+        return handle

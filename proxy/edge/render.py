@@ -1,0 +1,84 @@
+"""What the edge writes back besides the provider's bytes: the `x-tiergate-*` headers of an answer, and
+an error in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with the headers a
+client needs to act on it (the provider's, `x-should-retry`, Retry-After)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import orjson
+from aiohttp import web
+
+from ..outcome import RequestRecord, tried
+from ..types import InvalidRequestError, TiergateError, UpstreamError, UpstreamStatusError
+from .headers import relayed_headers
+
+log = logging.getLogger("tiergate")
+
+_ATTEMPTS = tuple(map(str, range(16)))  # x-tiergate-attempts, without a str() per response
+
+
+def result_headers(record: RequestRecord, upstream: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The provider's headers that cross back, then tiergate's own: route, cache, attempts, model, cost."""
+    ref = record.ref
+    headers = relayed_headers(upstream, record.request_id)
+    headers["x-tiergate-route"] = record.route
+    headers["x-tiergate-cache"] = record.cache
+    tries = record.tries
+    headers["x-tiergate-attempts"] = _ATTEMPTS[tries] if 0 <= tries < 16 else str(tries)
+    if ref is not None:
+        headers["x-tiergate-model"] = f"{ref.provider}/{ref.model}"
+        headers["x-tiergate-provider"] = ref.provider
+    if record.cost_usd is not None:  # known for non-stream responses of priced models
+        headers["x-tiergate-cost-usd"] = f"{record.cost_usd:.10f}".rstrip("0").rstrip(".") or "0"
+    return headers
+
+
+def error_response(exc: TiergateError, request_id: str, extra: dict[str, str] | None = None) -> web.Response:
+    """The error in OpenAI's shape. An error decided upstream carries the provider's headers
+    (Retry-After, x-ratelimit-*, its x-request-id) and `x-should-retry: false`: tiergate has spent its
+    attempts already, so the SDK does not multiply them."""
+    upstream = getattr(exc, "headers", None)  # only the errors decided upstream have them
+    headers = relayed_headers(upstream, request_id) if upstream else {"x-request-id": request_id}
+    if extra:
+        headers.update(extra)
+    if getattr(exc, "tried", False):
+        headers["x-should-retry"] = "false"
+    if isinstance(exc, UpstreamStatusError):
+        return web.Response(body=exc.body, status=exc.status, headers=headers,
+                            content_type=exc.content_type.split(";")[0])
+    retry_after = getattr(exc, "retry_after", None)  # tiergate's limits and the upstream's 429s
+    if retry_after is not None and "retry-after" not in {k.lower() for k in headers}:
+        headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+        headers["retry-after-ms"] = str(max(1, int(retry_after * 1000)))
+    return web.Response(body=exc.to_body(), status=exc.status, headers=headers,
+                        content_type="application/json")
+
+
+def request_error(exc: TiergateError, record: RequestRecord) -> web.Response:
+    """A request's error, with what is known of where it went: its route and attempts, and the
+    model whose answer decided it when a provider's own error is passed through."""
+    extra = {"x-tiergate-route": record.route} if record.route else None
+    if extra is not None and isinstance(exc, UpstreamError):
+        extra["x-tiergate-attempts"] = str(tried(exc.attempts))
+    if isinstance(exc, UpstreamStatusError) and exc.ref is not None:
+        record.ref = exc.ref
+        record.attempts = exc.attempts
+        record.tries = tried(record.attempts)
+        extra = result_headers(record)
+        del extra["x-request-id"]  # the provider's, relayed by error_response
+    return error_response(exc, record.request_id, extra)
+
+
+def failure(exc: BaseException, record: RequestRecord) -> tuple[BaseException, web.Response]:
+    """The answer to a request that raised `exc` (anything but a cancellation or the client leaving:
+    those have no one to answer), and the error its record is finished with."""
+    if isinstance(exc, TiergateError):
+        return exc, request_error(exc, record)
+    if isinstance(exc, (orjson.JSONEncodeError, RecursionError)):  # a body nested deeper than re-encoding allows
+        error = InvalidRequestError("the request body cannot be forwarded: it is nested too deeply")
+        return error, request_error(error, record)
+    log.exception("unexpected error in %s (request %s)", record.endpoint, record.request_id)
+    return exc, error_response(TiergateError("internal error in tiergate; see its log for request "
+                                             f"{record.request_id}"), record.request_id)
