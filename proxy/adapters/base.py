@@ -85,6 +85,7 @@ class Endpoint:
     usage_option: bool = False  # takes `stream_options.include_usage`, so tiergate may ask for usage
     deterministic: bool = False  # the same request gives the same answer: cacheable without a seed
     batchable: bool = False  # requests with the same options may go upstream as one (and be split back)
+    stateful: bool = False  # has a say in the candidates and keeps what it needs of answers (stored objects)
 
     def validate(self, payload: Any, max_messages: int) -> None:
         """Type-check the fields tiergate knows; anything else goes upstream untouched."""
@@ -118,10 +119,12 @@ class Endpoint:
 
     async def candidates(self, decision: RouteDecision, payload: dict[str, Any], table: RoutingTable,
                          affinity: ResponseAffinity) -> tuple[RouteDecision, Translator | None]:
-        """The route's candidates for this request, and how each is sent (None: as written)."""
+        """The route's candidates for this request, and how each is sent (None: as written). Asked only
+        of a `stateful` endpoint."""
         return decision, None
 
     async def answered(self, result: Result, payload: dict[str, Any], table: RoutingTable,
                        affinity: ResponseAffinity) -> Result:
-        """The answer is in: what the family keeps of it (a stored response's holder) before it goes out."""
+        """The answer is in: what the family keeps of it (a stored response's holder) before it goes out.
+        Asked only of a `stateful` endpoint."""
         return result

@@ -93,7 +93,8 @@ class ResponsesEndpoint(Endpoint):
         return result
 
 
-RESPONSES = ResponsesEndpoint("responses", "/responses", "chat", True, answer_key="output", done=RESPONSES_DONE)
+RESPONSES = ResponsesEndpoint("responses", "/responses", "chat", True, answer_key="output", done=RESPONSES_DONE,
+                              stateful=True)
 
 
 async def _follow_up(decision: RouteDecision, previous: str, table: RoutingTable,

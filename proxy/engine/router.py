@@ -19,7 +19,7 @@ from ..limits.admission import Quotas
 from ..observability.health_report import health_report
 from ..observability.telemetry import GaugeSources, Telemetry
 from ..outcome import CLIENT_CLOSED, RequestRecord, Result, tried
-from ..planner import Planner, PlanRequest
+from ..planner import Planner
 from ..planner.plan import Plan
 from ..settings import RouterConfig, check_service_urls
 from ..table.discovery import Discovery, discover
@@ -283,7 +283,10 @@ class Router(LibraryAPI):
         if table is None:
             table = self.table  # raises: not initialized
         decision = table.resolve(use_case, tier, payload.get("model"), endpoint.kind)
-        plan = await self.planner.plan(decision, PlanRequest(endpoint, payload, record, api_key_name), table)
+        if table.limits is None and not endpoint.stateful:  # nothing to wait for: no coroutine
+            plan = self.planner.plan_now(decision, endpoint, payload, record)
+        else:
+            plan = await self.planner.plan(decision, table, endpoint, payload, record, api_key_name)
         stream = bool(payload.get("stream")) and endpoint.streamable
         record.stream = stream
         call = Call(endpoint, payload, plan, stream, headers, timeout, trace)
@@ -292,9 +295,12 @@ class Router(LibraryAPI):
             result = await self.cache.serve(
                 endpoint.path, payload, plan, record, stream=stream, control=CacheControl.parse(cache_control),
                 call=lambda raw_usage=False: self._forward(call.narrowed(plan, raw_usage=raw_usage)))
+        elif self.batcher is None or not endpoint.batchable:
+            result = await self.loop.run(call)
         else:
             result = await self._forward(call)
-        result = await endpoint.answered(result, payload, table, self.affinity)
+        if endpoint.stateful:
+            result = await endpoint.answered(result, payload, table, self.affinity)
         record.status = result.status
         record.ref = result.ref
         record.attempts = result.attempts

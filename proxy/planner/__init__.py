@@ -11,14 +11,13 @@ attempts, so the attempt loop's gate asks them just before each try.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import ordered
 from .plan import Candidate, Plan
 
 if TYPE_CHECKING:
-    from ..adapters.base import Endpoint
+    from ..adapters.base import Endpoint, Translator
     from ..fleet.affinity import ResponseAffinity
     from ..limits.admission import Quotas
     from ..outcome import RequestRecord
@@ -26,18 +25,10 @@ if TYPE_CHECKING:
     from ..types import ModelRef
 
 Strategy = Callable[[tuple["ModelRef", ...]], tuple["ModelRef", ...]]
-# strategies by name; a route takes `ordered` until the table can name another
+# strategies by name; a route takes `ordered` until the table can name another (a strategy that
+# orders per request, weighted or least-latency, will plan afresh instead of from the memo)
 STRATEGIES: dict[str, Strategy] = {"ordered": ordered.order}
-
-
-@dataclass(frozen=True, slots=True)
-class PlanRequest:
-    """What the planner needs of one request."""
-
-    endpoint: Endpoint
-    payload: dict[str, Any]
-    record: RequestRecord
-    key_name: str | None = None  # the inbound key's name: limits may be scoped by it
+_MEMO_LIMIT = 4096
 
 
 class Planner:
@@ -47,24 +38,46 @@ class Planner:
         self.quotas = quotas
         self.affinity = affinity
         self.fallback = fallback
+        # the plan of each decision that needs nothing per request (the usual one), made once; keyed by
+        # the decision's identity (the entry holds the decision, so its id is not reused meanwhile)
+        self._plans: dict[int, tuple[RouteDecision, Plan]] = {}
 
-    async def plan(self, decision: RouteDecision, request: PlanRequest, table: RoutingTable) -> Plan:
-        payload = request.payload
+    async def plan(self, decision: RouteDecision, table: RoutingTable, endpoint: Endpoint, payload: dict[str, Any],
+                   record: RequestRecord, key_name: str | None = None) -> Plan:
+        """The plan of one request (`payload`, to `endpoint`); `key_name` is its inbound key's name
+        (limits may be scoped by it); `record` gets the route's name and the limits' charge."""
         if table.limits is not None:  # rate limits and budgets: charge an estimate now (may downgrade)
-            decision = await self.quotas.admit(table.limits, table, decision, payload, request.key_name,
-                                               request.record)
-        request.record.route = decision.name
+            decision = await self.quotas.admit(table.limits, table, decision, payload, key_name, record)
+        if not endpoint.stateful:
+            return self.plan_now(decision, endpoint, payload, record)
+        record.route = decision.name
+        if decision.route is not None:
+            endpoint.apply_defaults(payload, decision.route)
+        decision, translate = await endpoint.candidates(decision, payload, table, self.affinity)
+        return self._plan(decision, translate)
+
+    def plan_now(self, decision: RouteDecision, endpoint: Endpoint, payload: dict[str, Any],
+                 record: RequestRecord) -> Plan:
+        """`plan` for a request that waits for nothing: no limits to admit it, an endpoint without a say
+        in the candidates. The usual request, planned without a coroutine."""
+        record.route = decision.name
         route = decision.route
-        endpoint = request.endpoint
         if route is not None:
             endpoint.apply_defaults(payload, route)
-        decision, translate = await endpoint.candidates(decision, payload, table, self.affinity)
+        known = self._plans.get(id(decision))
+        if known is not None and known[0] is decision:
+            return known[1]
+        plan = self._plan(decision, None)
+        if len(self._plans) >= _MEMO_LIMIT:  # overrides make a decision per request: stay bounded
+            self._plans.clear()
+        self._plans[id(decision)] = (decision, plan)
+        return plan
+
+    def _plan(self, decision: RouteDecision, translate: Translator | None) -> Plan:
         refs = STRATEGIES["ordered"](decision.candidates)
         if not self.fallback:
             refs = refs[:1]
         rules = decision.plans
-        if not rules and translate is None:  # the usual request: nothing per candidate
-            return Plan(decision.name, route, tuple(Candidate(ref) for ref in refs))
-        return Plan(decision.name, route, tuple(
+        return Plan(decision.name, decision.route, tuple(
             Candidate(ref, rules.get(ref) if rules else None, translate(ref) if translate is not None else None)
             for ref in refs))

@@ -1,16 +1,17 @@
-"""A plan: the ordered candidates one request may be sent to, each with how it is sent."""
+"""A plan: the ordered candidates one request may be sent to, each with how it is sent.
+
+Named tuples: frozen values made at C speed (a plan and its candidates may be made per request)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..adapters.base import Translation
 from ..table.routing import ParamRule
 from ..types import ModelRef, Route
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(NamedTuple):
     """One deployment to try: its model, the table's rule for it (fields it refuses, its first-byte
     budget), and its translation when its provider speaks another API than the client's."""
 
@@ -19,8 +20,7 @@ class Candidate:
     translation: Translation | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
+class Plan(NamedTuple):
     """Where one request goes, in order. `name` is the route's (`use_case:tier`, or what the client named)."""
 
     name: str

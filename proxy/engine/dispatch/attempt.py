@@ -1,6 +1,6 @@
 """One attempt at one candidate, as an object with a lifetime.
 
-`async with sender.attempt(provider, ref, breaker, ...) as attempt:` takes a slot of the provider's
+`async with AttemptLife(sender, provider, ref, breaker, tally) as attempt:` takes a slot of the provider's
 pool (tiergate's own queue, bounded by the request's deadline), and `attempt.send(...)` sends under
 the attempt's deadline (one timer for all attempts: `Deadlines`). On exit the attempt settles what it
 owns according to how it ended: the slot goes back unless a stream's response holds it; the breaker
@@ -64,9 +64,6 @@ class Sender:
         self.rate_limit_cooldown = config.rate_limit_cooldown
         self.cooldown_cap = config.cooldown_cap
         self._logged: set[tuple[str, str]] = set()
-
-    def attempt(self, provider: Provider, ref: ModelRef, breaker: AsyncCircuitBreaker, tally: Tally) -> AttemptLife:
-        return AttemptLife(self, provider, ref, breaker, tally)
 
     def log_once(self, ref: ModelRef, exc: BaseException) -> None:
         key = (ref.provider, type(exc).__name__)
@@ -151,10 +148,22 @@ class AttemptLife:
         self.stream = stream
         resp: UpstreamResponse | None = None
         try:
-            if not stream:
+            if not stream:  # a non-stream answer: its first byte is all of it
                 if hedge is not None and armed is not None:
                     hedge.watch(task, armed, first_byte)  # type: ignore[arg-type]
-                return await self._whole(path, body, headers, answer_key, hedge)
+                resp = await self.provider.send(path, body, headers, sender.untimed)
+                if hedge is not None:
+                    hedge.unwatch()  # the first byte came
+                try:
+                    length = resp.headers.get("Content-Length")
+                    if length is not None and length.isdigit() and int(length) <= sender.max_body:
+                        data = await resp.read()  # the usual case: a body of known, acceptable length
+                    else:
+                        data = await self._read(resp)
+                except BaseException:
+                    resp.close()
+                    raise
+                return self._whole(resp, data, answer_key)
             resp = await self.provider.send(path, body, headers, sender.stream_timeout)
             return await self._opened(resp, body, done, strip_usage)
         except asyncio.CancelledError:
@@ -176,27 +185,13 @@ class AttemptLife:
             if armed is not None:
                 deadlines.disarm(task, armed)  # type: ignore[arg-type]
 
-    async def _whole(self, path: str, body: bytes, headers: Mapping[str, str] | None, answer_key: str | None,
-                     hedge: Hedge | None) -> Result:
-        """A non-stream answer: its first byte is all of it."""
-        sender, ref = self.sender, self.ref
-        resp = await self.provider.send(path, body, headers, sender.untimed)
-        try:
-            if hedge is not None:
-                hedge.unwatch()  # the first byte came
-            length = resp.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) <= sender.max_body:
-                data = await resp.read()  # the usual case: a body of known, acceptable length
-            else:
-                data = await self._read(resp)
-        except BaseException:
-            resp.close()
-            raise
+    def _whole(self, resp: UpstreamResponse, data: bytes, answer_key: str | None) -> Result:
+        """A non-stream answer, read: the connection back in the pool, and the answer or the failure."""
         resp.release()
         if self.slots is not None:  # the body is read: the connection is back in the pool
             self.slots.release()
             self.slots = None
-        status = resp.status
+        status, ref = resp.status, self.ref
         if status != 200:
             raise status_failure(status, data, resp, ref, self.provider)
         return Result(200, ref, self.tally.attempts, body=data, headers=resp.headers,

@@ -1,14 +1,14 @@
-"""`Call`: one request as the attempt loop carries it, a frozen value.
+"""`Call`: one request as the attempt loop carries it, a frozen value (a named tuple: one is made
+per request, and a tuple is made at C speed where a frozen dataclass sets each field in Python).
 
-The hedge and stream recovery re-enter the loop with a narrowed call (`replace(call, plan=...,
-max_attempts=...)`), never with flags of their own.
+The hedge and stream recovery re-enter the loop with a narrowed call (`call.narrowed(plan, ...)`),
+never with flags of their own.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from ...adapters.base import Endpoint
@@ -17,8 +17,7 @@ if TYPE_CHECKING:
     from .events import AttemptObserver
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
+class Call(NamedTuple):
     """What to send (`payload`, in `endpoint`'s API), where (`plan`), and under which terms.
 
     `timeout` is the client's deadline (else the route's, else the setting for non-stream calls; a
@@ -42,7 +41,7 @@ class Call:
 
     def narrowed(self, plan: Plan, **changes: Any) -> Call:
         """The same call, to fewer candidates (a hedge's rest, a recovery's continuation)."""
-        return replace(self, plan=plan, **changes)
+        return self._replace(plan=plan, **changes)
 
 
 class StreamContinuer(Protocol):

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .tally import Tally
 
 STOP = "stop"  # the backoff would outlast the request's deadline: no more attempts
+WAIT = "wait"  # the gate must wait for something first: ask `admit_after_wait`
 
 
 class Gate:
@@ -33,9 +34,30 @@ class Gate:
         self._backoff_base = config.retry_backoff
         self._retry_after_cap = config.retry_after_cap
 
-    async def admit(self, ref: ModelRef, tally: Tally) -> tuple[Provider, AsyncCircuitBreaker] | str | None:
+    def admit(self, ref: ModelRef, tally: Tally) -> tuple[Provider, AsyncCircuitBreaker] | str | None:
         """The candidate's provider and breaker (its half-open trial taken) when it may be tried now;
-        None when it is skipped (the skip noted), STOP when no attempt fits in the deadline any more."""
+        None when it is skipped (the skip noted); WAIT when the gate must wait first (a backoff before
+        a deployment this request saw fail, a fleet trial to claim): then `await admit_after_wait`.
+        Synchronous, as the usual candidate passes without waiting for anything."""
+        provider = self.providers.get(ref.provider)
+        if provider is None:
+            return tally.skip(ref, "unknown_provider")
+        if ref in tally.failures:
+            return WAIT
+        breaker = self.breakers.of(ref)
+        fleet = self.fleet_health
+        if fleet is not None:
+            if fleet.blocked_until(breaker.name) is not None:
+                return tally.skip(ref, "fleet_blocked")
+            if fleet.trial_due(breaker.name):
+                return WAIT
+        if not breaker.clean and self._breaker_refuses(ref, breaker, tally, tried_before=False):
+            return None
+        return provider, breaker
+
+    async def admit_after_wait(self, ref: ModelRef, tally: Tally) -> tuple[Provider, AsyncCircuitBreaker] | str | None:
+        """`admit` for a candidate that needs a wait: as `admit`, and STOP when the backoff would
+        outlast the request's deadline (no more attempts)."""
         provider = self.providers.get(ref.provider)
         if provider is None:
             return tally.skip(ref, "unknown_provider")
@@ -49,17 +71,26 @@ class Gate:
         fleet = self.fleet_health
         if fleet is not None and not tried_before and not await self._fleet_allows(fleet, breaker.name):
             return tally.skip(ref, "fleet_blocked")
-        if not breaker.clean:
-            if not tried_before and breaker.cooling():
-                return tally.skip(ref, "cooldown")
-            if not breaker.allow():
-                return tally.skip(ref, "breaker_open")
+        if not breaker.clean and self._breaker_refuses(ref, breaker, tally, tried_before):
+            return None
         if wait:
             if wait >= tally.deadline - time.perf_counter():
                 breaker.release_trial()
                 return STOP
             await self._sleep(wait)
         return provider, breaker
+
+    @staticmethod
+    def _breaker_refuses(ref: ModelRef, breaker: AsyncCircuitBreaker, tally: Tally, tried_before: bool) -> bool:
+        """Cooling down after a rate limit (unless this request saw it fail: then only its backoff
+        counts), or its breaker open: the skip is noted."""
+        if not tried_before and breaker.cooling():
+            tally.skip(ref, "cooldown")
+            return True
+        if not breaker.allow():
+            tally.skip(ref, "breaker_open")
+            return True
+        return False
 
     async def _fleet_allows(self, fleet: FleetHealth, deployment: str) -> bool:
         """Not blocked by the fleet (a dict lookup); when the fleet's open breaker has just run out, only

@@ -25,11 +25,11 @@ from ...planner.plan import Candidate, Plan
 from ...protocol.sse import wants_usage, with_usage
 from ...types import InvalidRequestError, UpstreamError, UpstreamStatusError
 from ..deadlines import Deadlines
-from .attempt import QueueFull, Sender
+from .attempt import AttemptLife, QueueFull, Sender
 from .call import Call
 from .classify import Retryable, all_failed
 from .events import AttemptEvents
-from .gate import STOP, Gate
+from .gate import STOP, WAIT, Gate
 from .hedge import Hedge
 from .tally import Tally
 
@@ -66,12 +66,15 @@ class AttemptLoop:
         candidates = call.plan.candidates
         tally = Tally(self._deadline(call), self._max_attempts if call.max_attempts is None else call.max_attempts,
                       self.events, call.observer)
+        hedgeable = not call.stream and len(candidates) > 1  # a late first byte may start the rest
         while tally.sent < tally.max_attempts:
             progressed = False
             for candidate in candidates:
                 if tally.sent >= tally.max_attempts:
                     break
-                passed = await self.gate.admit(candidate.ref, tally)
+                passed = self.gate.admit(candidate.ref, tally)
+                if passed is WAIT:
+                    passed = await self.gate.admit_after_wait(candidate.ref, tally)
                 if not isinstance(passed, tuple):  # skipped, or no attempt fits in the deadline any more
                     if passed is STOP:
                         tally.sent = tally.max_attempts
@@ -82,11 +85,18 @@ class AttemptLoop:
                 headers = self._headers(call, candidate.ref, provider)
                 hedge = None
                 try:
-                    async with self.sender.attempt(provider, candidate.ref, breaker, tally) as attempt:
+                    async with AttemptLife(self.sender, provider, candidate.ref, breaker, tally) as attempt:
                         progressed = True
                         tally.sent += 1
-                        hedge = self._hedge(call, candidate, tally)
-                        result = await self._send(attempt, call, candidate, body, headers, usage_added, hedge)
+                        if hedgeable:
+                            hedge = self._hedge(call, candidate, tally)
+                        target = call.endpoint if candidate.translation is None else candidate.translation.endpoint
+                        rule = candidate.rule
+                        result = await attempt.send(
+                            target.path, body, headers, call.stream, tally.deadline - time.perf_counter(),
+                            rule.first_byte_timeout if rule is not None and rule.first_byte_timeout
+                            else self._first_byte, target.answer_key, target.done,
+                            usage_added and not call.raw_usage, hedge)
                 except QueueFull:
                     continue
                 except Retryable as failure:
@@ -150,20 +160,10 @@ class AttemptLoop:
 
     def _hedge(self, call: Call, candidate: Candidate, tally: Tally) -> Hedge | None:
         """A non-stream call with candidates left and attempts to spare may hedge a late first byte."""
-        candidates = call.plan.candidates
-        if call.stream or len(candidates) < 2 or tally.sent >= tally.max_attempts \
-                or candidate.ref == candidates[-1].ref:
+        if tally.sent >= tally.max_attempts or candidate.ref == call.plan.candidates[-1].ref:
             return None
         return Hedge(self.deadlines, partial(self._rest, call, candidate.ref, tally.deadline,
                                              tally.max_attempts - tally.sent))
-
-    async def _send(self, attempt: Any, call: Call, candidate: Candidate, body: bytes,
-                    headers: Mapping[str, str] | None, usage_added: bool, hedge: Hedge | None) -> Result:
-        target = call.endpoint if candidate.translation is None else candidate.translation.endpoint
-        rule = candidate.rule
-        first_byte = rule.first_byte_timeout if rule is not None and rule.first_byte_timeout else self._first_byte
-        return await attempt.send(target.path, body, headers, call.stream, attempt.tally.deadline - time.perf_counter(),
-                                  first_byte, target.answer_key, target.done, usage_added and not call.raw_usage, hedge)
 
     def _answered(self, call: Call, candidate: Candidate, result: Result, tally: Tally, usage_added: bool) -> Result:
         attempts = tally.attempts

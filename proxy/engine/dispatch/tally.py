@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     from .classify import Retryable
     from .events import AttemptEvents, AttemptObserver
 
+_NONE: dict = {}  # shared, never written: no failure yet
+
 
 class Tally:
     """What one run of the loop has done so far: its attempts, the failures per deployment, the
@@ -22,8 +24,9 @@ class Tally:
     def __init__(self, deadline: float, max_attempts: int, events: AttemptEvents,
                  observer: AttemptObserver | None):
         self.attempts: list[Attempt] = []
-        self.failures: dict[ModelRef, int] = {}  # per deployment, this request
-        self.retry_after: dict[ModelRef, float] = {}
+        # per deployment, this request; made at the first failure (the usual request has none)
+        self.failures: dict[ModelRef, int] = _NONE
+        self.retry_after: dict[ModelRef, float] = _NONE
         self.last: Retryable | None = None
         self.sent = 0
         self.max_attempts = max_attempts
@@ -33,7 +36,8 @@ class Tally:
 
     def note(self, attempt: Attempt) -> None:
         self.attempts.append(attempt)
-        self.events.attempt_ended(attempt)
+        for subscriber in self.events.on_attempt_end:
+            subscriber(attempt)
         if self.observer is not None:
             self.observer.attempt_ended(attempt)
 
@@ -42,6 +46,8 @@ class Tally:
 
     def failed(self, ref: ModelRef, failure: Retryable) -> None:
         self.last = failure
+        if self.failures is _NONE:
+            self.failures, self.retry_after = {}, {}
         self.failures[ref] = self.failures.get(ref, 0) + 1
         if failure.retry_after is not None:
             self.retry_after[ref] = failure.retry_after
