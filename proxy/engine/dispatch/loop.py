@@ -82,7 +82,11 @@ class AttemptLoop:
                     continue
                 provider, breaker = passed
                 body, usage_added = self._body(call, candidate, provider, breaker)
-                headers = self._headers(call, candidate.ref, provider)
+                headers = call.headers  # minus the provider's own (its key, the table's headers), plus the trace's
+                if headers and not provider.protected.isdisjoint(headers):
+                    headers = {k: v for k, v in headers.items() if k not in provider.protected}
+                if call.observer is not None:
+                    headers = call.observer.attempt_started(candidate.ref, headers)
                 hedge = None
                 try:
                     async with AttemptLife(self.sender, provider, candidate.ref, breaker, tally) as attempt:
@@ -114,7 +118,11 @@ class AttemptLoop:
                 finally:
                     if hedge is not None:  # this attempt is over: the rest, if started, is not needed
                         hedge.settle()     # (or it was joined already)
-                return self._answered(call, candidate, result, tally, usage_added)
+                attempts = tally.attempts
+                result.tries = 1 if len(attempts) == 1 else tried(attempts)
+                if call.stream:
+                    result.usage_requested = usage_added or wants_usage(call.payload)
+                return self._answered(call, candidate, result) if call.stream or candidate.translation else result
             if not progressed:
                 break
         raise all_failed(call.plan.name, tally.attempts, tally.last, self.breakers)
@@ -147,17 +155,6 @@ class AttemptLoop:
             raise InvalidRequestError("the request body cannot be forwarded: it is nested too deeply "
                                       "or holds a value JSON cannot carry") from None
 
-    @staticmethod
-    def _headers(call: Call, ref: ModelRef, provider: Provider) -> Mapping[str, str] | None:
-        """The client's headers minus the provider's own (its key, the table's headers); the trace's
-        context added."""
-        headers = call.headers
-        if headers and not provider.protected.isdisjoint(headers):
-            headers = {k: v for k, v in headers.items() if k not in provider.protected}
-        if call.observer is not None:
-            headers = call.observer.attempt_started(ref, headers)
-        return headers
-
     def _hedge(self, call: Call, candidate: Candidate, tally: Tally) -> Hedge | None:
         """A non-stream call with candidates left and attempts to spare may hedge a late first byte."""
         if tally.sent >= tally.max_attempts or candidate.ref == call.plan.candidates[-1].ref:
@@ -165,10 +162,8 @@ class AttemptLoop:
         return Hedge(self.deadlines, partial(self._rest, call, candidate.ref, tally.deadline,
                                              tally.max_attempts - tally.sent))
 
-    def _answered(self, call: Call, candidate: Candidate, result: Result, tally: Tally, usage_added: bool) -> Result:
-        attempts = tally.attempts
-        result.tries = 1 if len(attempts) == 1 else tried(attempts)
-        result.usage_requested = usage_added or (call.stream and wants_usage(call.payload))
+    def _answered(self, call: Call, candidate: Candidate, result: Result) -> Result:
+        """A stream's recovery wrap, and the translation back into the client's API."""
         translation = candidate.translation
         route = call.plan.route
         continuer = self.continuer
