@@ -7,6 +7,7 @@ one request pipeline (pipeline.py); the routes' own work is in handlers.py and p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -36,7 +37,31 @@ GC_THRESHOLD = 10_000  # net allocations between first-generation collections (P
 
 ROUTER_KEY = web.AppKey("router", Router)
 AUTH_KEY = web.AppKey("auth", InboundAuth)
-INFLIGHT_KEY = web.AppKey("inflight", set)  # the handler tasks of requests in flight (drained at shutdown)
+
+
+class InFlight(set):  # type: ignore[type-arg]
+    """The handler tasks of requests in flight (drained at shutdown). A handler's task is its
+    connection's and outlives the request on a kept-alive connection, so the drain waits for this set
+    to empty, not for the tasks to end: `emptied` is set when the last request leaves it."""
+
+    __slots__ = ("emptied",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emptied = asyncio.Event()
+
+    def discard(self, task: Any) -> None:
+        super().discard(task)
+        if not self:
+            self.emptied.set()
+
+    def add(self, task: Any) -> None:
+        super().add(task)
+        if self.emptied.is_set():
+            self.emptied.clear()
+
+
+INFLIGHT_KEY = web.AppKey("inflight", InFlight)
 
 
 KNOWN_PATHS = frozenset({"/v1" + endpoint.path for endpoint in ROUTED} | {
@@ -74,7 +99,7 @@ def make_metrics_handler(router: Router,
                 raise NotFoundError("metrics are off (ENABLE_MONITORING=false)")
         except TiergateError as exc:
             return error_response(exc, request.headers.get("x-request-id") or new_request_id())
-        body, content_type = telemetry.render_metrics()
+        body, content_type = await telemetry.scrape()  # rendered off the loop
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     return metrics
@@ -127,8 +152,7 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
         router = Router(router)
     app = web.Application(client_max_size=router.config.max_body_bytes + 1)
     app[ROUTER_KEY] = router
-    inflight: set[asyncio.Task[Any]] = set()
-    app[INFLIGHT_KEY] = inflight
+    inflight = app[INFLIGHT_KEY] = InFlight()
     auth = app[AUTH_KEY] = InboundAuth(router.config.api_keys)
 
     async def router_lifetime(app: web.Application) -> AsyncIterator[None]:
@@ -228,14 +252,21 @@ async def serve(config: RouterConfig, *, started: Any = None, stop: asyncio.Even
 
 async def drain(app: web.Application, timeout: float) -> None:
     """Let requests in flight finish for up to `timeout` seconds, then end the ones still running:
-    a stream gets an SSE error event (never a clean end that looks complete)."""
-    inflight: set[asyncio.Task[Any]] = app[INFLIGHT_KEY]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while inflight and (left := deadline - loop.time()) > 0:
-        await asyncio.wait(set(inflight), timeout=left)
+    a stream gets an SSE error event (never a clean end that looks complete). Returns as soon as the
+    last request has ended, so the process exits within moments of `timeout`."""
+    inflight = app[INFLIGHT_KEY]
+    if await _emptied(inflight, timeout):
+        return
+    log.warning("drain: %d requests still running after %ss; ending them", len(inflight), timeout)
+    for task in list(inflight):
+        task.cancel(DRAIN)
+    await _emptied(inflight, 1.0)  # each writes its error event and ends: moments, unless a write blocks
+
+
+async def _emptied(inflight: InFlight, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for no request to be in flight; whether none is."""
     if inflight:
-        log.warning("drain: %d requests still running after %ss; ending them", len(inflight), timeout)
-        for task in list(inflight):
-            task.cancel(DRAIN)
-        await asyncio.wait(set(inflight), timeout=1.0)
+        inflight.emptied.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(inflight.emptied.wait(), timeout)
+    return not inflight

@@ -97,3 +97,33 @@ async def test_a_drain_takes_what_it_says_and_ends_open_streams_with_an_error_ev
             proc.kill()
             await proc.wait()
         await upstream.stop()
+
+
+async def test_a_drain_ends_within_moments_of_its_timeout_while_clients_keep_their_connections(tmp_path):
+    """20 s streams, a 2 s drain: the process exits soon after 2 s, not a second later. The clients
+    keep their connections alive after the error event (a handler's task outlives its request)."""
+    upstream = await MockUpstream("primary").start()
+    upstream.default = Ok(content=" ".join(["word"] * 200), gap=0.1)  # 20 s per stream
+    proc, url = await serve(tmp_path, upstream, drain_timeout=2)
+    try:
+        await wait_healthy(url, proc)
+        async with aiohttp.ClientSession() as http:
+            body = orjson.dumps({"model": "general_purpose", "stream": True,
+                                 "messages": [{"role": "user", "content": "hi"}]})
+            responses = [await http.post(url + "/v1/chat/completions", data=body) for _ in range(3)]
+            for resp in responses:
+                await resp.content.readuntil(b"\n\n")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            proc.send_signal(signal.SIGTERM)
+            for resp in responses:
+                rest = await asyncio.wait_for(resp.content.read(), 10)  # read to its end: the connection is kept
+                assert rest.rstrip().endswith(b'"code":"server_shutting_down"}}')
+            assert await asyncio.wait_for(proc.wait(), 10) == 0
+            took = loop.time() - started
+        assert 2.0 <= took < 3.0, took  # the drain's 2 s and the closing, not a second more
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await upstream.stop()
