@@ -39,6 +39,7 @@ class Ok:
     tool_calls: list[tuple[str, str]] | None = None  # (name, arguments): answer with these function calls
     tool_call: bool = False  # answer with a tool call (streamed as argument fragments)
     gap: float = 0.0  # seconds between stream chunks
+    done: bool = True  # False: the stream ends cleanly after its last chunk, without `data: [DONE]`
 
 
 @dataclass
@@ -159,6 +160,7 @@ class MockUpstream:
         self.cancelled = 0
         self.completed = 0
         self.fixed_id: str | None = None  # every chat answer carries this id (byte-exact comparisons)
+        self.refuses_prefill: set[str] = set()  # models that answer a prefilled assistant message with a 400
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -275,6 +277,10 @@ class MockUpstream:
                    else f"{self.name} answered {model}")
         messages = body.get("messages") or []
         last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+        if last.get("role") == "assistant" and model in self.refuses_prefill:  # as OpenAI's models do
+            return web.json_response({"error": {"message": "Expected last role to be user or tool, got assistant",
+                                                "type": "invalid_request_error", "param": "messages",
+                                                "code": None}}, status=400)
         if last.get("role") == "assistant" and (last.get("prefix") or body.get("continue_final_message")):
             prefix = str(last.get("content") or "")  # a prefill: answer only what follows it
             content = content[len(prefix):] if content.startswith(prefix) else content
@@ -349,7 +355,8 @@ class MockUpstream:
                     await action.gate.wait()
                 if isinstance(action, Ok) and action.gap:
                     await asyncio.sleep(action.gap)
-            await response.write(b"data: [DONE]\n\n")
+            if not isinstance(action, Ok) or action.done:
+                await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             self.completed += 1
         except asyncio.CancelledError:

@@ -3,17 +3,22 @@ relayed and before its final chunk is continued by the route's next candidate, s
 unbroken answer.
 
 The next candidate gets the original request plus the text relayed so far as the assistant's message,
-through its provider's `continuation` mechanism: `prefix` (`"prefix": true` on that message, as
-DeepSeek and Mistral take it), `continue_final_message` (vLLM), else `instruction` (a user message
-asking to go on where the answer stopped). Only the continuation is relayed: its leading role chunk
-is dropped and its `id`, `model` and `created` are rewritten to what the client already received.
+through its model's `continuation` (the table's `model_rules`, else its provider's): `prefix`
+(`"prefix": true` on that message, as DeepSeek and Mistral take it), `continue_final_message` (vLLM),
+`instruction` (a user message asking to go on where the answer stopped), or `none` (never asked).
+Candidates that prefill (`prefix`, `continue_final_message`) are preferred to those that take an
+instruction. An instructed continuation is checked before any of it is relayed (joining.py): the part
+that repeats the relayed text is dropped, and one that restarts the answer differently is refused.
+Only the continuation is relayed: its leading role chunk is dropped and its `id`, `model` and
+`created` are rewritten to what the client already received.
 
 What it cannot guarantee: the continuation is another model's (or another call's) text, so its style
-may differ, and with `instruction` the model may repeat or rephrase the last words; `max_tokens`
-applies to the continuation afresh; the broken attempt's own tokens are not charged. Never attempted
-in the middle of a tool call, a refusal, a structured (`json_schema`) output or several choices, nor
-after the final chunk: those end with the SSE error event, as without recovery. At most one recovery
-per stream; a continuation that breaks too ends with its error event, never with `[DONE]`.
+may differ, and an instructed model may rephrase rather than repeat; `max_tokens` applies to the
+continuation afresh; the broken attempt's own tokens are not charged. Never attempted in the middle of
+a tool call, a refusal, a structured (`json_schema`) output or several choices, nor after the final
+chunk, nor with no candidate able to continue: those end with the original SSE error event, as without
+recovery. At most one recovery per stream; a continuation that breaks, or is refused, ends with an
+error event, never with `[DONE]`.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..planner.plan import Plan
+from ..planner.plan import Candidate, Plan
 from ..protocol.sse import partial, split_events
 from ..types import ModelRef, TiergateError
+from .joining import JoinCheck
 
 if TYPE_CHECKING:
     from ..outcome import Result, StreamState
@@ -36,7 +42,8 @@ if TYPE_CHECKING:
 CONTINUE_INSTRUCTION = ("Your previous answer was cut off. Continue it exactly where it stopped, without "
                         "repeating anything and without any preamble.")
 OUTCOMES = ("recovered", "failed", "refused_tool_call", "refused_structured", "refused_finished",
-            "refused_choices", "no_candidate")
+            "refused_choices", "refused_join", "no_candidate")
+PREFILLS = ("prefix", "continue_final_message")  # continue the assistant's message itself
 _ERROR_EVENT = b'data: {"error"'  # a provider's error event (in content it would be escaped: \"error\")
 _ROLE_ONLY = re.compile(rb'"delta"\s*:\s*\{\s*"role"\s*:\s*"assistant"\s*(,\s*"content"\s*:\s*(""|null)\s*)?'
                         rb'(,\s*"refusal"\s*:\s*null\s*)?\}')
@@ -80,18 +87,17 @@ class StreamRecovery:
             return
         so_far = partial(relayed)
         outcome = self._refusal(call.payload, so_far)
-        plan = self._continuation(call.plan.after(ref)) if outcome is None else None
-        if plan is None:
+        found = self._continuation(call.plan.after(ref)) if outcome is None else None
+        if found is None:
             self._count(state, outcome or "no_candidate")
             yield broke
             return
-        async for chunk in self._continued(call, plan, so_far, state, broke):
+        async for chunk in self._continued(call, *found, so_far, state, broke):
             yield chunk
 
-    async def _continued(self, call: Call, plan: Plan, so_far: Any, state: StreamState,
+    async def _continued(self, call: Call, plan: Plan, mode: str, so_far: Any, state: StreamState,
                          broke: bytes) -> AsyncIterator[bytes]:
         """The next candidate's continuation of the answer, relayed as the rest of the same stream."""
-        mode = self.loop.providers[plan.candidates[0].ref.provider].spec.continuation
         body = continuation_payload(call.payload, so_far.text, mode)
         try:
             second = await self.loop.run(call.narrowed(plan, payload=body, timeout=None, recover=False))
@@ -100,44 +106,70 @@ class StreamRecovery:
             yield broke
             return
         rewrite = _Rewrite(so_far.id, so_far.model, so_far.created, drop_role=so_far.role_sent)
+        join = JoinCheck(so_far.text) if mode == "instruction" and so_far.text else None
         inner2, state2 = second.stream, second.stream_state
         assert inner2 is not None and state2 is not None
         try:
             async for chunk in inner2:
-                if state2.error is not None:
-                    yield rewrite.flush() + chunk  # the continuation broke too: its error event ends it
+                if state2.error is not None:  # the continuation broke too: its error event ends it
+                    rest = rewrite.flush()
+                    yield (join.finish(rest) if join is not None else rest) + chunk
                     continue
                 out = rewrite.feed(chunk)
+                if join is not None:
+                    out = join.feed(out)
+                    if join.refused:
+                        break
                 if out:
                     yield out
-            rest = rewrite.flush()
-            if rest:
-                yield rest
+            else:
+                rest = rewrite.flush()
+                if join is not None:
+                    rest = join.finish(rest)
+                if rest:
+                    yield rest
         finally:
             await inner2.aclose()  # type: ignore[attr-defined]
-            state.recovered_by = str(second.ref)
-            state.bytes += state2.bytes
-            state.chunks += state2.chunks
-            state.tail = state2.tail  # the continuation's usage event
-            state.request_bytes = state2.request_bytes
-            if state2.completed:
-                state.error = None
-                state.completed = True
-                self._count(state, "recovered")
+            refused = join is not None and join.refused
+            if refused:  # a second answer, not the rest of the first: none of it was relayed
+                self._count(state, "refused_join")
             else:
-                state.error = state2.error or state.error
-                self._count(state, "failed")
+                self._settle(state, second.ref, state2)
+        if refused and state2.error is None:
+            yield broke
 
-    def _continuation(self, after: Plan) -> Plan | None:
-        """The candidates after the one that broke whose providers continue an answer the same way as
-        the first of them does; None when there is none."""
-        providers = self.loop.providers
-        known = [c for c in after.candidates if c.ref.provider in providers]
-        if not known:
+    def _settle(self, state: StreamState, by: ModelRef, state2: StreamState) -> None:
+        """The stream's state after a continuation: the continuation's end is the stream's."""
+        state.recovered_by = str(by)
+        state.bytes += state2.bytes
+        state.chunks += state2.chunks
+        state.tail = state2.tail  # the continuation's usage event
+        state.request_bytes = state2.request_bytes
+        if state2.completed:
+            state.error = None
+            state.completed = True
+            self._count(state, "recovered")
+        else:
+            state.error = state2.error or state.error
+            self._count(state, "failed")
+
+    def _continuation(self, after: Plan) -> tuple[Plan, str] | None:
+        """The candidates after the one that broke that continue an answer the same way, and that way:
+        the first that prefills and those like it, else those that take an instruction; None when no
+        candidate may continue it."""
+        capable = [(c, mode) for c in after.candidates if (mode := self._mode(c)) not in (None, "none")]
+        if not capable:
             return None
-        mode = providers[known[0].ref.provider].spec.continuation
-        same = tuple(c for c in known if providers[c.ref.provider].spec.continuation == mode)
-        return Plan(after.name, after.route, same)
+        mode = next((m for _, m in capable if m in PREFILLS), capable[0][1])
+        return Plan(after.name, after.route, tuple(c for c, m in capable if m == mode)), mode  # type: ignore[return-value]
+
+    def _mode(self, candidate: Candidate) -> str | None:
+        """How `candidate` continues an answer: its model rule's `continuation`, else its provider's."""
+        rule = candidate.rule
+        if rule is not None and rule.continuation is not None:
+            return rule.continuation
+        provider = self.loop.providers.get(candidate.ref.provider)
+        return provider.spec.continuation if provider is not None else None
 
     @staticmethod
     def _refusal(payload: dict[str, Any], so_far: Any) -> str | None:

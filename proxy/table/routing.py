@@ -10,7 +10,7 @@ import fnmatch
 import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +72,14 @@ class ProviderSpec:
 @dataclass(frozen=True, slots=True)
 class ParamRule:
     """What a model does not accept: request fields dropped, fields renamed, and how long it may
-    think before its first chunk. Applied per attempt, so a fallback of another family gets its own."""
+    think before its first chunk. Applied per attempt, so a fallback of another family gets its own.
+    `continuation`: how the model continues an answer a recovery hands it (one of CONTINUATIONS, or
+    `none`: never asked to); None takes its provider's."""
 
     drop: frozenset[str] = frozenset()
     rename: tuple[tuple[str, str], ...] = ()
     first_byte_timeout: float | None = None
+    continuation: str | None = None
 
     def apply(self, payload: dict[str, Any]) -> dict[str, Any]:
         if not self.drop and not self.rename:
@@ -220,13 +223,11 @@ class RoutingTable:
             spec = self.providers.get(ref.provider)
             provider_budget = spec.first_byte_timeout if spec is not None else None
             if provider_budget is not None and (rule is None or rule.first_byte_timeout is None):
-                base = rule or ParamRule()
-                rule = ParamRule(base.drop, base.rename, provider_budget)
+                rule = replace(rule or ParamRule(), first_byte_timeout=provider_budget)
             if len(self._plans) < 4096:  # overrides name arbitrary models: keep the memo bounded
                 self._plans[ref] = rule  # type: ignore[assignment]
         if route is not None and route.first_byte_timeout is not None:
-            base = rule or ParamRule()
-            return ParamRule(base.drop, base.rename, route.first_byte_timeout)
+            return replace(rule or ParamRule(), first_byte_timeout=route.first_byte_timeout)
         return rule
 
     def price(self, ref: ModelRef, usage: Usage) -> float | None:
@@ -486,7 +487,8 @@ def _parse_pricing(raw: Any, problems: list[str]) -> dict[str, Pricing]:
 def _parse_model_rules(raw: Any, problems: list[str]) -> list[tuple[str, ParamRule]]:
     raw = raw or {}
     if not isinstance(raw, dict):
-        problems.append("model_rules: must be a mapping of model pattern to {drop, rename, first_byte_timeout}")
+        problems.append("model_rules: must be a mapping of model pattern to "
+                        "{drop, rename, first_byte_timeout, continuation}")
         return []
     rules: list[tuple[str, ParamRule]] = []
     for pattern, entry in raw.items():
@@ -568,9 +570,10 @@ def _parse_passthrough_paths(raw: Any, providers: Mapping[str, ProviderSpec],
 def parse_rule(raw: Any) -> ParamRule:
     if not isinstance(raw, dict):
         raise ValueError("must be a mapping with drop, rename and/or first_byte_timeout")
-    unknown = set(raw) - {"drop", "rename", "first_byte_timeout"}
+    unknown = set(raw) - {"drop", "rename", "first_byte_timeout", "continuation"}
     if unknown:
-        raise ValueError(f"unknown key {sorted(unknown)[0]!r} (allowed: drop, rename, first_byte_timeout)")
+        raise ValueError(f"unknown key {sorted(unknown)[0]!r} "
+                         "(allowed: drop, rename, first_byte_timeout, continuation)")
     drop = raw.get("drop") or []
     rename = raw.get("rename") or {}
     if not isinstance(drop, (list, tuple)) or not all(isinstance(d, str) for d in drop):
@@ -580,7 +583,8 @@ def parse_rule(raw: Any) -> ParamRule:
     first_byte = _opt_float(raw, "first_byte_timeout")
     if first_byte is not None and first_byte <= 0:
         raise ValueError("first_byte_timeout: must be a positive number of seconds")
-    return ParamRule(frozenset(drop), tuple((str(k), str(v)) for k, v in rename.items()), first_byte)
+    continuation = _choice(raw, "continuation", CONTINUATIONS) if raw.get("continuation") is not None else None
+    return ParamRule(frozenset(drop), tuple((str(k), str(v)) for k, v in rename.items()), first_byte, continuation)
 
 
 def _model_list(raw: Any, providers: Mapping[str, ProviderSpec]) -> tuple[ModelRef, ...]:
@@ -712,7 +716,7 @@ def _model_ref(raw: Any, providers: Mapping[str, ProviderSpec]) -> ModelRef:
     return ref
 
 
-CONTINUATIONS = ("instruction", "prefix", "continue_final_message")
+CONTINUATIONS = ("instruction", "prefix", "continue_final_message", "none")  # none: never continues an answer
 STREAM_RECOVERY = ("off", "continue")
 
 

@@ -140,3 +140,83 @@ async def test_a_translated_responses_stream_is_continued_before_it_is_translate
     assert [r.path for r in backup.requests] == ["/v1/chat/completions"]
     assert backup.requests[-1].json["messages"][-1] == {"role": "assistant", "content": "one two three",
                                                         "prefix": True}
+
+
+async def recovered_text(url: str) -> str:
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+    stream = await client.chat.completions.create(model="auto", messages=MESSAGES, stream=True)
+    return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+
+@pytest.mark.parametrize("continuation", [ANSWER, "three four five six seven", " four five six seven"],
+                         ids=["restarted", "last-word-repeated", "continued"])
+async def test_an_instructed_continuation_is_joined_without_repeating_the_answer(upstream, backup, continuation):
+    """A model told to continue may start the answer again or repeat its last words: the client reads
+    the answer once, never doubled."""
+    upstream.push(BreakStream(after=4, content=ANSWER))  # "one two three", then cut
+    backup.default = Ok(content=continuation)
+    async with running(recovering_doc(upstream, backup, "instruction"), config_with()) as (url, router):
+        text = await recovered_text(url)
+        assert router.get_metrics()["stream_recoveries"] == {"recovered": 1}
+    assert text == ANSWER
+
+
+async def test_a_continuation_that_starts_a_different_answer_is_refused_with_the_original_error(upstream, backup,
+                                                                                                http):
+    upstream.push(BreakStream(after=5, content=ANSWER))  # "one two three four", then cut
+    backup.default = Ok(content="one two three and then four five six seven")
+    async with running(recovering_doc(upstream, backup, "instruction"), config_with()) as (url, router):
+        async with http.post(url + "/v1/chat/completions",
+                             json={"model": "auto", "messages": MESSAGES, "stream": True}) as resp:
+            body = await resp.read()
+        assert router.get_metrics()["stream_recoveries"] == {"refused_join": 1}
+    assert b"[DONE]" not in body and b" and then" not in body
+    assert body.rstrip().endswith(b'"code":"upstream_connection"}}')  # the break's own error event
+    assert backup.calls == 1
+
+
+async def test_a_model_that_refuses_a_prefill_is_asked_by_instruction_as_its_model_rule_says(upstream, backup):
+    doc = recovering_doc(upstream, backup, "prefix")  # the provider prefills ...
+    doc["model_rules"] = {"model-b": {"continuation": "instruction"}}  # ... this model of it does not
+    backup.refuses_prefill = {"model-b"}
+    upstream.push(BreakStream(after=4, content=ANSWER))
+    backup.default = Ok(content=ANSWER)
+    async with running(doc, config_with()) as (url, router):
+        text = await recovered_text(url)
+        assert router.get_metrics()["stream_recoveries"] == {"recovered": 1}
+    assert text == ANSWER
+    sent = backup.requests[-1].json["messages"]
+    assert sent[-2] == {"role": "assistant", "content": "one two three"} and sent[-1]["role"] == "user"
+
+
+async def test_a_model_that_may_not_continue_leaves_the_stream_with_its_original_error(upstream, backup, http):
+    doc = recovering_doc(upstream, backup, "prefix")
+    doc["model_rules"] = {"model-b": {"continuation": "none"}}
+    upstream.push(BreakStream(after=4, content=ANSWER))
+    async with running(doc, config_with()) as (url, router):
+        async with http.post(url + "/v1/chat/completions",
+                             json={"model": "auto", "messages": MESSAGES, "stream": True}) as resp:
+            body = await resp.read()
+        assert router.get_metrics()["stream_recoveries"] == {"no_candidate": 1}
+    assert b"[DONE]" not in body and body.rstrip().endswith(b'"code":"upstream_connection"}}')
+    assert backup.calls == 0
+
+
+async def test_a_candidate_that_prefills_is_preferred_to_one_that_takes_an_instruction(upstream, backup):
+    doc = recovering_doc(upstream, backup, "instruction")
+    doc["routes"][0]["fallbacks"] = ["backup/model-b", "backup/model-a"]
+    doc["model_rules"] = {"backup/model-a": {"continuation": "prefix"}}
+    upstream.push(BreakStream(after=4, content=ANSWER))
+    backup.default = Ok(content=ANSWER)
+    async with running(doc, config_with()) as (url, router):
+        assert await recovered_text(url) == ANSWER
+    (sent,) = backup.requests
+    assert sent.json["model"] == "model-a"
+    assert sent.json["messages"][-1] == {"role": "assistant", "content": "one two three", "prefix": True}
+
+
+def test_a_model_rules_continuation_is_checked_in_the_table(upstream, backup):
+    doc = table_doc(upstream, backup)
+    doc["model_rules"] = {"model-b": {"continuation": "magic"}}
+    with pytest.raises(Exception, match="continuation"):
+        table_from_dict(doc, source="t")
