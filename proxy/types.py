@@ -61,6 +61,8 @@ class ModelRef(NamedTuple):
 
 
 CACHE_POLICIES = ("auto", "always", "never")
+# whose requests a cached answer may serve: the inbound key's own (default), or any key's (`shared`)
+CACHE_SCOPES = ("key", "shared")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,7 @@ class Route:
     embeddings: tuple[ModelRef, ...] = ()  # the models of `/v1/embeddings` calls on this route
     completions: tuple[ModelRef, ...] = ()  # the models of legacy `/v1/completions` calls
     stream_recovery: str = "off"  # `continue`: a stream that breaks mid-answer is continued by the next model
+    cache_scope: str = "key"  # `shared`: a cached answer (and a shared stream) serves every inbound key
 
     @property
     def name(self) -> str:

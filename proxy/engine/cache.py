@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -29,6 +29,7 @@ from ..outcome import RequestRecord, Result
 from ..planner.plan import Plan
 from ..protocol.sse import assemble, wants_usage
 from ..settings import RouterConfig
+from ..table.routing import ProviderSpec
 from ..types import ConfigError, ModelRef, Route, TiergateError
 from .fanout import SharedStream
 
@@ -302,17 +303,39 @@ class RedisLevel:
 # --- keys and policy -------------------------------------------------------------------------
 
 
-def cache_key(path: str, candidates: tuple[ModelRef, ...], payload: dict[str, Any]) -> str:
+def cache_key(path: str, candidates: tuple[ModelRef, ...], payload: dict[str, Any], scope: str = "") -> str:
     """A hash of the request after routing: endpoint, resolved models and every field that can change
-    the answer (the client's `model` name, `stream`, `stream_options` and `user` do not)."""
+    the answer (the client's `model` name, `stream`, `stream_options` and `user` do not), within `scope`
+    (see `cache_scope`: whose requests the answer may serve)."""
     canonical = {k: v for k, v in payload.items() if k not in KEY_EXCLUDED}
     digest = hashlib.blake2b(digest_size=20)
+    if scope:
+        digest.update(scope.encode())
+        digest.update(b"\0")
     digest.update(path.encode())
     digest.update(b"\0")
     digest.update("|".join(map(str, candidates)).encode())
     digest.update(b"\0")
     digest.update(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS))
     return digest.hexdigest()
+
+
+def cache_scope(plan: Plan, key_name: str | None, headers: Mapping[str, str] | None,
+                providers: Mapping[str, ProviderSpec]) -> str:
+    """Whose requests an answer may serve (a part of its cache key, so of single flights and shared
+    streams too): the inbound key's (by its name) unless the route says `cache_scope: shared`, and on a
+    `pass_client_key` provider always the client's own provider credential as well, so that no one is
+    answered on the strength of a credential the provider never saw. `headers` are those sent upstream
+    (None when no provider takes the client's key); "" is everyone's."""
+    if key_name is None and headers is None:  # a sidecar without keys: one scope
+        return ""
+    route = plan.route
+    scope = "" if key_name is None or (route is not None and route.cache_scope == "shared") else "key=" + key_name
+    specs = (providers.get(c.ref.provider) for c in plan.candidates)
+    if headers is not None and any(spec is not None and spec.pass_client_key for spec in specs):
+        credential = headers.get("authorization") or headers.get("Authorization") or ""
+        scope += "\0credential=" + credential
+    return scope
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,16 +414,18 @@ class ResponseCache:
             task.add_done_callback(self._background.discard)
 
     async def serve(self, path: str, payload: dict[str, Any], plan: Plan, record: RequestRecord,
-                    *, stream: bool, control: CacheControl, call: Callable[..., Awaitable[Result]]) -> Result:
+                    *, stream: bool, control: CacheControl, call: Callable[..., Awaitable[Result]],
+                    scope: str = "") -> Result:
         """Answer from the cache, or join an identical request in flight, or `call` upstream and store.
 
         Sets `record.cache`: hit | miss | coalesced | bypass (not cacheable, or the lookup skipped).
         Streams are answered from a cached completion (replayed as SSE), else join an identical stream
         in flight (`call(raw_usage=True)` starts it); a complete stream is stored as its completion.
-        The caller asks the request's endpoint whether it is cacheable first.
+        The caller asks the request's endpoint whether it is cacheable first. `scope` (`cache_scope`)
+        keeps an answer, a flight and a shared stream among the requests it may serve.
         """
         route = plan.route
-        key = cache_key(path, tuple(c.ref for c in plan.candidates), payload)
+        key = cache_key(path, tuple(c.ref for c in plan.candidates), payload, scope)
         ttl = self.ttl_for(route)
         if control.lookup:
             cached = await self.get(key, ttl)

@@ -30,7 +30,7 @@ from ..types import (
 )
 from .batching import EmbeddingBatcher
 from .breaker import BreakerBoard
-from .cache import CacheControl, ResponseCache
+from .cache import CacheControl, ResponseCache, cache_scope
 from .costing import charge_answer, charge_stream
 from .dispatch import AttemptLoop, Call, CooldownStarted
 from .health import HealthMonitor
@@ -294,7 +294,8 @@ class Router(LibraryAPI):
         if self.cache.enabled and endpoint.cacheable(plan.route, payload, stream):
             result = await self.cache.serve(
                 endpoint.path, payload, plan, record, stream=stream, control=CacheControl.parse(cache_control),
-                call=lambda raw_usage=False: self._forward(call.narrowed(plan, raw_usage=raw_usage)))
+                call=lambda raw_usage=False: self._forward(call.narrowed(plan, raw_usage=raw_usage)),
+                scope=cache_scope(plan, api_key_name, headers if self._byok else None, table.providers))
         elif self.batcher is None or not endpoint.batchable:
             result = await self.loop.run(call)
         else:

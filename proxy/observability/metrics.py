@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,10 @@ GENAI_LABELS = tuple(map(label_name, GENAI_ATTRIBUTES))
 ERROR_LABEL = label_name("error.type")  # on the duration only (the conventions' other metrics have none)
 MODALITY_LABEL = label_name("gen_ai.token.modality")
 TOKEN_TYPE_LABEL = label_name("gen_ai.token.type")
+
+
+def _model_of(deployment: str) -> str:
+    return deployment.partition("/")[2]
 
 
 def multiprocess_dir() -> str | None:
@@ -309,11 +313,17 @@ class PrometheusMetrics:
             child = self._cache_children["recovery:" + outcome] = self._gathered(self.recoveries.labels(outcome))
         child.inc()
 
-    def sample(self, breakers: Mapping[str, Any], table_age: float | None, cache_bytes: int | None) -> None:
-        """Set the gauges that describe state rather than traffic (at scrape time)."""
+    def sample(self, breakers: Mapping[str, Any], table_age: float | None, cache_bytes: int | None,
+               model_label: Callable[[str], str] = _model_of) -> None:
+        """Set the gauges that describe state rather than traffic (at scrape time). `model_label` maps a
+        deployment (`provider/model`) to its model label: breakers of models the table does not name
+        share one series (`other`), which shows the worst of their states."""
+        states: dict[tuple[str, str], int] = {}
         for name, breaker in breakers.items():
-            provider, _, model = name.partition("/")
-            self.circuit.labels(provider, model).set(STATE_VALUES.get(breaker.state, 0))
+            key = (name.partition("/")[0], model_label(name))
+            states[key] = max(states.get(key, 0), STATE_VALUES.get(breaker.state, 0))
+        for (provider, model), state in states.items():
+            self.circuit.labels(provider, model).set(state)
         if table_age is not None:
             self.table_age.set(table_age)
         if cache_bytes is not None:
@@ -339,9 +349,11 @@ class PrometheusMetrics:
         self.registry.register(collector)
         self._collectors.append(collector)
 
-    def render(self) -> bytes:
-        """The exposition text: this process's registry, or every worker's files in multiprocess mode."""
-        self.flush()
+    def render(self, flush: bool = True) -> bytes:
+        """The exposition text: this process's registry, or every worker's files in multiprocess mode.
+        `flush=False` when the counts were handed over already (rendering in another thread)."""
+        if flush:
+            self.flush()
         if self.multiproc_dir:
             registry = CollectorRegistry(auto_describe=False)
             prom_multiprocess.MultiProcessCollector(registry, path=self.multiproc_dir)

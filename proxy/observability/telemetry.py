@@ -28,6 +28,7 @@ from ..outcome import RequestRecord, Result
 from ..protocol.usage import finish_reasons, response_model
 from ..settings import RouterConfig
 from ..types import ConfigError, ModelRef
+from .labels import ModelLabels, error_label
 from .metrics import CONTENT_TYPE, PrometheusMetrics, multiprocess_dir
 from .semconv import INFERENCE_OPERATIONS, OPERATION_OF_ENDPOINT, names_for
 from .stats import RequestStats
@@ -92,7 +93,8 @@ class Telemetry:
         self._finished: list[RequestRecord] = []  # ended, not yet counted (see `drain`)
         self._drain_timer: asyncio.TimerHandle | None = None
         self._batch = 1 if self._multiproc else _BATCH_SIZE  # several workers: counted at once
-        self._labels: dict[ModelRef, str] = {}  # provider/model label per model, built once
+        self._labels = ModelLabels()  # provider/model labels from the table only (`other` else), per model
+        self._scrape_lock = asyncio.Lock()  # one rendering of /metrics at a time, off the loop
         self._servers: dict[str, tuple[str, int] | None] = {}  # provider -> (host, port) of its base URL
         self.request_log = config.request_log.strip().lower()
         if self.request_log not in REQUEST_LOG_TARGETS:
@@ -138,6 +140,7 @@ class Telemetry:
         state gauges read at scrape time (breakers, cache, the table's database)."""
         self._table = table
         self._servers = {}
+        self._labels.table_changed(table)
         if gauges is not None:
             self._gauges = gauges
 
@@ -211,8 +214,6 @@ class Telemetry:
         if not records:
             return
         self._finished = []
-        if len(self._labels) >= _MEMO_LIMIT:  # clients may name any model: stay bounded
-            self._labels.clear()
         groups: dict[tuple[str, ModelRef | None, int, str, bool, str, str | None], list[RequestRecord]] = {}
         retried: list[RequestRecord] = []  # more than one attempt: maybe answered by a fallback
         for record in records:
@@ -234,7 +235,7 @@ class Telemetry:
         stats, metrics = self.stats, self.metrics
         for (route, ref, status, cache, stream, endpoint, error), group in groups.items():
             ok = 200 <= status < 400
-            model = self._model_label(ref) if ref is not None else ""
+            model = self.stats.model_label(self._labels.of(ref)[0]) if ref is not None else ""
             latencies_ms = [(r.ended - r.started) * 1000 for r in group]
             if cache in _UNPAID_CACHE_RESULTS:
                 prompt = completion = cache_read = reasoning = 0
@@ -292,7 +293,8 @@ class Telemetry:
             provider, model = last.provider, last.model
         else:
             provider, model = ref.provider, ref.model
-        error_type = (error or str(status)) if error or status >= 400 else ""
+        model = self._labels.of(ref or ModelRef(provider, model))[1]  # the table's names only
+        error_type = (error_label(error) if error else str(status)) if error or status >= 400 else ""
         prompt, completion, cache_read, cache_write, reasoning = tokens
         usages = [r.usage for r in group if r.usage is not None] if metrics.genai_token_histograms else ()
         for series in metrics.genai_series(operation, provider, model, self._server(provider), error_type):
@@ -316,13 +318,6 @@ class Telemetry:
                 # the helper takes thousandths of the histogram's unit (its own is seconds, given in ms)
                 series.token_usage["input"].observe_ms([u.prompt * 1000 for u in usages])
                 series.token_usage["output"].observe_ms([u.completion * 1000 for u in usages])
-
-    def _model_label(self, ref: ModelRef) -> str:
-        """`provider/model`, built once per model (the memo is bounded in `drain`)."""
-        model = self._labels.get(ref)
-        if model is None:
-            model = self._labels[ref] = self.stats.model_label(f"{ref.provider}/{ref.model}")
-        return model
 
     def _write_log(self, records: list[RequestRecord]) -> None:
         """The batch's log lines: one write on stderr's descriptor (even under PYTHONUNBUFFERED),
@@ -350,14 +345,14 @@ class Telemetry:
         failed. Never a key or prompt text (attempts carry provider, model and outcome only)."""
         wall = time.time() - time.perf_counter()  # perf_counter readings -> wall-clock time
         # times to the millisecond, latencies to the microsecond, by truncation (round() costs 0.3 µs)
-        labels = self._labels  # every model of the batch has its label by now
+        name = self._labels.of
         lines = bytearray()  # each line appended as it is made: its bytes freed at once (4x cheaper)
         for record in records:
             ref, usage, status = record.ref, record.usage, record.status
             line: dict[str, Any] = {
                 "ts": int((record.ended + wall) * 1000) / 1000, "level": "error" if status >= 500 else "info",
                 "msg": "request", "request_id": record.request_id, "endpoint": record.endpoint,
-                "route": record.route, "model": labels.get(ref), "provider": ref and ref.provider,
+                "route": record.route, "model": ref and name(ref)[2], "provider": ref and ref.provider,
                 "status": status, "latency_ms": int((record.ended - record.started) * 1e6) / 1000,
                 "stream": record.stream, "cache": record.cache, "attempts": record.tries,
                 "prompt_tokens": usage and usage.prompt, "completion_tokens": usage and usage.completion,
@@ -402,7 +397,7 @@ class Telemetry:
             except (AttributeError, TypeError, ValueError) as exc:
                 log.debug("cache stats unavailable: %s", exc)
         metrics.sample(dict(gauges.breakers()), table.age() if table is not None else None,
-                       cache_bytes if isinstance(cache_bytes, (int, float)) else None)
+                       cache_bytes if isinstance(cache_bytes, (int, float)) else None, self._labels.deployment)
         database = gauges.database() if gauges.database is not None else None
         if database is not None:  # a routing table in Postgres
             metrics.sample_database(*database)
@@ -416,6 +411,18 @@ class Telemetry:
         self.drain()
         self.sample()
         return self.metrics.render(), CONTENT_TYPE
+
+    async def scrape(self) -> tuple[bytes, str]:
+        """`GET /metrics` without blocking the loop: the counts are handed over here, the exposition
+        text is written in a worker thread (a large registry takes long to render), one at a time."""
+        metrics = self.metrics
+        if metrics is None:
+            raise RuntimeError("monitoring is off")
+        async with self._scrape_lock:
+            self.drain()
+            self.sample()
+            metrics.flush()  # the gathered counts belong to the loop: handed over before the thread runs
+            return await asyncio.to_thread(metrics.render, flush=False), CONTENT_TYPE
 
     def snapshot(self) -> dict[str, Any]:
         """`Router.get_metrics()`."""

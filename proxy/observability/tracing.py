@@ -26,6 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ..outcome import Attempt, tried
+from ..table.routing import MAX_MODEL_NAME
 from ..types import ConfigError, ModelRef
 from .semconv import LATEST, NAMES, GenAINames
 from .span_export import (  # noqa: F401 - exporter_from_env is part of this module's interface
@@ -145,6 +146,8 @@ class Tracing:
         parent = _PROPAGATOR.extract(headers) if headers and "traceparent" in headers else None
         start_ns = time.time_ns() - int((time.perf_counter() - started) * 1e9)
         requested = payload.get("model")
+        if isinstance(requested, str) and len(requested) > MAX_MODEL_NAME:  # refused at resolution: kept short
+            requested = requested[:MAX_MODEL_NAME]
         attributes: dict[str, Any] = {"gen_ai.operation.name": operation}
         if isinstance(requested, str):
             attributes["gen_ai.request.model"] = requested

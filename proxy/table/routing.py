@@ -18,9 +18,11 @@ from ..limits.spec import LimitIndex, parse_limits
 from ..protocol.usage import Usage, cost_usd, price_for
 from ..types import (
     CACHE_POLICIES,
+    CACHE_SCOPES,
     DEFAULT_TIER,
     DEFAULT_USE_CASE,
     ConfigError,
+    InvalidRequestError,
     ModelRef,
     ModelTier,
     Route,
@@ -35,6 +37,9 @@ PROVIDER_KINDS = ("openai", "mock")
 API_NAMES = ("chat", "completions", "embeddings", "responses")
 DEFAULT_APIS = {"openai": API_NAMES, "mock": ("chat", "completions", "embeddings")}
 DEFAULT_MODEL_NAMES = frozenset({"", "auto", "default", "tiergate"})
+# the longest `model` a client may send: a name past it is no model of anyone's, and would otherwise
+# reach the request log, response headers and traces as sent
+MAX_MODEL_NAME = 256
 _KEYED = re.compile(r"^[a-z_]+(\[\d+\])?: ")
 _USE_CASES = {u.value: u for u in UseCase}
 _TIERS = {t.value: t for t in ModelTier}
@@ -266,6 +271,7 @@ class RoutingTable:
         return self._resolve_model(model)
 
     def _resolve_model(self, model: str) -> RouteDecision:
+        check_model_name(model)
         decision = self._by_model.get(model.strip().lower())
         if decision is not None:
             return decision
@@ -315,6 +321,7 @@ class RoutingTable:
         """The decision for a body's `model` that names a route, alias or provider/model; else None."""
         if not isinstance(model, str):
             return None
+        check_model_name(model)
         decision = self._by_model.get(model) or self._by_model.get(model.strip().lower())
         if decision is not None:
             return decision
@@ -376,6 +383,13 @@ class RoutingTable:
 
     def age(self) -> float:
         return max(0.0, time.time() - self.loaded_at)
+
+
+def check_model_name(model: str) -> None:
+    """A `model` longer than `MAX_MODEL_NAME` is refused (400) before it is used for anything."""
+    if len(model) > MAX_MODEL_NAME:
+        raise InvalidRequestError(f"'model' is {len(model)} characters long; the maximum is {MAX_MODEL_NAME}",
+                                  param="model", code="string_above_max_length")
 
 
 # --- building from plain data (the YAML file, or rows from Postgres) -------------------------
@@ -651,7 +665,7 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
 
 ROUTE_KEYS = frozenset({"use_case", "tier", "model", "fallbacks", "max_tokens", "temperature",
                         "system_prompt", "cache", "cache_ttl", "enabled", "timeout", "first_byte_timeout",
-                        "embeddings_model", "completions_model", "stream_recovery"})
+                        "embeddings_model", "completions_model", "stream_recovery", "cache_scope"})
 
 
 def parse_route(raw: Any, providers: Mapping[str, ProviderSpec]) -> Route | None:
@@ -703,7 +717,8 @@ def parse_route(raw: Any, providers: Mapping[str, ProviderSpec]) -> Route | None
     return Route(use_case, tier, model, tuple(fallbacks), max_tokens, temperature,
                  _opt_str(raw.get("system_prompt")), cache, cache_ttl,
                  _positive(raw, "timeout"), _positive(raw, "first_byte_timeout"),
-                 kinds["embeddings"], kinds["completions"], _choice(raw, "stream_recovery", STREAM_RECOVERY))
+                 kinds["embeddings"], kinds["completions"], _choice(raw, "stream_recovery", STREAM_RECOVERY),
+                 _choice(raw, "cache_scope", CACHE_SCOPES))
 
 
 def _model_ref(raw: Any, providers: Mapping[str, ProviderSpec]) -> ModelRef:
