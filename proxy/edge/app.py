@@ -23,12 +23,13 @@ from ..engine.router import Router
 from ..outcome import new_request_id
 from ..settings import RouterConfig
 from ..types import ConfigError, InvalidRequestError, NotFoundError, TiergateError
-from .auth import InboundAuth
+from .auth import AUTH_KEY, InboundAuth
 from .connections import DIRECT_ROUTES, ConnectionLimits, GuardedAppRunner, descriptor_budget
 from .handlers import model_entry, model_list, routed_endpoint
 from .openapi import openapi_json
 from .passthrough import passthrough, stored_response
-from .pipeline import DRAIN, Pipeline, canonical_path, reroute
+from .paths import canonical_target
+from .pipeline import DRAIN, Pipeline, refused, reroute
 from .render import error_response
 
 log = logging.getLogger("tiergate")
@@ -36,7 +37,6 @@ log = logging.getLogger("tiergate")
 GC_THRESHOLD = 10_000  # net allocations between first-generation collections (Python's default: 700)
 
 ROUTER_KEY = web.AppKey("router", Router)
-AUTH_KEY = web.AppKey("auth", InboundAuth)
 
 
 class InFlight(set):  # type: ignore[type-arg]
@@ -80,6 +80,14 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def health_details(request: web.Request) -> web.Response:
+    """Providers, breakers, limits and key names: behind a key when keys are set (`/health` and
+    `/ready` stay open for probes)."""
+    auth = request.app[AUTH_KEY]
+    if auth.enabled:
+        try:
+            auth.check(request.headers.get("Authorization"))
+        except TiergateError as exc:
+            return error_response(exc, request.headers.get("x-request-id") or new_request_id())
     return web.json_response({**await request.app[ROUTER_KEY].get_health_status(), "pid": os.getpid()},
                              dumps=_dumps)
 
@@ -115,7 +123,10 @@ def build_metrics_app(router: Router) -> web.Application:
 async def not_found(request: web.Request) -> web.StreamResponse:
     """Anything outside `/v1/` that no route serves (a 405 on tiergate's own paths); a path that is
     not canonical (`//v1/models`) is served as its canonical form first."""
-    canonical = canonical_path(request.raw_path)
+    try:
+        canonical = canonical_target(request.raw_path)
+    except InvalidRequestError as exc:
+        return refused(None, request, "not_found", exc)
     if canonical is not None:
         return await reroute(request, canonical)
     rid = request.headers.get("x-request-id") or new_request_id()
@@ -168,8 +179,9 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     direct = app[DIRECT_ROUTES] = {}  # the server calls these past the app's router (see connections.py)
     for endpoint in ROUTED:
         path = "/v1" + endpoint.path
-        direct[path] = pipeline.routed(endpoint.name, routed_endpoint(endpoint, router))
-        app.router.add_post(path, direct[path], **expect)
+        serve = routed_endpoint(endpoint, router, auth)
+        direct[path] = pipeline.routed(endpoint.name, serve, canonical=True)  # its exact path only
+        app.router.add_post(path, pipeline.routed(endpoint.name, serve), **expect)
     # everything else under /v1: stored responses to their provider, the rest to the pass-through provider
     forwarded = passthrough(router, KNOWN_PATHS)
     app.router.add_get("/v1/models", pipeline.located("models", model_list(router)), **expect)

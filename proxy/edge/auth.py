@@ -11,9 +11,16 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from ..types import AuthenticationError, ConfigError
+from aiohttp import web
+
+from ..types import AuthenticationError, ConfigError, InvalidRequestError
+
+# Where a client sends its own key for a `pass_client_key` provider (bring-your-own-key). Its own
+# header, not Authorization, which carries tiergate's key when keys are set; an `x-tiergate-*` name,
+# so that it never goes upstream under its own name (only as the provider's Authorization).
+PROVIDER_KEY_HEADER = "X-Tiergate-Provider-Key"
 
 _KEY_NAME = re.compile(r"^([A-Za-z][A-Za-z0-9_.-]{0,63})=(?!=)(.+)$")
 
@@ -50,6 +57,14 @@ class InboundAuth:
         """The names given to keys (for `/health/details`; never the keys)."""
         return [n for n in self._names if n]
 
+    def is_inbound(self, value: str) -> bool:
+        """Whether `value` is one of the configured keys (compared as `check` does)."""
+        candidate = value.strip().encode("utf-8", "surrogateescape")
+        found = 0
+        for key in self._keys:
+            found |= hmac.compare_digest(key, candidate)
+        return bool(found)
+
     def check(self, authorization: str | None) -> str | None:
         """Raise AuthenticationError (401) unless `authorization` carries a configured key;
         return that key's name."""
@@ -84,3 +99,24 @@ def check_bind(host: str, api_keys: tuple[str, ...], insecure: bool) -> None:
         return
     raise ConfigError(f"refusing to listen on {host} without inbound keys: set TIERGATE_API_KEYS "
                       "(or TIERGATE_API_KEYS_FILE), bind 127.0.0.1, or pass --insecure", param="host")
+
+
+AUTH_KEY = web.AppKey("auth", InboundAuth)
+
+
+def client_provider_key(headers: Mapping[str, str], auth: InboundAuth) -> str | None:
+    """The client's own key for a `pass_client_key` provider: `X-Tiergate-Provider-Key` (a bare key or
+    `Bearer <key>`), or, when tiergate has no inbound keys (a sidecar), the client's Authorization.
+    Never one of tiergate's inbound keys: that would hand a working gateway credential to a provider."""
+    value = headers.get(PROVIDER_KEY_HEADER)
+    if value is None and not auth.enabled:
+        value = headers.get("Authorization")
+    if not value:
+        return None
+    scheme, _, rest = value.strip().partition(" ")
+    key = rest.strip() if scheme.lower() == "bearer" and rest.strip() else value.strip()
+    if auth.enabled and auth.is_inbound(key):
+        raise InvalidRequestError(f"{PROVIDER_KEY_HEADER} holds one of tiergate's own keys: send the "
+                                  "provider's key there (tiergate's key goes in Authorization)",
+                                  param=PROVIDER_KEY_HEADER.lower(), code="invalid_provider_key")
+    return key

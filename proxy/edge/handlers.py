@@ -14,12 +14,14 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from ..engine.dispatch import stream_error_event
+from ..engine.redaction import Redactor
 from ..outcome import CLIENT_CLOSED, RequestRecord
 from ..table.routing import RouteDecision
-from ..types import InvalidRequestError, NotFoundError, RequestTimeoutError, RequestTooLargeError
+from ..types import InvalidRequestError, NotFoundError, RequestTimeoutError, RequestTooLargeError, TiergateError
+from .auth import InboundAuth, client_provider_key
 from .headers import request_filter
 from .pipeline import DRAIN, Locate, Serve, Target
-from .render import result_headers
+from .render import redact_error, result_headers
 
 if TYPE_CHECKING:
     from ..adapters import Endpoint
@@ -83,24 +85,40 @@ def _deadline(headers: Mapping[str, str], stream: bool) -> float | None:
     return timeout
 
 
-def routed_endpoint(endpoint: Endpoint, router: Router) -> Serve:
+def routed_endpoint(endpoint: Endpoint, router: Router, auth: InboundAuth) -> Serve:
     """An endpoint tiergate routes: the body read once and checked by its adapter, then
-    `Router.dispatch` (which admits it with the route it resolves), the answer written or relayed."""
+    `Router.dispatch` (which admits it with the route it resolves), the answer written or relayed.
+    `auth`: tiergate's inbound keys, which a client's own provider key must not be."""
     config = router.config
     max_body, body_timeout, max_messages = config.max_body_bytes, config.client_body_timeout, config.max_messages
     forwarded = request_filter(config.drop_headers)
-    forwarded_with_key = request_filter(config.drop_headers, keep_authorization=True)  # pass_client_key
 
     async def serve(request: web.Request, record: RequestRecord, key_name: str | None) -> web.StreamResponse:
         headers = request.headers
         payload = await read_json(request, max_body, body_timeout)
         endpoint.validate(payload, max_messages)
-        result = await router.dispatch(
-            endpoint, payload, record,
-            use_case=headers.get("x-use-case"), tier=headers.get("x-model-tier"),
-            timeout=_deadline(headers, payload.get("stream") is True),
-            headers=(forwarded_with_key if router.byok else forwarded)(headers),
-            cache_control=headers.get("cache-control"), api_key_name=key_name)
+        model = payload.get("model")
+        if type(model) is str and not model.isprintable():  # it would end up in a header, a log line
+            raise InvalidRequestError("model must not contain control characters (CR, LF, tab...)",
+                                      param="model", code="invalid_model")
+        upstream_headers = forwarded(headers)
+        own_key = None
+        if router.byok:  # a provider takes the client's own key: as its Authorization, never tiergate's key
+            own_key = client_provider_key(headers, auth)
+            if own_key is not None:
+                upstream_headers["authorization"] = f"Bearer {own_key}"
+        try:
+            result = await router.dispatch(
+                endpoint, payload, record,
+                use_case=headers.get("x-use-case"), tier=headers.get("x-model-tier"),
+                timeout=_deadline(headers, payload.get("stream") is True), headers=upstream_headers,
+                cache_control=headers.get("cache-control"), api_key_name=key_name)
+        except TiergateError as exc:
+            if own_key is not None:
+                redact_error(exc, Redactor((own_key,)))
+            raise
+        if own_key is not None:
+            result.headers = Redactor((own_key,)).headers(result.headers or {})
         if result.stream is None:
             return web.Response(body=result.body, headers=result_headers(record, result.headers),
                                 content_type="application/json")

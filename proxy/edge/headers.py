@@ -16,10 +16,16 @@ from collections.abc import Mapping
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
 
+# What the client says about the hops before tiergate: never forwarded. A provider is no party to the
+# client's network, a client can write anything there, and tiergate adds none of its own (it is the
+# provider's client); a deployment that wants the address kept has its ingress log it.
+FORWARDING = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
+                        "x-forwarded-port", "x-real-ip", "via", "true-client-ip", "cf-connecting-ip"})
+
 # Client headers that never go upstream: hop-by-hop ones, the framing of a body tiergate re-encodes,
 # the routing headers, and the client's Authorization (replaced by the provider's key unless the
 # provider takes the client's own: `pass_client_key`). `x-tiergate-*` never go either.
-NOT_FORWARDED = HOP_BY_HOP | frozenset({
+NOT_FORWARDED = HOP_BY_HOP | FORWARDING | frozenset({
     "host", "content-length", "content-type", "content-encoding", "accept-encoding", "expect", "cookie",
     "x-use-case", "x-model-tier", "authorization"})
 
@@ -30,8 +36,11 @@ DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | frozenset({
     "content-length", "content-encoding", "content-type", "date", "server", "set-cookie", "alt-svc",
     "strict-transport-security"})
 
+_PLAIN_CONNECTION = frozenset({"", "keep-alive", "close"})  # what SDKs send: names no other header
 _PLANS_MAX = 512  # distinct sets of header names remembered (clients and providers repeat theirs)
-_Plan = tuple[tuple[str, int], ...]  # (name in the copy, position in the headers) of each header that passes
+# (name in the copy, position in the headers) of each header that passes; and the position of a
+# `Connection` header (-1: none), whose value names more hop-by-hop headers
+_Plan = tuple[tuple[tuple[str, int], ...], int]
 
 
 class HeaderFilter:
@@ -47,9 +56,10 @@ class HeaderFilter:
 
     def __call__(self, headers: Mapping[str, str]) -> dict[str, str]:
         names = tuple(headers)  # a mapping iterates its names (a multidict's each time they occur)
-        plan = self._plans.get(names)
-        if plan is None:
-            plan = self._plan(names)
+        found = self._plans.get(names)
+        if found is None:
+            found = self._plan(names)
+        plan, connection = found
         copy: dict[str, str] = {}
         if plan:  # often none passes (a provider's answer with only framing headers)
             values = tuple(headers.values())
@@ -57,16 +67,28 @@ class HeaderFilter:
             # 1.6-2 times as much (each `__getitem__` through its method wrapper builds an argument tuple)
             for name, i in plan:
                 copy[name] = values[i]
+            if connection >= 0:
+                self._drop_connection_tokens(copy, values[connection])
         return copy
+
+    def _drop_connection_tokens(self, copy: dict[str, str], connection: str) -> None:
+        """RFC 9110 7.6.1: the headers a `Connection` header names are this hop's, never forwarded."""
+        tokens = {token.strip().lower() for token in connection.split(",")} - _PLAIN_CONNECTION
+        if tokens:
+            for name in [n for n in copy if n.lower() in tokens]:
+                del copy[name]
 
     def _plan(self, names: tuple[str, ...]) -> _Plan:
         passing = []
+        connection = -1
         for i, name in enumerate(names):
             lower = name.lower()
+            if lower == "connection":
+                connection = i
             if lower in self.drop or (self.prefix is not None and lower.startswith(self.prefix)):
                 continue
             passing.append((lower if self.lower else name, i))
-        plan = tuple(passing)
+        plan = (tuple(passing), connection)
         if len(self._plans) < _PLANS_MAX:
             self._plans[names] = plan
         return plan

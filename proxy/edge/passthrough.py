@@ -25,6 +25,9 @@ from ..fleet.affinity import Holder
 from ..outcome import CLIENT_CLOSED, RequestRecord
 from ..table.routing import RouteDecision
 from ..types import InvalidRequestError, ModelRef, NotFoundError, RequestTooLargeError, UpstreamError
+from .auth import AUTH_KEY, client_provider_key
+from .headers import FORWARDING, HOP_BY_HOP
+from .paths import canonical_target, is_unusual, refuse
 from .pipeline import Locate, Target
 
 if TYPE_CHECKING:
@@ -33,13 +36,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tiergate")
 
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                        "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
-# the body is re-framed (and decoded: aiohttp inflates a compressed request), the key is the provider's
-# (the client's Authorization is dropped by the provider's protected names, unless it takes the client's
-# own key: `pass_client_key`)
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "content-encoding", "x-use-case", "x-model-tier",
-                               "expect", "cookie"}
+# the body is re-framed (and decoded: aiohttp inflates a compressed request), the key is the provider's,
+# or the client's own provider key (`pass_client_key`), never the client's Authorization (tiergate's key)
+_NOT_FORWARDED = HOP_BY_HOP | FORWARDING | {"host", "content-length", "content-encoding", "x-use-case",
+                                            "x-model-tier", "expect", "cookie", "authorization"}
 _NOT_RELAYED = HOP_BY_HOP | {"content-encoding", "content-length", "server", "date"}
 _CHUNK = 64 * 1024
 
@@ -63,9 +63,11 @@ def forwarded_headers(incoming: Mapping[str, str], provider_owned: frozenset[str
 
 def relayed_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     """The provider's response headers that go back to the client."""
+    connection = {t.strip().lower() for t in upstream.get("Connection", "").split(",")}
     out: dict[str, str] = {}
     for name, value in upstream.items():
-        if name.lower() not in _NOT_RELAYED:
+        lower = name.lower()
+        if lower not in _NOT_RELAYED and lower not in connection:
             out[name] = value
     if "Content-Length" in upstream and "Content-Encoding" not in upstream:
         out["Content-Length"] = upstream["Content-Length"]  # the body passes unchanged: its length holds
@@ -99,8 +101,17 @@ async def forward(request: web.Request, router: Router, provider_name: str, reco
     if provider is None or provider.session is None:
         raise UpstreamError(f"provider {provider_name!r} cannot serve pass-through calls (it is not an HTTP "
                             "provider, or not started)", status=502, code="passthrough_unavailable")
+    raw_path = request.raw_path
+    if not raw_path.startswith("/v1/") or (is_unusual(raw_path) and canonical_target(raw_path) is not None):
+        raise refuse(raw_path, "it is not in its canonical form")  # the pipeline serves only canonical paths
     owned = provider.protected | frozenset(h.lower() for h in config.drop_headers)
     headers = forwarded_headers(request.headers, owned)
+    redactor = provider.redactor
+    if provider.spec.pass_client_key:  # bring-your-own-key: the client's own provider key, never tiergate's
+        own_key = client_provider_key(request.headers, request.app[AUTH_KEY])
+        if own_key is not None:
+            headers["Authorization"] = f"Bearer {own_key}"
+            redactor = redactor.with_secret(own_key)
     too_large: list[bool] = []
     data: Any = None
     if body is not None:
@@ -114,7 +125,7 @@ async def forward(request: web.Request, router: Router, provider_name: str, reco
         if length is not None and "Content-Encoding" not in request.headers:
             headers["Content-Length"] = str(length + length_change)  # as it came: no chunked re-framing
         data = _limited(request.content, limit, too_large, head)
-    url = URL(provider.base_url + request.raw_path[len("/v1"):], encoded=True)
+    url = URL(provider.base_url + raw_path[len("/v1"):], encoded=True)
     timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout, sock_read=config.timeout)
     try:
         upstream = await provider.session.request(request.method, url, data=data, headers=headers,
@@ -132,7 +143,7 @@ async def forward(request: web.Request, router: Router, provider_name: str, reco
         raise UpstreamError(f"{provider_name} could not be reached for {request.method} {request.path} "
                             f"({type(exc).__name__})", status=502, code="upstream_unreachable") from None
     try:
-        out = relayed_headers(upstream.headers)
+        out = relayed_headers(redactor.headers(upstream.headers))
         out["x-tiergate-request-id"] = record.request_id
         out["x-tiergate-provider"] = provider_name
         out.setdefault("x-request-id", record.request_id)
@@ -141,7 +152,7 @@ async def forward(request: web.Request, router: Router, provider_name: str, reco
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=out)
         record.status = upstream.status
         await response.prepare(request)
-        async for chunk in upstream.content.iter_chunked(_CHUNK):
+        async for chunk in redactor.stream(upstream.content.iter_chunked(_CHUNK)):  # masks keep the length
             await response.write(chunk)
         await response.write_eof()
         return response
@@ -245,7 +256,11 @@ def _json_target(request: web.Request, router: Router, record: RequestRecord, ra
         provider = _provider(router.table, request)
         return Target(_passed(provider, None), {}, lambda admitted: forward(request, router, provider, record,
                                                                            body=raw))
-    decision = router.table.known_model(payload.get("model"))
+    model = payload.get("model")
+    if isinstance(model, str) and not model.isprintable():  # it would end up in a header, a log line
+        raise InvalidRequestError("model must not contain control characters (CR, LF, tab...)", param="model",
+                                  code="invalid_model")
+    decision = router.table.known_model(model)
     if decision is None:
         provider = _provider(router.table, request)
         model = payload.get("model")

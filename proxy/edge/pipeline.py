@@ -13,7 +13,6 @@ server's direct routes (see connections.py) take it too at the cost of one call.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,9 @@ from aiohttp import web
 from yarl import URL
 
 from ..outcome import RequestRecord, new_request_id
+from ..types import InvalidRequestError
 from .auth import InboundAuth
+from .paths import canonical_target, is_unusual
 from .render import failure
 
 if TYPE_CHECKING:
@@ -50,26 +51,22 @@ class Target:
 
 Locate = Callable[[web.Request, RequestRecord], Awaitable[Target]]
 
-_SLASHES = re.compile(r"/{2,}")
-
-
-def canonical_path(raw_path: str) -> str | None:
-    """`raw_path` (a request target: path and query, as sent) with repeated slashes collapsed and no
-    trailing slash; None when it is canonical already. `/v1//chat/completions` and
-    `/v1/chat/completions/` are the chat endpoint, with its limits, not another path."""
-    path, sep, query = raw_path.partition("?")
-    canonical = _SLASHES.sub("/", path)
-    if len(canonical) > 1:
-        canonical = canonical.rstrip("/")
-    return None if canonical == path else canonical + sep + query
-
-
 async def reroute(request: web.Request, target: str) -> web.StreamResponse:
     """Serve `request` as sent to `target`, its canonical form: by the route that path names, every
     step of that route's pipeline included (and only once: this request opened no record)."""
     clone = request.clone(rel_url=URL(target, encoded=True))
     match = await request.app.router.resolve(clone)
     return await match.handler(clone)
+
+
+def refused(router: Router | None, request: web.Request, name: str, exc: InvalidRequestError) -> web.StreamResponse:
+    """A request whose path is refused: answered in OpenAI's shape, and recorded (logged, counted) like
+    any other when it came to a `/v1` route."""
+    record = RequestRecord(request.headers.get("x-request-id") or new_request_id(), name)
+    error, response = failure(exc, record)
+    if router is not None:
+        router.finish(record, error)
+    return response
 
 
 class Pipeline:
@@ -81,10 +78,11 @@ class Pipeline:
         self.auth = auth
         self.inflight = inflight
 
-    def routed(self, name: str, serve: Serve) -> Handler:
+    def routed(self, name: str, serve: Serve, *, canonical: bool = False) -> Handler:
         """A routed endpoint's handler: `serve` hands the key's name to `Router.dispatch`, which admits
-        the request with the route it resolves."""
-        return self._handler(name, serve)
+        the request with the route it resolves. `canonical`: the server calls it only for its exact,
+        canonical path (see connections.py), so its path needs no look."""
+        return self._handler(name, serve, canonical)
 
     def located(self, name: str, locate: Locate) -> Handler:
         """The handler of a call tiergate does not route: admitted here against what `locate` found."""
@@ -102,16 +100,18 @@ class Pipeline:
 
         return self._handler(name, admit_and_send)
 
-    def _handler(self, name: str, serve: Serve) -> Handler:
+    def _handler(self, name: str, serve: Serve, canonical: bool = False) -> Handler:
         router, inflight = self.router, self.inflight
         check_key = self.auth.check if self.auth.enabled else None
 
         async def handle(request: web.Request) -> web.StreamResponse:
-            raw = request.raw_path
-            if "//" in raw or raw[-1] == "/":  # a path that is not canonical: served as its canonical form
-                canonical = canonical_path(raw)
-                if canonical is not None:
-                    return await reroute(request, canonical)
+            if not canonical and is_unusual(request.raw_path):  # served as its canonical form, or refused
+                try:
+                    target = canonical_target(request.raw_path)
+                except InvalidRequestError as exc:
+                    return refused(router, request, name, exc)
+                if target is not None:
+                    return await reroute(request, target)
             headers = request.headers
             record = RequestRecord(headers.get("x-request-id") or new_request_id(), name)
             error: BaseException | None = None

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import orjson
 from aiohttp import web
 
+from ..engine.redaction import Redactor
 from ..outcome import RequestRecord, tried
 from ..types import InvalidRequestError, TiergateError, UpstreamError, UpstreamStatusError
 from .headers import relayed_headers
@@ -33,6 +34,17 @@ def result_headers(record: RequestRecord, upstream: Mapping[str, str] | None = N
     if record.cost_usd is not None:  # known for non-stream responses of priced models
         headers["x-tiergate-cost-usd"] = f"{record.cost_usd:.10f}".rstrip("0").rstrip(".") or "0"
     return headers
+
+
+def redact_error(exc: TiergateError, redactor: Redactor) -> None:
+    """Mask `redactor`'s secrets in what `exc` relays of a provider's answer: its body, message, headers
+    (for a secret only this request carried, a client's own provider key)."""
+    exc.message = redactor.redact_text(exc.message)
+    if isinstance(exc, UpstreamStatusError):
+        exc.body = redactor.redact(exc.body)
+    headers = getattr(exc, "headers", None)
+    if headers:
+        exc.headers = redactor.headers(headers)  # type: ignore[attr-defined]
 
 
 def error_response(exc: TiergateError, request_id: str, extra: dict[str, str] | None = None) -> web.Response:

@@ -20,6 +20,7 @@ from yarl import URL
 
 from ..settings import RouterConfig
 from ..table.routing import ProviderSpec
+from .redaction import Redactor
 
 if TYPE_CHECKING:
     from .slots import ProviderSlots
@@ -54,7 +55,7 @@ class Provider:
         # forwarded client headers never replace these: the table's headers and the provider's key
         self.protected = frozenset(name.lower() for name, _ in spec.headers) | frozenset(
             () if spec.pass_client_key else {"authorization", spec.api_key_header.lower()})
-        self._secrets = _secret_patterns(provider_key(spec, config))
+        self.redactor = Redactor(provider_secrets(spec, config))  # what tiergate sends it, kept out of answers
         self._urls: dict[str, URL] = {}
         self.session: aiohttp.ClientSession | None = None
         # Requests beyond the pool wait in tiergate's own queue (bounded, within their deadline), never
@@ -106,11 +107,9 @@ class Provider:
         return self.session.post(url, data=body, headers=headers, timeout=timeout)
 
     def redact(self, data: bytes) -> bytes:
-        """An upstream error body without tiergate's key for this provider, whole or in part (OpenAI
-        quotes a wrong key's first and last characters)."""
-        for pattern in self._secrets:
-            data = pattern.sub(b"[redacted]", data)
-        return data
+        """An upstream error body without the secrets tiergate sends this provider (its key, the table's
+        secret header values), whole or in part (OpenAI quotes a wrong key's first and last characters)."""
+        return self.redactor.redact(data)
 
     async def get_json(self, path: str, timeout: float) -> Any:
         """GET a JSON document (health checks, model discovery)."""
@@ -152,13 +151,21 @@ def provider_key(spec: ProviderSpec, config: RouterConfig) -> str | None:
     return getattr(config, f"{spec.name.replace('-', '_')}_api_key", None)
 
 
-def _secret_patterns(key: str | None) -> tuple[re.Pattern[bytes], ...]:
-    if not key or len(key) < 8:
-        return ()
-    raw = key.encode()
-    return (re.compile(re.escape(raw)),
-            re.compile(re.escape(raw[:8]) + rb"[^\s\"',]*"),      # sk-proj-****...abcd
-            re.compile(rb"(?:[*.x]|\xe2\x80\xa6){3,}" + re.escape(raw[-4:])))  # a masked middle, then the last four
+# a table header whose name says it carries a credential is a secret even when written literally
+_SECRET_HEADER = re.compile(r"auth|key|token|secret|passw|credential|cookie|signature", re.IGNORECASE)
+
+
+def provider_secrets(spec: ProviderSpec, config: RouterConfig) -> list[str]:
+    """What tiergate sends this provider that must never come back to a client: its key, and each of
+    the table's header values that comes from the environment (`${VAR}`) or is named like a credential
+    (a literal `anthropic-version: 2023-06-01` is no secret)."""
+    secrets = [provider_key(spec, config) or ""]
+    for name, value in spec.headers:
+        if _ENV_REF.search(value) or _SECRET_HEADER.search(name):
+            expanded = _expand(value, config.env) or ""
+            scheme, _, credential = expanded.partition(" ")
+            secrets += (expanded, credential) if scheme.lower() in ("bearer", "basic", "token") else (expanded,)
+    return secrets
 
 
 def provider_has_key(spec: ProviderSpec, config: RouterConfig) -> bool:

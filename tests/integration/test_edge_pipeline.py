@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from yarl import URL
 
 from ..conftest import Running, table_doc, until
 from ..telemetry_support import parse_metrics
@@ -58,6 +59,8 @@ def families(stored_id: str) -> list[tuple[str, str, str, Callable[[], dict[str,
          lambda: {"json": {"model": "general_purpose", "messages": MESSAGES}}),
         ("trailing slash", "POST", "/v1/chat/completions/",
          lambda: {"json": {"model": "general_purpose", "messages": MESSAGES}}),
+        ("dot segments", "POST", "/v1/files/../chat/completions",
+         lambda: {"json": {"model": "general_purpose", "messages": MESSAGES}}),
         ("pass-through naming a route", "POST", "/v1/images/generations",
          lambda: {"json": {"model": "general_purpose", "prompt": "a cat"}}),
         ("pass-through upload", "POST", "/v1/files", lambda: {"data": upload()}),
@@ -69,7 +72,8 @@ def families(stored_id: str) -> list[tuple[str, str, str, Callable[[], dict[str,
 
 async def call(http: aiohttp.ClientSession, running: Running, method: str, path: str, body: dict[str, Any],
                headers: dict[str, str]) -> tuple[int, Any, dict[str, Any]]:
-    async with http.request(method, running.url + path, headers=headers, **body) as resp:
+    # the target goes as written: the client resolves no `..` itself
+    async with http.request(method, URL(running.url + path, encoded=True), headers=headers, **body) as resp:
         return resp.status, resp.headers, orjson.loads(await resp.read())
 
 
@@ -122,7 +126,7 @@ async def test_every_path_family_is_served_recorded_once_and_counted(responses_u
         status, headers, answer = await call(http, running, method, path, body(), {**TEAM_B, "x-request-id": family})
         sent += 1
         assert status == 200, (family, answer)
-        if path.startswith("/v1/chat/completions/") or "//" in path:  # served as the chat endpoint
+        if path.startswith("/v1/chat/completions/") or "//" in path or ".." in path:  # served as the chat endpoint
             assert headers["x-tiergate-route"] == "general_purpose:standard" and answer["object"] == "chat.completion"
     assert [r.path for r in responses_upstream.requests if r.path in ("/v1/images/generations", "/v1/files")] == [
         "/v1/images/generations", "/v1/files"]
@@ -132,7 +136,7 @@ async def test_every_path_family_is_served_recorded_once_and_counted(responses_u
     assert len(ids) == sent and sorted(ids[1:]) == sorted(f for f, *_ in families(stored_id))
     assert requests_total(running) == sent  # counted once each
     endpoints = {line["request_id"]: line["endpoint"] for line in lines}
-    assert endpoints["double slash"] == endpoints["trailing slash"] == "chat.completions"
+    assert endpoints["double slash"] == endpoints["trailing slash"] == endpoints["dot segments"] == "chat.completions"
     assert endpoints["pass-through naming a route"] == endpoints["pass-through upload"] == "passthrough"
     assert endpoints["stored response"] == "responses" and endpoints["model list"] == "models"
     routes = {line["request_id"]: line["route"] for line in lines}

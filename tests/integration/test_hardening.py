@@ -51,9 +51,11 @@ async def test_v1_needs_a_configured_key_when_keys_are_set(upstream, start_tierg
             assert_openai_error(await resp.read(), "invalid_api_key")
     assert upstream.calls == 0
     # the probes and the spec stay open: kubelet and scrapers carry no key
-    for path in ("/health", "/ready", "/health/details", "/openapi.json"):
+    for path in ("/health", "/ready", "/openapi.json"):
         async with http.get(tg.url + path) as resp:
             assert resp.status == 200, path
+    async with http.get(tg.url + "/health/details") as resp:  # key names, limits and their use: behind the key
+        assert resp.status == 401
 
 
 async def test_either_key_works_with_the_openai_sdk(upstream, start_tiergate):

@@ -47,7 +47,7 @@ async def test_metrics_need_the_key_by_default_and_the_metrics_port_serves_them_
             assert status == 401
             status, body = await status_of(http, url + "/metrics", KEY)
             assert status == 200 and "tiergate_requests_total" in body
-            for probe in ("/health", "/ready", "/health/details", "/openapi.json"):  # still open for probes
+            for probe in ("/health", "/ready", "/openapi.json"):  # still open for probes
                 assert (await status_of(http, url + probe))[0] == 200, probe
             # the metrics port: /metrics without a key, and nothing else
             side = f"http://127.0.0.1:{metrics_port}"

@@ -46,11 +46,12 @@ def failed(ref: ModelRef, outcome: str, status: int | None = None, *, body: byte
 def status_failure(status: int, data: bytes, resp: UpstreamResponse, ref: ModelRef,
                    provider: Provider) -> Exception:
     """A provider's non-200 answer: retryable, or the client's error to pass back."""
+    headers = provider.redactor.headers(resp.headers)  # relayed with the error: no secret in them either
     if status in RETRYABLE_STATUS or status >= 500:
         return Retryable(Attempt(ref.provider, ref.model, f"http_{status}", status),
-                         retry_after(resp.headers), body=provider.redact(data), headers=resp.headers)
-    return UpstreamStatusError(status, provider.redact(data), resp.headers.get("Content-Type", "application/json"),
-                               headers=resp.headers)
+                         retry_after(headers), body=provider.redact(data), headers=headers)
+    return UpstreamStatusError(status, provider.redact(data), headers.get("Content-Type", "application/json"),
+                               headers=headers)
 
 
 def answer(data: bytes, answer_key: str | None, ref: ModelRef) -> Any:
