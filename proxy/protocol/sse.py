@@ -6,7 +6,9 @@ usage is asked for), so the client receives the bytes the provider would have se
 through whole events at a time: an event split across network reads is held until its end.
 
 `assemble` turns a complete stream into the completion it adds up to (for the cache); `partial`
-reads what a stream carried so far (for a continuation, or an estimate of a cut stream's tokens).
+reads what a stream carried so far (for a continuation, or an estimate of a cut stream's tokens);
+`finished` reads, from a stream's last bytes, whether an answer that ended without `data: [DONE]` was
+whole all the same.
 """
 
 from __future__ import annotations
@@ -117,6 +119,30 @@ def iter_event_json(data: bytes) -> Iterator[Any]:
             yield orjson.loads(raw)
         except orjson.JSONDecodeError:
             yield None
+
+
+def finished(tail: bytes, *, usage_asked: bool) -> bool:
+    """Did the Chat Completions (or Completions) stream whose last bytes are `tail` end its answer: its
+    last event whole, every choice in it with its `finish_reason`, no error event, and the usage event
+    there when it was asked for (by tiergate, or as OpenAI's `"usage":null` fields show)?"""
+    if not tail.endswith((b"\n\n", b"\r\n\r\n")):
+        return False
+    open_choices: set[Any] = set()
+    done_choices: set[Any] = set()
+    usage = False
+    for obj in iter_event_json(tail):
+        if type(obj) is not dict:
+            continue  # the first event may be cut by the tail's start
+        if "error" in obj and "choices" not in obj:
+            return False
+        usage = usage or type(obj.get("usage")) is dict
+        for choice in obj.get("choices") or ():
+            if type(choice) is dict:
+                index = choice.get("index", 0)
+                (done_choices if choice.get("finish_reason") else open_choices).add(index)
+    if not done_choices or open_choices - done_choices:
+        return False
+    return usage or not (usage_asked or _USAGE_NULL_ANY.search(tail) is not None)
 
 
 @dataclass

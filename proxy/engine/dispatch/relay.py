@@ -2,7 +2,9 @@
 
 The stream is complete only when the provider's final event came; a break, an idle timeout or an end
 without it ends the client's stream with an SSE error event (the OpenAI SDK raises it), never with a
-clean end that looks complete.
+clean end that looks complete. One exception: a Chat Completions or Completions stream whose body ended
+cleanly after every choice's `finish_reason` (and the usage event, when asked for) lacked only
+`data: [DONE]`; tiergate ends it with `[DONE]` itself, as the answer is whole.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from ...adapters.base import DONE
+from ...protocol.sse import finished
 from .classify import CONNECTION_ERRORS
 
 if TYPE_CHECKING:
@@ -20,6 +24,10 @@ if TYPE_CHECKING:
     from ...types import ModelRef
     from ..breaker import AsyncCircuitBreaker
     from ..providers import UpstreamResponse
+
+
+_CHAT_DONE = (DONE,)  # the final event of Chat Completions and Completions streams
+DONE_EVENT = DONE + b"\n\n"
 
 
 class Incomplete(Exception):
@@ -35,6 +43,7 @@ async def relay(resp: UpstreamResponse, first: bytes, ref: ModelRef, breaker: As
                 state: StreamState, done: tuple[bytes, ...], usage: UsageFilter | None = None) -> AsyncIterator[bytes]:
     """Yield upstream chunks as they arrive, filling in `state`. `usage` takes out the usage event
     tiergate asked for (whole events pass, an event split across reads waits for its end)."""
+    # a chat stream (`[DONE]` its only final event) may be whole without it; a typed stream may not
     single = done[0] if len(done) == 1 else None
     clean = False
     ended = False
@@ -53,10 +62,13 @@ async def relay(resp: UpstreamResponse, first: bytes, ref: ModelRef, breaker: As
                 if out:
                     yield out
             chunk = await resp.content.readany()
-        if not ended and not any(marker in state.tail for marker in done):
+        whole = ended or any(marker in state.tail for marker in done)
+        if not whole and (done != _CHAT_DONE or not finished(state.tail, usage_asked=usage is not None)):
             raise Incomplete
         if usage is not None and usage.carry:
             yield usage.flush()
+        if not whole:
+            yield DONE_EVENT  # the answer was whole: the end the provider left out
         clean = True
         state.completed = True
         breaker.record_success()
