@@ -119,6 +119,7 @@ class RequestRecord:
     trace: Any = None  # the request's span (tracing.RequestTrace) when tracing is on
     attempts: list[Attempt] | tuple[()] = ()  # the dispatcher's list, once there is one
     quota: Any = None  # what the limits charged this request (limits.admission.Reservation), settled at its end
+    key_name: str | None = None  # the inbound key's name, for what is scoped to it (stored objects)
 
     def __init__(self, request_id: str, endpoint: str):
         self.request_id = request_id

@@ -144,13 +144,15 @@ class Received:
 
 class MockUpstream:
     def __init__(self, name: str = "upstream", models: tuple[str, ...] = ("model-a", "model-b"),
-                 *, responses: bool = False, speech_bytes: int = 3 * 1024 * 1024):
+                 *, responses: bool = False, speech_bytes: int = 3 * 1024 * 1024, objects: bool = False):
         self.name = name
         self.models = models
         self.responses = responses
         self.speech_bytes = speech_bytes
         self.speech_cut = False  # break off the audio answer halfway (the connection closed, no end of body)
         self.stored: dict[str, dict[str, Any]] = {}  # Responses API: id -> {"response", "input"}
+        # `objects`: files, batches and vector stores kept as OpenAI does (create, list, get, delete, cancel)
+        self.objects: dict[str, dict[str, Any]] | None = {} if objects else None
         self.default: Action = Ok()
         self.script: list[Action] = []
         self.requests: list[Received] = []
@@ -546,6 +548,37 @@ class MockUpstream:
 
     # -- every other /v1/* path --------------------------------------------------------------------
 
+    def _stored_object(self, method: str, path: str, body: Any, size: int) -> tuple[int, Any] | None:
+        """Files, batches and vector stores with ids of their own, listed, read, cancelled and deleted."""
+        assert self.objects is not None
+        parts = path.removeprefix("/v1/").split("/")
+        kinds = {"files": ("file", "file-"), "batches": ("batch", "batch_"), "vector_stores": ("vector_store", "vs_")}
+        if parts[0] not in kinds:
+            return None
+        kind, prefix = kinds[parts[0]]
+        if len(parts) == 1 and method == "POST":
+            object_id = f"{prefix}{self.name}{len(self.objects) + 1}"
+            extra = body if isinstance(body, dict) else {"bytes": size}
+            self.objects[object_id] = {"id": object_id, "object": kind, "created_at": 1700000000, **extra}
+            if kind == "batch":  # done at once: its results are a file the provider made
+                output = f"file-{self.name}-output-{len(self.objects) + 1}"
+                self.objects[output] = {"id": output, "object": "file", "purpose": "batch_output"}
+                self.objects[object_id].update(status="completed", output_file_id=output)
+            return 200, self.objects[object_id]
+        if len(parts) == 1 and method == "GET":
+            data = [o for o in self.objects.values() if o["object"] == kind]
+            return 200, {"object": "list", "data": data, "has_more": False}
+        found = self.objects.get(parts[1])
+        if found is None:
+            return 404, {"error": {"message": f"No such {kind}: {parts[1]}", "type": "invalid_request_error",
+                                   "param": "id", "code": None}}
+        if len(parts) == 2 and method == "DELETE":
+            del self.objects[parts[1]]
+            return 200, {"id": parts[1], "object": kind, "deleted": True}
+        if len(parts) == 3 and parts[2] == "cancel":
+            found["status"] = "cancelled"
+        return 200, found
+
     async def _other(self, request: web.Request) -> web.StreamResponse:
         """OpenAI's other endpoints, as far as the tests need them. The body is read in chunks, counted
         and hashed (a multi-MB upload is never held); a JSON body is parsed."""
@@ -572,6 +605,10 @@ class MockUpstream:
         headers = {"x-request-id": f"up_req_{len(self.requests)}", "openai-processing-ms": "7"}
         model = body.get("model") if isinstance(body, dict) else None
         answer: Any
+        kept = self._stored_object(method, path, body, size) if self.objects is not None else None
+        if kept is not None:
+            status, answer = kept
+            return web.json_response(answer, status=status, headers=headers)
         if method == "GET" and path.startswith("/v1/models/"):
             answer = {"id": path.removeprefix("/v1/models/"), "object": "model", "created": 1700000000,
                       "owned_by": self.name}

@@ -16,7 +16,7 @@ import orjson
 from ..fleet.affinity import Holder
 from ..outcome import new_request_id
 from ..table.routing import RouteDecision
-from ..types import InvalidRequestError, ModelRef, Route
+from ..types import InvalidRequestError, ModelRef, NotFoundError, Route
 from .base import Endpoint, Translation, Translator
 from .openai import CHAT
 from .responses import ChatStreamTranslator, chat_to_response, to_chat_request
@@ -101,6 +101,9 @@ async def _follow_up(decision: RouteDecision, previous: str, table: RoutingTable
                      affinity: ResponseAffinity) -> RouteDecision:
     """The one candidate a continued conversation may go to: the provider that stored its response."""
     holder = await affinity.lookup(previous)
+    if holder is None and affinity.keyed:  # another key's response, or one whose owner is unknown
+        raise NotFoundError(f"previous_response_id {previous!r} was not found: no response of this key has "
+                            "that id", param="previous_response_id", code="previous_response_not_found")
     if holder is not None and holder.translated:
         raise InvalidRequestError(
             f"previous_response_id {previous!r} was answered by provider {holder.provider!r}, which "

@@ -27,6 +27,7 @@ from ..table.routing import RouteDecision
 from ..types import InvalidRequestError, ModelRef, NotFoundError, RequestTooLargeError, UpstreamError
 from .auth import AUTH_KEY, client_provider_key
 from .headers import FORWARDING, HOP_BY_HOP
+from .ownership import Keep, as_is, guard
 from .paths import canonical_target, is_unusual, refuse
 from .pipeline import Locate, Target
 
@@ -88,9 +89,17 @@ async def _limited(content: Any, limit: int, flag: list[bool], head: bytes = b""
         yield chunk
 
 
-async def forward(request: web.Request, router: Router, provider_name: str, record: RequestRecord, *,
-                  body: bytes | None = None, model: str | None = None, head: bytes = b"",
-                  length_change: int = 0) -> web.StreamResponse:
+async def forward(request: web.Request, router: Router, provider_name: str, record: RequestRecord,
+                  **options: Any) -> web.StreamResponse:
+    """`send_upstream` after the stored-objects check (ownership.py): another key's object is not found, and what
+    the answer creates is the key's, a list only the key's."""
+    keep = await guard(router.owners, record.key_name, request.method, request.path, options.get("body"))
+    return await send_upstream(request, router, provider_name, record, keep=keep, **options)
+
+
+async def send_upstream(request: web.Request, router: Router, provider_name: str, record: RequestRecord, *,
+                        body: bytes | None = None, model: str | None = None, head: bytes = b"",
+                        length_change: int = 0, keep: Keep = as_is) -> web.StreamResponse:
     """Send the client's request to `provider_name` and stream the answer back. `body`: a rewritten
     JSON body; None streams the client's own body (if any) through, after `head` (the start of it,
     already read, maybe rewritten: `length_change` bytes longer than the client sent)."""
@@ -149,10 +158,10 @@ async def forward(request: web.Request, router: Router, provider_name: str, reco
         out.setdefault("x-request-id", record.request_id)
         if model is not None:
             out["x-tiergate-model"] = f"{provider_name}/{model}"
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=out)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=keep(upstream, out))
         record.status = upstream.status
         await response.prepare(request)
-        async for chunk in redactor.stream(upstream.content.iter_chunked(_CHUNK)):  # masks keep the length
+        async for chunk in keep.chunks(redactor.stream(upstream.content.iter_chunked(_CHUNK))):  # masks keep length
             await response.write(chunk)
         await response.write_eof()
         return response
@@ -322,6 +331,8 @@ def stored_response(router: Router, passthrough: Locate) -> Locate:
 
 async def _send_stored(request: web.Request, router: Router, record: RequestRecord, holder: Holder,
                        response_id: str) -> web.StreamResponse:
+    if record.key_name is not None and holder.owner != record.key_name:  # another key's: not found (once admitted)
+        _holder(None, response_id)
     response = await forward(request, router, holder.provider, record, model=holder.model)
     if request.method == "DELETE" and response.status == 200:
         await router.affinity.forget(response_id)

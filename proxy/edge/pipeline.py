@@ -90,6 +90,7 @@ class Pipeline:
 
         async def admit_and_send(request: web.Request, record: RequestRecord, key_name: str | None
                                  ) -> web.StreamResponse:
+            record.key_name = key_name  # stored objects are the key's (passthrough.py)
             target = await locate(request, record)
             decision = target.decision
             table = router.table

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapters import EMBEDDINGS, Endpoint
 from ..fleet.affinity import ResponseAffinity
+from ..fleet.owners import ObjectOwners
 from ..limits.admission import Quotas
 from ..observability.health_report import health_report
 from ..observability.telemetry import GaugeSources, Telemetry
@@ -75,6 +76,7 @@ class Router(LibraryAPI):
         # response cache, coalescing, embedding batching; no I/O until used
         self.cache = ResponseCache(self.config)
         self.affinity = ResponseAffinity(self.config)  # which provider holds each stored response id
+        self.owners = ObjectOwners(self.config)  # which inbound key created each stored object (files, ...)
         self.batcher = (EmbeddingBatcher(self._send, window_s=self.config.batch_window_ms / 1000,
                                          max_inputs=self.config.batch_max_inputs)
                         if self.config.enable_batching else None)
@@ -163,6 +165,7 @@ class Router(LibraryAPI):
                 await self.batcher.close()
             await self.cache.close()
             await self.affinity.close()
+            await self.owners.close()
         finally:  # the pools are closed even when stopping something above failed
             await self._close_retired(list(self._retired))
             for provider in list(self.providers.values()):
@@ -301,7 +304,7 @@ class Router(LibraryAPI):
         else:
             result = await self._forward(call)
         if endpoint.stateful:
-            result = await endpoint.answered(result, payload, table, self.affinity)
+            result = await endpoint.answered(result, payload, table, self.affinity.for_key(api_key_name))
         record.status = result.status
         record.ref = result.ref
         record.attempts = result.attempts

@@ -1,4 +1,5 @@
-"""Which provider holds each stored Responses API id, so that follow-ups reach it.
+"""Which provider holds each stored Responses API id, so that follow-ups reach it, and which inbound key
+created it, so that no other key reaches it.
 
 A bounded LRU in memory; with `TIERGATE_REDIS_URL` also in Redis, so that every tiergate of a
 fleet agrees (a follow-up may land on another sidecar). Redis failing is logged and survived:
@@ -22,26 +23,31 @@ RETRY_INTERVAL_S = 5.0  # after a Redis failure, memory alone answers this long 
 
 class Holder(NamedTuple):
     """Where a response id lives: its provider and model; `translated` when a chat-only provider
-    answered through translation (nothing is stored there: the id cannot be retrieved)."""
+    answered through translation (nothing is stored there: the id cannot be retrieved); `owner`, the
+    name of the inbound key that created it (None without inbound keys)."""
 
     provider: str
     model: str
     translated: bool = False
+    owner: str | None = None
 
     def encode(self) -> bytes:
-        return f"{self.provider}\n{self.model}\n{int(self.translated)}".encode()
+        return f"{self.provider}\n{self.model}\n{int(self.translated)}\n{self.owner or ''}".encode()
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Holder | None:
         text = raw.decode() if isinstance(raw, bytes) else raw
         parts = text.split("\n")
-        if len(parts) != 3 or not parts[0]:
+        if len(parts) not in (3, 4) or not parts[0]:  # 3: written before owners were recorded
             return None
-        return cls(parts[0], parts[1], parts[2] == "1")
+        return cls(parts[0], parts[1], parts[2] == "1", (parts[3] or None) if len(parts) == 4 else None)
 
 
 class ResponseAffinity:
-    """`remember(id, holder)`, `lookup(id)`, `forget(id)`; `close()` at shutdown."""
+    """`remember(id, holder)`, `lookup(id)`, `forget(id)`; `close()` at shutdown; `for_key(name)`, the
+    same as one inbound key sees it. `keyed`: lookups are limited to one key's ids."""
+
+    keyed = False
 
     def __init__(self, config: RouterConfig):
         self._size = max(1, config.response_affinity_size)
@@ -113,6 +119,10 @@ class ResponseAffinity:
             except Exception as exc:  # noqa: BLE001
                 self._failed("delete", exc)
 
+    def for_key(self, key: str | None) -> ResponseAffinity:
+        """The ids as the inbound key `key` sees them (all of them without inbound keys)."""
+        return self if key is None else KeyedAffinity(self, key)
+
     async def close(self) -> None:
         if self._redis is not None:
             try:
@@ -120,3 +130,31 @@ class ResponseAffinity:
             except Exception as exc:  # noqa: BLE001 - closing a pool whose server is gone
                 log.debug("response affinity: closing Redis: %s", type(exc).__name__)
             self._redis = None
+
+
+class KeyedAffinity(ResponseAffinity):
+    """The affinity as one inbound key sees it: the ids it records are its own, and an id another key
+    created (or one without an owner) is not found. A view: the state is the shared affinity's."""
+
+    keyed = True
+
+    def __init__(self, shared: ResponseAffinity, key: str):  # noqa: D107 - no state of its own to set up
+        self._shared = shared
+        self.key = key
+
+    async def remember(self, response_id: str, holder: Holder) -> None:
+        await self._shared.remember(response_id, holder._replace(owner=self.key))
+
+    async def lookup(self, response_id: str) -> Holder | None:
+        holder = await self._shared.lookup(response_id)
+        return holder if holder is not None and holder.owner == self.key else None
+
+    async def forget(self, response_id: str) -> None:
+        if await self.lookup(response_id) is not None:  # never another key's
+            await self._shared.forget(response_id)
+
+    def for_key(self, key: str | None) -> ResponseAffinity:
+        return self._shared.for_key(key)
+
+    async def close(self) -> None:
+        await self._shared.close()

@@ -53,7 +53,7 @@ class Planner:
         record.route = decision.name
         if decision.route is not None:
             endpoint.apply_defaults(payload, decision.route)
-        decision, translate = await endpoint.candidates(decision, payload, table, self.affinity)
+        decision, translate = await endpoint.candidates(decision, payload, table, self.affinity.for_key(key_name))
         return self._plan(decision, translate)
 
     def plan_now(self, decision: RouteDecision, endpoint: Endpoint, payload: dict[str, Any],
