@@ -38,9 +38,9 @@ class Planner:
         self.quotas = quotas
         self.affinity = affinity
         self.fallback = fallback
-        # the plan of each decision that needs nothing per request (the usual one), made once; keyed by
-        # the decision's identity (the entry holds the decision, so its id is not reused meanwhile)
-        self._plans: dict[int, tuple[RouteDecision, Plan]] = {}
+        # the plan of each decision that needs nothing per request (the usual one), made once (a decision
+        # is hashed by identity)
+        self._plans: dict[RouteDecision, Plan] = {}
 
     async def plan(self, decision: RouteDecision, table: RoutingTable, endpoint: Endpoint, payload: dict[str, Any],
                    record: RequestRecord, key_name: str | None = None) -> Plan:
@@ -64,13 +64,12 @@ class Planner:
         route = decision.route
         if route is not None:
             endpoint.apply_defaults(payload, route)
-        known = self._plans.get(id(decision))
-        if known is not None and known[0] is decision:
-            return known[1]
-        plan = self._plan(decision, None)
-        if len(self._plans) >= _MEMO_LIMIT:  # overrides make a decision per request: stay bounded
-            self._plans.clear()
-        self._plans[id(decision)] = (decision, plan)
+        plan = self._plans.get(decision)
+        if plan is None:
+            plan = self._plan(decision, None)
+            if len(self._plans) >= _MEMO_LIMIT:  # overrides make a decision per request: stay bounded
+                self._plans.clear()
+            self._plans[decision] = plan
         return plan
 
     def _plan(self, decision: RouteDecision, translate: Translator | None) -> Plan:

@@ -121,7 +121,7 @@ def match_rule(ref: ModelRef, rules: Iterable[tuple[str, ParamRule]]) -> ParamRu
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # compared and hashed by identity: a decision is made once
 class RouteDecision:
     """Where one request goes: the route's name, its candidates in order, and its defaults.
 

@@ -90,6 +90,7 @@ class AttemptLife:
         self.stream = False
 
     async def __aenter__(self) -> AttemptLife:
+        """Take a slot of the provider's pool: at once when one is free, else wait in its queue."""
         provider = self.provider
         slots = provider.slots or self.sender.limits.slots(provider)
         if slots is not None and not slots.take():
@@ -107,6 +108,7 @@ class AttemptLife:
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        """Settle the slot, the breaker and the report by how the attempt ended."""
         if self.slots is not None:  # never reached aiohttp's response (or its body is read): hand it back
             self.slots.release()
             self.slots = None
