@@ -638,6 +638,12 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
     models = raw.get("models") or ()
     if not isinstance(models, (list, tuple)):
         raise ValueError("models: must be a list of model ids")
+    key_header = str(raw.get("api_key_header") or "Authorization")
+    if raw.get("pass_client_key") is True and key_header.lower() != "authorization":
+        # the client's own key goes upstream as `Authorization: Bearer`: a provider reading another header
+        # would never get it
+        raise ValueError("pass_client_key: the client's own key is sent as Authorization; remove api_key_header "
+                         "or pass_client_key")
     apis = raw.get("apis")
     if apis is None:
         apis = DEFAULT_APIS[kind]

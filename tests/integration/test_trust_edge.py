@@ -21,6 +21,7 @@ from yarl import URL
 from proxy.engine.router import Router
 from proxy.settings import RouterConfig
 from proxy.table.routing import table_from_dict
+from proxy.types import ConfigError
 
 from ..conftest import Running, production_runner
 
@@ -372,3 +373,9 @@ async def test_a_clients_own_provider_key_is_redacted_too(edge_upstream, run_tie
         status, headers, answer = await send(http, running, method, path, own, **body)
         assert status == 401, answer
         assert_no_secret(status, headers, answer)
+
+
+def test_a_table_whose_own_key_cannot_reach_its_provider_is_refused():
+    doc = table(EdgeUpstream(), pass_client_key=True, api_key_header="x-api-key")
+    with pytest.raises(ConfigError, match="pass_client_key"):
+        table_from_dict(doc, source="test")
