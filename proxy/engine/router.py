@@ -315,7 +315,8 @@ class Router(LibraryAPI):
                 record.stream_state = result.stream_state  # a stream's are read from its tail in finish()
             else:
                 charge_answer(record, result, table)
-            telemetry.on_result(record, result)
+            if trace is not None:  # the answer's model and finish reasons, for its span
+                telemetry.on_result(record, result)
         return result
 
     async def _forward(self, call: Call) -> Result:

@@ -61,15 +61,15 @@ class Planner:
         """`plan` for a request that waits for nothing: no limits to admit it, an endpoint without a say
         in the candidates. The usual request, planned without a coroutine."""
         record.route = decision.name
-        route = decision.route
-        if route is not None:
-            endpoint.apply_defaults(payload, route)
         plan = self._plans.get(decision)
         if plan is None:
             plan = self._plan(decision, None)
             if len(self._plans) >= _MEMO_LIMIT:  # overrides make a decision per request: stay bounded
                 self._plans.clear()
             self._plans[decision] = plan
+        route = plan.route
+        if plan.defaults and route is not None:
+            endpoint.apply_defaults(payload, route)
         return plan
 
     def _plan(self, decision: RouteDecision, translate: Translator | None) -> Plan:
@@ -77,6 +77,8 @@ class Planner:
         if not self.fallback:
             refs = refs[:1]
         rules = decision.plans
-        return Plan(decision.name, decision.route, tuple(
+        route = decision.route
+        return Plan(decision.name, route, tuple(
             Candidate(ref, rules.get(ref) if rules else None, translate(ref) if translate is not None else None)
-            for ref in refs))
+            for ref in refs), route is not None and (route.max_tokens is not None or route.temperature is not None
+                                                     or bool(route.system_prompt)))

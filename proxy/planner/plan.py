@@ -26,6 +26,7 @@ class Plan(NamedTuple):
     name: str
     route: Route | None
     candidates: tuple[Candidate, ...]
+    defaults: bool = False  # the route sets defaults (max_tokens, temperature, system prompt) to fill in
 
     def after(self, ref: ModelRef) -> Plan:
         """The candidates after `ref`'s first place (what a hedge or a recovery may try instead); none
