@@ -97,10 +97,6 @@ def routed_endpoint(endpoint: Endpoint, router: Router, auth: InboundAuth) -> Se
         headers = request.headers
         payload = await read_json(request, max_body, body_timeout)
         endpoint.validate(payload, max_messages)
-        model = payload.get("model")
-        if type(model) is str and not model.isprintable():  # it would end up in a header, a log line
-            raise InvalidRequestError("model must not contain control characters (CR, LF, tab...)",
-                                      param="model", code="invalid_model")
         upstream_headers = forwarded(headers)
         own_key = None
         if router.byok:  # a provider takes the client's own key: as its Authorization, never tiergate's key

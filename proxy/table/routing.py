@@ -31,11 +31,14 @@ from ..types import (
 )
 from ..urls import parse_url, redact_credentials
 
-PROVIDER_KINDS = ("openai", "mock")
-# what a provider may serve; an `openai` provider serves all of them unless its `apis` says otherwise,
-# the in-process `mock` kind speaks no Responses API (its Responses calls are translated to chat)
-API_NAMES = ("chat", "completions", "embeddings", "responses")
-DEFAULT_APIS = {"openai": API_NAMES, "mock": ("chat", "completions", "embeddings")}
+PROVIDER_KINDS = ("openai", "mock", "anthropic")
+# what a provider may serve; an `openai` provider serves OpenAI's APIs unless its `apis` says otherwise
+# (`messages` added: it speaks Anthropic's Messages API too), the in-process `mock` kind speaks no
+# Responses API (its Responses calls are translated to chat), an `anthropic` provider speaks Messages
+API_NAMES = ("chat", "completions", "embeddings", "responses", "messages")
+DEFAULT_APIS = {"openai": API_NAMES[:4], "mock": API_NAMES[:3], "anthropic": ("messages",)}
+# the header an `anthropic` provider reads its key from, unless the table names another
+ANTHROPIC_KEY_HEADER = "x-api-key"
 DEFAULT_MODEL_NAMES = frozenset({"", "auto", "default", "tiergate"})
 # the longest `model` a client may send: a name past it is no model of anyone's, and would otherwise
 # reach the request log, response headers and traces as sent
@@ -67,11 +70,15 @@ class ProviderSpec:
     # how it continues an assistant message it is given (a stream recovered mid-answer): `prefix`
     # (`"prefix": true` on the last assistant message), `continue_final_message` (vLLM), `instruction`
     continuation: str = "instruction"
-    apis: tuple[str, ...] = API_NAMES
+    apis: tuple[str, ...] = API_NAMES[:4]  # OpenAI's: chat, completions, embeddings, responses
 
     @property
     def serves_responses(self) -> bool:
         return "responses" in self.apis
+
+    @property
+    def serves_messages(self) -> bool:
+        return "messages" in self.apis
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,10 +393,15 @@ class RoutingTable:
 
 
 def check_model_name(model: str) -> None:
-    """A `model` longer than `MAX_MODEL_NAME` is refused (400) before it is used for anything."""
+    """A `model` longer than `MAX_MODEL_NAME`, or with a control character (a CR/LF would break the
+    answer's `x-tiergate-model` header after the provider was called), is refused (400) before it is
+    used for anything."""
     if len(model) > MAX_MODEL_NAME:
         raise InvalidRequestError(f"'model' is {len(model)} characters long; the maximum is {MAX_MODEL_NAME}",
                                   param="model", code="string_above_max_length")
+    if not model.isprintable():
+        raise InvalidRequestError("'model' must not contain control characters (CR, LF, tab...)",
+                                  param="model", code="invalid_model")
 
 
 # --- building from plain data (the YAML file, or rows from Postgres) -------------------------
@@ -628,7 +640,7 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
     if kind not in PROVIDER_KINDS:
         raise ValueError(f"kind: {kind!r} is not one of {', '.join(PROVIDER_KINDS)}")
     base_url = str(raw.get("base_url") or "").rstrip("/")
-    if kind == "openai":
+    if kind != "mock":
         # credentials in the URL are refused: aiohttp will not combine them with the key's header, so
         # every request to the provider would fail; and the URL is quoted in messages (masked)
         parse_url(base_url, name="base_url", schemes=("http", "https"), credentials=False)
@@ -638,7 +650,7 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
     models = raw.get("models") or ()
     if not isinstance(models, (list, tuple)):
         raise ValueError("models: must be a list of model ids")
-    key_header = str(raw.get("api_key_header") or "Authorization")
+    key_header = str(raw.get("api_key_header") or (ANTHROPIC_KEY_HEADER if kind == "anthropic" else "Authorization"))
     if raw.get("pass_client_key") is True and key_header.lower() != "authorization":
         # the client's own key goes upstream as `Authorization: Bearer`: a provider reading another header
         # would never get it
@@ -655,7 +667,7 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
         kind=kind,
         api_key=_opt_str(raw.get("api_key")),
         api_key_env=_opt_str(raw.get("api_key_env")),
-        api_key_header=str(raw.get("api_key_header") or "Authorization"),
+        api_key_header=key_header,
         headers=tuple((str(k), str(v)) for k, v in headers.items()),
         failure_threshold=_opt_int(raw, "failure_threshold"),
         recovery_timeout=_opt_float(raw, "recovery_timeout"),
