@@ -83,9 +83,15 @@ class StreamRecovery:
                 yield chunk
         finally:
             await inner.aclose()  # type: ignore[attr-defined]
+            if broke is None:
+                # ended, or the client left: a client that leaves leaves this frame in a reference cycle
+                # (its cancellation's traceback), so what it holds is freed now, not at a full collection
+                relayed.clear()
+                chunk = b""
         if broke is None:
             return
         so_far = partial(relayed)
+        relayed.clear()
         outcome = self._refusal(call.payload, so_far)
         found = self._continuation(call.plan.after(ref)) if outcome is None else None
         if found is None:
