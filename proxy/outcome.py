@@ -93,7 +93,8 @@ def tried(attempts: list[Attempt]) -> int:
     return sum(1 for a in attempts if a.outcome not in SKIPPED)
 
 
-SKIPPED = frozenset({"breaker_open", "cooldown", "fleet_blocked", "unknown_provider", "queue_full"})
+SKIPPED = frozenset({"breaker_open", "cooldown", "fleet_blocked", "unknown_provider", "queue_full",
+                     "context_window"})
 
 
 

@@ -76,6 +76,14 @@ class StallStream:
     """Send `after` stream chunks, then go silent."""
 
     after: int = 2
+    content: str | None = None
+
+
+@dataclass
+class MalformedChunk:
+    """A stream with one event that is not JSON after `after` chunks; the rest follows as usual."""
+
+    after: int = 2
 
 
 @dataclass
@@ -124,7 +132,7 @@ class Flaky:
 
 
 Action = (Ok | Fail | Reset | Hang | BreakStream | StallStream | InvalidJson | Flaky | CloseEarly | NotAStream
-          | ErrorIn200 | FakeJson | Huge)
+          | ErrorIn200 | FakeJson | Huge | MalformedChunk)
 
 OPENAI_VERSION = "2020-10-01"
 
@@ -163,6 +171,11 @@ class MockUpstream:
         self.completed = 0
         self.fixed_id: str | None = None  # every chat answer carries this id (byte-exact comparisons)
         self.refuses_prefill: set[str] = set()  # models that answer a prefilled assistant message with a 400
+        # model -> context window in tokens: a longer prompt (about 4 characters a token) is refused with a 400
+        # as OpenAI words it, or in another server's words (`context_message`: {window} and {tokens} filled in)
+        self.context_windows: dict[str, int] = {}
+        self.context_message = ("This model's maximum context length is {window} tokens. However, your messages "
+                                "resulted in {tokens} tokens. Please reduce the length of the messages.")
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -275,10 +288,17 @@ class MockUpstream:
         if failed is not None:
             return failed
         model = body.get("model", "?")
-        content = (action.content if isinstance(action, (Ok, BreakStream)) and action.content
+        content = (action.content if isinstance(action, (Ok, BreakStream, StallStream)) and action.content
                    else f"{self.name} answered {model}")
         messages = body.get("messages") or []
         last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+        if model in self.context_windows:
+            tokens = sum(len(str(m.get("content") or "")) for m in messages if isinstance(m, dict)) // 4
+            if tokens > self.context_windows[model]:
+                message = self.context_message.format(window=self.context_windows[model], tokens=tokens)
+                return web.json_response({"error": {"message": message, "type": "invalid_request_error",
+                                                    "param": "messages", "code": "context_length_exceeded"
+                                                    if "maximum context length" in message else None}}, status=400)
         if last.get("role") == "assistant" and model in self.refuses_prefill:  # as OpenAI's models do
             return web.json_response({"error": {"message": "Expected last role to be user or tool, got assistant",
                                                 "type": "invalid_request_error", "param": "messages",
@@ -349,6 +369,8 @@ class MockUpstream:
                     assert request.transport is not None
                     request.transport.abort()
                     return response
+                if isinstance(action, MalformedChunk) and i == action.after:
+                    await response.write(b'data: {"id": "chatcmpl-x", "choices": [{"delta": {"content": "oo\n\n')
                 if isinstance(action, StallStream) and i == action.after:
                     await self._stopping.wait()
                     return response

@@ -8,6 +8,11 @@ spans awaits, so the adapter splits a call in two: `allow()` before the attempt 
 `record_success()` / `record_failure()` after it, driving pybreaker's own state machine
 (closed -> open after `fail_max` counted failures -> half-open after `reset_timeout` ->
 closed on a successful trial, open again on a failed one). In half-open, one trial at a time.
+
+The wait before a trial is not one fixed `reset_timeout`: an open deployment is probed after
+`FIRST_PROBE` seconds, and the wait doubles each time its trial fails, up to `reset_timeout`, so a
+primary that comes back takes its traffic back within seconds while one that stays down is asked
+rarely. A successful trial starts the series again.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import pybreaker
 
 STATE_VALUES = {pybreaker.STATE_CLOSED: 0, pybreaker.STATE_HALF_OPEN: 1, pybreaker.STATE_OPEN: 2}
+FIRST_PROBE = 5.0  # seconds an open breaker waits before its first trial (then 10, 20, ... up to reset_timeout)
 
 
 class _CountedFailure(Exception):
@@ -40,10 +46,14 @@ class _StateListener(pybreaker.CircuitBreakerListener):
     def __init__(self, clock: Callable[[], datetime], on_change: Callable[[str, str, str], None] | None):
         self.clock = clock
         self.on_change = on_change
+        self.opened = 0  # openings since the breaker was last closed: the probe's wait doubles with each
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
         if new_state.name == pybreaker.STATE_OPEN:
             cb._state_storage.opened_at = self.clock()
+            self.opened += 1
+        elif new_state.name == pybreaker.STATE_CLOSED:
+            self.opened = 0
         if self.on_change is not None:
             self.on_change(cb.name or "", old_state.name if old_state else "", new_state.name)
 
@@ -64,9 +74,10 @@ class AsyncCircuitBreaker:
         on_state_change: Callable[[str, str, str], None] | None = None,
     ):
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._listener = _StateListener(self._clock, on_state_change)
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max, reset_timeout=reset_timeout, name=name,
-            listeners=[_StateListener(self._clock, on_state_change)], throw_new_error_on_trip=False)
+            listeners=[self._listener], throw_new_error_on_trip=False)
         self._trial_in_flight = False
         self.name = name
         self.provider, _, self.model = name.partition("/")
@@ -80,6 +91,16 @@ class AsyncCircuitBreaker:
     @property
     def reset_timeout(self) -> float:
         return float(self._cb.reset_timeout)
+
+    @property
+    def open_for(self) -> float:
+        """Seconds the breaker, open now, waits before its next trial: FIRST_PROBE, doubled for each
+        trial that failed since it was last closed, never more than `reset_timeout`."""
+        opened = self._listener.opened
+        reset = float(self._cb.reset_timeout)
+        if opened > 8:  # past any sensible cap: no huge powers
+            return reset
+        return min(FIRST_PROBE * 2 ** max(opened - 1, 0), reset)
 
     @property
     def failures(self) -> int:
@@ -120,7 +141,7 @@ class AsyncCircuitBreaker:
             return True
         if state == pybreaker.STATE_OPEN:
             opened_at = self._cb._state_storage.opened_at
-            if opened_at and self._clock() < opened_at + timedelta(seconds=self._cb.reset_timeout):
+            if opened_at and self._clock() < opened_at + timedelta(seconds=self.open_for):
                 return False
             self._cb.half_open()
         if self._trial_in_flight:
@@ -163,6 +184,7 @@ class AsyncCircuitBreaker:
         cooling = self.cooling()
         return {"provider": self.provider, "model": self.model, "state": self.state,
                 "failures": self.failures, "opened_at": opened.isoformat() if opened else None,
+                "next_trial_s": round(self.open_for, 3) if opened else None,
                 "cooldown_s": round(cooling, 3) if cooling else 0.0}
 
 

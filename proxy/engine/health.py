@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,42 @@ class ProviderHealth:
     last_check_ok: bool | None = None
     last_check_error: str | None = None
     models_available: int | None = None
+
+
+class FirstByteTimes:
+    """How long each deployment's first byte has taken lately (its answered attempts: a stream's first
+    chunk, a whole answer's headers): the high percentile the attempt loop sizes its first-byte budget on.
+    The last `SAMPLES` per deployment; the percentile is recomputed every `EVERY` samples."""
+
+    SAMPLES = 64
+    EVERY = 8
+    MIN_SAMPLES = 8  # fewer: not known yet
+
+    __slots__ = ("_recent", "_high")
+
+    def __init__(self) -> None:
+        self._recent: dict[tuple[str, str], tuple[deque[float], list[int]]] = {}
+        self._high: dict[tuple[str, str], float] = {}  # seconds, per (provider, model)
+
+    def observe(self, attempt: Attempt) -> None:
+        if attempt.outcome != "ok" or attempt.latency_ms is None:
+            return
+        key = (attempt.provider, attempt.model)
+        entry = self._recent.get(key)
+        if entry is None:
+            if len(self._recent) >= 4096:  # overrides may name any model: stay bounded
+                return
+            entry = self._recent[key] = (deque(maxlen=self.SAMPLES), [0])
+        samples, count = entry
+        samples.append(attempt.latency_ms)
+        count[0] += 1
+        if count[0] % self.EVERY == 0 and len(samples) >= self.MIN_SAMPLES:
+            ordered = sorted(samples)
+            self._high[key] = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000
+
+    def high(self, ref: tuple[str, str]) -> float | None:
+        """The recent 99th percentile of `ref`'s first bytes in seconds; None until enough are seen."""
+        return self._high.get(ref) if self._high else None
 
 
 class HealthMonitor:

@@ -244,7 +244,7 @@ class Router(LibraryAPI):
         if self.fleet_health is None or "/" not in name:
             return
         if new == "open":
-            self.fleet_health.publish(name, "open", self.breakers.get(name).reset_timeout, "breaker")
+            self.fleet_health.publish(name, "open", self.breakers.get(name).open_for, "breaker")
         elif new == "closed" and old != "closed":
             self.fleet_health.publish(name, "closed", 0)
 

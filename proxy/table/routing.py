@@ -92,6 +92,7 @@ class ParamRule:
     rename: tuple[tuple[str, str], ...] = ()
     first_byte_timeout: float | None = None
     continuation: str | None = None
+    context_window: int | None = None  # tokens the model takes, prompt and answer; None: not known
 
     def apply(self, payload: dict[str, Any]) -> dict[str, Any]:
         if not self.drop and not self.rename:
@@ -169,6 +170,7 @@ class RoutingTable:
         passthrough_provider: str | None = None,
         passthrough_paths: Mapping[str, str] | None = None,
         limits: LimitIndex | None = None,
+        context_windows: Mapping[str, int] | None = None,
     ):
         self.providers: dict[str, ProviderSpec] = dict(providers)
         self.model_rules: tuple[tuple[str, ParamRule], ...] = (*model_rules, *BUILTIN_MODEL_RULES)
@@ -189,6 +191,8 @@ class RoutingTable:
         self.loaded_at = time.time()
         # rate limits and budgets (proxy/limits); None when the table has none: one falsy check per request
         self.limits: LimitIndex | None = limits if limits else None
+        # provider/model -> its context window in tokens (the table's `context_windows`, discovery's listing)
+        self.context_windows: dict[str, int] = dict(context_windows or {})
 
         self._plans: dict[ModelRef, ParamRule] = {}
         self._prices: dict[ModelRef, Pricing | None] = {}  # per model, looked up once (see `price`)
@@ -236,6 +240,9 @@ class RoutingTable:
             provider_budget = spec.first_byte_timeout if spec is not None else None
             if provider_budget is not None and (rule is None or rule.first_byte_timeout is None):
                 rule = replace(rule or ParamRule(), first_byte_timeout=provider_budget)
+            window = self.context_windows.get(f"{ref.provider}/{ref.model}")
+            if window is not None and (rule is None or rule.context_window is None):
+                rule = replace(rule or ParamRule(), context_window=window)
             if len(self._plans) < 4096:  # overrides name arbitrary models: keep the memo bounded
                 self._plans[ref] = rule  # type: ignore[assignment]
         if route is not None and route.first_byte_timeout is not None:
@@ -453,6 +460,7 @@ def table_from_dict(
     passthrough_paths = _parse_passthrough_paths(doc.get("passthrough_paths"), providers, problems)
     limits, limit_problems = parse_limits(doc.get("limits"), providers)
     problems += limit_problems
+    context_windows = _parse_context_windows(doc.get("context_windows"), problems)
 
     if problems and strict:
         raise ConfigError(f"{label}: " + f"\n{label}: ".join(problems))
@@ -461,7 +469,7 @@ def table_from_dict(
     return RoutingTable(providers, routes, aliases, pricing, source=source, problems=problems,
                         allow_model_override=allow_model_override, model_rules=rules, embeddings=embeddings,
                         passthrough_provider=passthrough_provider, passthrough_paths=passthrough_paths,
-                        limits=LimitIndex(limits))
+                        limits=LimitIndex(limits), context_windows=context_windows)
 
 
 def _parse_providers(raw: Any, label: str, problems: list[str]) -> dict[str, ProviderSpec]:
@@ -514,7 +522,7 @@ def _parse_model_rules(raw: Any, problems: list[str]) -> list[tuple[str, ParamRu
     raw = raw or {}
     if not isinstance(raw, dict):
         problems.append("model_rules: must be a mapping of model pattern to "
-                        "{drop, rename, first_byte_timeout, continuation}")
+                        "{drop, rename, first_byte_timeout, continuation, context_window}")
         return []
     rules: list[tuple[str, ParamRule]] = []
     for pattern, entry in raw.items():
@@ -523,6 +531,21 @@ def _parse_model_rules(raw: Any, problems: list[str]) -> list[tuple[str, ParamRu
         except ValueError as exc:
             problems.append(f"model_rules.{pattern}: {exc}")
     return rules
+
+
+def _parse_context_windows(raw: Any, problems: list[str]) -> dict[str, int]:
+    """`context_windows:`, provider/model -> the tokens it takes (a prompt too long for it is not sent)."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        problems.append("context_windows: must be a mapping of provider/model to a number of tokens")
+        return {}
+    windows: dict[str, int] = {}
+    for ref, tokens in raw.items():
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+            problems.append(f"context_windows.{ref}: {tokens!r} is not a positive whole number of tokens")
+        else:
+            windows[str(ref)] = tokens
+    return windows
 
 
 def _parse_embeddings(raw: Any, providers: Mapping[str, ProviderSpec],
@@ -596,10 +619,10 @@ def _parse_passthrough_paths(raw: Any, providers: Mapping[str, ProviderSpec],
 def parse_rule(raw: Any) -> ParamRule:
     if not isinstance(raw, dict):
         raise ValueError("must be a mapping with drop, rename and/or first_byte_timeout")
-    unknown = set(raw) - {"drop", "rename", "first_byte_timeout", "continuation"}
+    unknown = set(raw) - {"drop", "rename", "first_byte_timeout", "continuation", "context_window"}
     if unknown:
         raise ValueError(f"unknown key {sorted(unknown)[0]!r} "
-                         "(allowed: drop, rename, first_byte_timeout, continuation)")
+                         "(allowed: drop, rename, first_byte_timeout, continuation, context_window)")
     drop = raw.get("drop") or []
     rename = raw.get("rename") or {}
     if not isinstance(drop, (list, tuple)) or not all(isinstance(d, str) for d in drop):
@@ -610,7 +633,11 @@ def parse_rule(raw: Any) -> ParamRule:
     if first_byte is not None and first_byte <= 0:
         raise ValueError("first_byte_timeout: must be a positive number of seconds")
     continuation = _choice(raw, "continuation", CONTINUATIONS) if raw.get("continuation") is not None else None
-    return ParamRule(frozenset(drop), tuple((str(k), str(v)) for k, v in rename.items()), first_byte, continuation)
+    window = _opt_int(raw, "context_window")
+    if window is not None and window <= 0:
+        raise ValueError("context_window: must be a positive number of tokens")
+    return ParamRule(frozenset(drop), tuple((str(k), str(v)) for k, v in rename.items()), first_byte, continuation,
+                     window)
 
 
 def _model_list(raw: Any, providers: Mapping[str, ProviderSpec]) -> tuple[ModelRef, ...]:
@@ -683,7 +710,7 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
 
 ROUTE_KEYS = frozenset({"use_case", "tier", "model", "fallbacks", "max_tokens", "temperature",
                         "system_prompt", "cache", "cache_ttl", "enabled", "timeout", "first_byte_timeout",
-                        "embeddings_model", "completions_model", "stream_recovery", "cache_scope"})
+                        "embeddings_model", "completions_model", "stream_recovery", "cache_scope", "retry_same"})
 
 
 def parse_route(raw: Any, providers: Mapping[str, ProviderSpec]) -> Route | None:
@@ -732,11 +759,14 @@ def parse_route(raw: Any, providers: Mapping[str, ProviderSpec]) -> Route | None
             kinds[kind] = _model_list(raw[f"{kind}_model"], providers) if raw.get(f"{kind}_model") else ()
         except ValueError as exc:
             raise ValueError(f"{kind}_model: {exc}") from None
+    retry_same = _opt_int(raw, "retry_same")
+    if retry_same is not None and not 0 <= retry_same <= 5:
+        raise ValueError("retry_same: must be a whole number from 0 to 5")
     return Route(use_case, tier, model, tuple(fallbacks), max_tokens, temperature,
                  _opt_str(raw.get("system_prompt")), cache, cache_ttl,
                  _positive(raw, "timeout"), _positive(raw, "first_byte_timeout"),
                  kinds["embeddings"], kinds["completions"], _choice(raw, "stream_recovery", STREAM_RECOVERY),
-                 _choice(raw, "cache_scope", CACHE_SCOPES))
+                 _choice(raw, "cache_scope", CACHE_SCOPES), retry_same)
 
 
 def _model_ref(raw: Any, providers: Mapping[str, ProviderSpec]) -> ModelRef:

@@ -284,8 +284,8 @@ async def read_snapshot(conn: asyncpg.Connection, config: RouterConfig) -> Snaps
             aliases = await conn.fetch("SELECT alias, model FROM llm_aliases ORDER BY alias", timeout=timeout)
             settings = await _table_settings(conn, timeout)
             models = await conn.fetch(
-                """SELECT provider, model, input_price_per_million, output_price_per_million, available
-                   FROM llm_models ORDER BY provider, model""", timeout=timeout)
+                """SELECT provider, model, input_price_per_million, output_price_per_million, available,
+                          context_window FROM llm_models ORDER BY provider, model""", timeout=timeout)
             limits = await read_limits(conn, timeout)
     except asyncpg.UndefinedTableError:
         raise StoreError(NOT_INITIALIZED, code="database_not_initialized") from None
@@ -347,6 +347,9 @@ def rows_to_doc(providers: Iterable[Mapping[str, Any]], routes: Iterable[Mapping
                if m["input_price_per_million"] is not None and m["output_price_per_million"] is not None}
     doc = {"providers": doc_providers, "routes": doc_routes,
            "aliases": {a["alias"]: a["model"] for a in aliases}, "pricing": pricing}
+    windows = {f"{m['provider']}/{m['model']}": m["context_window"] for m in models if m.get("context_window")}
+    if windows:  # what discovery found: a prompt too long for a model is not sent to it
+        doc["context_windows"] = windows
     for row in settings:
         if row["key"] in TABLE_SETTINGS:
             doc[row["key"]] = orjson.loads(row["value"]) if isinstance(row["value"], str) else row["value"]

@@ -62,11 +62,11 @@ def _open(breaker):
     assert breaker.state == "open"
 
 
-def test_open_stays_open_until_the_timeout_then_allows_one_trial(breaker, clock, changes):
+def test_open_stays_open_until_the_first_probe_then_allows_one_trial(breaker, clock, changes):
     _open(breaker)
-    clock.advance(59)
+    clock.advance(4.9)
     assert not breaker.allow() and breaker.state == "open"
-    clock.advance(2)
+    clock.advance(0.2)
     assert breaker.allow()            # the trial
     assert breaker.state == "half-open"
     assert not breaker.allow()        # one trial at a time
@@ -92,8 +92,49 @@ def test_half_open_failure_opens_again(breaker, clock, changes):
     assert breaker.state == "open"
     assert breaker.opened_at >= first_opened
     assert changes[-1] == ("half-open", "open")
-    assert not breaker.allow()  # a fresh timeout runs from the re-opening
-    clock.advance(61)
+    assert not breaker.allow()  # a fresh wait runs from the re-opening, twice the first
+    clock.advance(9.9)
+    assert not breaker.allow()
+    clock.advance(0.2)
+    assert breaker.allow()
+
+
+def _trial_fails(breaker, clock, wait):
+    clock.advance(wait - 0.1)
+    assert not breaker.allow()
+    clock.advance(0.2)
+    assert breaker.allow()
+    breaker.record_failure("http_503")
+    assert breaker.state == "open"
+
+
+def test_a_deployment_that_keeps_failing_is_probed_less_often_up_to_the_recovery_timeout(breaker, clock):
+    _open(breaker)
+    for wait in (5, 10, 20, 40, 60, 60):  # doubling while its trials fail, capped at reset_timeout
+        assert breaker.open_for == wait
+        _trial_fails(breaker, clock, wait)
+
+
+def test_a_flapping_deployment_takes_traffic_back_within_seconds_of_recovering(breaker, clock):
+    """Down for a minute, then up: the breaker opened on the way down is probed at 5, 10, 20 s...
+    and a recovered deployment is used again at the next probe, not a whole recovery timeout later."""
+    _open(breaker)
+    _trial_fails(breaker, clock, 5)
+    _trial_fails(breaker, clock, 10)
+    clock.advance(20.1)  # it came back meanwhile
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.state == "closed" and breaker.open_for == 5  # the series starts again
+    _open(breaker)
+    clock.advance(5.1)
+    assert breaker.allow()
+
+
+def test_the_probe_wait_never_exceeds_a_short_recovery_timeout(clock):
+    breaker = AsyncCircuitBreaker("p", fail_max=1, reset_timeout=2, clock=clock)
+    breaker.record_failure()
+    assert breaker.open_for == 2
+    clock.advance(2.1)
     assert breaker.allow()
 
 

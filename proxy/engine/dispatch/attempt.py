@@ -22,7 +22,7 @@ from ...outcome import Attempt, Result, StreamState
 from ...protocol.sse import UsageFilter
 from ...types import RateLimitError, UpstreamStatusError
 from ..slots import ProviderLimits
-from .classify import CONNECTION_ERRORS, Retryable, answer, failed, status_failure
+from .classify import CONNECTION_ERRORS, ContextTooLong, Retryable, answer, failed, status_failure
 from .events import AttemptEvents, CooldownStarted
 from .relay import relay
 
@@ -127,6 +127,8 @@ class AttemptLife:
                                sender.cooldown_cap)
                 breaker.cool_down(cooldown)
                 sender.events.cooldown_started(CooldownStarted(breaker.name, cooldown, "429"))
+            elif isinstance(exc, ContextTooLong):
+                breaker.record_success()  # it answered: the prompt was too long for it, not its failure
             else:
                 breaker.record_failure(exc.attempt.outcome)
         elif isinstance(exc, UpstreamStatusError):

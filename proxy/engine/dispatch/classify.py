@@ -1,14 +1,17 @@
 """What an attempt's failure was, and what the request's answer is when every candidate failed.
 
 A retryable failure (connection error, timeout, 5xx, 408, 429, an answer that is not one) moves on to
-the next candidate; a client error (other 4xx) is the provider's answer and goes back at once. When
-none answers, one error of the status class the deciding failure had: the last provider's 429 stays
-a 429 with its Retry-After, its 5xx that 5xx; unreachable is 502, a deadline 504.
+the next candidate; a client error (other 4xx) is the provider's answer and goes back at once, except a
+400 that says the prompt does not fit the model's context window (`ContextTooLong`): a model with a
+larger window may take it. When none answers, one error of the status class the deciding failure had:
+the last provider's 429 stays a 429 with its Retry-After, its 5xx that 5xx, its context-window 400
+that 400 as it came; unreachable is 502, a deadline 504.
 """
 
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -24,6 +27,15 @@ if TYPE_CHECKING:
     from ..providers import Provider, UpstreamResponse
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# A 400 saying the prompt is longer than the model's window: OpenAI's code, and what compatible servers
+# (vLLM, llama.cpp, Ollama, Anthropic's API, gateways) write in the message instead
+_CONTEXT_400 = re.compile(rb"context_length_exceeded|maximum context length|context window|context length exceeded"
+                          rb"|too many tokens|prompt is too long|input is too long|exceeds the available context",
+                          re.IGNORECASE)
+# the window the provider names in that message ("maximum context length is 8192 tokens",
+# "context window of 8192", "210000 tokens > 200000 maximum")
+_WINDOW = re.compile(rb"maximum context length is (\d+)|context (?:window|length|size) (?:of|is) (\d+)"
+                     rb"|> ?(\d+) maximum", re.IGNORECASE)
 CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError, OSError)
 
 
@@ -39,6 +51,40 @@ class Retryable(Exception):
         self.headers = headers
 
 
+class ContextTooLong(Retryable):
+    """The provider said the prompt does not fit this model's context window (a 400): the next candidate
+    with a larger window may take it; this deployment is not tried again for the request, and its
+    breaker does not count it (it answered). `window` is the window its message names, if any;
+    `error` is its own answer, passed back as it came when no candidate can take the prompt."""
+
+    def __init__(self, attempt: Attempt, error: UpstreamStatusError, window: int | None):
+        super().__init__(attempt, body=error.body, headers=error.headers)
+        self.error = error
+        self.window = window
+
+
+def context_window_named(body: bytes) -> int | None:
+    """The context window a provider's error message names, when it names one."""
+    found = _WINDOW.search(body)
+    if found is None:
+        return None
+    return int(next(g for g in found.groups() if g is not None))
+
+
+SHORT_RETRY_AFTER = 2.0  # seconds: a 429 asking for no longer is worth waiting out at the same deployment
+_AGAIN_STATUS = frozenset({500, 502, 503})
+
+
+def worth_again(failure: Retryable) -> bool:
+    """A failure a careful client retries at the same deployment before going elsewhere: a 429 whose
+    Retry-After is short, or a 500, 502 or 503 (one alone is usually transient). Not a timeout or a
+    dropped connection (a slow or unreachable deployment costs as much again), nor a 429 without a wait."""
+    status = failure.attempt.status
+    if status == 429:
+        return failure.retry_after is not None and failure.retry_after <= SHORT_RETRY_AFTER
+    return status in _AGAIN_STATUS and failure.attempt.outcome.startswith("http_")
+
+
 def failed(ref: ModelRef, outcome: str, status: int | None = None, *, body: bytes | None = None) -> Retryable:
     return Retryable(Attempt(ref.provider, ref.model, outcome, status), body=body)
 
@@ -50,8 +96,12 @@ def status_failure(status: int, data: bytes, resp: UpstreamResponse, ref: ModelR
     if status in RETRYABLE_STATUS or status >= 500:
         return Retryable(Attempt(ref.provider, ref.model, f"http_{status}", status),
                          retry_after(headers), body=provider.redact(data), headers=headers)
-    return UpstreamStatusError(status, provider.redact(data), headers.get("Content-Type", "application/json"),
-                               headers=headers)
+    error = UpstreamStatusError(status, provider.redact(data), headers.get("Content-Type", "application/json"),
+                                headers=headers)
+    if status == 400 and _CONTEXT_400.search(data) is not None:
+        return ContextTooLong(Attempt(ref.provider, ref.model, "context_length", 400), error,
+                              context_window_named(data))
+    return error
 
 
 def answer(data: bytes, answer_key: str | None, ref: ModelRef) -> Any:
@@ -76,6 +126,10 @@ def all_failed(name: str, attempts: list[Attempt], last: Retryable | None, break
     if not sent:
         return _none_sent(name, attempts, reasons, summary, breakers)
     decisive = sent[-1]
+    if isinstance(last, ContextTooLong) and last.attempt is decisive:  # no candidate could take the prompt
+        error = last.error
+        error.attempts, error.ref = attempts, ModelRef(decisive.provider, decisive.model)
+        return error
     if last is not None and last.attempt is decisive and decisive.status is not None and decisive.status != 200:
         return _provider_said(decisive, last, attempts, summary)
     if decisive.outcome == "timeout":
@@ -87,6 +141,10 @@ def _none_sent(name: str, attempts: list[Attempt], reasons: str, summary: str,
                breakers: BreakerBoard) -> TiergateError:
     """Every candidate was skipped: tiergate's own queue was full, they cool down after a rate limit,
     or their breakers are open."""
+    if all(a.outcome == "context_window" for a in attempts):
+        return UpstreamError(f"route {name}: the prompt is longer than the context window of every candidate "
+                             f"({reasons}); shorten it", status=400, code="context_length_exceeded",
+                             error_type="invalid_request_error", attempts=attempts, param="messages")
     if any(a.outcome == "queue_full" for a in attempts):
         return RateLimitError(f"route {name}: every candidate is at its concurrency limit "
                               f"({reasons}); retry shortly", retry_after=1.0)

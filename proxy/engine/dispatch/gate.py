@@ -58,6 +58,8 @@ class Gate:
     async def admit_after_wait(self, ref: ModelRef, tally: Tally) -> tuple[Provider, AsyncCircuitBreaker] | str | None:
         """`admit` for a candidate that needs a wait: as `admit`, and STOP when the backoff would
         outlast the request's deadline (no more attempts)."""
+        if ref in tally.excluded:  # it said the prompt is too long for it: never again in this request
+            return None
         provider = self.providers.get(ref.provider)
         if provider is None:
             return tally.skip(ref, "unknown_provider")

@@ -1,11 +1,14 @@
 """The attempt loop: try a plan's candidates in order until one answers.
 
-For each candidate: ask the gate (fleet block, breaker, cooldown, backoff); send one attempt (its
-pool slot, deadline and breaker trial are the attempt's lifetime); a retryable failure moves on,
-backing off (and honouring Retry-After) only before trying again a deployment that already failed
-this request; a client error (other 4xx) is passed back at once. A non-stream attempt is never cut
-before its deadline, but once its first byte is later than the first-byte budget the plan's next
-candidates start alongside it (a hedge) and the first answer wins. A stream is handed back once its
+For each candidate: skip it when the prompt is known not to fit its context window; ask the gate
+(fleet block, breaker, cooldown, backoff); send one attempt (its pool slot, deadline and breaker trial
+are the attempt's lifetime); a retryable failure moves on, except that a short 429 or a lone 5xx is
+tried once more at the same deployment first (`retry_same`), backing off (and honouring Retry-After)
+before trying again a deployment that already failed this request; a context-window 400 moves on to a
+larger window; another client error (4xx) is passed back at once. The first-byte budget fits the call
+(a share of its deadline while candidates remain, the deployment's recent first bytes). A non-stream
+attempt is never cut before its deadline, but once its first byte is later than that budget the plan's
+next candidates start alongside it (a hedge) and the first answer wins. A stream is handed back once its
 first chunk has arrived, so a failure before the first byte falls back like any other; later, it
 ends with the provider's final event or with an SSE error event, never with a silent cut.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -25,13 +28,15 @@ from ...planner.plan import Candidate, Plan
 from ...protocol.sse import wants_usage, with_usage
 from ...types import InvalidRequestError, UpstreamError, UpstreamStatusError
 from ..deadlines import Deadlines
+from ..health import FirstByteTimes
 from .attempt import AttemptLife, QueueFull, Sender
 from .call import Call
-from .classify import Retryable, all_failed
+from .classify import ContextTooLong, Retryable, all_failed, worth_again
 from .events import AttemptEvents
 from .gate import STOP, WAIT, Gate
 from .hedge import Hedge
 from .tally import Tally
+from .windows import ContextWindows
 
 if TYPE_CHECKING:
     from ...adapters.base import Translation
@@ -42,6 +47,18 @@ if TYPE_CHECKING:
     from .call import StreamContinuer
 
 _INF = float("inf")
+_RETRY_SAME = 1  # the default of a route's `retry_same`
+_FIRST_BYTE_MULTIPLE = 4.0  # the first-byte budget: this many times the deployment's recent 99th percentile,
+_FIRST_BYTE_FLOOR = 5.0     # never below this many seconds (nor above TIERGATE_FIRST_BYTE_TIMEOUT)
+
+
+def _order(candidates: tuple[Candidate, ...], tally: Tally) -> Iterator[Candidate]:
+    """The candidates in the plan's order, each again at once when its failure earned another try."""
+    for candidate in candidates:
+        yield candidate
+        while tally.again:
+            tally.again = 0
+            yield candidate
 
 
 class AttemptLoop:
@@ -57,7 +74,12 @@ class AttemptLoop:
         self.limits = self.sender.limits  # the providers' connection slots
         self.gate = Gate(providers, breakers, config, sleep)
         self.continuer: StreamContinuer | None = None  # stream recovery (recovery.py), set by the router
-        self._first_byte = config.first_byte_timeout
+        self._first_byte_cap = config.first_byte_timeout
+        # a deployment that usually answers fast is not waited on for the whole cap (unless the cap is lower)
+        self._first_byte_floor = min(_FIRST_BYTE_FLOOR, config.first_byte_timeout)
+        self.first_bytes = FirstByteTimes()  # what each deployment's first bytes took lately
+        self.events.on_attempt_end.append(self.first_bytes.observe)
+        self.windows = ContextWindows()  # context windows providers named in their 400s
         self._timeout = config.timeout
         self._max_attempts = max(1, config.max_retries)
 
@@ -67,11 +89,14 @@ class AttemptLoop:
         tally = Tally(self._deadline(call), self._max_attempts if call.max_attempts is None else call.max_attempts,
                       self.events, call.observer)
         hedgeable = not call.stream and len(candidates) > 1  # a late first byte may start the rest
+        windows = self.windows
         while tally.sent < tally.max_attempts:
             progressed = False
-            for candidate in candidates:
+            for candidate in _order(candidates, tally):
                 if tally.sent >= tally.max_attempts:
                     break
+                if (candidate.rule is not None or windows.learned) and windows.too_small(candidate, call, tally):
+                    continue
                 passed = self.gate.admit(candidate.ref, tally)
                 if passed is WAIT:
                     passed = await self.gate.admit_after_wait(candidate.ref, tally)
@@ -95,11 +120,9 @@ class AttemptLoop:
                         if hedgeable:
                             hedge = self._hedge(call, candidate, tally)
                         target = call.endpoint if candidate.translation is None else candidate.translation.endpoint
-                        rule = candidate.rule
                         result = await attempt.send(
                             target.path, body, headers, call.stream, tally.deadline - time.perf_counter(),
-                            rule.first_byte_timeout if rule is not None and rule.first_byte_timeout
-                            else self._first_byte, target.answer_key, target.done,
+                            self.first_byte(candidate, candidates, tally), target.answer_key, target.done,
                             usage_added and not call.raw_usage, hedge)
                 except QueueFull:
                     continue
@@ -110,6 +133,7 @@ class AttemptLoop:
                     if time.perf_counter() >= tally.deadline:
                         tally.sent = tally.max_attempts
                         break
+                    self._after(call, candidate, failure, tally)
                     continue
                 except UpstreamStatusError as exc:
                     exc.attempts = tally.attempts
@@ -126,6 +150,43 @@ class AttemptLoop:
             if not progressed:
                 break
         raise all_failed(call.plan.name, tally.attempts, tally.last, self.breakers)
+
+    def _after(self, call: Call, candidate: Candidate, failure: Retryable, tally: Tally) -> None:
+        """What a failed attempt means for the rest of the run: a prompt too long for the deployment
+        rules it out (and every window no larger); a short 429 or a lone 5xx earns it another try at
+        once (the route's `retry_same`), when the wait leaves a fallback time."""
+        if isinstance(failure, ContextTooLong):
+            self.windows.refused(candidate, failure, call, tally)
+            return
+        route = call.plan.route
+        retries = _RETRY_SAME if route is None or route.retry_same is None else route.retry_same
+        if tally.failures[candidate.ref] > retries or not worth_again(failure):
+            return
+        wait = failure.retry_after or 0.0
+        if wait and tally.deadline != _INF and wait * 2 >= tally.deadline - time.perf_counter():
+            return
+        tally.again = 1
+
+    def first_byte(self, candidate: Candidate, candidates: tuple[Candidate, ...], tally: Tally) -> float:
+        """How long this attempt may wait for its first byte (a stream's first chunk; when a non-stream
+        call's hedge starts): the table's budget for the model (a reasoning model thinks long), else a
+        multiple of the deployment's recent high percentile within [floor, TIERGATE_FIRST_BYTE_TIMEOUT];
+        never more than half of what is left of the request's deadline while candidates remain, so a
+        fallback still has time."""
+        rule = candidate.rule
+        if rule is not None and rule.first_byte_timeout:
+            budget = rule.first_byte_timeout
+        else:
+            budget = self._first_byte_cap
+            high = self.first_bytes.high(candidate.ref)
+            if high is not None:
+                wanted = high * _FIRST_BYTE_MULTIPLE
+                budget = min(budget, wanted if wanted > self._first_byte_floor else self._first_byte_floor)
+        if tally.deadline != _INF and candidate is not candidates[-1]:
+            share = (tally.deadline - time.perf_counter()) / 2
+            if share < budget:
+                budget = share if share > 0.001 else 0.001
+        return budget
 
     def _deadline(self, call: Call) -> float:
         """The client may only shorten the route's timeout (a stream has none unless the route sets one)."""

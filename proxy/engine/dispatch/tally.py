@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from .events import AttemptEvents, AttemptObserver
 
 _NONE: dict = {}  # shared, never written: no failure yet
+_NEVER: frozenset = frozenset()
 
 
 class Tally:
@@ -19,7 +20,7 @@ class Tally:
     failure that decides the answer when none answers, and how many attempts it may still send."""
 
     __slots__ = ("attempts", "failures", "retry_after", "last", "sent", "max_attempts", "deadline", "events",
-                 "observer")
+                 "observer", "needs", "excluded", "again")
 
     def __init__(self, deadline: float, max_attempts: int, events: AttemptEvents,
                  observer: AttemptObserver | None):
@@ -33,6 +34,9 @@ class Tally:
         self.deadline = deadline
         self.events = events
         self.observer = observer
+        self.needs = -1  # the context window the request needs (tokens); -1: not estimated yet
+        self.excluded: frozenset[ModelRef] | set[ModelRef] = _NEVER  # not to be tried again in this request
+        self.again = 0  # tries of the same deployment left for its failure just now (see `retry_same`)
 
     def note(self, attempt: Attempt) -> None:
         self.attempts.append(attempt)
@@ -51,3 +55,8 @@ class Tally:
         self.failures[ref] = self.failures.get(ref, 0) + 1
         if failure.retry_after is not None:
             self.retry_after[ref] = failure.retry_after
+
+    def exclude(self, ref: ModelRef) -> None:
+        if self.excluded is _NEVER:
+            self.excluded = set()
+        self.excluded.add(ref)  # type: ignore[union-attr]
