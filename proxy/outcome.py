@@ -75,6 +75,7 @@ class StreamState:
     request_bytes: int = 0  # the request body sent upstream (for an estimate of its tokens)
     recovered_by: str | None = None  # the model that continued the answer after a break (see recovery.py)
     recovery: str | None = None  # how a recovery went: recovered, failed, refused_<why>, no_candidate
+    head_usage: Usage | None = None  # usage a stream gave in its first event (Messages: the input tokens)
 
     def estimate(self) -> Usage:
         """Tokens of a stream cut before its usage event: about four characters a token, the prompt

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ..fleet.affinity import ResponseAffinity
     from ..outcome import Result
     from ..table.routing import RouteDecision, RoutingTable
-    from ..types import ModelRef, Route
+    from ..types import ModelRef, Route, TiergateError
 
 DONE = b"data: [DONE]"  # the end of a Chat Completions / Completions stream
 
@@ -116,6 +116,14 @@ class Endpoint:
         if policy != "auto":
             return policy == "always"
         return self.deterministic or payload.get("temperature") == 0 or payload.get("seed") is not None
+
+    def at_query(self, query: str) -> Endpoint:
+        """The endpoint for a call whose URL carries `query`: most families send none upstream."""
+        return self
+
+    def error_body(self, exc: TiergateError) -> bytes | None:
+        """An error in the family's own shape; None: OpenAI's (`exc.to_body()`), which most families use."""
+        return None
 
     async def candidates(self, decision: RouteDecision, payload: dict[str, Any], table: RoutingTable,
                          affinity: ResponseAffinity) -> tuple[RouteDecision, Translator | None]:

@@ -180,8 +180,9 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     for endpoint in ROUTED:
         path = "/v1" + endpoint.path
         serve = routed_endpoint(endpoint, router, auth)
-        direct[path] = pipeline.routed(endpoint.name, serve, canonical=True)  # its exact path only
-        app.router.add_post(path, pipeline.routed(endpoint.name, serve), **expect)
+        shape = endpoint.error_body
+        direct[path] = pipeline.routed(endpoint.name, serve, canonical=True, shape=shape)  # its exact path only
+        app.router.add_post(path, pipeline.routed(endpoint.name, serve, shape=shape), **expect)
     # everything else under /v1: stored responses to their provider, the rest to the pass-through provider
     forwarded = passthrough(router, KNOWN_PATHS)
     app.router.add_get("/v1/models", pipeline.located("models", model_list(router)), **expect)

@@ -71,8 +71,8 @@ class InboundAuth:
         if not self._keys:
             return None
         if not authorization:
-            raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>' "
-                                      "with one of the keys in TIERGATE_API_KEYS")
+            raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: "
+                                      "<key>') with one of the keys in TIERGATE_API_KEYS")
         scheme, _, presented = authorization.partition(" ")
         candidate = presented.strip().encode("utf-8", "surrogateescape")
         found = 0
@@ -81,6 +81,17 @@ class InboundAuth:
         if scheme.lower() != "bearer" or not found:
             raise AuthenticationError("invalid API key: the bearer key is not one of TIERGATE_API_KEYS")
         return self._names[found]
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key a client presents: its `Authorization`, else an `x-api-key` (as the Anthropic SDKs send
+    it), read as a bearer key."""
+    authorization = headers.get("Authorization")
+    if authorization is None:
+        api_key = headers.get("x-api-key")
+        if api_key is not None:
+            return f"Bearer {api_key}"
+    return authorization
 
 
 def is_loopback(host: str) -> bool:

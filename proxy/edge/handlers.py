@@ -91,12 +91,15 @@ def routed_endpoint(endpoint: Endpoint, router: Router, auth: InboundAuth) -> Se
     `auth`: tiergate's inbound keys, which a client's own provider key must not be."""
     config = router.config
     max_body, body_timeout, max_messages = config.max_body_bytes, config.client_body_timeout, config.max_messages
-    forwarded = request_filter(config.drop_headers)
+    # `x-api-key` is the client's key (tiergate's, when it has keys: auth.py), never sent on
+    forwarded = request_filter((*config.drop_headers, "x-api-key"))
 
     async def serve(request: web.Request, record: RequestRecord, key_name: str | None) -> web.StreamResponse:
         headers = request.headers
         payload = await read_json(request, max_body, body_timeout)
-        endpoint.validate(payload, max_messages)
+        query = request.query_string
+        target = endpoint.at_query(query) if query else endpoint
+        target.validate(payload, max_messages)
         upstream_headers = forwarded(headers)
         own_key = None
         if router.byok:  # a provider takes the client's own key: as its Authorization, never tiergate's key
@@ -105,7 +108,7 @@ def routed_endpoint(endpoint: Endpoint, router: Router, auth: InboundAuth) -> Se
                 upstream_headers["authorization"] = f"Bearer {own_key}"
         try:
             result = await router.dispatch(
-                endpoint, payload, record,
+                target, payload, record,
                 use_case=headers.get("x-use-case"), tier=headers.get("x-model-tier"),
                 timeout=_deadline(headers, payload.get("stream") is True), headers=upstream_headers,
                 cache_control=headers.get("cache-control"), api_key_name=key_name)

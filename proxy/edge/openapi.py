@@ -70,6 +70,31 @@ _TEXTS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "str
 _RESPONSE_ID = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
+_ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"], "properties": {
+    "type": {"type": "string", "enum": ["error"]},
+    "error": {"type": "object", "required": ["type", "message"],
+              "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
+_MESSAGES_BODY = {"type": "object", "required": ["messages"], "additionalProperties": True,
+                  "properties": {"model": {"type": "string"}, "max_tokens": {"type": "integer"},
+                                 "system": {"oneOf": [{"type": "string"}, {"type": "array", "items": _JSON_OBJECT}]},
+                                 "messages": {"type": "array", "minItems": 1, "items": {
+                                     "type": "object", "required": ["role", "content"], "properties": {
+                                         "role": {"type": "string", "enum": ["user", "assistant"]},
+                                         "content": {"type": "string"}}}},
+                                 "stream": {"type": "boolean"}, "temperature": {"type": "number"}}}
+
+
+def _messages(summary: str, streams: bool) -> dict[str, Any]:
+    """An Anthropic Messages operation: its errors in Anthropic's shape."""
+    op = _forwarded(summary, _MESSAGES_BODY, streams)
+    for status, response in op["post"]["responses"].items():
+        if status != "200":
+            response["content"] = {"application/json": {"schema": _ANTHROPIC_ERROR}}
+    op["post"]["parameters"] = [*_ROUTE_HEADERS, {"name": "anthropic-version", "in": "header", "required": False,
+                                                  "schema": {"type": "string"}}]
+    return op
+
+
 def _stored(method: str, summary: str) -> dict[str, Any]:
     return {method: {
         "summary": summary, "parameters": [_RESPONSE_ID], "security": [{"bearerAuth": []}, {}],
@@ -108,6 +133,9 @@ SPEC: dict[str, Any] = {
                                "previous_response_id": {"type": "string"}, "temperature": {"type": "number"},
                                "tools": {"type": "array", "items": _JSON_OBJECT}, "text": _JSON_OBJECT,
                                "reasoning": _JSON_OBJECT, "store": {"type": "boolean"}}}, True),
+        "/v1/messages": _messages("Anthropic Messages call (streamed as Messages' events with `stream: true`); "
+                                  "native to `kind: anthropic` providers, translated to chat for the others", True),
+        "/v1/messages/count_tokens": _messages("Anthropic token count, by the route's Messages provider", False),
         "/v1/responses/{response_id}": {
             **_stored("get", "A stored response, from the provider that holds it"),
             **_stored("delete", "Delete a stored response at the provider that holds it")},

@@ -38,9 +38,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("tiergate")
 
 # the body is re-framed (and decoded: aiohttp inflates a compressed request), the key is the provider's,
-# or the client's own provider key (`pass_client_key`), never the client's Authorization (tiergate's key)
+# or the client's own provider key (`pass_client_key`), never the client's Authorization or x-api-key
+# (tiergate's key: auth.py)
 _NOT_FORWARDED = HOP_BY_HOP | FORWARDING | {"host", "content-length", "content-encoding", "x-use-case",
-                                            "x-model-tier", "expect", "cookie", "authorization"}
+                                            "x-model-tier", "expect", "cookie", "authorization", "x-api-key"}
 _NOT_RELAYED = HOP_BY_HOP | {"content-encoding", "content-length", "server", "date"}
 _CHUNK = 64 * 1024
 

@@ -22,9 +22,9 @@ from yarl import URL
 
 from ..outcome import RequestRecord, new_request_id
 from ..types import InvalidRequestError
-from .auth import InboundAuth
+from .auth import InboundAuth, presented_key
 from .paths import canonical_target, is_unusual
-from .render import failure
+from .render import ErrorShape, failure
 
 if TYPE_CHECKING:
     from ..engine.router import Router
@@ -78,11 +78,12 @@ class Pipeline:
         self.auth = auth
         self.inflight = inflight
 
-    def routed(self, name: str, serve: Serve, *, canonical: bool = False) -> Handler:
+    def routed(self, name: str, serve: Serve, *, canonical: bool = False, shape: ErrorShape | None = None) -> Handler:
         """A routed endpoint's handler: `serve` hands the key's name to `Router.dispatch`, which admits
         the request with the route it resolves. `canonical`: the server calls it only for its exact,
-        canonical path (see connections.py), so its path needs no look."""
-        return self._handler(name, serve, canonical)
+        canonical path (see connections.py), so its path needs no look. `shape`: its API family's
+        error body (None: OpenAI's)."""
+        return self._handler(name, serve, canonical, shape)
 
     def located(self, name: str, locate: Locate) -> Handler:
         """The handler of a call tiergate does not route: admitted here against what `locate` found."""
@@ -101,7 +102,7 @@ class Pipeline:
 
         return self._handler(name, admit_and_send)
 
-    def _handler(self, name: str, serve: Serve, canonical: bool = False) -> Handler:
+    def _handler(self, name: str, serve: Serve, canonical: bool = False, shape: ErrorShape | None = None) -> Handler:
         router, inflight = self.router, self.inflight
         check_key = self.auth.check if self.auth.enabled else None
 
@@ -119,13 +120,13 @@ class Pipeline:
             task = request.task  # the handler's own task (asyncio.current_task() costs more)
             inflight.add(task)
             try:
-                key_name = check_key(headers.get("Authorization")) if check_key is not None else None
+                key_name = check_key(presented_key(headers)) if check_key is not None else None
                 return await serve(request, record, key_name)
             except (asyncio.CancelledError, ConnectionResetError) as exc:  # no one to answer
                 error = exc
                 raise
             except BaseException as exc:
-                error, response = failure(exc, record)
+                error, response = failure(exc, record, shape)
                 return response
             finally:
                 inflight.discard(task)

@@ -5,7 +5,7 @@ client needs to act on it (the provider's, `x-should-retry`, Retry-After)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import orjson
 from aiohttp import web
@@ -18,6 +18,9 @@ from .headers import relayed_headers
 log = logging.getLogger("tiergate")
 
 _ATTEMPTS = tuple(map(str, range(16)))  # x-tiergate-attempts, without a str() per response
+
+# an API family's own error body (the Endpoint's `error_body`; None: OpenAI's shape)
+ErrorShape = Callable[[TiergateError], "bytes | None"]
 
 
 def result_headers(record: RequestRecord, upstream: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -47,8 +50,10 @@ def redact_error(exc: TiergateError, redactor: Redactor) -> None:
         exc.headers = redactor.headers(headers)  # type: ignore[attr-defined]
 
 
-def error_response(exc: TiergateError, request_id: str, extra: dict[str, str] | None = None) -> web.Response:
-    """The error in OpenAI's shape. An error decided upstream carries the provider's headers
+def error_response(exc: TiergateError, request_id: str, extra: dict[str, str] | None = None,
+                   shape: ErrorShape | None = None) -> web.Response:
+    """The error in OpenAI's shape, or the shape of the client's API family (`shape`). An error
+    decided upstream carries the provider's headers
     (Retry-After, x-ratelimit-*, its x-request-id) and `x-should-retry: false`: tiergate has spent its
     attempts already, so the SDK does not multiply them."""
     upstream = getattr(exc, "headers", None)  # only the errors decided upstream have them
@@ -57,18 +62,19 @@ def error_response(exc: TiergateError, request_id: str, extra: dict[str, str] | 
         headers.update(extra)
     if getattr(exc, "tried", False):
         headers["x-should-retry"] = "false"
-    if isinstance(exc, UpstreamStatusError):
+    body = shape(exc) if shape is not None else None
+    if isinstance(exc, UpstreamStatusError) and body is None:
         return web.Response(body=exc.body, status=exc.status, headers=headers,
                             content_type=exc.content_type.split(";")[0])
     retry_after = getattr(exc, "retry_after", None)  # tiergate's limits and the upstream's 429s
     if retry_after is not None and "retry-after" not in {k.lower() for k in headers}:
         headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
         headers["retry-after-ms"] = str(max(1, int(retry_after * 1000)))
-    return web.Response(body=exc.to_body(), status=exc.status, headers=headers,
-                        content_type="application/json")
+    return web.Response(body=exc.to_body() if body is None else body, status=exc.status,
+                        headers=headers, content_type="application/json")
 
 
-def request_error(exc: TiergateError, record: RequestRecord) -> web.Response:
+def request_error(exc: TiergateError, record: RequestRecord, shape: ErrorShape | None = None) -> web.Response:
     """A request's error, with what is known of where it went: its route and attempts, and the
     model whose answer decided it when a provider's own error is passed through."""
     extra = {"x-tiergate-route": record.route} if record.route else None
@@ -80,17 +86,19 @@ def request_error(exc: TiergateError, record: RequestRecord) -> web.Response:
         record.tries = tried(record.attempts)
         extra = result_headers(record)
         del extra["x-request-id"]  # the provider's, relayed by error_response
-    return error_response(exc, record.request_id, extra)
+    return error_response(exc, record.request_id, extra, shape)
 
 
-def failure(exc: BaseException, record: RequestRecord) -> tuple[BaseException, web.Response]:
+def failure(exc: BaseException, record: RequestRecord, shape: ErrorShape | None = None
+            ) -> tuple[BaseException, web.Response]:
     """The answer to a request that raised `exc` (anything but a cancellation or the client leaving:
-    those have no one to answer), and the error its record is finished with."""
+    those have no one to answer), and the error its record is finished with; `shape`: the client's API
+    family's error body, when it is not OpenAI's."""
     if isinstance(exc, TiergateError):
-        return exc, request_error(exc, record)
+        return exc, request_error(exc, record, shape)
     if isinstance(exc, (orjson.JSONEncodeError, RecursionError)):  # a body nested deeper than re-encoding allows
         error = InvalidRequestError("the request body cannot be forwarded: it is nested too deeply")
-        return error, request_error(error, record)
+        return error, request_error(error, record, shape)
     log.exception("unexpected error in %s (request %s)", record.endpoint, record.request_id)
     return exc, error_response(TiergateError("internal error in tiergate; see its log for request "
-                                             f"{record.request_id}"), record.request_id)
+                                             f"{record.request_id}"), record.request_id, shape=shape)

@@ -9,7 +9,7 @@ the request log) only report `record.usage` and `record.cost_usd`.
 from __future__ import annotations
 
 from ..outcome import RequestRecord, Result, StreamState
-from ..protocol.usage import Usage, find_usage, usage_details, usage_of
+from ..protocol.usage import Usage, find_usage, messages_stream_usage, usage_details, usage_of
 from ..table.routing import RoutingTable
 
 # answered without an upstream call of their own: their tokens were paid for by another request
@@ -44,6 +44,9 @@ def charge_stream(record: RequestRecord, state: StreamState, table: RoutingTable
     if not tail:
         return
     usage = find_usage(tail)
+    head = state.head_usage
+    if head is not None and (usage is None or usage.prompt == 0):  # a Messages stream: input counted at its start
+        usage = messages_stream_usage(head, tail)
     if usage is not None:
         charge(record, usage, table)
         record.usage_details = usage_details(tail)

@@ -48,6 +48,7 @@ class Provider:
     def __init__(self, spec: ProviderSpec, config: RouterConfig):
         self.spec = spec
         self.name = spec.name
+        self.kind = spec.kind
         self.config = config
         self.base_url = spec.base_url
         self.headers = build_headers(spec, config)
@@ -123,12 +124,17 @@ class Provider:
 
 
 USER_AGENT = "tiergate/0.1"
+# the Messages API version an `anthropic` provider is called with when the client names none (a client's
+# `anthropic-version` replaces it: it is no protected header)
+ANTHROPIC_VERSION = "2023-06-01"
 
 
 def build_headers(spec: ProviderSpec, config: RouterConfig) -> dict[str, str]:
     """Static headers for every call: JSON content type, the key, the table's extra headers."""
     headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
                "User-Agent": USER_AGENT}  # set here, aiohttp adds none of its own (skipping one costs per request)
+    if spec.kind == "anthropic":
+        headers["anthropic-version"] = ANTHROPIC_VERSION
     for name, value in spec.headers:
         expanded = _expand(value, config.env)
         if expanded is not None:

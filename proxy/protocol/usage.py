@@ -93,6 +93,8 @@ def _usage_from(obj: dict[str, Any]) -> Usage | None:
     prompt = obj.get("prompt_tokens")
     if prompt is None:
         prompt = obj.get("input_tokens")
+        if "cache_read_input_tokens" in obj or "cache_creation_input_tokens" in obj:
+            return _messages_usage(obj, prompt)
     completion = obj.get("completion_tokens")
     if completion is None:
         completion = obj.get("output_tokens") or 0
@@ -118,6 +120,36 @@ def _usage_from(obj: dict[str, Any]) -> Usage | None:
     if type(output_details) is dict:
         reasoning = _count(output_details.get("reasoning_tokens"), completion)
     return Usage(prompt, completion, cache_read, cache_write, reasoning)
+
+
+def _messages_usage(obj: dict[str, Any], uncached: Any) -> Usage | None:
+    """Anthropic's Messages usage: `input_tokens` are the input tokens the cache did not serve; those it
+    served (`cache_read_input_tokens`) and those written to it (`cache_creation_input_tokens`) come on
+    top, so the prompt is their sum."""
+    output = obj.get("output_tokens") or 0
+    if type(uncached) is not int or type(output) is not int:
+        return None
+    read, write = obj.get("cache_read_input_tokens"), obj.get("cache_creation_input_tokens")
+    read = read if type(read) is int and read > 0 else 0
+    write = write if type(write) is int and write > 0 else 0
+    return Usage(max(uncached, 0) + read + write, max(output, 0), read, write)
+
+
+_OUTPUT_TOKENS = re.compile(rb'"output_tokens"\s*:\s*(\d{1,15})')
+
+
+def messages_start_usage(chunk: bytes) -> Usage | None:
+    """The usage of a Messages stream's `message_start` event (in its first chunk), or None."""
+    if b"message_start" not in chunk[:256]:
+        return None
+    return find_usage(chunk[:chunk.find(b"\n\n", chunk.find(b"message_start")) + 1 or None])
+
+
+def messages_stream_usage(head: Usage, tail: bytes) -> Usage:
+    """A Messages stream's usage: the input counts from its first event, the output tokens from the last
+    event that counts them (`message_delta`'s are cumulative)."""
+    counts = _OUTPUT_TOKENS.findall(tail)
+    return head._replace(completion=int(counts[-1])) if counts else head
 
 
 def _count(value: Any, limit: int) -> int:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tiergate")
 
 _SSE_STARTS = (b"data:", b"event:", b":", b"id:", b"retry:")
-_ERROR_EVENT = b'data: {"error"'
+_ERROR_EVENTS = (b'data: {"error"', b"event: error")  # OpenAI's error event, and typed streams' (Messages)
 _INF = float("inf")
 
 
@@ -220,7 +220,7 @@ class AttemptLife:
             first = await resp.content.readany()
             if not first:
                 raise failed(ref, "empty_stream", status)
-            if first.startswith(_ERROR_EVENT) or not first.lstrip().startswith(_SSE_STARTS):
+            if first.startswith(_ERROR_EVENTS) or not first.lstrip().startswith(_SSE_STARTS):
                 # an error event before any content, or bytes that are not SSE: fall back
                 raise failed(ref, "stream_error", status)
         except BaseException:

@@ -1,0 +1,252 @@
+"""Anthropic's Messages API (`POST /v1/messages`, `POST /v1/messages/count_tokens`): routed like chat.
+
+A candidate whose provider speaks Messages (`kind: anthropic`, or `apis` naming `messages`) gets the
+request as written; one that speaks only Chat Completions gets it translated (the pure translation is
+in `messages/`) and its answer translated back. Errors, tiergate's own and the providers', reach the
+client in Anthropic's shape (`{"type": "error", "error": {"type", "message"}}`), so the Anthropic SDKs
+raise their own classes for them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ..outcome import new_request_id
+from ..protocol.usage import messages_start_usage
+from ..table.routing import RouteDecision
+from ..types import InvalidRequestError, ModelRef, Route, TiergateError, UpstreamStatusError
+from .base import Endpoint, Translation, Translator
+from .messages import ChatToMessagesStream, chat_to_message, to_chat_request
+from .openai import CHAT
+
+if TYPE_CHECKING:
+    from ..fleet.affinity import ResponseAffinity
+    from ..outcome import Result, StreamState
+    from ..table.routing import RoutingTable
+
+# the event a complete Messages stream ends with, as its data line carries it (an escaped quote inside
+# a text delta can never form it)
+MESSAGES_DONE = (b'"type":"message_stop"', b'"type": "message_stop"')
+_OPENAI_ERROR_EVENT = b'data: {"error"'  # what the relay ends a broken stream with
+
+# the error type Anthropic gives each status; other 4xx are invalid requests, other 5xx api errors
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                403: "permission_error", 404: "not_found_error", 408: "timeout_error", 413: "request_too_large",
+                429: "rate_limit_error", 500: "api_error", 504: "timeout_error", 529: "overloaded_error"}
+_ANTHROPIC_TYPES = frozenset(_ERROR_TYPES.values())
+
+# Messages' own fields and their JSON types (the shared ones, `model`, `stream`, ..., are the base's)
+_MESSAGES_FIELDS: dict[str, tuple[type, ...]] = {
+    "system": (str, list), "max_tokens": (int,), "stop_sequences": (list,), "top_k": (int,),
+    "thinking": (dict,), "tool_choice": (dict,), "tools": (list,), "metadata": (dict,),
+    "container": (str, dict), "mcp_servers": (list,), "service_tier": (str,)}
+
+
+def error_type_for(status: int) -> str:
+    """Anthropic's error type for an HTTP status."""
+    found = _ERROR_TYPES.get(status)
+    if found is not None:
+        return found
+    return "invalid_request_error" if status < 500 else "api_error"
+
+
+def anthropic_error(exc: TiergateError) -> bytes:
+    """`exc` in Anthropic's shape. A provider's own error body passes as it came when it is Anthropic's
+    already; an OpenAI-shaped one is re-worded (its message kept)."""
+    if isinstance(exc, UpstreamStatusError):
+        try:
+            body = orjson.loads(exc.body)
+        except orjson.JSONDecodeError:
+            body = None
+        if type(body) is dict and body.get("type") == "error" and type(body.get("error")) is dict:
+            return exc.body
+        error = body.get("error") if type(body) is dict else None
+        message = error.get("message") if type(error) is dict else None
+        if type(message) is not str:
+            message = exc.body.decode("utf-8", "replace")[:2000] or exc.message
+        return orjson.dumps({"type": "error", "error": {"type": error_type_for(exc.status), "message": message}})
+    kind = exc.error_type if exc.error_type in _ANTHROPIC_TYPES else error_type_for(exc.status)
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": exc.message}})
+
+
+def stream_error(message: str, error_type: str = "api_error") -> bytes:
+    """Anthropic's `error` event: how a Messages stream that broke after it began ends."""
+    return b"event: error\ndata: " + orjson.dumps(
+        {"type": "error", "error": {"type": error_type, "message": message}}) + b"\n\n"
+
+
+def _check_types(payload: dict[str, Any]) -> None:
+    for name, types in _MESSAGES_FIELDS.items():
+        value = payload.get(name)
+        if value is not None and type(value) not in types:
+            raise InvalidRequestError(f"'{name}' has the wrong type for the Messages API", param=name)
+
+
+def _check_messages(payload: dict[str, Any], max_messages: int) -> None:
+    messages = payload["messages"]
+    if type(messages) is not list or not messages:
+        raise InvalidRequestError("'messages' must be a non-empty array", param="messages")
+    if len(messages) > max_messages:
+        raise InvalidRequestError(f"'messages' has {len(messages)} messages; at most {max_messages} are accepted",
+                                  param="messages")
+    for i, message in enumerate(messages):
+        if type(message) is not dict or message.get("role") not in ("user", "assistant"):
+            raise InvalidRequestError(f"messages.{i}: must be an object whose 'role' is 'user' or 'assistant'",
+                                      param=f"messages.{i}")
+        if type(message.get("content")) not in (str, list):
+            raise InvalidRequestError(f"messages.{i}.content: must be a string or an array of content blocks",
+                                      param=f"messages.{i}.content")
+
+
+@dataclass(frozen=True, slots=True)
+class MessagesEndpoint(Endpoint):
+    """`POST /v1/messages`: native to Messages providers, translated to Chat Completions for the others."""
+
+    def validate(self, payload: Any, max_messages: int) -> None:
+        Endpoint.validate(self, payload, max_messages)
+        _check_types(payload)
+        _check_messages(payload, max_messages)
+
+    def apply_defaults(self, payload: dict[str, Any], route: Route) -> None:
+        """The route's defaults under Messages' names: `max_tokens`, `temperature`, `system`."""
+        if route.max_tokens is not None and "max_tokens" not in payload:
+            payload["max_tokens"] = route.max_tokens
+        if route.temperature is not None and "temperature" not in payload:
+            payload["temperature"] = route.temperature
+        if route.system_prompt and not payload.get("system"):
+            payload["system"] = route.system_prompt
+
+    def cacheable(self, route: Route | None, payload: dict[str, Any], stream: bool) -> bool:
+        # a Messages stream is typed events, not chat chunks: never replayed from or shared as a completion
+        return not stream and Endpoint.cacheable(self, route, payload, stream)
+
+    def error_body(self, exc: TiergateError) -> bytes:
+        return anthropic_error(exc)
+
+    def at_query(self, query: str) -> Endpoint:
+        """`?beta=true` (the SDKs' `client.beta.messages`) goes to a Messages provider as sent."""
+        return _BETA.get(query, self)
+
+    async def candidates(self, decision: RouteDecision, payload: dict[str, Any], table: RoutingTable,
+                         affinity: ResponseAffinity) -> tuple[RouteDecision, Translator | None]:
+        """Messages providers take the call as written; chat-only ones get it translated. A call that
+        cannot be translated honestly goes only to the Messages providers (400 naming the field when
+        there are none)."""
+        specs = table.providers
+        chat_only = [c for c in decision.candidates if c.provider in specs and not specs[c.provider].serves_messages]
+        if not chat_only:
+            return decision, None
+        try:
+            chat = to_chat_request(payload)
+        except InvalidRequestError as exc:
+            native = tuple(c for c in decision.candidates if c not in chat_only)
+            if not native:
+                names = ", ".join(sorted({c.provider for c in chat_only}))
+                raise InvalidRequestError(f"route {decision.name}: {exc.message} (providers {names} speak only "
+                                          "Chat Completions)", param=exc.param, code=exc.code) from None
+            return RouteDecision(decision.name, native, decision.route, decision.plans), None
+        translated = frozenset(chat_only)
+        translate = _translation(payload, chat, "msg_" + new_request_id().removeprefix("req_"))
+        return decision, lambda ref: translate(ref) if ref in translated else None
+
+    async def answered(self, result: Result, payload: dict[str, Any], table: RoutingTable,
+                       affinity: ResponseAffinity) -> Result:
+        """A stream: its `message_start` usage kept for its cost, a break ended with Anthropic's `error` event."""
+        if result.stream is not None:
+            result.stream = _messages_stream(result.stream, result.stream_state)
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class CountTokensEndpoint(Endpoint):
+    """`POST /v1/messages/count_tokens`: to the route's first Messages provider, which does the counting."""
+
+    def validate(self, payload: Any, max_messages: int) -> None:
+        Endpoint.validate(self, payload, max_messages)
+        _check_types(payload)
+        _check_messages(payload, max_messages)
+
+    def apply_defaults(self, payload: dict[str, Any], route: Route) -> None:
+        if route.system_prompt and not payload.get("system"):
+            payload["system"] = route.system_prompt
+
+    def error_body(self, exc: TiergateError) -> bytes:
+        return anthropic_error(exc)
+
+    def at_query(self, query: str) -> Endpoint:
+        return _BETA_COUNT.get(query, self)
+
+    async def candidates(self, decision: RouteDecision, payload: dict[str, Any], table: RoutingTable,
+                         affinity: ResponseAffinity) -> tuple[RouteDecision, Translator | None]:
+        specs = table.providers
+        native = tuple(c for c in decision.candidates if c.provider in specs and specs[c.provider].serves_messages)
+        if not native:
+            raise InvalidRequestError(f"route {decision.name} has no provider that speaks the Messages API, "
+                                      "which counts tokens; add one (kind: anthropic)", param="model",
+                                      code="count_tokens_unsupported")
+        return RouteDecision(decision.name, native, decision.route, decision.plans), None
+
+
+MESSAGES = MessagesEndpoint("messages", "/messages", "chat", True, required="messages", answer_key="content",
+                            done=MESSAGES_DONE, stateful=True)
+COUNT_TOKENS = CountTokensEndpoint("messages.count_tokens", "/messages/count_tokens", "chat", False,
+                                   required="messages", deterministic=True, stateful=True)
+# the beta variants, by the query that asks for them: the same endpoints, their path with the query
+_BETA: dict[str, Endpoint] = {"beta=true": replace(MESSAGES, path="/messages?beta=true")}
+_BETA_COUNT: dict[str, Endpoint] = {"beta=true": replace(COUNT_TOKENS, path="/messages/count_tokens?beta=true")}
+
+
+async def _messages_stream(chunks: AsyncIterator[bytes], state: StreamState | None) -> AsyncIterator[bytes]:
+    """The first event's usage noted on `state` (Anthropic puts the input tokens there, the output
+    tokens in the last), and the relay's error event re-worded as Anthropic's."""
+    first = True
+    try:
+        async for chunk in chunks:
+            if first:
+                first = False
+                if state is not None:
+                    state.head_usage = messages_start_usage(chunk)
+            if chunk.startswith(_OPENAI_ERROR_EVENT):
+                try:
+                    message = orjson.loads(chunk[6:])["error"]["message"]
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    message = "the upstream stream broke off before its end"
+                chunk = stream_error(message)
+            yield chunk
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
+def _translation(request: dict[str, Any], chat: dict[str, Any], message_id: str) -> Translator:
+    """A Messages call for a provider that speaks only Chat Completions: `chat` goes to it, and its
+    answer comes back as a Message (or Messages' stream events)."""
+
+    def transform_body(data: bytes) -> bytes:
+        try:
+            completion = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            completion = {}
+        return orjson.dumps(chat_to_message(completion, request, message_id))
+
+    def translate(ref: ModelRef) -> Translation:
+        async def transform_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            translator = ChatToMessagesStream(message_id, ref.model, int(time.time()))
+            try:
+                async for chunk in chunks:  # read to the stream's end, so it counts as complete
+                    out = translator.feed(chunk)
+                    if out:
+                        yield out
+                tail = translator.close()
+                if tail:
+                    yield tail
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
+
+        return Translation(CHAT, chat, transform_body, transform_stream)
+
+    return translate
