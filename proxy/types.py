@@ -85,7 +85,7 @@ class Route:
     stream_recovery: str = "off"  # `continue`: a stream that breaks mid-answer is continued by the next model
     cache_scope: str = "key"  # `shared`: a cached answer (and a shared stream) serves every inbound key
     # tries of the same deployment, at once, after a 429 with a short Retry-After or a 500/502/503, before the
-    # next candidate; None: the default (1)
+    # next candidate; None: the default (one, after a short 429 only)
     retry_same: int | None = None
 
     @property

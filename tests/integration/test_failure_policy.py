@@ -164,10 +164,11 @@ async def test_a_hung_primary_stream_under_a_short_deadline_falls_back_in_time(t
 
 # 4. a careful client's retry of the same deployment --------------------------------------------------
 
-@pytest.mark.parametrize("failure", [Fail(429, retry_after=0.2), Fail(500), Fail(503)])
-async def test_a_short_429_or_a_lone_5xx_is_tried_once_more_at_the_same_deployment(upstream, backup,
-                                                                                   start_tiergate, http, failure):
-    running = await start_tiergate(table_doc(upstream, backup), retry_after_cap=1.0)
+@pytest.mark.parametrize("failure,route", [(Fail(429, retry_after=0.2), {}), (Fail(500), {"retry_same": 1}),
+                                           (Fail(503), {"retry_same": 1})])
+async def test_a_short_429_or_a_lone_5xx_is_tried_once_more_at_the_same_deployment(upstream, backup, start_tiergate,
+                                                                                   http, failure, route):
+    running = await start_tiergate(table_doc(upstream, backup, **route), retry_after_cap=1.0)
     upstream.push(failure)
     status, headers, _ = await post(http, running.v1 + "/chat/completions", chat())
     assert status == 200 and headers["x-tiergate-provider"] == "primary"
@@ -176,7 +177,7 @@ async def test_a_short_429_or_a_lone_5xx_is_tried_once_more_at_the_same_deployme
         assert upstream.requests[1].at - upstream.requests[0].at >= 0.19
 
 
-@pytest.mark.parametrize("failure", [Fail(429), Fail(429, retry_after=30), Fail(504)])
+@pytest.mark.parametrize("failure", [Fail(429), Fail(429, retry_after=30), Fail(504), Fail(500)])
 async def test_a_long_or_unknown_wait_goes_to_the_fallback_at_once(tiergate, upstream, backup, http, failure):
     upstream.push(failure)
     status, headers, _ = await post(http, tiergate.v1 + "/chat/completions", chat())
@@ -184,8 +185,8 @@ async def test_a_long_or_unknown_wait_goes_to_the_fallback_at_once(tiergate, ups
 
 
 async def test_retry_same_zero_falls_back_at_once_and_two_tries_twice(upstream, backup, start_tiergate, http):
-    running = await start_tiergate(table_doc(upstream, backup, retry_same=0))
-    upstream.push(Fail(500))
+    running = await start_tiergate(table_doc(upstream, backup, retry_same=0), retry_after_cap=1.0)
+    upstream.push(Fail(429, retry_after=0.1))
     status, headers, _ = await post(http, running.v1 + "/chat/completions", chat())
     assert status == 200 and headers["x-tiergate-provider"] == "backup" and upstream.calls == 1
     running = await start_tiergate(table_doc(upstream, backup, retry_same=2), max_retries=4)
@@ -195,7 +196,7 @@ async def test_retry_same_zero_falls_back_at_once_and_two_tries_twice(upstream, 
 
 
 async def test_retry_same_stays_within_the_attempt_budget(upstream, backup, start_tiergate, http):
-    running = await start_tiergate(table_doc(upstream, backup), max_retries=1)
+    running = await start_tiergate(table_doc(upstream, backup, retry_same=1), max_retries=1)
     upstream.push(Fail(500))
     status, _, _ = await post(http, running.v1 + "/chat/completions", chat())
     assert status == 500 and upstream.calls == 1 and backup.calls == 0

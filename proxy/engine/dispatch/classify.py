@@ -75,14 +75,15 @@ SHORT_RETRY_AFTER = 2.0  # seconds: a 429 asking for no longer is worth waiting 
 _AGAIN_STATUS = frozenset({500, 502, 503})
 
 
-def worth_again(failure: Retryable) -> bool:
+def worth_again(failure: Retryable, server_errors: bool) -> bool:
     """A failure a careful client retries at the same deployment before going elsewhere: a 429 whose
-    Retry-After is short, or a 500, 502 or 503 (one alone is usually transient). Not a timeout or a
-    dropped connection (a slow or unreachable deployment costs as much again), nor a 429 without a wait."""
+    Retry-After is short (the provider said when to come back), and with `server_errors` a 500, 502 or
+    503 (one alone is usually transient). Not a timeout or a dropped connection (a slow or unreachable
+    deployment costs as much again), nor a 429 without a wait."""
     status = failure.attempt.status
     if status == 429:
         return failure.retry_after is not None and failure.retry_after <= SHORT_RETRY_AFTER
-    return status in _AGAIN_STATUS and failure.attempt.outcome.startswith("http_")
+    return server_errors and status in _AGAIN_STATUS and failure.attempt.outcome.startswith("http_")
 
 
 def failed(ref: ModelRef, outcome: str, status: int | None = None, *, body: bytes | None = None) -> Retryable:

@@ -2,8 +2,8 @@
 
 For each candidate: skip it when the prompt is known not to fit its context window; ask the gate
 (fleet block, breaker, cooldown, backoff); send one attempt (its pool slot, deadline and breaker trial
-are the attempt's lifetime); a retryable failure moves on, except that a short 429 or a lone 5xx is
-tried once more at the same deployment first (`retry_same`), backing off (and honouring Retry-After)
+are the attempt's lifetime); a retryable failure moves on, except that a short 429 (and a lone 5xx, on a
+route that sets `retry_same`) is tried once more at the same deployment first, backing off (and honouring Retry-After)
 before trying again a deployment that already failed this request; a context-window 400 moves on to a
 larger window; another client error (4xx) is passed back at once. The first-byte budget fits the call
 (a share of its deadline while candidates remain, the deployment's recent first bytes). A non-stream
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from .call import StreamContinuer
 
 _INF = float("inf")
-_RETRY_SAME = 1  # the default of a route's `retry_same`
+_RETRY_SAME = 1  # a route without `retry_same`: one more try after a short 429 (a 5xx fails over at once)
 _FIRST_BYTE_MULTIPLE = 4.0  # the first-byte budget: this many times the deployment's recent 99th percentile,
 _FIRST_BYTE_FLOOR = 5.0     # never below this many seconds (nor above TIERGATE_FIRST_BYTE_TIMEOUT)
 
@@ -153,14 +153,15 @@ class AttemptLoop:
 
     def _after(self, call: Call, candidate: Candidate, failure: Retryable, tally: Tally) -> None:
         """What a failed attempt means for the rest of the run: a prompt too long for the deployment
-        rules it out (and every window no larger); a short 429 or a lone 5xx earns it another try at
-        once (the route's `retry_same`), when the wait leaves a fallback time."""
+        rules it out (and every window no larger); a short 429 (and, when the route sets `retry_same`,
+        a 500/502/503) earns it another try at once, when the wait leaves a fallback time."""
         if isinstance(failure, ContextTooLong):
             self.windows.refused(candidate, failure, call, tally)
             return
         route = call.plan.route
-        retries = _RETRY_SAME if route is None or route.retry_same is None else route.retry_same
-        if tally.failures[candidate.ref] > retries or not worth_again(failure):
+        chosen = route is not None and route.retry_same is not None  # the route's own: 5xx too
+        retries = route.retry_same if chosen else _RETRY_SAME  # type: ignore[union-attr]
+        if tally.failures[candidate.ref] > retries or not worth_again(failure, chosen):
             return
         wait = failure.retry_after or 0.0
         if wait and tally.deadline != _INF and wait * 2 >= tally.deadline - time.perf_counter():
