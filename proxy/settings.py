@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .types import ConfigError
-from .urls import parse_url, redact_credentials
+from .urls import REDIS_URL_FORMS, parse_redis_url, parse_url, redact_credentials
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the checkout (tests, docs); not there once installed
 # The embedded tables and SQL migrations ship inside the package (package data), so an installed
@@ -145,15 +145,17 @@ class _Settings:
 
     def __post_init__(self) -> None:
         # a malformed URL is a clear message at start-up (credentials masked), not a traceback later
-        for name, env_name, schemes in (
-                ("database_url", "DATABASE_URL", ("postgresql", "postgres", "postgresql+asyncpg")),
-                ("redis_url", "TIERGATE_REDIS_URL", ("redis", "rediss"))):
-            value = getattr(self, name)
-            if value:
-                try:
-                    parse_url(value, name=env_name, schemes=schemes, credentials=True)
-                except ValueError as exc:
-                    raise ConfigError(str(exc), param=name) from None
+        if self.database_url:
+            try:
+                parse_url(self.database_url, name="DATABASE_URL", credentials=True,
+                          schemes=("postgresql", "postgres", "postgresql+asyncpg"))
+            except ValueError as exc:
+                raise ConfigError(str(exc), param="database_url") from None
+        if self.redis_url:  # one server, a cluster or a Sentinel-managed primary: see parse_redis_url
+            try:
+                parse_redis_url(self.redis_url)
+            except ValueError as exc:
+                raise ConfigError(str(exc), param="redis_url") from None
 
         if not 0.0 <= self.limits_sync_within <= 1.0:
             raise ConfigError(f"limits_sync_within = {self.limits_sync_within}: expected a share of the cap "
@@ -267,7 +269,6 @@ class RouterConfig(_Settings):
 _URL_SCHEMES = {
     "database_url": ("DATABASE_URL", ("postgresql", "postgres", "postgresql+asyncpg"),
                      "postgresql://user@host:5432/db"),
-    "redis_url": ("TIERGATE_REDIS_URL", ("redis", "rediss"), "redis://host:6379/0"),
 }
 
 
@@ -281,6 +282,11 @@ def check_service_urls(config: _Settings) -> None:
             problem = _url_problem(url, schemes)
             if problem:
                 raise ConfigError(f"{variable} is malformed: {problem} (expected e.g. {example})", param=name)
+    if config.redis_url:
+        try:
+            parse_redis_url(config.redis_url)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (expected {'; '.join(REDIS_URL_FORMS)})", param="redis_url") from None
 
 
 def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:

@@ -1,5 +1,6 @@
 """URLs in tiergate's own words: credentials masked wherever a URL is quoted, and checks of the
-URLs a user configures (provider `base_url`, `DATABASE_URL`, `TIERGATE_REDIS_URL`).
+URLs a user configures (provider `base_url`, `DATABASE_URL`, `TIERGATE_REDIS_URL`: one server, a
+Redis Cluster or a Sentinel-managed primary, see `parse_redis_url`).
 
 Every message, log line, health field or CLI output that quotes a URL passes it (or the text
 holding it) through `redact_credentials` first, so a `user:password@` never leaves the process.
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from urllib.parse import SplitResult, urlsplit
+from dataclasses import dataclass, field
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 # scheme://userinfo@ -- userinfo is `user`, `user:password` or `:password`; it ends at the last `@`
 # before the host (a password may hold `@`), and never spans `/`, whitespace or quotes
@@ -48,3 +50,119 @@ def parse_url(url: str, *, name: str, schemes: Iterable[str], credentials: bool)
         raise ValueError(f"{name}: {shown!r} holds credentials (user:password@); they are not sent "
                          "from here: give the key as api_key or api_key_env (or a header in headers)")
     return parts
+
+
+# --- TIERGATE_REDIS_URL --------------------------------------------------------------------------
+
+REDIS_URL_FORMS = ("redis://[user:password@]host[:port][/db]",
+                   "redis+cluster://[user:password@]host:port[,host:port...]",
+                   "redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db]",
+                   "(rediss://, rediss+cluster://, rediss+sentinel:// for TLS)")
+_REDIS_KINDS = {"redis": ("server", False), "rediss": ("server", True),
+                "redis+cluster": ("cluster", False), "rediss+cluster": ("cluster", True),
+                "redis+sentinel": ("sentinel", False), "rediss+sentinel": ("sentinel", True)}
+# the query options tiergate passes on, each with the values it accepts (None: any text)
+REDIS_OPTIONS: dict[str, tuple[str, ...] | None] = {
+    "client_name": None, "ssl_cert_reqs": ("none", "optional", "required"), "ssl_ca_certs": None,
+    "ssl_check_hostname": ("true", "false")}
+_TLS_OPTIONS = frozenset({"ssl_cert_reqs", "ssl_ca_certs", "ssl_check_hostname"})
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """What `TIERGATE_REDIS_URL` names: one server, a Redis Cluster (its seed nodes) or a
+    Sentinel-managed primary (the sentinels and the service name)."""
+
+    kind: str  # server | cluster | sentinel
+    nodes: tuple[tuple[str, int], ...]
+    tls: bool = False
+    db: int = 0
+    service: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    options: tuple[tuple[str, str], ...] = ()
+
+    def where(self) -> str:
+        """The nodes (and service, db) for messages: never a credential."""
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.nodes)
+        if self.kind == "sentinel":
+            return f"sentinel {hosts}/{self.service}/{self.db}"
+        return f"cluster {hosts}" if self.kind == "cluster" else f"{hosts}/{self.db}"
+
+
+def parse_redis_url(url: str, *, name: str = "TIERGATE_REDIS_URL") -> RedisTarget:
+    """Read a Redis URL in one of `REDIS_URL_FORMS`; ValueError is one line naming the part at
+    fault (never quoting the credentials), so `tiergate check` and `serve` fail alike."""
+    scheme, sep, rest = url.partition("://")
+    kind_tls = _REDIS_KINDS.get(scheme.lower()) if sep else None
+    if kind_tls is None:
+        raise ValueError(f"{name}: the scheme must be one of {', '.join(s + '://' for s in _REDIS_KINDS)}")
+    kind, tls = kind_tls
+    rest = rest.partition("#")[0]
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username, password = unquote(user) or None, (unquote(secret) if colon else None)
+    nodes = tuple(_redis_node(spec, name, 26379 if kind == "sentinel" else 6379) for spec in hosts.split(","))
+    if kind == "server" and len(nodes) > 1:
+        raise ValueError(f"{name}: redis:// names one server; several seed nodes are a cluster "
+                         "(redis+cluster://host:port,host:port) or sentinels (redis+sentinel://...)")
+    segments = [unquote(s) for s in path.split("/")] if path else []
+    service = None
+    if kind == "sentinel":
+        if not segments or not segments[0]:
+            raise ValueError(f"{name}: a Sentinel URL names the primary's service: "
+                             "redis+sentinel://host:port[,host:port]/service_name[/db]")
+        service = segments.pop(0)
+    db = _redis_db(segments, name)
+    if kind == "cluster" and db:
+        raise ValueError(f"{name}: a Redis Cluster has database 0 only (drop /{db})")
+    options = _redis_options(query, tls, name)
+    return RedisTarget(kind, nodes, tls, db, service, username, password, options)
+
+
+def _redis_node(spec: str, name: str, default_port: int) -> tuple[str, int]:
+    if spec.startswith("["):
+        host, bracket, port = spec[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            raise ValueError(f"{name}: a host in [brackets] is not a valid IPv6 address")
+        port = port[1:]
+    else:
+        host, _, port = spec.partition(":")
+    if not host:
+        raise ValueError(f"{name}: a host is missing")
+    if any(c in host for c in " []\\@"):
+        raise ValueError(f"{name}: a host holds a character no host name may hold")
+    if not port:
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{name}: the port of {host} is not a number from 1 to 65535")
+    return host, int(port)
+
+
+def _redis_db(segments: list[str], name: str) -> int:
+    segments = [s for s in segments if s]
+    if not segments:
+        return 0
+    if len(segments) > 1 or not segments[0].isdigit():
+        raise ValueError(f"{name}: the path after the host must be a database number (/0)")
+    return int(segments[0])
+
+
+def _redis_options(query: str, tls: bool, name: str) -> tuple[tuple[str, str], ...]:
+    options = []
+    for option, value in parse_qsl(query, keep_blank_values=True):
+        if option not in REDIS_OPTIONS:
+            hint = " (a Redis Cluster is named redis+cluster://host:port[,host:port...])" \
+                if option == "cluster" else ""
+            raise ValueError(f"{name}: unknown option {option!r}{hint}; known: {', '.join(REDIS_OPTIONS)}")
+        allowed = REDIS_OPTIONS[option]
+        if allowed is not None and value.lower() not in allowed:
+            raise ValueError(f"{name}: option {option} must be one of {', '.join(allowed)}")
+        if option in _TLS_OPTIONS and not tls:
+            raise ValueError(f"{name}: option {option} applies to TLS only (rediss://...)")
+        options.append((option, value))
+    return tuple(options)

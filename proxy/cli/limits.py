@@ -62,10 +62,11 @@ async def _rows(config: RouterConfig) -> tuple[list[dict[str, Any]], str]:
     usage: dict[str, float] | None = None
     note = f"limits from {table.source}; "
     if config.redis_url and index.checks:
-        from ..fleet.state import FleetLimits, RedisLink
+        from ..fleet.cluster_link import open_link
+        from ..fleet.state import FleetLimits
         from ..limits.spec import FleetUnavailable
 
-        link = RedisLink(config.redis_url, timeout=max(config.redis_timeout, 1.0))
+        link = open_link(config.redis_url, timeout=max(config.redis_timeout, 1.0))
         try:
             usage = await FleetLimits(link, config.cache_namespace).usage(index.checks)
             note += f"use across the fleet from redis at {link.where()}"

@@ -17,7 +17,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import orjson
 from aiocache.backends.redis import RedisCache
@@ -25,12 +24,13 @@ from aiocache.base import BaseCache
 from aiocache.serializers import BaseSerializer, NullSerializer
 from redis.exceptions import RedisError
 
+from ..fleet.connect import redis_client, redis_target
 from ..outcome import RequestRecord, Result
 from ..planner.plan import Plan
 from ..protocol.sse import assemble, wants_usage
 from ..settings import RouterConfig
 from ..table.routing import ProviderSpec
-from ..types import ConfigError, ModelRef, Route, TiergateError
+from ..types import ModelRef, Route, TiergateError
 from .fanout import SharedStream
 
 log = logging.getLogger("tiergate")
@@ -219,27 +219,24 @@ class TiergateRedisCache(RedisCache):
 
 
 def redis_cache_from_url(url: str, *, timeout: float, namespace: str = "tiergate") -> RedisCache:
-    """aiocache's Redis cache for `redis://[user:password@]host[:port][/db]` (or `rediss://`),
-    every operation bounded by `timeout` seconds."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ConfigError("redis_url: must start with redis:// or rediss://", param="redis_url")
-    db = (parts.path or "/0").strip("/") or "0"
-    if not db.isdigit():
-        raise ConfigError("redis_url: the path must be a database number", param="redis_url")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ConfigError("redis_url: the port is not a number from 1 to 65535", param="redis_url") from None
+    """aiocache's Redis cache for what `TIERGATE_REDIS_URL` names (one server, a Redis Cluster or a
+    Sentinel-managed primary), every operation bounded by `timeout` seconds.
+
+    aiocache builds its client for one server only; for a cluster or a Sentinel its client is
+    replaced by redis-py's `RedisCluster` or the Sentinel's primary: the cache calls only single-key
+    commands (GET, SET, DEL), which both route by themselves."""
+    target = redis_target(url)
+    host, port = target.nodes[0]
     pool_kwargs: dict[str, Any] = {"socket_timeout": timeout}
-    if parts.username:
-        pool_kwargs["username"] = unquote(parts.username)
-    return TiergateRedisCache(
+    if target.username:
+        pool_kwargs["username"] = target.username
+    cache = TiergateRedisCache(
         serializer=CachedResponseSerializer(), namespace=namespace, timeout=timeout,
-        endpoint=parts.hostname or "127.0.0.1", port=port, db=int(db),
-        password=unquote(parts.password) if parts.password else None,
-        create_connection_timeout=timeout, ssl=parts.scheme == "rediss",
-        connection_pool_kwargs=pool_kwargs)
+        endpoint=host, port=port, db=target.db, password=target.password,
+        create_connection_timeout=timeout, ssl=target.tls, connection_pool_kwargs=pool_kwargs)
+    if target.kind != "server":
+        cache.client = redis_client(url, timeout=timeout)
+    return cache
 
 
 class RedisLevel:

@@ -85,8 +85,9 @@ class Router(LibraryAPI):
         # and deployments some tiergate found failing (open breakers, rate-limit cooldowns), shared too
         self.fleet_health: FleetHealth | None = None
         if self.config.redis_url:
-            from ..fleet.state import FleetHealth, FleetLimits, RedisLink
-            self.fleet = FleetLimits(RedisLink(self.config.redis_url, timeout=self.config.redis_timeout),
+            from ..fleet.cluster_link import open_link  # one server, a cluster or a Sentinel's primary
+            from ..fleet.state import FleetHealth, FleetLimits
+            self.fleet = FleetLimits(open_link(self.config.redis_url, timeout=self.config.redis_timeout),
                                      self.config.cache_namespace, sync_within=self.config.limits_sync_within)
             self.fleet_health = FleetHealth(self.fleet.link, self.config.cache_namespace)
             self.breakers.on_state_change = self._share_breaker_state

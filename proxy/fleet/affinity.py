@@ -62,10 +62,9 @@ class ResponseAffinity:
         if not self._url or (self._down_until and time.monotonic() < self._down_until):
             return None
         if self._redis is None:
-            import redis.asyncio as aioredis
+            from .connect import redis_client  # one server, a cluster or a Sentinel's primary
 
-            self._redis = aioredis.from_url(self._url, socket_timeout=self._timeout,
-                                            socket_connect_timeout=self._timeout)
+            self._redis = redis_client(self._url, timeout=self._timeout)
         return self._redis
 
     def _failed(self, what: str, exc: BaseException) -> None:

@@ -37,10 +37,9 @@ class ObjectOwners:
         if not self._url or (self._down_until and time.monotonic() < self._down_until):
             return None
         if self._redis is None:
-            import redis.asyncio as aioredis
+            from .connect import redis_client  # one server, a cluster or a Sentinel's primary
 
-            self._redis = aioredis.from_url(self._url, socket_timeout=self._timeout,
-                                            socket_connect_timeout=self._timeout)
+            self._redis = redis_client(self._url, timeout=self._timeout)
         return self._redis
 
     def _failed(self, what: str, exc: BaseException) -> None:
@@ -91,7 +90,9 @@ class ObjectOwners:
         client = self._client() if missing else None
         if client is not None:
             try:
-                values = await client.mget([self._prefix + i for i in missing])
+                # a cluster spreads the ids over its slots: one MGET per node (redis-py's mget_nonatomic)
+                mget = getattr(client, "mget_nonatomic", client.mget)
+                values = await mget([self._prefix + i for i in missing])
             except Exception as exc:  # noqa: BLE001
                 self._failed("mget", exc)
             else:

@@ -22,18 +22,17 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..limits.counters import Admission
 from ..limits.spec import Check, FleetUnavailable
-from ..types import ConfigError, cancel_and_wait
+from ..types import cancel_and_wait
+from .connect import link_pool, redis_client, redis_target
 
 log = logging.getLogger("tiergate.fleet")
 
@@ -217,12 +216,6 @@ SCRIPTS = {_sha(s): s for s in (ADMIT, SETTLE, HEARTBEAT, )}
 ADMIT_SHA, SETTLE_SHA, HEARTBEAT_SHA = _sha(ADMIT), _sha(SETTLE), _sha(HEARTBEAT)
 
 
-def check_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError("redis_url: must start with redis://, rediss:// or unix://", param="redis_url")
-
-
 _Command = tuple[list[bytes], "asyncio.Future[Any] | None"]  # a packed command, and who waits for its reply
 
 
@@ -231,15 +224,15 @@ class RedisLink:
 
     def __init__(self, url: str, *, timeout: float, retry_interval: float = RETRY_INTERVAL,
                  max_connections: int = MAX_CONNECTIONS, clock: Callable[[], float] = time.monotonic):
-        check_url(url)
+        self.target = redis_target(url)  # one server, or the primary a Sentinel names (a cluster: ClusterLink)
         self.url = url
         self.timeout = timeout
         self.retry_interval = retry_interval
         self.clock = clock
-        # redis-py parses the URL (password, db, TLS) and makes the connections; its pool's own
+        # redis-py makes the connections (a Sentinel's asks for the primary at each connect, so a
+        # connection dropped after a failover reconnects to the new one); its pool's own
         # acquire/release (locks, health checks) is left out: batches take a connection directly
-        self._pool = ConnectionPool.from_url(url, socket_connect_timeout=timeout, socket_timeout=None,
-                                             retry=Retry(NoBackoff(), 0))
+        self._pool = link_pool(self.target, timeout=timeout)
         self._packer = self._pool.make_connection()  # packs commands; never connected
         self._idle: list[AbstractConnection] = []
         self._open = 0
@@ -258,10 +251,9 @@ class RedisLink:
     def available(self) -> bool:
         return self.clock() >= self.down_until
 
-    def client(self) -> Redis:
+    def client(self) -> Redis | RedisCluster:
         """A redis-py client on the same URL (pub/sub, admin commands): not for the request path."""
-        return Redis(connection_pool=ConnectionPool.from_url(
-            self.url, socket_connect_timeout=self.timeout, socket_timeout=None, retry=Retry(NoBackoff(), 0)))
+        return redis_client(self.url, timeout=self.timeout, socket_timeout=None)
 
     # -- commands -----------------------------------------------------------------------------------
 
@@ -439,12 +431,8 @@ class RedisLink:
         self.down_until = self.clock() + self.retry_interval
 
     def where(self) -> str:
-        """host:port/db for messages: never a password."""
-        try:
-            parts = urlsplit(self.url)
-            return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or ''}"
-        except ValueError:
-            return "(unparsable TIERGATE_REDIS_URL)"
+        """host:port/db (or the sentinels and service) for messages: never a password."""
+        return self.target.where()
 
     def stats(self) -> dict[str, Any]:
         return {"configured": True, "available": self.available, "where": self.where(), "errors": self.errors,

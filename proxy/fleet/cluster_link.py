@@ -1,0 +1,199 @@
+"""The fleet's link to a Redis Cluster, and `open_link`: the link for what `TIERGATE_REDIS_URL` names.
+
+`ClusterLink` has `RedisLink`'s surface (commands sent with the next batch, each batch bounded by
+`redis_timeout`, Redis left alone for a second after a failure, `FleetUnavailable` on failure) but
+sends through redis-py's `RedisCluster`: a batch is one cluster pipeline, which groups the commands
+by the node holding their slot and follows MOVED/ASK redirections and failovers. A slot whose master
+has failed is, until its replica is promoted, an outage like a single Redis's: the caller's policy
+(the limits' fail_open / fail_closed) decides. The scripts' keys share a slot by their hash tags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from ..limits.spec import FleetUnavailable
+from ..types import cancel_and_wait
+from .connect import redis_client, redis_target
+from .state import MAX_CONNECTIONS, RETRY_INTERVAL, SCRIPTS, RedisLink
+
+log = logging.getLogger("tiergate.fleet")
+
+_ERRORS = (RedisError, OSError, TimeoutError, EOFError, ValueError)
+_Command = tuple[tuple[Any, ...], "asyncio.Future[Any] | None"]
+
+
+def open_link(url: str, *, timeout: float) -> RedisLink | ClusterLink:
+    """The fleet's link for `url`: `ClusterLink` for `redis+cluster://`, else `RedisLink` (one server,
+    or the primary a Sentinel names)."""
+    if redis_target(url).kind == "cluster":
+        return ClusterLink(url, timeout=timeout)
+    return RedisLink(url, timeout=timeout)
+
+
+class ClusterLink:
+    """Batched, deadline-bounded commands on a Redis Cluster (see the module's docstring)."""
+
+    def __init__(self, url: str, *, timeout: float, retry_interval: float = RETRY_INTERVAL,
+                 max_batches: int = MAX_CONNECTIONS, clock: Callable[[], float] = time.monotonic):
+        self.target = redis_target(url)
+        self.url = url
+        self.timeout = timeout
+        self.retry_interval = retry_interval
+        self.clock = clock
+        self._cluster = redis_client(url, timeout=timeout, socket_timeout=None)
+        self._max = max_batches
+        self._inflight = 0
+        self._pending: list[_Command] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.down_until = 0.0
+        self.errors = 0
+        self.last_error: str | None = None
+        self.calls = 0
+        self.batches = 0
+
+    @property
+    def available(self) -> bool:
+        return self.clock() >= self.down_until
+
+    def client(self) -> RedisCluster:
+        """A client of its own (pub/sub, admin commands): not for the request path."""
+        client = redis_client(self.url, timeout=self.timeout, socket_timeout=None)
+        assert isinstance(client, RedisCluster)
+        return client
+
+    # -- commands (RedisLink's surface; a "packed" command is its arguments) ---------------------------
+
+    def pack(self, *args: Any) -> tuple[Any, ...]:
+        return args
+
+    async def call(self, *args: Any) -> Any:
+        return await self.call_packed(args)
+
+    async def call_packed(self, packed: tuple[Any, ...]) -> Any:
+        future = self.submit(packed)
+        if future is None:
+            raise FleetUnavailable(self.last_error or "redis unavailable")
+        return await future
+
+    def submit(self, packed: tuple[Any, ...]) -> asyncio.Future[Any] | None:
+        if self.clock() < self.down_until:
+            return None
+        future = asyncio.get_running_loop().create_future()
+        self._enqueue(packed, future)
+        return future
+
+    def send(self, *args: Any) -> None:
+        if self.clock() >= self.down_until:
+            self._enqueue(args, None)
+
+    def _enqueue(self, packed: tuple[Any, ...], future: asyncio.Future[Any] | None) -> None:
+        self._pending.append((packed, future))
+        if not self._scheduled and self._inflight < self._max:
+            self._kick()
+
+    async def _run(self) -> None:
+        """Runs after the rest of this turn of the event loop: takes every command queued meanwhile."""
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        try:
+            if batch and self.clock() < self.down_until:
+                self._fail(batch, FleetUnavailable(self.last_error or "redis unavailable"))
+            elif batch:
+                await self._send_batch(batch)
+        finally:
+            self._inflight -= 1
+            if self._pending and not self._scheduled:
+                self._kick()
+
+    def _kick(self) -> None:
+        self._scheduled = True
+        self._inflight += 1
+        task = asyncio.get_running_loop().create_task(self._run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_batch(self, batch: list[_Command]) -> None:
+        self.batches += 1
+        self.calls += len(batch)
+        try:
+            async with asyncio.timeout(self.timeout):
+                replies = await self._exchange([packed for packed, _ in batch])
+        except asyncio.CancelledError:
+            for _, future in batch:
+                if future is not None and not future.done():
+                    future.cancel()
+            raise
+        except _ERRORS as exc:
+            self._failed(exc)
+            self._fail(batch, FleetUnavailable(self.last_error or "redis failed"))
+            return
+        if self.down_until:
+            log.info("redis cluster at %s is reachable again: limits are counted for the fleet", self.where())
+            self.down_until = 0.0
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, BaseException):
+                self.errors += 1
+                self.last_error = f"redis error: {reply}"
+                if future is None or future.done():
+                    log.warning("redis command failed: %s", reply)
+                else:
+                    future.set_exception(FleetUnavailable(self.last_error))
+            elif future is not None and not future.done():
+                future.set_result(reply)
+
+    async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One cluster pipeline; a script a node has not seen yet (a new or promoted master) is sent
+        again in full with EVAL, which also caches it there."""
+        replies = await self._pipeline(commands)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            again = [("EVAL", SCRIPTS[commands[i][1]], *commands[i][2:]) for i in missing]
+            for i, reply in zip(missing, await self._pipeline(again), strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self._cluster.pipeline()
+        for args in commands:
+            pipe.execute_command(*args)
+        replies = await pipe.execute(raise_on_error=False)
+        for reply in replies:  # a node unreachable: an outage, not one command's error
+            if isinstance(reply, BaseException) and not isinstance(reply, ResponseError):
+                raise reply
+        return list(replies)
+
+    @staticmethod
+    def _fail(batch: list[_Command], error: FleetUnavailable) -> None:
+        for _, future in batch:
+            if future is not None and not future.done():
+                future.set_exception(error)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+        self.last_error = f"{reason} (redis cluster at {self.where()})"
+        if self.clock() >= self.down_until:
+            log.warning("redis cluster at %s failed (%s); trying again in %ss", self.where(), reason,
+                        self.retry_interval)
+        self.down_until = self.clock() + self.retry_interval
+
+    def where(self) -> str:
+        return self.target.where()
+
+    def stats(self) -> dict[str, Any]:
+        return {"configured": True, "available": self.available, "where": self.where(), "errors": self.errors,
+                "last_error": self.last_error, "calls": self.calls, "batches": self.batches}
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            await cancel_and_wait(task)
+        await self._cluster.aclose()
