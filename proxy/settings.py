@@ -130,6 +130,8 @@ class _Settings:
     db_pool_size: int = 5
     db_timeout: float = 5.0
     refresh_interval: float = 30.0
+    # the table file is polled this often (seconds) and a change applied; 0: read once at start-up
+    table_watch_interval: float = 0.5
     # observability
     enable_monitoring: bool = True
     log_level: str = "INFO"
@@ -346,15 +348,19 @@ def _env_settings(env: Mapping[str, str]) -> dict[str, Any]:
             if name and env.get(name, "") != "":
                 values[f.name] = env[name]
     if env.get("TIERGATE_API_KEYS_FILE"):
-        keys_file = Path(env["TIERGATE_API_KEYS_FILE"])
-        try:
-            lines = keys_file.read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise ConfigError(f"TIERGATE_API_KEYS_FILE: cannot read {keys_file}: {exc.strerror}") from None
-        file_keys = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+        file_keys = read_keys_file(Path(env["TIERGATE_API_KEYS_FILE"]))
         existing = _split_list(values.get("api_keys", ""))
-        values["api_keys"] = tuple(existing + file_keys)
+        values["api_keys"] = tuple(existing) + file_keys
     return values
+
+
+def read_keys_file(keys_file: Path) -> tuple[str, ...]:
+    """The keys in `TIERGATE_API_KEYS_FILE`: one per line (`name=key` or a bare key), `#` comments."""
+    try:
+        lines = keys_file.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"TIERGATE_API_KEYS_FILE: cannot read {keys_file}: {exc.strerror}") from None
+    return tuple(ln.strip() for ln in lines if ln.strip() and not ln.startswith("#"))
 
 
 def _file_settings(path: Path) -> dict[str, Any]:

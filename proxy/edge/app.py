@@ -165,6 +165,7 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     app[ROUTER_KEY] = router
     inflight = app[INFLIGHT_KEY] = InFlight()
     auth = app[AUTH_KEY] = InboundAuth(router.config.api_keys)
+    router.on_keys_changed.append(auth.replace)  # a watched keys file changes them live
 
     async def router_lifetime(app: web.Application) -> AsyncIterator[None]:
         await router.initialize()

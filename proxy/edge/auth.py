@@ -39,6 +39,10 @@ class InboundAuth:
     __slots__ = ("_keys", "_names")
 
     def __init__(self, keys: Iterable[str]):
+        self.replace(keys)
+
+    def replace(self, keys: Iterable[str]) -> None:
+        """Take `keys` in place of the current ones (a watched keys file changed), in one step."""
         found: dict[bytes, str | None] = {}
         for entry in keys:
             if not entry:
@@ -46,8 +50,8 @@ class InboundAuth:
             name, key = parse_key(entry)
             if key:
                 found.setdefault(key.encode(), name)  # a key listed twice keeps its first name
-        self._keys = tuple(found)
-        self._names: tuple[str | None, ...] = (None, *found.values())  # index 0: no match
+        # both at once: a request in between sees the old keys or the new, never a mix
+        self._keys, self._names = tuple(found), (None, *found.values())  # names' index 0: no match
 
     @property
     def enabled(self) -> bool:

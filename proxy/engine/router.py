@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapters import EMBEDDINGS, Endpoint
@@ -25,6 +26,7 @@ from ..planner.plan import Plan
 from ..settings import RouterConfig, check_service_urls
 from ..table.discovery import Discovery, discover
 from ..table.routing import RoutingTable, load_table
+from ..table.watch import FileWatch, FileWatchCollector, keys_file_watch
 from ..types import (
     RouterClosedError,
     TiergateError,
@@ -102,6 +104,12 @@ class Router(LibraryAPI):
         self._closed_event = asyncio.Event()
         self.draining = False
         self._store: RouteStore | None = None  # the table from Postgres (dynamic routers)
+        self._watch: FileWatch[RoutingTable] | None = None  # or from the table file, watched
+        self._keys_watch: FileWatch[tuple[str, ...]] | None = None  # TIERGATE_API_KEYS_FILE, watched
+        self._watch_collected = False
+        # the inbound keys as they are now (a watched keys file changes them); the edge listens
+        self.inbound_keys = self.config.api_keys
+        self.on_keys_changed: list[Callable[[tuple[str, ...]], None]] = []
         self._discovered: tuple[str, ...] = ()  # provider/model ids found by the last discovery
         self._byok = False
 
@@ -128,6 +136,20 @@ class Router(LibraryAPI):
         await self.apply_table(self._table)
         if self._store is not None:
             self._store.start()
+        elif self._given_table is None and self.config.table_watch_interval > 0 and self.config.table_path.is_file():
+            # the file is live: a change is applied, a bad one reported
+            self._watch = FileWatch(self.config.table_path, self._load_file_table, self.apply_table,
+                                    interval=self.config.table_watch_interval)
+            self._watch.start()
+        if self.config.table_watch_interval > 0 and self._keys_watch is None:
+            self._keys_watch = keys_file_watch(self.config.api_keys, self.config.env, self._apply_keys,
+                                               interval=self.config.table_watch_interval)
+            if self._keys_watch is not None:
+                self._keys_watch.start()
+        if self.telemetry.metrics is not None and (self._watch or self._keys_watch) and not self._watch_collected:
+            self.telemetry.metrics.add_collector(FileWatchCollector(
+                lambda: [w for w in (self._watch, self._keys_watch) if w is not None]))
+            self._watch_collected = True
         self.health.start()
         if self.fleet_health is not None:
             self.fleet_health.start()
@@ -156,6 +178,10 @@ class Router(LibraryAPI):
             if self._store is not None:
                 await self._store.stop()
                 self._store = None
+            for watch in (self._watch, self._keys_watch):
+                if watch is not None:
+                    await watch.stop()
+            self._watch = self._keys_watch = None
             await self.health.stop()
             if self.fleet_health is not None:
                 await self.fleet_health.stop()
@@ -198,6 +224,14 @@ class Router(LibraryAPI):
                                         "create_router()) instead of using it after close()")
             raise RuntimeError("the router is not initialized: await router.initialize() first")
         return self._table
+
+    def _load_file_table(self, path: Path) -> RoutingTable:
+        return load_table(path, allow_model_override=self.config.allow_model_override)
+
+    async def _apply_keys(self, keys: tuple[str, ...]) -> None:
+        self.inbound_keys = keys
+        for listener in self.on_keys_changed:
+            listener(keys)
 
     async def apply_table(self, table: RoutingTable) -> None:
         """Start any providers the new table adds or changes, then swap the snapshot in one assignment.
@@ -402,7 +436,7 @@ class Router(LibraryAPI):
         """Overall status, providers, circuit breakers, the routing table's source and age, uptime,
         cache, and warnings (providers without a key). A coroutine, as the migration guides await it."""
         table = self._table
-        return health_report(
+        report = health_report(
             table, ready=self.initialized and not self.draining, uptime_s=time.time() - self.started_at,
             breakers=self.breakers.snapshot(), providers=self.health.snapshot(self.breakers.provider_states()),
             database=self._store.health(table) if self._store is not None and table is not None else None,
@@ -410,6 +444,14 @@ class Router(LibraryAPI):
             cache=self.cache.stats(), batching=self.batcher.stats() if self.batcher is not None else None,
             warnings=self.key_warnings(),
             fleet_health=self.fleet_health.snapshot() if self.fleet_health is not None else None)
+        if self._watch is not None and report.get("routing_table") is not None:
+            report["routing_table"]["file_watch"] = self._watch.health()
+        if self._keys_watch is not None:
+            report["keys_file_watch"] = self._keys_watch.health()
+        if report["status"] == "healthy" and any(w is not None and w.last_error is not None
+                                                 for w in (self._watch, self._keys_watch)):
+            report["status"] = "degraded"  # serving the previous version: the file on disk is bad
+        return report
 
     async def _refresh_limits(self) -> None:
         """Read every limit's use from Redis (the heartbeat's refresh): health and metrics stay
