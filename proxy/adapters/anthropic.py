@@ -21,8 +21,15 @@ from ..protocol.usage import messages_start_usage
 from ..table.routing import RouteDecision
 from ..types import InvalidRequestError, ModelRef, Route, TiergateError, UpstreamStatusError
 from .base import Endpoint, Translation, Translator
-from .messages import ChatToMessagesStream, chat_to_message, to_chat_request
-from .openai import CHAT
+from .messages import (
+    ChatToMessagesStream,
+    MessagesToChatStream,
+    chat_to_message,
+    message_to_chat,
+    to_chat_request,
+    to_messages_request,
+)
+from .openai import CHAT, ChatEndpoint
 
 if TYPE_CHECKING:
     from ..fleet.affinity import ResponseAffinity
@@ -196,6 +203,38 @@ MESSAGES = MessagesEndpoint("messages", "/messages", "chat", True, required="mes
                             done=MESSAGES_DONE, stateful=True)
 COUNT_TOKENS = CountTokensEndpoint("messages.count_tokens", "/messages/count_tokens", "chat", False,
                                    required="messages", deterministic=True, stateful=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaudeChatEndpoint(ChatEndpoint):
+    """Chat Completions as tiergate serves it: a candidate whose provider speaks only Messages (`kind:
+    anthropic`) gets the call translated to Messages and its answer translated back. Asked only when the
+    table has such a provider (`RoutingTable.mixed_apis`), so other tables plan chat without it."""
+
+    async def candidates(self, decision: RouteDecision, payload: dict[str, Any], table: RoutingTable,
+                         affinity: ResponseAffinity) -> tuple[RouteDecision, Translator | None]:
+        specs = table.providers
+        claude = [c for c in decision.candidates if c.provider in specs
+                  and specs[c.provider].serves_messages and "chat" not in specs[c.provider].apis]
+        if not claude:
+            return decision, None
+        try:
+            request = to_messages_request(payload)
+        except InvalidRequestError as exc:
+            rest = tuple(c for c in decision.candidates if c not in claude)
+            if not rest:
+                names = ", ".join(sorted({c.provider for c in claude}))
+                raise InvalidRequestError(f"route {decision.name}: {exc.message} (providers {names} speak only "
+                                          "Anthropic's Messages API)", param=exc.param, code=exc.code) from None
+            return RouteDecision(decision.name, rest, decision.route, decision.plans), None
+        translated = frozenset(claude)
+        translate = _to_messages(request, _wants_usage(payload))
+        return decision, lambda ref: translate(ref) if ref in translated else None
+
+
+# chat as tiergate routes it (`adapters.CHAT`); `openai.CHAT` is the plain API a translation sends
+CHAT_ROUTED = ClaudeChatEndpoint(CHAT.name, CHAT.path, CHAT.operation, True, required="messages",
+                                 answer_key="choices", usage_option=True)
 # the beta variants, by the query that asks for them: the same endpoints, their path with the query
 _BETA: dict[str, Endpoint] = {"beta=true": replace(MESSAGES, path="/messages?beta=true")}
 _BETA_COUNT: dict[str, Endpoint] = {"beta=true": replace(COUNT_TOKENS, path="/messages/count_tokens?beta=true")}
@@ -220,6 +259,38 @@ async def _messages_stream(chunks: AsyncIterator[bytes], state: StreamState | No
             yield chunk
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
+
+
+def _wants_usage(payload: dict[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return type(options) is dict and options.get("include_usage") is True
+
+
+def _to_messages(request: dict[str, Any], include_usage: bool) -> Translator:
+    """A chat call for a provider that speaks only Messages: `request` (Messages) goes to it, its answer
+    comes back as a chat completion (or chat chunks)."""
+
+    def transform_body(data: bytes) -> bytes:
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            message = {}
+        return orjson.dumps(message_to_chat(message if type(message) is dict else {}, int(time.time())))
+
+    def translate(ref: ModelRef) -> Translation:
+        async def transform_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            translator = MessagesToChatStream(ref.model, int(time.time()), include_usage)
+            try:
+                async for chunk in chunks:
+                    out = translator.feed(chunk)
+                    if out:
+                        yield out
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
+
+        return Translation(MESSAGES, request, transform_body, transform_stream)
+
+    return translate
 
 
 def _translation(request: dict[str, Any], chat: dict[str, Any], message_id: str) -> Translator:

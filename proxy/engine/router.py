@@ -321,7 +321,7 @@ class Router(LibraryAPI):
         if table is None:
             table = self.table  # raises: not initialized
         decision = table.resolve(use_case, tier, payload.get("model"), endpoint.kind)
-        if table.limits is None and not endpoint.stateful:  # nothing to wait for: no coroutine
+        if table.limits is None and not endpoint.stateful and not table.mixed_apis:  # nothing to wait for
             plan = self.planner.plan_now(decision, endpoint, payload, record)
         else:
             plan = await self.planner.plan(decision, table, endpoint, payload, record, api_key_name)

@@ -48,7 +48,7 @@ class Planner:
         (limits may be scoped by it); `record` gets the route's name and the limits' charge."""
         if table.limits is not None:  # rate limits and budgets: charge an estimate now (may downgrade)
             decision = await self.quotas.admit(table.limits, table, decision, payload, key_name, record)
-        if not endpoint.stateful:
+        if not endpoint.stateful and not table.mixed_apis:
             return self.plan_now(decision, endpoint, payload, record)
         record.route = decision.name
         if decision.route is not None:

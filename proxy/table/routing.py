@@ -193,6 +193,9 @@ class RoutingTable:
         self.limits: LimitIndex | None = limits if limits else None
         # provider/model -> its context window in tokens (the table's `context_windows`, discovery's listing)
         self.context_windows: dict[str, int] = dict(context_windows or {})
+        # some provider speaks no Chat Completions (`kind: anthropic`): a chat call's plan asks the endpoint
+        # which candidates need a translation; otherwise chat is planned once per decision
+        self.mixed_apis = any("chat" not in spec.apis for spec in self.providers.values())
 
         self._plans: dict[ModelRef, ParamRule] = {}
         self._prices: dict[ModelRef, Pricing | None] = {}  # per model, looked up once (see `price`)
@@ -703,7 +706,7 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
         first_byte_timeout=_positive(raw, "first_byte_timeout"),
         pass_client_key=raw.get("pass_client_key") is True,
         apis=tuple(apis),
-        stream_usage=_opt_bool(raw, "stream_usage", True),
+        stream_usage=_opt_bool(raw, "stream_usage", kind != "anthropic"),  # Messages takes no stream_options
         continuation=_choice(raw, "continuation", CONTINUATIONS),
     )
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
+import orjson
 import pytest
 
 from tests.anthropic_upstream import AnthropicUpstream, Cut, ErrorEvent, Fail
@@ -200,3 +201,76 @@ async def test_default_version_header_and_bearer_key(gate: Any, claude: Anthropi
                                "messages": [{"role": "user", "content": "x"}]}) as resp:
         assert resp.status == 200
     assert claude.requests[-1].headers["anthropic-version"] == "2023-06-01"
+
+
+# -- Claude behind the OpenAI SDK: chat completions to `kind: anthropic`, translated --------------------
+
+
+def _openai(gate: Any) -> Any:
+    import openai
+    return openai.AsyncOpenAI(base_url=gate.v1, api_key=INBOUND, max_retries=0)
+
+
+async def test_openai_chat_to_claude(gate: Any, claude: AnthropicUpstream) -> None:
+    client = _openai(gate)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="claude-sonnet-4", messages=[{"role": "system", "content": "be brief"},
+                                           {"role": "user", "content": "hello"}], stop="END", user="u-9")
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "claude: hello"
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.prompt_tokens == 12 and completion.usage.completion_tokens == 7
+    sent = claude.requests[-1]
+    assert sent.path == "/v1/messages" and sent.headers["x-api-key"] == CLAUDE_KEY
+    assert sent.json["system"] == "be brief" and sent.json["stop_sequences"] == ["END"]
+    assert sent.json["max_tokens"] == 4096 and sent.json["metadata"] == {"user_id": "u-9"}
+    assert "stream_options" not in sent.json and sent.json["messages"] == [{"role": "user", "content": "hello"}]
+    assert float(raw.headers["x-tiergate-cost-usd"]) == pytest.approx((12 * 3 + 7 * 15) / 1e6)
+
+
+async def test_openai_stream_and_tools_to_claude(gate: Any, claude: AnthropicUpstream) -> None:
+    client = _openai(gate)
+    tool = {"type": "function", "function": {"name": "weather", "parameters": WEATHER["input_schema"]}}
+    stream = await client.chat.completions.create(
+        model="claude-sonnet-4", stream=True, stream_options={"include_usage": True}, tools=[tool],
+        tool_choice="required", messages=[{"role": "user", "content": "weather in Paris?"}])
+    text, arguments, finish, usage, call_id = "", "", None, None, None
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            for call in choice.delta.tool_calls or ():
+                call_id = call.id or call_id
+                arguments += call.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert text == "Let me check. " and finish == "tool_calls"
+    assert orjson.loads(arguments) == {"city": "Paris"} and usage is not None and usage.completion_tokens == 7
+    assert claude.requests[-1].json["tool_choice"] == {"type": "any"}
+    answer = await client.chat.completions.create(model="claude-sonnet-4", tools=[tool], messages=[
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {
+            "name": "weather", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": "sunny"}])
+    assert answer.choices[0].message.content == "claude: sunny"
+    sent = claude.requests[-1].json["messages"]
+    assert sent[1]["content"][0] == {"type": "tool_use", "id": call_id, "name": "weather", "input": {"city": "Paris"}}
+    assert sent[2] == {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id, "content": "sunny"}]}
+
+
+async def test_openai_errors_from_claude(gate: Any, claude: AnthropicUpstream) -> None:
+    import openai
+    claude.push(Fail(400, "invalid_request_error"))
+    with pytest.raises(openai.BadRequestError):
+        await _openai(gate).chat.completions.create(model="claude-sonnet-4",
+                                                    messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as refused:
+        await _openai(gate).chat.completions.create(model="claude-sonnet-4", n=2,
+                                                    messages=[{"role": "user", "content": "x"}])
+    assert refused.value.body["param"] == "n"
+    claude.push(Cut(after=4))
+    with pytest.raises(openai.APIError):
+        stream = await _openai(gate).chat.completions.create(model="claude-sonnet-4", stream=True,
+                                                             messages=[{"role": "user", "content": "a b c"}])
+        async for _ in stream:
+            pass

@@ -9,7 +9,15 @@ import orjson
 import pytest
 
 from proxy.adapters.anthropic import anthropic_error, error_type_for
-from proxy.adapters.messages import ChatToMessagesStream, chat_to_message, to_chat_request
+from proxy.adapters.messages import (
+    DEFAULT_MAX_TOKENS,
+    ChatToMessagesStream,
+    MessagesToChatStream,
+    chat_to_message,
+    message_to_chat,
+    to_chat_request,
+    to_messages_request,
+)
 from proxy.protocol.usage import Usage, find_usage, messages_start_usage, messages_stream_usage
 from proxy.types import InvalidRequestError, RateLimitError, UpstreamStatusError
 
@@ -206,3 +214,103 @@ def test_anthropic_error_body_passes_as_it_came() -> None:
     assert anthropic_error(UpstreamStatusError(529, raw)) == raw
     assert error_type_for(529) == "overloaded_error" and error_type_for(418) == "invalid_request_error"
     assert error_type_for(503) == "api_error"
+
+
+# -- the other way: Chat Completions calls to a provider that speaks only Messages --------------------
+
+CHAT_REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("defaults max_tokens", {"messages": USER}, {"messages": USER, "max_tokens": DEFAULT_MAX_TOKENS}),
+    ("system, stop, user, sampling",
+     {"messages": [{"role": "system", "content": "a"}, {"role": "developer", "content": "b"}, *USER],
+      "stop": "X", "user": "u", "temperature": 0.3, "max_completion_tokens": 9},
+     {"system": "a\n\nb", "messages": USER, "stop_sequences": ["X"], "metadata": {"user_id": "u"},
+      "temperature": 0.3, "max_tokens": 9}),
+    ("image data url and url",
+     {"messages": [{"role": "user", "content": [
+         {"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,QQ=="}},
+         {"type": "image_url", "image_url": {"url": "https://x/i.png"}}]}], "max_tokens": 5},
+     {"messages": [{"role": "user", "content": [
+         {"type": "text", "text": "see"}, {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                       "data": "QQ=="}},
+         {"type": "image", "source": {"type": "url", "url": "https://x/i.png"}}]}], "max_tokens": 5}),
+    ("tools and results, parallel off",
+     {"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": [
+         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}},
+         {"id": "c2", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+         {"role": "tool", "tool_call_id": "c1", "content": "1"},
+         {"role": "tool", "tool_call_id": "c2", "content": "2"}],
+      "tools": [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}],
+      "tool_choice": {"type": "function", "function": {"name": "f"}}, "parallel_tool_calls": False, "max_tokens": 5},
+     {"messages": [*USER, {"role": "assistant", "content": [
+         {"type": "tool_use", "id": "c1", "name": "f", "input": {"a": 1}},
+         {"type": "tool_use", "id": "c2", "name": "f", "input": {}}]},
+         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c1", "content": "1"},
+                                      {"type": "tool_result", "tool_use_id": "c2", "content": "2"}]}],
+      "tools": [{"name": "f", "input_schema": {"type": "object"}, "description": "d"}],
+      "tool_choice": {"type": "tool", "name": "f", "disable_parallel_tool_use": True}, "max_tokens": 5}),
+]
+
+
+@pytest.mark.parametrize(("chat", "expected"), [(c, e) for _, c, e in CHAT_REQUESTS],
+                         ids=[n for n, _, _ in CHAT_REQUESTS])
+def test_chat_request(chat: dict[str, Any], expected: dict[str, Any]) -> None:
+    request = to_messages_request(chat)
+    request.pop("model")
+    assert request == expected
+
+
+@pytest.mark.parametrize(("param", "chat"), [
+    ("n", {"messages": USER, "n": 2}), ("logprobs", {"messages": USER, "logprobs": True}),
+    ("response_format", {"messages": USER, "response_format": {"type": "json_object"}}),
+    ("reasoning_effort", {"messages": USER, "reasoning_effort": "high"}),
+    ("messages[0].content[0]", {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}),
+])
+def test_chat_refused_names_the_field(param: str, chat: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequestError) as raised:
+        to_messages_request(chat)
+    assert raised.value.param == param
+
+
+def test_message_to_chat() -> None:
+    message = {"id": "msg_1", "model": "claude", "stop_reason": "tool_use", "content": [
+        {"type": "thinking", "thinking": "t"}, {"type": "text", "text": "ok"},
+        {"type": "tool_use", "id": "tu", "name": "f", "input": {"a": 1}}],
+        "usage": {"input_tokens": 5, "output_tokens": 2, "cache_read_input_tokens": 10,
+                  "cache_creation_input_tokens": 3}}
+    chat = message_to_chat(message, 1)
+    choice = chat["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "ok", "tool_calls": [
+        {"id": "tu", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}]}
+    assert choice["finish_reason"] == "tool_calls"
+    assert chat["usage"]["prompt_tokens"] == 18 and chat["usage"]["prompt_tokens_details"]["cached_tokens"] == 10
+    assert find_usage(orjson.dumps(chat)) == Usage(18, 2, 10, 3)
+
+
+def test_messages_stream_to_chat_chunks() -> None:
+    def ev(data: dict[str, Any]) -> bytes:
+        return b"event: " + data["type"].encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+    stream = (ev({"type": "message_start", "message": {"id": "m1", "usage": {"input_tokens": 4, "output_tokens": 1}}})
+              + ev({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+              + ev({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}})
+              + ev({"type": "content_block_start", "index": 1,
+                    "content_block": {"type": "tool_use", "id": "tu", "name": "f", "input": {}}})
+              + ev({"type": "content_block_delta", "index": 1,
+                    "delta": {"type": "input_json_delta", "partial_json": "{}"}})
+              + ev({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 6}})
+              + ev({"type": "message_stop"}))
+    translator = MessagesToChatStream("claude", 1, include_usage=True)
+    out = b"".join(translator.feed(stream[i:i + 11]) for i in range(0, len(stream), 11))
+    chunks = [orjson.loads(line[6:]) for line in out.split(b"\n\n") if line and line != b"data: [DONE]"]
+    assert out.endswith(b"data: [DONE]\n\n")
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert deltas[1] == {"content": "hi"}
+    assert deltas[2]["tool_calls"][0]["id"] == "tu" and deltas[3]["tool_calls"][0]["function"]["arguments"] == "{}"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["usage"]["prompt_tokens"] == 4 and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+def test_messages_error_event_becomes_openai_error() -> None:
+    translator = MessagesToChatStream("claude", 1, include_usage=False)
+    out = translator.feed(b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
+                          b'"message":"busy"}}\n\n')
+    assert orjson.loads(out[6:])["error"]["message"] == "busy" and b"[DONE]" not in out

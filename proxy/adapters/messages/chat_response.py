@@ -1,0 +1,44 @@
+"""A Message as a Chat Completions answer: the text, tool calls, finish reason and usage in chat's terms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .chat_request import finish_reason
+
+
+def chat_usage(usage: Any) -> dict[str, Any]:
+    """Messages usage in chat's terms: the prompt counts the cached input too (read and written)."""
+    if not isinstance(usage, dict):
+        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    read = usage.get("cache_read_input_tokens") or 0
+    write = usage.get("cache_creation_input_tokens") or 0
+    prompt = (usage.get("input_tokens") or 0) + read + write
+    completion = usage.get("output_tokens") or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": read, "cache_creation_tokens": write}}
+
+
+def message_to_chat(message: dict[str, Any], created: int) -> dict[str, Any]:
+    """The chat completion a Message answers (thinking blocks stay behind: chat has no place for them)."""
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for block in message.get("content") or ():
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text":
+            texts.append(str(block.get("text", "")))
+        elif block.get("type") == "tool_use":
+            calls.append({"id": block.get("id"), "type": "function",
+                          "function": {"name": block.get("name"),
+                                       "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+    reply: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
+    if calls:
+        reply["tool_calls"] = calls
+    return {"id": "chatcmpl-" + str(message.get("id") or ""), "object": "chat.completion", "created": created,
+            "model": message.get("model"),
+            "choices": [{"index": 0, "message": reply, "finish_reason": finish_reason(message.get("stop_reason")),
+                         "logprobs": None}],
+            "usage": chat_usage(message.get("usage"))}
