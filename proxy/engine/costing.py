@@ -43,10 +43,13 @@ def charge_stream(record: RequestRecord, state: StreamState, table: RoutingTable
     tail = state.tail
     if not tail:
         return
-    usage = find_usage(tail)
-    head = state.head_usage
-    if head is not None and (usage is None or usage.prompt == 0):  # a Messages stream: input counted at its start
+    head = state.head_usage  # a Messages stream: its input counted in its first event, its output in its last
+    if head is not None and head.prompt:
         usage = messages_stream_usage(head, tail)
+    else:
+        usage = find_usage(tail)
+        if usage is not None and b'"message_delta"' in tail:  # Messages relayed as chat: output from the end
+            usage = messages_stream_usage(usage, tail)
     if usage is not None:
         charge(record, usage, table)
         record.usage_details = usage_details(tail)

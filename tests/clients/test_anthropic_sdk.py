@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from tests.anthropic_upstream import AnthropicUpstream, Cut, ErrorEvent, Fail
+from tests.conftest import until
 from tests.upstream import MockUpstream, Ok
 
 INBOUND = "tg-inbound-KEY-123456"
@@ -228,7 +229,7 @@ async def test_openai_chat_to_claude(gate: Any, claude: AnthropicUpstream) -> No
     assert float(raw.headers["x-tiergate-cost-usd"]) == pytest.approx((12 * 3 + 7 * 15) / 1e6)
 
 
-async def test_openai_stream_and_tools_to_claude(gate: Any, claude: AnthropicUpstream) -> None:
+async def test_openai_stream_and_tools_to_claude(gate: Any, claude: AnthropicUpstream, http: Any) -> None:
     client = _openai(gate)
     tool = {"type": "function", "function": {"name": "weather", "parameters": WEATHER["input_schema"]}}
     stream = await client.chat.completions.create(
@@ -247,6 +248,8 @@ async def test_openai_stream_and_tools_to_claude(gate: Any, claude: AnthropicUps
     assert text == "Let me check. " and finish == "tool_calls"
     assert orjson.loads(arguments) == {"city": "Paris"} and usage is not None and usage.completion_tokens == 7
     assert claude.requests[-1].json["tool_choice"] == {"type": "any"}
+    await until(lambda: _metric_has(http, gate, 'tiergate_tokens_total{model="claude/claude-sonnet-4",'
+                                              'type="completion"} 7.0'))  # counted when the stream has ended
     answer = await client.chat.completions.create(model="claude-sonnet-4", tools=[tool], messages=[
         {"role": "user", "content": "weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {
@@ -274,3 +277,31 @@ async def test_openai_errors_from_claude(gate: Any, claude: AnthropicUpstream) -
                                                              messages=[{"role": "user", "content": "a b c"}])
         async for _ in stream:
             pass
+
+
+async def test_coding_agent_conversation_through_a_fallback(gate: Any, claude: AnthropicUpstream,
+                                                            spare: AnthropicUpstream, http: Any) -> None:
+    """Shaped like a coding agent's turn: a long cached system prompt, tools, a streamed tool call, a beta
+    header; the primary is overloaded, the fallback answers; the stream's tokens reach the metrics."""
+    claude.push(Fail(529, "overloaded_error"))
+    client = _client(gate, default_headers={"anthropic-beta": "claude-code-20250219,fine-grained-tool-streaming"})
+    system = [{"type": "text", "text": "You are a coding agent. " * 400, "cache_control": {"type": "ephemeral"}}]
+    tools = [WEATHER, {"name": "bash", "description": "run a command",
+                       "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}]
+    async with client.messages.stream(model="general_purpose:standard", max_tokens=1024, system=system,
+                                      tools=tools, messages=[{"role": "user", "content": "fix the build"}]) as stream:
+        events = [event.type async for event in stream]
+        final = await stream.get_final_message()
+    assert "input_json" in events and final.stop_reason == "tool_use" and final.content[1].input == {"city": "Paris"}
+    sent = spare.requests[-1]
+    assert sent.json["system"] == system and sent.json["tools"] == tools
+    assert sent.headers["anthropic-beta"] == "claude-code-20250219,fine-grained-tool-streaming"
+    # 12 uncached + 100 cached input from message_start, 7 output from the last message_delta
+    await until(lambda: _metric_has(http, gate, 'tiergate_tokens_total{model="spare/claude-haiku",type="prompt"} 112.0',
+                                    'tiergate_tokens_total{model="spare/claude-haiku",type="completion"} 7.0'))
+
+
+async def _metric_has(http: Any, gate: Any, *lines: str) -> bool:
+    async with http.get(gate.url + "/metrics", headers={"Authorization": f"Bearer {INBOUND}"}) as resp:
+        metrics = await resp.text()
+    return all(line in metrics for line in lines)
