@@ -26,6 +26,7 @@ from .state import MAX_CONNECTIONS, RETRY_INTERVAL, SCRIPTS, RedisLink
 
 log = logging.getLogger("tiergate.fleet")
 
+TOPOLOGY_TIMEOUT_S = 5.0
 _ERRORS = (RedisError, OSError, TimeoutError, EOFError, ValueError)
 _Command = tuple[tuple[Any, ...], "asyncio.Future[Any] | None"]
 
@@ -50,6 +51,7 @@ class ClusterLink:
         self.clock = clock
         self._cluster = redis_client(url, timeout=timeout, socket_timeout=None)
         self._max = max_batches
+        self._ready = False  # the cluster's topology has been read once
         self._inflight = 0
         self._pending: list[_Command] = []
         self._scheduled = False
@@ -125,6 +127,12 @@ class ClusterLink:
         self.batches += 1
         self.calls += len(batch)
         try:
+            if not self._ready:
+                # the first topology (slots, nodes, commands' metadata) takes longer than a batch's deadline
+                # on a busy machine; later refreshes after a failover run within the batches' own
+                async with asyncio.timeout(max(self.timeout, TOPOLOGY_TIMEOUT_S)):
+                    await self._cluster.initialize()
+                self._ready = True
             async with asyncio.timeout(self.timeout):
                 replies = await self._exchange([packed for packed, _ in batch])
         except asyncio.CancelledError:
