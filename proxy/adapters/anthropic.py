@@ -293,6 +293,17 @@ def _to_messages(request: dict[str, Any], include_usage: bool) -> Translator:
     return translate
 
 
+def via_messages(translation: Translation, ref: ModelRef) -> Translation:
+    """`translation`, a call already put in Chat Completions (a Responses call), sent on to a provider that
+    speaks only Messages: its chat request as Messages, the answer back to chat and then as before.
+    InvalidRequestError when the chat request has no Messages form."""
+    request = to_messages_request(translation.payload)
+    hop = _to_messages(request, _wants_usage(translation.payload))(ref)
+    body, stream = translation.transform_body, translation.transform_stream
+    return Translation(MESSAGES, request, lambda data: body(hop.transform_body(data)),
+                       lambda chunks: stream(hop.transform_stream(chunks)))
+
+
 def _translation(request: dict[str, Any], chat: dict[str, Any], message_id: str) -> Translator:
     """A Messages call for a provider that speaks only Chat Completions: `chat` goes to it, and its
     answer comes back as a Message (or Messages' stream events)."""

@@ -17,7 +17,9 @@ from ..fleet.affinity import Holder
 from ..outcome import new_request_id
 from ..table.routing import RouteDecision
 from ..types import InvalidRequestError, ModelRef, NotFoundError, Route
+from .anthropic import via_messages
 from .base import Endpoint, Translation, Translator
+from .messages import to_messages_request
 from .openai import CHAT
 from .responses import ChatStreamTranslator, chat_to_response, to_chat_request
 
@@ -74,6 +76,9 @@ class ResponsesEndpoint(Endpoint):
             return RouteDecision(decision.name, native, decision.route, decision.plans), None
         translated = frozenset(chat_only)
         translate = _translation(payload, chat, "resp_" + new_request_id().removeprefix("req_"))
+        claude = frozenset(c for c in chat_only if "chat" not in specs[c.provider].apis)
+        if claude:  # providers that speak only Messages: Responses -> chat -> Messages, and back
+            return _through_messages(decision, chat, claude, translated, translate)
         return decision, lambda ref: translate(ref) if ref in translated else None
 
     async def answered(self, result: Result, payload: dict[str, Any], table: RoutingTable,
@@ -123,6 +128,29 @@ async def _follow_up(decision: RouteDecision, previous: str, table: RoutingTable
                 f"{decision.name} serves the Responses API", param="previous_response_id",
                 code="previous_response_not_found")
     return RouteDecision(decision.name, candidates, decision.route, decision.plans)
+
+
+def _through_messages(decision: RouteDecision, chat: dict[str, Any], claude: frozenset[ModelRef],
+                      translated: frozenset[ModelRef], translate: Translator) -> tuple[RouteDecision, Translator]:
+    """Candidates that speak only Messages get the chat translation sent on as Messages; when the chat
+    request has no Messages form they are left out (400 when none is left)."""
+    try:
+        to_messages_request(chat)
+    except InvalidRequestError as exc:
+        rest = tuple(c for c in decision.candidates if c not in claude)
+        if not rest:
+            names = ", ".join(sorted({c.provider for c in claude}))
+            raise InvalidRequestError(f"route {decision.name}: {exc.message} (providers {names} speak only "
+                                      "Anthropic's Messages API)", param=exc.param, code=exc.code) from None
+        return (RouteDecision(decision.name, rest, decision.route, decision.plans),
+                lambda ref: translate(ref) if ref in translated else None)
+
+    def send(ref: ModelRef) -> Translation | None:
+        if ref in claude:
+            return via_messages(translate(ref), ref)  # type: ignore[arg-type]
+        return translate(ref) if ref in translated else None
+
+    return decision, send
 
 
 def _translation(request: dict[str, Any], chat: dict[str, Any], response_id: str) -> Translator:

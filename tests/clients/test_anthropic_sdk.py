@@ -305,3 +305,20 @@ async def _metric_has(http: Any, gate: Any, *lines: str) -> bool:
     async with http.get(gate.url + "/metrics", headers={"Authorization": f"Bearer {INBOUND}"}) as resp:
         metrics = await resp.text()
     return all(line in metrics for line in lines)
+
+
+async def test_openai_responses_to_claude(gate: Any, claude: AnthropicUpstream) -> None:
+    """The Responses API to a provider that speaks only Messages: Responses -> chat -> Messages, and back."""
+    client = _openai(gate)
+    response = await client.responses.create(model="claude-sonnet-4", instructions="be brief", input="hello",
+                                             max_output_tokens=50)
+    assert response.output_text == "claude: hello" and response.usage.input_tokens == 12
+    sent = claude.requests[-1]
+    assert sent.path == "/v1/messages" and sent.json["system"] == "be brief" and sent.json["max_tokens"] == 50
+    stream = await client.responses.create(model="claude-sonnet-4", input="streamed", stream=True)
+    kinds, text = [], ""
+    async for event in stream:
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            text += event.delta
+    assert text == "claude: streamed " and kinds[-1] == "response.completed"
