@@ -200,7 +200,7 @@ class CountTokensEndpoint(Endpoint):
 
 
 MESSAGES = MessagesEndpoint("messages", "/messages", "chat", True, required="messages", answer_key="content",
-                            done=MESSAGES_DONE, stateful=True)
+                            done=MESSAGES_DONE, stateful=True, continuable=False)
 COUNT_TOKENS = CountTokensEndpoint("messages.count_tokens", "/messages/count_tokens", "chat", False,
                                    required="messages", deterministic=True, stateful=True)
 

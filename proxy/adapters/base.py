@@ -86,6 +86,7 @@ class Endpoint:
     deterministic: bool = False  # the same request gives the same answer: cacheable without a seed
     batchable: bool = False  # requests with the same options may go upstream as one (and be split back)
     stateful: bool = False  # has a say in the candidates and keeps what it needs of answers (stored objects)
+    continuable: bool = True  # stream recovery may continue its stream (chat-shaped; Messages' typed events not)
 
     def validate(self, payload: Any, max_messages: int) -> None:
         """Type-check the fields tiergate knows; anything else goes upstream untouched."""

@@ -322,3 +322,24 @@ async def test_openai_responses_to_claude(gate: Any, claude: AnthropicUpstream) 
         if event.type == "response.output_text.delta":
             text += event.delta
     assert text == "claude: streamed " and kinds[-1] == "response.completed"
+
+
+async def test_recovery_route_ends_a_cut_messages_stream_with_an_error(claude: AnthropicUpstream,
+                                                                      spare: AnthropicUpstream,
+                                                                      start_tiergate: Any) -> None:
+    """Stream recovery continues chat-shaped streams only: a native Messages stream cut mid-answer on a
+    `stream_recovery: continue` route ends with Anthropic's error event, never a second message_start."""
+    doc = {"providers": {"claude": {"kind": "anthropic", "base_url": claude.url, "api_key": CLAUDE_KEY},
+                         "spare": {"kind": "anthropic", "base_url": spare.url, "api_key": SPARE_KEY}},
+           "routes": [{"use_case": "general_purpose", "tier": "standard", "model": "claude/claude-sonnet-4",
+                       "fallbacks": ["spare/claude-haiku"], "stream_recovery": "continue"}]}
+    gate = await start_tiergate(doc)
+    claude.push(Cut(after=4))
+    client = anthropic.AsyncAnthropic(base_url=gate.url, api_key="x", max_retries=0)
+    starts = 0
+    with pytest.raises(anthropic.APIStatusError):
+        async with client.messages.stream(model="general_purpose:standard", max_tokens=16,
+                                          messages=[{"role": "user", "content": "one two three"}]) as stream:
+            async for event in stream:
+                starts += event.type == "message_start"
+    assert starts == 1 and not spare.requests
