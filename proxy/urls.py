@@ -92,12 +92,31 @@ class RedisTarget:
 
 def parse_redis_url(url: str, *, name: str = "TIERGATE_REDIS_URL") -> RedisTarget:
     """Read a Redis URL in one of `REDIS_URL_FORMS`; ValueError is one line naming the part at
-    fault (never quoting the credentials), so `tiergate check` and `serve` fail alike."""
+    fault (the URL quoted with its credentials masked), so `tiergate check` and `serve` fail alike."""
+    try:
+        return _read_redis_url(url)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {_shown(url)!r}: {exc}") from None
+
+
+def _shown(url: str) -> str:
+    """The URL with everything up to its last `@` masked: a password holding `/` (unencoded) would
+    end `redact_credentials`'s match early, and this URL is quoted exactly when it is malformed."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if sep else "***@" + rest.rpartition("@")[2]
+
+
+def _read_redis_url(url: str) -> RedisTarget:
     scheme, sep, rest = url.partition("://")
     kind_tls = _REDIS_KINDS.get(scheme.lower()) if sep else None
     if kind_tls is None:
-        raise ValueError(f"{name}: the scheme must be one of {', '.join(s + '://' for s in _REDIS_KINDS)}")
+        raise ValueError(f"the scheme must be one of {', '.join(s + '://' for s in _REDIS_KINDS)}")
     kind, tls = kind_tls
+    head = rest.rpartition("@")[0]
+    if any(c in head for c in "/?#"):  # the userinfo would be read as a path, query or fragment
+        raise ValueError("the credentials hold '/', '?' or '#': percent-encode them (%2F, %3F, %23)")
     rest = rest.partition("#")[0]
     rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
@@ -106,63 +125,63 @@ def parse_redis_url(url: str, *, name: str = "TIERGATE_REDIS_URL") -> RedisTarge
     if at:
         user, colon, secret = userinfo.partition(":")
         username, password = unquote(user) or None, (unquote(secret) if colon else None)
-    nodes = tuple(_redis_node(spec, name, 26379 if kind == "sentinel" else 6379) for spec in hosts.split(","))
+    nodes = tuple(_redis_node(spec, 26379 if kind == "sentinel" else 6379) for spec in hosts.split(","))
     if kind == "server" and len(nodes) > 1:
-        raise ValueError(f"{name}: redis:// names one server; several seed nodes are a cluster "
+        raise ValueError("redis:// names one server; several seed nodes are a cluster "
                          "(redis+cluster://host:port,host:port) or sentinels (redis+sentinel://...)")
     segments = [unquote(s) for s in path.split("/")] if path else []
     service = None
     if kind == "sentinel":
         if not segments or not segments[0]:
-            raise ValueError(f"{name}: a Sentinel URL names the primary's service: "
+            raise ValueError("a Sentinel URL names the primary's service: "
                              "redis+sentinel://host:port[,host:port]/service_name[/db]")
         service = segments.pop(0)
-    db = _redis_db(segments, name)
+    db = _redis_db(segments)
     if kind == "cluster" and db:
-        raise ValueError(f"{name}: a Redis Cluster has database 0 only (drop /{db})")
-    options = _redis_options(query, tls, name)
+        raise ValueError(f"a Redis Cluster has database 0 only (drop /{db})")
+    options = _redis_options(query, tls)
     return RedisTarget(kind, nodes, tls, db, service, username, password, options)
 
 
-def _redis_node(spec: str, name: str, default_port: int) -> tuple[str, int]:
+def _redis_node(spec: str, default_port: int) -> tuple[str, int]:
     if spec.startswith("["):
         host, bracket, port = spec[1:].partition("]")
         if not bracket or (port and not port.startswith(":")):
-            raise ValueError(f"{name}: a host in [brackets] is not a valid IPv6 address")
+            raise ValueError("a host in [brackets] is not a valid IPv6 address")
         port = port[1:]
     else:
         host, _, port = spec.partition(":")
     if not host:
-        raise ValueError(f"{name}: a host is missing")
+        raise ValueError("a host is missing")
     if any(c in host for c in " []\\@"):
-        raise ValueError(f"{name}: a host holds a character no host name may hold")
+        raise ValueError("a host holds a character no host name may hold")
     if not port:
         return host, default_port
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{name}: the port of {host} is not a number from 1 to 65535")
+        raise ValueError(f"the port of {host} is not a number from 1 to 65535")
     return host, int(port)
 
 
-def _redis_db(segments: list[str], name: str) -> int:
+def _redis_db(segments: list[str]) -> int:
     segments = [s for s in segments if s]
     if not segments:
         return 0
     if len(segments) > 1 or not segments[0].isdigit():
-        raise ValueError(f"{name}: the path after the host must be a database number (/0)")
+        raise ValueError("the path after the host must be a database number (/0)")
     return int(segments[0])
 
 
-def _redis_options(query: str, tls: bool, name: str) -> tuple[tuple[str, str], ...]:
+def _redis_options(query: str, tls: bool) -> tuple[tuple[str, str], ...]:
     options = []
     for option, value in parse_qsl(query, keep_blank_values=True):
         if option not in REDIS_OPTIONS:
             hint = " (a Redis Cluster is named redis+cluster://host:port[,host:port...])" \
                 if option == "cluster" else ""
-            raise ValueError(f"{name}: unknown option {option!r}{hint}; known: {', '.join(REDIS_OPTIONS)}")
+            raise ValueError(f"unknown option {option!r}{hint}; known: {', '.join(REDIS_OPTIONS)}")
         allowed = REDIS_OPTIONS[option]
         if allowed is not None and value.lower() not in allowed:
-            raise ValueError(f"{name}: option {option} must be one of {', '.join(allowed)}")
+            raise ValueError(f"option {option} must be one of {', '.join(allowed)}")
         if option in _TLS_OPTIONS and not tls:
-            raise ValueError(f"{name}: option {option} applies to TLS only (rediss://...)")
+            raise ValueError(f"option {option} applies to TLS only (rediss://...)")
         options.append((option, value))
     return tuple(options)

@@ -33,12 +33,13 @@ def test_the_three_forms_and_tls():
     ("redis://:s3cret@h:99999/0", "the port of h is not a number"),
     ("redis://h?ssl_cert_reqs=none", "applies to TLS only"),
     ("http://:s3cret@h/0", "the scheme must be one of"),
+    ("redis://:s3/cret@h:6379/0", "percent-encode them"),
 ])
 def test_a_wrong_url_is_one_line_from_settings_and_check(url, message):
     with pytest.raises(ConfigError) as err:
         RouterConfig(redis_url=url)
     text = str(err.value)
-    assert message in text and "\n" not in text and "s3cret" not in text
+    assert message in text and "\n" not in text and "s3cret" not in text and "cret@" not in text
     with pytest.raises(ValueError):
         parse_redis_url(url)
 
