@@ -17,7 +17,7 @@ import pytest
 from proxy.fleet.affinity import Holder, ResponseAffinity
 from proxy.fleet.cluster_link import ClusterLink, open_link
 from proxy.fleet.owners import ObjectOwners
-from proxy.fleet.state import FleetLimits, RedisLink
+from proxy.fleet.state import FleetHealth, FleetLimits, RedisLink
 from proxy.limits.spec import Check, FleetUnavailable
 from proxy.settings import RouterConfig
 from proxy.types import ModelRef
@@ -216,3 +216,40 @@ async def test_sentinel_primary_and_its_failover_followed(tmp_path, sentinel):
     finally:
         await affinity.close()
         await link.close()
+
+
+async def test_fleet_health_is_heard_across_the_cluster(cluster):
+    """A breaker one pod opens reaches another through the cluster's pub/sub, and the key that holds
+    it (with its index, in one slot) is read whole by a pod that subscribes later."""
+    links = [open_link(cluster.url, timeout=1.0) for _ in range(3)]
+    one, two = FleetHealth(links[0], "health"), FleetHealth(links[1], "health")
+    try:
+        two.start()
+        await until(lambda: two.subscribed, timeout=10)
+        one.publish("primary/model-a", "open", 30.0, "breaker")
+        await until(lambda: two.state("primary/model-a") == "open", timeout=5)
+        late = FleetHealth(links[2], "health")
+        await late.sync()
+        assert late.state("primary/model-a") == "open"
+        one.publish("primary/model-a", "closed", 0)
+        await until(lambda: two.state("primary/model-a") is None, timeout=5)
+        assert await one.claim_trial("primary/model-b", 5.0) is True
+        assert await two.claim_trial("primary/model-b", 5.0) is False  # exactly one pod makes the trial
+    finally:
+        await two.stop()
+        for link in links:
+            await link.close()
+
+
+async def test_fleet_health_through_the_sentinels_primary(sentinel):
+    links = [open_link(sentinel.url, timeout=1.0) for _ in range(2)]
+    one, two = FleetHealth(links[0], "health"), FleetHealth(links[1], "health")
+    try:
+        two.start()
+        await until(lambda: two.subscribed, timeout=10)
+        one.publish("primary/model-a", "cooldown", 30.0, "429")
+        await until(lambda: two.state("primary/model-a") == "cooldown", timeout=5)
+    finally:
+        await two.stop()
+        for link in links:
+            await link.close()
