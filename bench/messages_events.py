@@ -20,7 +20,6 @@ import orjson
 
 from proxy.adapters.anthropic import _messages_stream
 from proxy.adapters.messages import ChatToMessagesStream, MessagesToChatStream
-from proxy.outcome import StreamState
 
 
 def chat_chunk(i: int) -> bytes:
@@ -61,7 +60,7 @@ def main() -> None:
 
     loop = asyncio.new_event_loop()
     baseline = best(lambda: loop.run_until_complete(drain(relay(events))))
-    native = best(lambda: loop.run_until_complete(drain(_messages_stream(relay(events), StreamState()))))
+    native = best(lambda: loop.run_until_complete(drain(_messages_stream(relay(events)))))
     to_messages = ChatToMessagesStream("msg_1", "m")
     to_chat = MessagesToChatStream("m", 1, False)
     translated_in = best(lambda: [to_messages.feed(c) for c in chats])

@@ -76,6 +76,7 @@ class StreamState:
     recovered_by: str | None = None  # the model that continued the answer after a break (see recovery.py)
     recovery: str | None = None  # how a recovery went: recovered, failed, refused_<why>, no_candidate
     head_usage: Usage | None = None  # usage a stream gave in its first event (Messages: the input tokens)
+    head: bytes = b""  # the upstream's first chunk, kept so its usage is read once, not watched per chunk
 
     def estimate(self) -> Usage:
         """Tokens of a stream cut before its usage event: about four characters a token, the prompt

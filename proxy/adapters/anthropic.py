@@ -33,7 +33,7 @@ from .openai import CHAT, ChatEndpoint
 
 if TYPE_CHECKING:
     from ..fleet.affinity import ResponseAffinity
-    from ..outcome import Result, StreamState
+    from ..outcome import Result
     from ..table.routing import RoutingTable
 
 # the event a complete Messages stream ends with, as its data line carries it (an escaped quote inside
@@ -163,9 +163,13 @@ class MessagesEndpoint(Endpoint):
 
     async def answered(self, result: Result, payload: dict[str, Any], table: RoutingTable,
                        affinity: ResponseAffinity) -> Result:
-        """A stream: its `message_start` usage kept for its cost, a break ended with Anthropic's `error` event."""
+        """A stream: its `message_start` usage kept for its cost (read once from the first chunk), a break
+        ended with Anthropic's `error` event."""
         if result.stream is not None:
-            result.stream = _messages_stream(result.stream, result.stream_state)
+            state = result.stream_state
+            if state is not None and state.head:
+                state.head_usage = messages_start_usage(state.head)
+            result.stream = _messages_stream(result.stream)
         return result
 
 
@@ -240,16 +244,11 @@ _BETA: dict[str, Endpoint] = {"beta=true": replace(MESSAGES, path="/messages?bet
 _BETA_COUNT: dict[str, Endpoint] = {"beta=true": replace(COUNT_TOKENS, path="/messages/count_tokens?beta=true")}
 
 
-async def _messages_stream(chunks: AsyncIterator[bytes], state: StreamState | None) -> AsyncIterator[bytes]:
-    """The first event's usage noted on `state` (Anthropic puts the input tokens there, the output
-    tokens in the last), and the relay's error event re-worded as Anthropic's."""
-    first = True
+async def _messages_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The relay's error event re-worded as Anthropic's (the usage is read from the stream's head and
+    tail after the fact, as chat's is)."""
     try:
         async for chunk in chunks:
-            if first:
-                first = False
-                if state is not None:
-                    state.head_usage = messages_start_usage(chunk)
             if chunk.startswith(_OPENAI_ERROR_EVENT):
                 try:
                     message = orjson.loads(chunk[6:])["error"]["message"]

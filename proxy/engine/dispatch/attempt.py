@@ -226,7 +226,7 @@ class AttemptLife:
         except BaseException:
             resp.close()
             raise
-        state = StreamState(request_bytes=len(body))
+        state = StreamState(request_bytes=len(body), head=first)
         return Result(200, ref, self.tally.attempts,
                       stream=relay(resp, first, ref, self.breaker, state, done, UsageFilter() if strip_usage else None),
                       content_type=content_type, first_byte_at=time.perf_counter(), stream_state=state,
