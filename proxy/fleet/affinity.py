@@ -1,24 +1,15 @@
 """Which provider holds each stored Responses API id, so that follow-ups reach it, and which inbound key
-created it, so that no other key reaches it.
-
-A bounded LRU in memory; with `TIERGATE_REDIS_URL` also in Redis, so that every tiergate of a
-fleet agrees (a follow-up may land on another sidecar). Redis failing is logged and survived:
-this process's own memory still answers for the ids it saw.
+created it, so that no other key reaches it; kept in an `IdStore` (memory, and Redis for the fleet).
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections import OrderedDict
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from ..settings import RouterConfig
-
-log = logging.getLogger("tiergate.affinity")
+from .idstore import IdStore
 
 TTL_S = 30 * 24 * 3600  # OpenAI keeps stored responses for 30 days
-RETRY_INTERVAL_S = 5.0  # after a Redis failure, memory alone answers this long (one log line per outage)
 
 
 class Holder(NamedTuple):
@@ -50,85 +41,24 @@ class ResponseAffinity:
     keyed = False
 
     def __init__(self, config: RouterConfig):
-        self._size = max(1, config.response_affinity_size)
-        self._memory: OrderedDict[str, Holder] = OrderedDict()
-        self._prefix = f"{config.cache_namespace}:response:"
-        self._timeout = max(config.redis_timeout, 0.5)  # a follow-up must find the id: worth a little wait
-        self._url = config.redis_url
-        self._redis: Any = None
-        self._down_until = 0.0
-
-    def _client(self) -> Any:
-        if not self._url or (self._down_until and time.monotonic() < self._down_until):
-            return None
-        if self._redis is None:
-            from .connect import redis_client  # one server, a cluster or a Sentinel's primary
-
-            self._redis = redis_client(self._url, timeout=self._timeout)
-        return self._redis
-
-    def _failed(self, what: str, exc: BaseException) -> None:
-        if not self._down_until:
-            log.warning("response affinity: Redis %s failed (%s); using this process's memory for %ss",
-                        what, type(exc).__name__, RETRY_INTERVAL_S)
-        self._down_until = time.monotonic() + RETRY_INTERVAL_S
-
-    def _recovered(self) -> None:
-        if self._down_until:
-            self._down_until = 0.0
-            log.info("response affinity: Redis answers again")
+        self._store: IdStore[Holder] = IdStore(config, name="response affinity", key_prefix="response",
+                                               ttl_s=TTL_S, encode=Holder.encode, decode=Holder.decode)
 
     async def remember(self, response_id: str, holder: Holder) -> None:
-        memory = self._memory
-        memory[response_id] = holder
-        memory.move_to_end(response_id)
-        if len(memory) > self._size:
-            memory.popitem(last=False)
-        client = self._client()
-        if client is not None:
-            try:
-                await client.set(self._prefix + response_id, holder.encode(), ex=TTL_S)
-            except Exception as exc:  # noqa: BLE001 - Redis down: this process still remembers
-                self._failed("set", exc)
-            else:
-                self._recovered()
+        await self._store.remember(response_id, holder)
 
     async def lookup(self, response_id: str) -> Holder | None:
-        holder = self._memory.get(response_id)
-        if holder is not None:
-            self._memory.move_to_end(response_id)  # a conversation in use stays remembered
-            return holder
-        client = self._client()
-        if client is None:
-            return None
-        try:
-            raw = await client.get(self._prefix + response_id)
-        except Exception as exc:  # noqa: BLE001
-            self._failed("get", exc)
-            return None
-        self._recovered()
-        return None if raw is None else Holder.decode(raw)
+        return await self._store.get(response_id)
 
     async def forget(self, response_id: str) -> None:
-        self._memory.pop(response_id, None)
-        client = self._client()
-        if client is not None:
-            try:
-                await client.delete(self._prefix + response_id)
-            except Exception as exc:  # noqa: BLE001
-                self._failed("delete", exc)
+        await self._store.forget(response_id)
 
     def for_key(self, key: str | None) -> ResponseAffinity:
         """The ids as the inbound key `key` sees them (all of them without inbound keys)."""
         return self if key is None else KeyedAffinity(self, key)
 
     async def close(self) -> None:
-        if self._redis is not None:
-            try:
-                await self._redis.aclose()
-            except Exception as exc:  # noqa: BLE001 - closing a pool whose server is gone
-                log.debug("response affinity: closing Redis: %s", type(exc).__name__)
-            self._redis = None
+        await self._store.close()
 
 
 class KeyedAffinity(ResponseAffinity):
