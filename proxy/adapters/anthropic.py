@@ -10,7 +10,7 @@ raise their own classes for them.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +87,17 @@ def stream_error(message: str, error_type: str = "api_error") -> bytes:
         {"type": "error", "error": {"type": error_type, "message": message}}) + b"\n\n"
 
 
+def _anthropic_variant(headers: Mapping[str, str] | None) -> str:
+    """The API version and beta features the client asked for: they change what Anthropic answers (a beta
+    turns on thinking blocks, caching, ...), so a cached answer serves only calls that asked for the same."""
+    if not headers:
+        return ""
+    version, beta = headers.get("anthropic-version"), headers.get("anthropic-beta")
+    if version is None and beta is None:
+        return ""
+    return f"\0anthropic-version={version or ''}\0anthropic-beta={beta or ''}"
+
+
 def _check_types(payload: dict[str, Any]) -> None:
     for name, types in _MESSAGES_FIELDS.items():
         value = payload.get(name)
@@ -134,6 +145,9 @@ class MessagesEndpoint(Endpoint):
 
     def error_body(self, exc: TiergateError) -> bytes:
         return anthropic_error(exc)
+
+    def cache_variant(self, headers: Mapping[str, str] | None) -> str:
+        return _anthropic_variant(headers)
 
     def at_query(self, query: str) -> Endpoint:
         """`?beta=true` (the SDKs' `client.beta.messages`) goes to a Messages provider as sent."""
@@ -188,6 +202,9 @@ class CountTokensEndpoint(Endpoint):
 
     def error_body(self, exc: TiergateError) -> bytes:
         return anthropic_error(exc)
+
+    def cache_variant(self, headers: Mapping[str, str] | None) -> str:
+        return _anthropic_variant(headers)
 
     def at_query(self, query: str) -> Endpoint:
         return _BETA_COUNT.get(query, self)

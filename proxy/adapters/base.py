@@ -9,7 +9,7 @@ loop read these as data; none of them asks which family a request is.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +121,11 @@ class Endpoint:
     def at_query(self, query: str) -> Endpoint:
         """The endpoint for a call whose URL carries `query`: most families send none upstream."""
         return self
+
+    def cache_variant(self, headers: Mapping[str, str] | None) -> str:
+        """What of the headers sent upstream (names lower-cased) can change the answer, so is part of its
+        cache key: most families' answers depend on the body alone."""
+        return ""
 
     def error_body(self, exc: TiergateError) -> bytes | None:
         """An error in the family's own shape; None: OpenAI's (`exc.to_body()`), which most families use."""

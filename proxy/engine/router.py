@@ -333,7 +333,8 @@ class Router(LibraryAPI):
             result = await self.cache.serve(
                 endpoint.path, payload, plan, record, stream=stream, control=CacheControl.parse(cache_control),
                 call=lambda raw_usage=False: self._forward(call.narrowed(plan, raw_usage=raw_usage)),
-                scope=cache_scope(plan, api_key_name, headers if self._byok else None, table.providers))
+                scope=cache_scope(plan, api_key_name, headers if self._byok else None, table.providers)
+                + endpoint.cache_variant(headers))
         elif self.batcher is None or not endpoint.batchable:
             result = await self.loop.run(call)
         else:

@@ -343,3 +343,21 @@ async def test_recovery_route_ends_a_cut_messages_stream_with_an_error(claude: A
             async for event in stream:
                 starts += event.type == "message_start"
     assert starts == 1 and not spare.requests
+
+
+async def test_cache_keeps_answers_of_different_beta_headers_apart(gate: Any, claude: AnthropicUpstream) -> None:
+    """A temperature-0 call is cached, but an answer serves only calls with the same `anthropic-version` and
+    `anthropic-beta` (a beta can change the answer: thinking blocks, caching, ...)."""
+    client = _client(gate)
+
+    async def ask(beta: str) -> str:
+        raw = await client.messages.with_raw_response.create(
+            model="claude-sonnet-4", max_tokens=16, extra_body={"temperature": 0},
+            extra_headers={"anthropic-beta": beta}, messages=[{"role": "user", "content": "the same question"}])
+        return raw.headers["x-tiergate-cache"]
+
+    assert await ask("interleaved-thinking-2025-05-14") == "miss"
+    assert await ask("prompt-caching-2024-07-31") == "miss"
+    assert await ask("interleaved-thinking-2025-05-14") == "hit"
+    assert len(claude.requests) == 2
+    assert claude.requests[1].headers["anthropic-beta"] == "prompt-caching-2024-07-31"
