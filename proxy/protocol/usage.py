@@ -172,13 +172,23 @@ def response_model(data: bytes) -> str | None:
 
 
 def cost_usd(usage: Usage, price: Any) -> float:
-    """USD for `usage` at `price` (`input`, `output` and optionally `cached_input`, USD per 1M tokens):
-    input tokens served from the provider's cache at `cached_input` when the table gives it."""
-    cached = price.cached_input
-    if cached is not None and usage.cache_read:
-        return ((usage.prompt - usage.cache_read) * price.input + usage.cache_read * cached
-                + usage.completion * price.output) / 1_000_000
-    return (usage.prompt * price.input + usage.completion * price.output) / 1_000_000
+    """USD for `usage` at `price` (`input`, `output` and optionally `cached_input` and `cache_write`, USD
+    per 1M tokens): input tokens served from the provider's cache at `cached_input`, those written to it
+    at `cache_write`, when the table gives them (else at `input`)."""
+    cached, write = price.cached_input, price.cache_write
+    read_at = cached if cached is not None and usage.cache_read else None
+    write_at = write if write is not None and usage.cache_write else None
+    if read_at is None and write_at is None:
+        return (usage.prompt * price.input + usage.completion * price.output) / 1_000_000
+    uncached = usage.prompt
+    total = usage.completion * price.output
+    if read_at is not None:
+        uncached -= usage.cache_read
+        total += usage.cache_read * read_at
+    if write_at is not None:
+        uncached -= usage.cache_write
+        total += usage.cache_write * write_at
+    return (total + uncached * price.input) / 1_000_000
 
 
 def price_for(pricing: Mapping[str, Any], provider: str, model: str) -> Any:

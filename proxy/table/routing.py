@@ -144,12 +144,13 @@ class RouteDecision:
 
 @dataclass(frozen=True)
 class Pricing:
-    """USD per million tokens; `cached_input` for input tokens served from the provider's prompt cache
-    (None: priced as `input`)."""
+    """USD per million tokens; `cached_input` for input tokens served from the provider's prompt cache,
+    `cache_write` for those written to it (Anthropic charges both apart from input; None: priced as `input`)."""
 
     input: float
     output: float
     cached_input: float | None = None
+    cache_write: float | None = None
 
 
 class RoutingTable:
@@ -253,8 +254,9 @@ class RoutingTable:
         return rule
 
     def price(self, ref: ModelRef, usage: Usage) -> float | None:
-        """USD for `usage` at `ref`'s price in this table (input tokens served from the provider's cache at
-        its `cached_input` price when the table gives one); None when the table has no price for it."""
+        """USD for `usage` at `ref`'s price in this table (input tokens served from, or written to, the
+        provider's cache at its `cached_input` / `cache_write` price when the table gives one); None when
+        the table has no price for it."""
         try:
             pricing = self._prices[ref]
         except KeyError:
@@ -513,9 +515,10 @@ def _parse_pricing(raw: Any, problems: list[str]) -> dict[str, Pricing]:
         try:
             if not isinstance(price, dict):
                 raise ValueError("must be {input: USD per 1M tokens, output: USD per 1M tokens}")
-            cached = price.get("cached_input")
+            cached, write = price.get("cached_input"), price.get("cache_write")
             pricing[str(ref)] = Pricing(float(price.get("input", 0)), float(price.get("output", 0)),
-                                        None if cached is None else float(cached))
+                                        None if cached is None else float(cached),
+                                        None if write is None else float(write))
         except (TypeError, ValueError) as exc:
             problems.append(f"pricing.{ref}: {exc}")
     return pricing

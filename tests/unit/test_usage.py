@@ -109,6 +109,28 @@ def test_cached_input_price_read_from_the_table():
     assert table.pricing["p/m"] == Pricing(2.5, 10.0, 1.25) and table.pricing["p/n"].cached_input is None
 
 
+def test_cache_writes_priced_at_cache_write_when_the_table_gives_it():
+    from proxy.table.routing import table_from_dict
+    from proxy.types import ModelRef
+
+    doc = {"providers": {"p": {"base_url": "http://127.0.0.1:1/v1", "api_key": "k"}},
+           "pricing": {"p/m": {"input": 3, "output": 15, "cached_input": 0.3, "cache_write": 3.75},
+                       "p/n": {"input": 3, "output": 15, "cached_input": 0.3}},
+           "routes": [{"use_case": "general_purpose", "tier": "standard", "model": "p/m"}]}
+    table = table_from_dict(doc, source="test")
+    assert table.pricing["p/m"].cache_write == 3.75 and table.pricing["p/n"].cache_write is None
+    usage = Usage(1000, 100, cache_read=600, cache_write=300)
+    # 100 uncached at 3, 600 read at 0.3, 300 written at 3.75, 100 output at 15
+    assert table.price(ModelRef("p", "m"), usage) == pytest.approx((100 * 3 + 600 * 0.3 + 300 * 3.75 + 100 * 15) / 1e6)
+    # no cache_write price: the writes cost input, as before
+    assert table.price(ModelRef("p", "n"), usage) == pytest.approx((400 * 3 + 600 * 0.3 + 100 * 15) / 1e6)
+    # a write price alone: reads at input, writes at their own price
+    assert cost_usd(usage, Pricing(3, 15, cache_write=3.75)) == pytest.approx((700 * 3 + 300 * 3.75 + 1500) / 1e6)
+    doc["pricing"] = {"p/m": {"input": 3, "output": 15, "cache_write": "dear"}}
+    with pytest.raises(Exception, match="pricing.p/m"):
+        table_from_dict(doc, source="test")
+
+
 def test_latency_ring_is_bounded_and_percentiles_are_nearest_rank():
     ring = LatencyRing(size=100)
     for v in range(1, 1001):
