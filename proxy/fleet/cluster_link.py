@@ -22,7 +22,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from ..limits.spec import FleetUnavailable
 from ..types import cancel_and_wait
 from .connect import redis_client, redis_target
-from .state import MAX_CONNECTIONS, RETRY_INTERVAL, SCRIPTS, RedisLink
+from .state import MAX_CONNECTIONS, RETRY_INTERVAL, SCRIPTS, LinkState, RedisLink
 
 log = logging.getLogger("tiergate.fleet")
 
@@ -39,16 +39,14 @@ def open_link(url: str, *, timeout: float) -> RedisLink | ClusterLink:
     return RedisLink(url, timeout=timeout)
 
 
-class ClusterLink:
+class ClusterLink(LinkState):
     """Batched, deadline-bounded commands on a Redis Cluster (see the module's docstring)."""
+
+    label = "redis cluster"
 
     def __init__(self, url: str, *, timeout: float, retry_interval: float = RETRY_INTERVAL,
                  max_batches: int = MAX_CONNECTIONS, clock: Callable[[], float] = time.monotonic):
-        self.target = redis_target(url)
-        self.url = url
-        self.timeout = timeout
-        self.retry_interval = retry_interval
-        self.clock = clock
+        super().__init__(url, timeout=timeout, retry_interval=retry_interval, clock=clock)
         self._cluster = redis_client(url, timeout=timeout, socket_timeout=None)
         self._max = max_batches
         self._ready = False  # the cluster's topology has been read once
@@ -56,15 +54,6 @@ class ClusterLink:
         self._pending: list[_Command] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self.down_until = 0.0
-        self.errors = 0
-        self.last_error: str | None = None
-        self.calls = 0
-        self.batches = 0
-
-    @property
-    def available(self) -> bool:
-        return self.clock() >= self.down_until
 
     def client(self) -> RedisCluster:
         """A client of its own (pub/sub, admin commands): not for the request path."""
@@ -184,22 +173,6 @@ class ClusterLink:
         for _, future in batch:
             if future is not None and not future.done():
                 future.set_exception(error)
-
-    def _failed(self, exc: BaseException) -> None:
-        self.errors += 1
-        reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-        self.last_error = f"{reason} (redis cluster at {self.where()})"
-        if self.clock() >= self.down_until:
-            log.warning("redis cluster at %s failed (%s); trying again in %ss", self.where(), reason,
-                        self.retry_interval)
-        self.down_until = self.clock() + self.retry_interval
-
-    def where(self) -> str:
-        return self.target.where()
-
-    def stats(self) -> dict[str, Any]:
-        return {"configured": True, "available": self.available, "where": self.where(), "errors": self.errors,
-                "last_error": self.last_error, "calls": self.calls, "batches": self.batches}
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -219,16 +219,52 @@ ADMIT_SHA, SETTLE_SHA, HEARTBEAT_SHA = _sha(ADMIT), _sha(SETTLE), _sha(HEARTBEAT
 _Command = tuple[list[bytes], "asyncio.Future[Any] | None"]  # a packed command, and who waits for its reply
 
 
-class RedisLink:
-    """Pipelined, deadline-bounded Redis commands on a few connections of our own."""
+class LinkState:
+    """What a link to the fleet's Redis (`RedisLink`, or `ClusterLink` on a Redis Cluster) knows of its
+    health: when it failed, why, and how much it sent; `available` again once its retry interval has passed."""
 
-    def __init__(self, url: str, *, timeout: float, retry_interval: float = RETRY_INTERVAL,
-                 max_connections: int = MAX_CONNECTIONS, clock: Callable[[], float] = time.monotonic):
-        self.target = redis_target(url)  # one server, or the primary a Sentinel names (a cluster: ClusterLink)
+    label = "redis"  # how messages name what the link talks to
+
+    def __init__(self, url: str, *, timeout: float, retry_interval: float, clock: Callable[[], float]):
+        self.target = redis_target(url)  # one server, the primary a Sentinel names, or a cluster's seed nodes
         self.url = url
         self.timeout = timeout
         self.retry_interval = retry_interval
         self.clock = clock
+        self.down_until = 0.0
+        self.errors = 0
+        self.last_error: str | None = None
+        self.calls = 0
+        self.batches = 0
+
+    @property
+    def available(self) -> bool:
+        return self.clock() >= self.down_until
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+        self.last_error = f"{reason} ({self.label} at {self.where()})"
+        if self.clock() >= self.down_until:
+            log.warning("%s at %s failed (%s); trying again in %ss", self.label, self.where(), reason,
+                        self.retry_interval)
+        self.down_until = self.clock() + self.retry_interval
+
+    def where(self) -> str:
+        """host:port/db (or the sentinels and service, or the seed nodes) for messages: never a password."""
+        return self.target.where()
+
+    def stats(self) -> dict[str, Any]:
+        return {"configured": True, "available": self.available, "where": self.where(), "errors": self.errors,
+                "last_error": self.last_error, "calls": self.calls, "batches": self.batches}
+
+
+class RedisLink(LinkState):
+    """Pipelined, deadline-bounded Redis commands on a few connections of our own."""
+
+    def __init__(self, url: str, *, timeout: float, retry_interval: float = RETRY_INTERVAL,
+                 max_connections: int = MAX_CONNECTIONS, clock: Callable[[], float] = time.monotonic):
+        super().__init__(url, timeout=timeout, retry_interval=retry_interval, clock=clock)
         # redis-py makes the connections (a Sentinel's asks for the primary at each connect, so a
         # connection dropped after a failover reconnects to the new one); its pool's own
         # acquire/release (locks, health checks) is left out: batches take a connection directly
@@ -241,15 +277,6 @@ class RedisLink:
         self._pending: list[_Command] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self.down_until = 0.0
-        self.errors = 0
-        self.last_error: str | None = None
-        self.calls = 0
-        self.batches = 0
-
-    @property
-    def available(self) -> bool:
-        return self.clock() >= self.down_until
 
     def client(self) -> Redis | RedisCluster:
         """A redis-py client on the same URL (pub/sub, admin commands): not for the request path."""
@@ -420,23 +447,6 @@ class RedisLink:
             except ResponseError as exc:  # an error reply, read whole: the connection stays in step
                 replies.append(exc)
         return replies
-
-    def _failed(self, exc: BaseException) -> None:
-        self.errors += 1
-        reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-        self.last_error = f"{reason} (redis at {self.where()})"
-        if self.clock() >= self.down_until:
-            log.warning("redis at %s failed (%s); trying again in %ss", self.where(), reason,
-                        self.retry_interval)
-        self.down_until = self.clock() + self.retry_interval
-
-    def where(self) -> str:
-        """host:port/db (or the sentinels and service) for messages: never a password."""
-        return self.target.where()
-
-    def stats(self) -> dict[str, Any]:
-        return {"configured": True, "available": self.available, "where": self.where(), "errors": self.errors,
-                "last_error": self.last_error, "calls": self.calls, "batches": self.batches}
 
     async def close(self) -> None:
         for task in list(self._tasks):
