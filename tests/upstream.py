@@ -84,6 +84,7 @@ class MalformedChunk:
     """A stream with one event that is not JSON after `after` chunks; the rest follows as usual."""
 
     after: int = 2
+    content: str | None = None
 
 
 @dataclass
@@ -288,7 +289,8 @@ class MockUpstream:
         if failed is not None:
             return failed
         model = body.get("model", "?")
-        content = (action.content if isinstance(action, (Ok, BreakStream, StallStream)) and action.content
+        content = (action.content
+                   if isinstance(action, (Ok, BreakStream, StallStream, MalformedChunk)) and action.content
                    else f"{self.name} answered {model}")
         messages = body.get("messages") or []
         last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
