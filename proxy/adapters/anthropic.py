@@ -20,7 +20,7 @@ from ..outcome import new_request_id
 from ..protocol.usage import messages_start_usage
 from ..table.routing import RouteDecision
 from ..types import InvalidRequestError, ModelRef, Route, TiergateError, UpstreamStatusError
-from .base import Endpoint, Translation, Translator
+from .base import Endpoint, Translation, Translator, body_translation, split_for_translation, stream_translation
 from .messages import (
     ChatToMessagesStream,
     MessagesToChatStream,
@@ -162,15 +162,10 @@ class MessagesEndpoint(Endpoint):
         chat_only = [c for c in decision.candidates if c.provider in specs and not specs[c.provider].serves_messages]
         if not chat_only:
             return decision, None
-        try:
-            chat = to_chat_request(payload)
-        except InvalidRequestError as exc:
-            native = tuple(c for c in decision.candidates if c not in chat_only)
-            if not native:
-                names = ", ".join(sorted({c.provider for c in chat_only}))
-                raise InvalidRequestError(f"route {decision.name}: {exc.message} (providers {names} speak only "
-                                          "Chat Completions)", param=exc.param, code=exc.code) from None
-            return RouteDecision(decision.name, native, decision.route, decision.plans), None
+        decision, chat = split_for_translation(decision, chat_only, lambda: to_chat_request(payload),
+                                               "speak only Chat Completions")
+        if chat is None:
+            return decision, None
         translated = frozenset(chat_only)
         translate = _translation(payload, chat, "msg_" + new_request_id().removeprefix("req_"))
         return decision, lambda ref: translate(ref) if ref in translated else None
@@ -286,25 +281,11 @@ def _to_messages(request: dict[str, Any], include_usage: bool) -> Translator:
     """A chat call for a provider that speaks only Messages: `request` (Messages) goes to it, its answer
     comes back as a chat completion (or chat chunks)."""
 
-    def transform_body(data: bytes) -> bytes:
-        try:
-            message = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            message = {}
-        return orjson.dumps(message_to_chat(message if type(message) is dict else {}, int(time.time())))
+    transform_body = body_translation(lambda message: message_to_chat(message, int(time.time())))
 
     def translate(ref: ModelRef) -> Translation:
-        async def transform_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-            translator = MessagesToChatStream(ref.model, int(time.time()), include_usage)
-            try:
-                async for chunk in chunks:
-                    out = translator.feed(chunk)
-                    if out:
-                        yield out
-            finally:
-                await chunks.aclose()  # type: ignore[attr-defined]
-
-        return Translation(MESSAGES, request, transform_body, transform_stream)
+        return Translation(MESSAGES, request, transform_body, stream_translation(
+            lambda: MessagesToChatStream(ref.model, int(time.time()), include_usage)))
 
     return translate
 
@@ -324,27 +305,10 @@ def _translation(request: dict[str, Any], chat: dict[str, Any], message_id: str)
     """A Messages call for a provider that speaks only Chat Completions: `chat` goes to it, and its
     answer comes back as a Message (or Messages' stream events)."""
 
-    def transform_body(data: bytes) -> bytes:
-        try:
-            completion = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            completion = {}
-        return orjson.dumps(chat_to_message(completion, request, message_id))
+    transform_body = body_translation(lambda completion: chat_to_message(completion, request, message_id))
 
     def translate(ref: ModelRef) -> Translation:
-        async def transform_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-            translator = ChatToMessagesStream(message_id, ref.model, int(time.time()))
-            try:
-                async for chunk in chunks:  # read to the stream's end, so it counts as complete
-                    out = translator.feed(chunk)
-                    if out:
-                        yield out
-                tail = translator.close()
-                if tail:
-                    yield tail
-            finally:
-                await chunks.aclose()  # type: ignore[attr-defined]
-
-        return Translation(CHAT, chat, transform_body, transform_stream)
+        return Translation(CHAT, chat, transform_body, stream_translation(
+            lambda: ChatToMessagesStream(message_id, ref.model, int(time.time()))))
 
     return translate

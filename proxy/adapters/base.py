@@ -9,16 +9,19 @@ loop read these as data; none of them asks which family a request is.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+import orjson
+
+from ..table.routing import RouteDecision
 from ..types import InvalidRequestError
 
 if TYPE_CHECKING:
     from ..fleet.affinity import ResponseAffinity
     from ..outcome import Result
-    from ..table.routing import RouteDecision, RoutingTable
+    from ..table.routing import RoutingTable
     from ..types import ModelRef, Route, TiergateError
 
 DONE = b"data: [DONE]"  # the end of a Chat Completions / Completions stream
@@ -64,6 +67,63 @@ class Translation:
         if result.stream is not None:
             result.stream = self.transform_stream(result.stream)
         return result
+
+
+class StreamTranslator(Protocol):
+    """One stream's translation: fed the provider's bytes as they come, gives the client's; `close` at its end."""
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def close(self) -> bytes: ...
+
+
+def body_translation(convert: Callable[[dict[str, Any]], Any]) -> Callable[[bytes], bytes]:
+    """A `transform_body`: the provider's JSON answer (an empty object when it is not one) through `convert`."""
+
+    def transform_body(data: bytes) -> bytes:
+        try:
+            answer = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            answer = {}
+        return orjson.dumps(convert(answer if type(answer) is dict else {}))
+
+    return transform_body
+
+
+def stream_translation(make: Callable[[], StreamTranslator]) -> Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]:
+    """A `transform_stream`: each chunk through a translator `make` gives for the stream, read to the stream's
+    end (so that it counts as complete), then what the translator holds back."""
+
+    async def transform_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        translator = make()
+        try:
+            async for chunk in chunks:
+                out = translator.feed(chunk)
+                if out:
+                    yield out
+            tail = translator.close()
+            if tail:
+                yield tail
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    return transform_stream
+
+
+def split_for_translation(decision: RouteDecision, foreign: Collection[ModelRef], translate: Callable[[], Any],
+                          speaks: str) -> tuple[RouteDecision, Any]:
+    """A call for candidates some of whose providers (`foreign`) speak another API: `translate()`'s request
+    for them. When it has no form in their API, the call goes only to the others (`speaks`: what the foreign
+    ones speak, for the 400 naming the field when there are no others); then the request is None."""
+    try:
+        return decision, translate()
+    except InvalidRequestError as exc:
+        native = tuple(c for c in decision.candidates if c not in foreign)
+        if not native:
+            names = ", ".join(sorted({c.provider for c in foreign}))
+            raise InvalidRequestError(f"route {decision.name}: {exc.message} (providers {names} {speaks})",
+                                      param=exc.param, code=exc.code) from None
+        return RouteDecision(decision.name, native, decision.route, decision.plans), None
 
 
 # per candidate: None sends the request as written; a Translation sends it in the provider's API

@@ -11,14 +11,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from ..fleet.affinity import Holder
 from ..outcome import new_request_id
 from ..table.routing import RouteDecision
 from ..types import InvalidRequestError, ModelRef, NotFoundError, Route
 from .anthropic import via_messages
-from .base import Endpoint, Translation, Translator
+from .base import Endpoint, Translation, Translator, body_translation, split_for_translation, stream_translation
 from .messages import to_messages_request
 from .openai import CHAT
 from .responses import ChatStreamTranslator, chat_to_response, to_chat_request
@@ -65,15 +63,10 @@ class ResponsesEndpoint(Endpoint):
         chat_only = [c for c in candidates if c.provider in specs and not specs[c.provider].serves_responses]
         if not chat_only:
             return decision, None
-        try:
-            chat = to_chat_request(payload)
-        except InvalidRequestError as exc:
-            native = tuple(c for c in candidates if c not in chat_only)
-            if not native:
-                names = ", ".join(sorted({c.provider for c in chat_only}))
-                raise InvalidRequestError(f"route {decision.name}: {exc.message} (providers {names} serve only "
-                                          "Chat Completions)", param=exc.param, code=exc.code) from None
-            return RouteDecision(decision.name, native, decision.route, decision.plans), None
+        decision, chat = split_for_translation(decision, chat_only, lambda: to_chat_request(payload),
+                                               "serve only Chat Completions")
+        if chat is None:
+            return decision, None
         translated = frozenset(chat_only)
         translate = _translation(payload, chat, "resp_" + new_request_id().removeprefix("req_"))
         claude = frozenset(c for c in chat_only if "chat" not in specs[c.provider].apis)
@@ -134,16 +127,10 @@ def _through_messages(decision: RouteDecision, chat: dict[str, Any], claude: fro
                       translated: frozenset[ModelRef], translate: Translator) -> tuple[RouteDecision, Translator]:
     """Candidates that speak only Messages get the chat translation sent on as Messages; when the chat
     request has no Messages form they are left out (400 when none is left)."""
-    try:
-        to_messages_request(chat)
-    except InvalidRequestError as exc:
-        rest = tuple(c for c in decision.candidates if c not in claude)
-        if not rest:
-            names = ", ".join(sorted({c.provider for c in claude}))
-            raise InvalidRequestError(f"route {decision.name}: {exc.message} (providers {names} speak only "
-                                      "Anthropic's Messages API)", param=exc.param, code=exc.code) from None
-        return (RouteDecision(decision.name, rest, decision.route, decision.plans),
-                lambda ref: translate(ref) if ref in translated else None)
+    decision, messages = split_for_translation(decision, claude, lambda: to_messages_request(chat),
+                                               "speak only Anthropic's Messages API")
+    if messages is None:
+        return decision, lambda ref: translate(ref) if ref in translated else None
 
     def send(ref: ModelRef) -> Translation | None:
         if ref in claude:
@@ -157,28 +144,11 @@ def _translation(request: dict[str, Any], chat: dict[str, Any], response_id: str
     """A Responses call for a provider that speaks only Chat Completions: `chat` (the translated request)
     goes to it, and its answer comes back as a Response (or the Responses API's stream events)."""
 
-    def transform_body(data: bytes) -> bytes:
-        try:
-            completion = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            completion = {}
-        return orjson.dumps(chat_to_response(completion, request, response_id))
+    transform_body = body_translation(lambda completion: chat_to_response(completion, request, response_id))
 
     def translate(ref: ModelRef) -> Translation:
-        async def transform_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-            translator = ChatStreamTranslator(request, response_id, int(time.time()), ref.model)
-            try:
-                async for chunk in chunks:  # read to the stream's end, so it counts as complete
-                    out = translator.feed(chunk)
-                    if out:
-                        yield out
-                tail = translator.close()
-                if tail:
-                    yield tail
-            finally:
-                await chunks.aclose()  # type: ignore[attr-defined]
-
-        return Translation(CHAT, chat, transform_body, transform_stream)
+        return Translation(CHAT, chat, transform_body, stream_translation(
+            lambda: ChatStreamTranslator(request, response_id, int(time.time()), ref.model)))
 
     return translate
 

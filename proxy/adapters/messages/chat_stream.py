@@ -13,7 +13,7 @@ from .chat_response import chat_usage
 
 
 class MessagesToChatStream:
-    """Fed the Messages stream's bytes as they come (`feed`), gives chat chunks."""
+    """Fed the Messages stream's bytes as they come (`feed`), gives chat chunks; `close` at its end."""
 
     __slots__ = ("base", "buffer", "usage", "tools", "include_usage", "ended")
 
@@ -25,6 +25,10 @@ class MessagesToChatStream:
         self.tools: dict[int, int] = {}  # content block index -> tool call index
         self.include_usage = include_usage
         self.ended = False
+
+    def close(self) -> bytes:
+        """The Messages stream ended: its chunks were given as they came, nothing is held back."""
+        return b""
 
     def feed(self, data: bytes) -> bytes:
         self.buffer += data
