@@ -133,19 +133,7 @@ class ClusterLink(LinkState):
             self._failed(exc)
             self._fail(batch, FleetUnavailable(self.last_error or "redis failed"))
             return
-        if self.down_until:
-            log.info("redis cluster at %s is reachable again: limits are counted for the fleet", self.where())
-            self.down_until = 0.0
-        for (_, future), reply in zip(batch, replies, strict=True):
-            if isinstance(reply, BaseException):
-                self.errors += 1
-                self.last_error = f"redis error: {reply}"
-                if future is None or future.done():
-                    log.warning("redis command failed: %s", reply)
-                else:
-                    future.set_exception(FleetUnavailable(self.last_error))
-            elif future is not None and not future.done():
-                future.set_result(reply)
+        self._deliver(batch, replies)
 
     async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """One cluster pipeline; a script a node has not seen yet (a new or promoted master) is sent
@@ -167,12 +155,6 @@ class ClusterLink(LinkState):
             if isinstance(reply, BaseException) and not isinstance(reply, ResponseError):
                 raise reply
         return list(replies)
-
-    @staticmethod
-    def _fail(batch: list[_Command], error: FleetUnavailable) -> None:
-        for _, future in batch:
-            if future is not None and not future.done():
-                future.set_exception(error)
 
     async def close(self) -> None:
         for task in list(self._tasks):

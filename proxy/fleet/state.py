@@ -250,6 +250,32 @@ class LinkState:
                         self.retry_interval)
         self.down_until = self.clock() + self.retry_interval
 
+    def _answered(self) -> None:
+        if self.down_until:
+            log.info("%s at %s is reachable again: limits are counted for the fleet", self.label, self.where())
+            self.down_until = 0.0
+
+    @staticmethod
+    def _fail(batch: list[_Command], error: FleetUnavailable) -> None:
+        """Every caller waiting on a batch that did not get through hears why."""
+        for _, future in batch:
+            if future is not None and not future.done():
+                future.set_exception(error)
+
+    def _deliver(self, batch: list[_Command], replies: list[Any]) -> None:
+        """A batch's replies to their callers; an error reply fails its own command only."""
+        self._answered()
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, BaseException):
+                self.errors += 1
+                self.last_error = f"redis error: {reply}"
+                if future is None or future.done():
+                    log.warning("redis command failed: %s", reply)
+                else:
+                    future.set_exception(FleetUnavailable(self.last_error))
+            elif future is not None and not future.done():
+                future.set_result(reply)
+
     def where(self) -> str:
         """host:port/db (or the sentinels and service, or the seed nodes) for messages: never a password."""
         return self.target.where()
@@ -398,27 +424,9 @@ class RedisLink(LinkState):
         except _ERRORS as exc:
             await conn.disconnect(nowait=True)  # replies may still be on their way: never reuse it
             self._failed(exc)
-            error = FleetUnavailable(self.last_error or "redis failed")
-            for _, future in batch:
-                if future is not None and not future.done():
-                    future.set_exception(error)
+            self._fail(batch, FleetUnavailable(self.last_error or "redis failed"))
             return
-        self._answered()
-        for (_, future), reply in zip(batch, replies, strict=True):
-            if isinstance(reply, ResponseError):
-                self.errors += 1
-                self.last_error = f"redis error: {reply}"
-                if future is None or future.done():
-                    log.warning("redis command failed: %s", reply)
-                else:
-                    future.set_exception(FleetUnavailable(self.last_error))
-            elif future is not None and not future.done():
-                future.set_result(reply)
-
-    def _answered(self) -> None:
-        if self.down_until:
-            log.info("redis at %s is reachable again: limits are counted for the fleet", self.where())
-            self.down_until = 0.0
+        self._deliver(batch, replies)
 
     async def _exchange_all(self, conn: AbstractConnection, commands: list[list[bytes]]) -> list[Any]:
         """Send `commands`, read their replies; a restarted Redis that forgot the scripts gets them
