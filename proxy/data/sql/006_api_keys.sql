@@ -1,4 +1,4 @@
--- tiergate 004: inbound keys a shared gateway can run on: stored hashed, with an expiry, a revocation
+-- tiergate 006: inbound keys a shared gateway can run on: stored hashed, with an expiry, a revocation
 -- and scopes, created, rotated and revoked by `tiergate keys ...`, live-reloaded like routes.
 -- Applied once by `tiergate db init` (tracked in schema_migrations); safe to run again by hand.
 
