@@ -195,6 +195,14 @@ class AuthenticationError(TiergateError):
     code = "invalid_api_key"
 
 
+class PermissionDeniedError(TiergateError):
+    """The key is valid but its scopes do not reach what the call asks for; the message says what they do."""
+
+    status = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
 class NotFoundError(InvalidRequestError):
     status = 404
     code = "not_found"
