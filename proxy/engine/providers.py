@@ -100,12 +100,14 @@ class Provider:
     def send(self, path: str, body: bytes, headers: Mapping[str, str] | None,
              timeout: aiohttp.ClientTimeout) -> Awaitable[UpstreamResponse]:
         """POST `body` (already JSON) to `base_url + path`; await it for the response, which the
-        caller releases. A plain function returning aiohttp's awaitable: one coroutine fewer per call."""
+        caller releases. A plain function returning aiohttp's awaitable: one coroutine fewer per call.
+        A redirect is answered, not followed: following it would carry the key and the table's headers
+        (aiohttp drops only Authorization, and only across origins) to wherever it points."""
         assert self.session is not None, "provider not started"
         url = self._urls.get(path)
         if url is None:
             url = self.url(path)
-        return self.session.post(url, data=body, headers=headers, timeout=timeout)
+        return self.session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
 
     def redact(self, data: bytes) -> bytes:
         """An upstream error body without the secrets tiergate sends this provider (its key, the table's
@@ -113,11 +115,11 @@ class Provider:
         return self.redactor.redact(data)
 
     async def get_json(self, path: str, timeout: float) -> Any:
-        """GET a JSON document (health checks, model discovery)."""
+        """GET a JSON document (health checks, model discovery); a redirect is a failure, not followed."""
         assert self.session is not None, "provider not started"
-        async with self.session.get(self.url(path),
-                                    timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            if resp.status >= 400:
+        async with self.session.get(self.url(path), timeout=aiohttp.ClientTimeout(total=timeout),
+                                    allow_redirects=False) as resp:
+            if resp.status >= 300:
                 raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status,
                                                   message=f"{self.name}: GET {path} answered {resp.status}")
             return orjson.loads(await resp.read())

@@ -92,7 +92,11 @@ def failed(ref: ModelRef, outcome: str, status: int | None = None, *, body: byte
 
 def status_failure(status: int, data: bytes, resp: UpstreamResponse, ref: ModelRef,
                    provider: Provider) -> Exception:
-    """A provider's non-200 answer: retryable, or the client's error to pass back."""
+    """A provider's non-200 answer: retryable, or the client's error to pass back. A redirect is a
+    failed attempt (`redirect`): it is not followed (the key would go where it points), and not passed
+    back, where a client's SDK would follow it; an API endpoint that redirects is a `base_url` to fix."""
+    if 300 <= status < 400:
+        return Retryable(Attempt(ref.provider, ref.model, "redirect", status))
     headers = provider.redactor.headers(resp.headers)  # relayed with the error: no secret in them either
     if status in RETRYABLE_STATUS or status >= 500:
         return Retryable(Attempt(ref.provider, ref.model, f"http_{status}", status),
@@ -131,10 +135,13 @@ def all_failed(name: str, attempts: list[Attempt], last: Retryable | None, break
         error = last.error
         error.attempts, error.ref = attempts, ModelRef(decisive.provider, decisive.model)
         return error
-    if last is not None and last.attempt is decisive and decisive.status is not None and decisive.status != 200:
+    if last is not None and last.attempt is decisive and decisive.status is not None and decisive.status >= 400:
         return _provider_said(decisive, last, attempts, summary)
     if decisive.outcome == "timeout":
         return UpstreamError(summary, status=504, code="upstream_timeout", attempts=attempts, tried=True)
+    if decisive.outcome == "redirect":
+        summary += ("; a provider's redirect is not followed (its key would go where the redirect points): "
+                    "check the provider's base_url")
     return UpstreamError(summary, status=502, code="upstream_failed", attempts=attempts, tried=True)
 
 
