@@ -60,6 +60,15 @@ class ModelRef(NamedTuple):
         return f"{self.provider}/{self.model}"
 
 
+class Shadow(NamedTuple):
+    """A route's shadow deployment: `share` of the route's calls (0 to 1) are also sent to `model`, at
+    most `max_concurrency` at a time; its answers are measured, compared with the primary's and discarded."""
+
+    model: ModelRef
+    share: float
+    max_concurrency: int = 4
+
+
 CACHE_POLICIES = ("auto", "always", "never")
 # whose requests a cached answer may serve: the inbound key's own (default), or any key's (`shared`)
 CACHE_SCOPES = ("key", "shared")
@@ -87,6 +96,7 @@ class Route:
     # tries of the same deployment, at once, after a 429 with a short Retry-After or a 500/502/503, before the
     # next candidate; None: the default (one, after a short 429 only)
     retry_same: int | None = None
+    shadow: Shadow | None = None  # a share of the calls mirrored to another deployment, answers discarded
 
     @property
     def name(self) -> str:

@@ -26,6 +26,7 @@ from ..types import (
     ModelRef,
     ModelTier,
     Route,
+    Shadow,
     UnknownRouteError,
     UseCase,
 )
@@ -43,7 +44,7 @@ DEFAULT_MODEL_NAMES = frozenset({"", "auto", "default", "tiergate"})
 # the longest `model` a client may send: a name past it is no model of anyone's, and would otherwise
 # reach the request log, response headers and traces as sent
 MAX_MODEL_NAME = 256
-_KEYED = re.compile(r"^[a-z_]+(\[\d+\])?: ")
+_KEYED = re.compile(r"^[a-z_]+(\[\d+\])?(\.[a-z_]+)*: ")
 _USE_CASES = {u.value: u for u in UseCase}
 _TIERS = {t.value: t for t in ModelTier}
 
@@ -716,7 +717,8 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
 
 ROUTE_KEYS = frozenset({"use_case", "tier", "model", "fallbacks", "max_tokens", "temperature",
                         "system_prompt", "cache", "cache_ttl", "enabled", "timeout", "first_byte_timeout",
-                        "embeddings_model", "completions_model", "stream_recovery", "cache_scope", "retry_same"})
+                        "embeddings_model", "completions_model", "stream_recovery", "cache_scope", "retry_same",
+                        "shadow"})
 
 
 def parse_route(raw: Any, providers: Mapping[str, ProviderSpec]) -> Route | None:
@@ -772,7 +774,36 @@ def parse_route(raw: Any, providers: Mapping[str, ProviderSpec]) -> Route | None
                  _opt_str(raw.get("system_prompt")), cache, cache_ttl,
                  _positive(raw, "timeout"), _positive(raw, "first_byte_timeout"),
                  kinds["embeddings"], kinds["completions"], _choice(raw, "stream_recovery", STREAM_RECOVERY),
-                 _choice(raw, "cache_scope", CACHE_SCOPES), retry_same)
+                 _choice(raw, "cache_scope", CACHE_SCOPES), retry_same,
+                 parse_shadow(raw["shadow"], providers, model) if raw.get("shadow") is not None else None)
+
+
+SHADOW_KEYS = frozenset({"model", "share", "max_concurrency"})
+
+
+def parse_shadow(raw: Any, providers: Mapping[str, ProviderSpec], primary: ModelRef) -> Shadow:
+    """A route's `shadow: {model, share, max_concurrency}`. ValueError names the key."""
+    if not isinstance(raw, dict):
+        raise ValueError("shadow: must be a mapping with model, share and max_concurrency")
+    unknown = set(raw) - SHADOW_KEYS
+    if unknown:
+        raise ValueError(f"shadow.{sorted(unknown)[0]}: unknown key (allowed: {', '.join(sorted(SHADOW_KEYS))})")
+    try:
+        model = _model_ref(raw.get("model"), providers)
+    except ValueError as exc:
+        raise ValueError(f"shadow.model: {exc}") from None
+    if model == primary:  # its failures would count against the deployment the clients depend on
+        raise ValueError("shadow.model: must be another deployment than the route's model")
+    try:
+        share = _opt_float(raw, "share")
+        concurrency = _opt_int(raw, "max_concurrency")
+    except ValueError as exc:
+        raise ValueError(f"shadow.{exc}") from None
+    if share is None or not 0 <= share <= 1:
+        raise ValueError("shadow.share: must be a number from 0 to 1 (the share of calls mirrored)")
+    if concurrency is not None and not 1 <= concurrency <= 1024:
+        raise ValueError("shadow.max_concurrency: must be a whole number from 1 to 1024")
+    return Shadow(model, share, concurrency or 4)
 
 
 def _model_ref(raw: Any, providers: Mapping[str, ProviderSpec]) -> ModelRef:

@@ -223,13 +223,14 @@ async def seed(conn: asyncpg.Connection, doc: Mapping[str, Any], timeout: float)
         await conn.execute(
             """INSERT INTO llm_routes (use_case, tier, model, fallbacks, max_tokens, temperature, system_prompt,
                                        cache, cache_ttl, enabled, timeout, first_byte_timeout, embeddings_model,
-                                       completions_model, stream_recovery)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)""",
+                                       completions_model, stream_recovery, shadow)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16::jsonb)""",
             str(r["use_case"]).lower(), str(r["tier"]).lower(), str(r["model"]),
             [str(f) for f in r.get("fallbacks") or ()], r.get("max_tokens"), r.get("temperature"),
             r.get("system_prompt"), str(r.get("cache") or "auto"), r.get("cache_ttl"),
             r.get("enabled") is not False, r.get("timeout"), r.get("first_byte_timeout"),
             _models(r.get("embeddings_model")), _models(r.get("completions_model")), r.get("stream_recovery"),
+            orjson.dumps(r["shadow"]).decode() if r.get("shadow") is not None else None,
             timeout=timeout)
     for key in TABLE_SETTINGS:
         if doc.get(key) is not None:
@@ -338,6 +339,8 @@ def rows_to_doc(providers: Iterable[Mapping[str, Any]], routes: Iterable[Mapping
         for key in ("embeddings_model", "completions_model"):
             if r.get(key):
                 entry[key] = list(r[key])
+        if r.get("shadow") is not None:  # jsonb, as the file's mapping (a database before 004 has no column)
+            entry["shadow"] = orjson.loads(r["shadow"]) if isinstance(r["shadow"], str) else r["shadow"]
         if r["temperature"] is not None:  # `real` holds 0.2 as 0.200000003
             entry["temperature"] = round(float(r["temperature"]), 6)
         doc_routes.append(entry)
