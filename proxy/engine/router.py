@@ -37,6 +37,7 @@ from .cache import CacheControl, ResponseCache, cache_scope
 from .costing import charge_answer, charge_stream
 from .dispatch import AttemptLoop, Call, CooldownStarted
 from .health import HealthMonitor
+from .key_overlap import check_keys_apart
 from .library import LibraryAPI
 from .providers import Provider, make_provider
 from .recovery import StreamRecovery
@@ -229,6 +230,8 @@ class Router(LibraryAPI):
         return load_table(path, allow_model_override=self.config.allow_model_override)
 
     async def _apply_keys(self, keys: tuple[str, ...]) -> None:
+        if self._table is not None:
+            check_keys_apart(keys, self._table.providers, self.config)  # raises: the keys running stay
         self.inbound_keys = keys
         for listener in self.on_keys_changed:
             listener(keys)
@@ -237,7 +240,9 @@ class Router(LibraryAPI):
         """Start any providers the new table adds or changes, then swap the snapshot in one assignment.
 
         A replaced or removed provider's pool is closed once requests already using it have had
-        time to finish (the drain timeout plus the request timeout)."""
+        time to finish (the drain timeout plus the request timeout). A table whose provider credential
+        is an inbound key is refused (ConfigError) before anything starts: the running table stays."""
+        check_keys_apart(self.inbound_keys, table.providers, self.config)
         started: list[Provider] = []
         for name, spec in table.providers.items():
             current = self.providers.get(name)

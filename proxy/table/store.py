@@ -638,7 +638,11 @@ class RouteStore:
         except ConfigError as exc:  # connected, but no valid route: keep serving the current table
             self._note_failure(exc)
             return False
-        return await self._accept_and_apply(snapshot)
+        try:
+            return await self._accept_and_apply(snapshot)
+        except ConfigError as exc:  # valid alone, refused beside what runs (a provider key that is an inbound key)
+            self._note_failure(exc)
+            return False
 
     async def _read(self) -> Snapshot:
         assert self._pool is not None, "load_initial() first"

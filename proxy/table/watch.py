@@ -82,17 +82,23 @@ class FileWatch(Generic[T]):
         try:
             value = await asyncio.to_thread(self.load, self.path)
         except Exception as exc:  # noqa: BLE001 - any bad file keeps what is running
-            self.failures += 1
-            text = str(exc)
-            self.last_error = redact_credentials(text.splitlines()[0]) if text else type(exc).__name__
-            log.error("the %s file %s changed but was not applied (what was running stays): %s",
-                      self.what, self.path, self.last_error)
-            return False
-        await self.apply(value)
+            return self._rejected(exc)
+        try:
+            await self.apply(value)
+        except ConfigError as exc:  # valid alone, refused beside what runs (e.g. a key that is a provider's)
+            return self._rejected(exc)
         self.reloads += 1
         self.last_error = None
         log.info("the %s file %s changed: applied", self.what, self.path)
         return True
+
+    def _rejected(self, exc: Exception) -> bool:
+        self.failures += 1
+        text = str(exc)
+        self.last_error = redact_credentials(text.splitlines()[0]) if text else type(exc).__name__
+        log.error("the %s file %s changed but was not applied (what was running stays): %s",
+                  self.what, self.path, self.last_error)
+        return False
 
     def health(self) -> dict[str, Any]:
         """`/health/details`: whether the last change was applied, and why not."""

@@ -7,19 +7,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 
 from proxy.engine.router import Router
 from proxy.settings import RouterConfig
 from proxy.table.routing import table_from_dict
+from proxy.types import ConfigError
 
-from ..conftest import Running, production_runner
+from ..conftest import Running, production_runner, until
 
 PROVIDER_KEY = "sk-prov-SECRET-a1b2c3d4e5f6g7h8"
 HEADER_SECRET = "hdr-SECRET-9f8e7d6c5b4a"
@@ -201,3 +204,69 @@ async def test_pass_through_relays_a_redirect_as_the_provider_sent_it(servers, r
         assert resp.status == 307
         assert resp.headers["Location"] == elsewhere.origin + "/v1/files"
     assert primary.seen and elsewhere.seen == []
+
+
+# -- a provider key that is also an inbound key ------------------------------------------------------
+
+def table_file(path: Path, upstream_url: str, key: str) -> Path:
+    path.write_text(yaml.safe_dump({"providers": {"primary": {"base_url": upstream_url, "api_key": key}},
+                                    "routes": [{"use_case": "general_purpose", "tier": "standard",
+                                                "model": "primary/model-a"}]}))
+    return path
+
+
+@pytest.mark.parametrize("inbound", [f"team-a={PROVIDER_KEY}", PROVIDER_KEY, f"team-a={PROVIDER_KEY[:-3]}",
+                                     f"team-a=x{PROVIDER_KEY}x", f"team-a={HEADER_SECRET}"])
+async def test_a_provider_credential_that_is_an_inbound_key_stops_the_start(servers, inbound):
+    primary = await servers(answer_ok)
+    router = Router(settings(api_keys=(inbound, "team-b=sk-team-b-OTHER-000111")),
+                    table=table_from_dict(one_route({"primary": provider(primary.origin + "/v1")}), source="test"))
+    with pytest.raises(ConfigError) as caught:
+        await router.initialize()
+    await router.close()
+    message = str(caught.value)
+    assert "primary" in message and "inbound key" in message
+    assert PROVIDER_KEY[:8] not in message and HEADER_SECRET[:8] not in message
+
+
+async def test_a_keys_file_or_table_reloaded_onto_a_provider_key_is_refused_and_the_old_stays(servers, tmp_path):
+    primary = await servers(answer_ok)
+    keys = tmp_path / "keys"
+    keys.write_text("team-a=sk-team-a-INBOUND-1234567\n")
+    table = table_file(tmp_path / "routes.yaml", primary.origin + "/v1", PROVIDER_KEY)
+    config = RouterConfig.load(environ={"TIERGATE_API_KEYS_FILE": str(keys)}, dotenv_path=None, overrides={
+        "config_path": str(table), "table_watch_interval": 0.05, "health_check_interval": 0})
+    async with Router(config) as router:
+        runner = production_runner(router)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        team_a = {"Authorization": "Bearer sk-team-a-INBOUND-1234567"}
+        try:
+            async with aiohttp.ClientSession() as http:
+                async def details() -> dict[str, Any]:
+                    async with http.get(url + "/health/details", headers=team_a) as resp:
+                        return orjson.loads(await resp.read())
+
+                keys.write_text(f"team-a=sk-team-a-INBOUND-1234567\nteam-x={PROVIDER_KEY}\n")
+                await until(lambda: _failures(details, "keys_file_watch"))
+                assert router.inbound_keys == ("team-a=sk-team-a-INBOUND-1234567",)
+                async with http.get(url + "/v1/models", headers={"Authorization": f"Bearer {PROVIDER_KEY}"}) as resp:
+                    assert resp.status == 401  # the refused keys file never took effect
+                table_file(table, primary.origin + "/v1", "sk-team-a-INBOUND-1234567")
+                await until(lambda: _failures(details, "routing_table", "file_watch"))
+                assert router.providers["primary"].has_key
+                report = orjson.dumps(await details())
+                assert b"INBOUND" not in report and PROVIDER_KEY[:8].encode() not in report
+                assert b"inbound key" in report
+                assert router.table.providers["primary"].api_key == PROVIDER_KEY  # the old table runs
+        finally:
+            await runner.cleanup()
+
+
+async def _failures(details: Callable[[], Any], *path: str) -> bool:
+    found = await details()
+    for part in path:
+        found = found.get(part) or {}
+    return found.get("failures", 0) >= 1
