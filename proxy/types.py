@@ -91,7 +91,7 @@ class Route:
     first_byte_timeout: float | None = None  # a reasoning model may think long before its first chunk
     embeddings: tuple[ModelRef, ...] = ()  # the models of `/v1/embeddings` calls on this route
     completions: tuple[ModelRef, ...] = ()  # the models of legacy `/v1/completions` calls
-    stream_recovery: str = "off"  # `continue`: a stream that breaks mid-answer is continued by the next model
+    stream_recovery: str = "continue"  # a stream that breaks mid-answer is continued by the next model; or `off`
     cache_scope: str = "key"  # `shared`: a cached answer (and a shared stream) serves every inbound key
     # tries of the same deployment, at once, after a 429 with a short Retry-After or a 500/502/503, before the
     # next candidate; None: the default (one, after a short 429 only)

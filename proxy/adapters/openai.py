@@ -46,8 +46,9 @@ class EmbeddingsEndpoint(Endpoint):
 
 CHAT = ChatEndpoint("chat.completions", "/chat/completions", "chat", True, required="messages",
                     answer_key="choices", usage_option=True)
+# a legacy completion's prompt is not a list of messages a continuation could add the answer to
 COMPLETIONS = Endpoint("completions", "/completions", "text_completion", True, "completions", required="prompt",
-                       answer_key="choices", usage_option=True)
+                       answer_key="choices", usage_option=True, continuable=False)
 EMBEDDINGS = EmbeddingsEndpoint("embeddings", "/embeddings", "embeddings", False, "embeddings", required="input",
                                 answer_key="data", deterministic=True,
                                 batchable=True)

@@ -1,13 +1,13 @@
-"""Recovery mid-answer (a route's `stream_recovery: continue`): a stream that breaks after content was
-relayed and before its final chunk is continued by the route's next candidate, so the client reads one
-unbroken answer.
+"""Recovery mid-answer (on by default; a route's `stream_recovery: off` turns it off): a stream that
+breaks after content was relayed and before its final chunk is continued by the route's next candidate,
+so the client reads one unbroken answer.
 
 The next candidate gets the original request plus the text relayed so far as the assistant's message,
 through its model's `continuation` (the table's `model_rules`, else its provider's): `prefix`
 (`"prefix": true` on that message, as DeepSeek and Mistral take it), `continue_final_message` (vLLM),
 `instruction` (a user message asking to go on where the answer stopped), or `none` (never asked).
 Candidates that prefill (`prefix`, `continue_final_message`) are preferred to those that take an
-instruction. An instructed continuation is checked before any of it is relayed (joining.py): the part
+instruction; one that refuses the prefill with a 400 is asked by instruction instead. An instructed continuation is checked before any of it is relayed (joining.py): the part
 that repeats the relayed text is dropped, and one that restarts the answer differently is refused.
 Only the continuation is relayed: its leading role chunk is dropped and its `id`, `model` and
 `created` are rewritten to what the client already received.
@@ -16,8 +16,8 @@ What it cannot guarantee: the continuation is another model's (or another call's
 may differ, and an instructed model may rephrase rather than repeat; `max_tokens` applies to the
 continuation afresh; the broken attempt's own tokens are not charged. Never attempted in the middle of
 a tool call, a refusal, a structured (`json_schema`) output or several choices, nor after the final
-chunk, nor with no candidate able to continue: those end with the original SSE error event, as without
-recovery. At most one recovery per stream; a continuation that breaks, or is refused, ends with an
+chunk, nor with no candidate able to continue, nor past KEEP_TEXT characters of answer (what a stream
+keeps for a recovery is bounded): those end with the original SSE error event, as without recovery. At most one recovery per stream; a continuation that breaks, or is refused, ends with an
 error event, never with `[DONE]`.
 """
 
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..planner.plan import Candidate, Plan
-from ..protocol.sse import partial, split_events
+from ..protocol.sse import Partial, fold, partial, split_events
 from ..types import ModelRef, TiergateError
 from .joining import JoinCheck
 
@@ -42,7 +42,13 @@ if TYPE_CHECKING:
 CONTINUE_INSTRUCTION = ("Your previous answer was cut off. Continue it exactly where it stopped, without "
                         "repeating anything and without any preamble.")
 OUTCOMES = ("recovered", "failed", "refused_tool_call", "refused_structured", "refused_finished",
-            "refused_choices", "refused_join", "no_candidate")
+            "refused_choices", "refused_join", "refused_long", "no_candidate")
+# What recovery keeps of a stream: the events as they came up to KEEP_EVENTS bytes (most answers: nothing
+# is read from them unless the stream breaks), then read into the answer's text (an event is ~30 times
+# its text), which is given up past KEEP_TEXT characters (~64k tokens): such a stream, broken, ends with
+# its error event. A stream holds at most about both.
+KEEP_EVENTS = 64 * 1024
+KEEP_TEXT = 256 * 1024
 PREFILLS = ("prefix", "continue_final_message")  # continue the assistant's message itself
 _ERROR_EVENT = b'data: {"error"'  # a provider's error event (in content it would be escaped: \"error\")
 _ROLE_ONLY = re.compile(rb'"delta"\s*:\s*\{\s*"role"\s*:\s*"assistant"\s*(,\s*"content"\s*:\s*(""|null)\s*)?'
@@ -63,7 +69,9 @@ class StreamRecovery:
 
     async def _relay(self, inner: AsyncIterator[bytes], state: StreamState, ref: ModelRef,
                      call: Call) -> AsyncIterator[bytes]:
-        relayed: list[bytes] = []  # kept for the partial answer (only on routes with recovery)
+        relayed: list[bytes] = []  # the events relayed since the last fold, as they came
+        size = 0  # their bytes; -1: the answer outgrew what recovery keeps, so nothing is kept
+        folded: Partial | None = None  # the events before them, read into the answer's text
         broke: bytes | None = None
         try:
             async for chunk in inner:
@@ -79,7 +87,11 @@ class StreamRecovery:
                         state.error = "error_event"
                         broke = chunk[at:]
                         break
-                relayed.append(chunk)
+                if size >= 0:
+                    relayed.append(chunk)
+                    size += len(chunk)
+                    if size > KEEP_EVENTS:
+                        folded, size = _fold(relayed, folded)
                 yield chunk
         finally:
             await inner.aclose()  # type: ignore[attr-defined]
@@ -87,26 +99,28 @@ class StreamRecovery:
                 # ended, or the client left: a client that leaves leaves this frame in a reference cycle
                 # (its cancellation's traceback), so what it holds is freed now, not at a full collection
                 relayed.clear()
+                folded = None
                 chunk = b""
         if broke is None:
             return
-        so_far = partial(relayed)
+        so_far = partial(relayed, folded) if size >= 0 else None
         relayed.clear()
-        outcome = self._refusal(call.payload, so_far)
-        found = self._continuation(call.plan.after(ref)) if outcome is None else None
+        folded = None
+        outcome = "refused_long" if so_far is None else self._refusal(call.payload, so_far)
+        after = call.plan.after(ref)
+        found = self._continuation(after) if outcome is None else None
         if found is None:
             self._count(state, outcome or "no_candidate")
             yield broke
             return
-        async for chunk in self._continued(call, *found, so_far, state, broke):
+        async for chunk in self._continued(call, after, *found, so_far, state, broke):
             yield chunk
 
-    async def _continued(self, call: Call, plan: Plan, mode: str, so_far: Any, state: StreamState,
+    async def _continued(self, call: Call, after: Plan, plan: Plan, mode: str, so_far: Any, state: StreamState,
                          broke: bytes) -> AsyncIterator[bytes]:
         """The next candidate's continuation of the answer, relayed as the rest of the same stream."""
-        body = continuation_payload(call.payload, so_far.text, mode)
         try:
-            second = await self.loop.run(call.narrowed(plan, payload=body, timeout=None, recover=False))
+            second, mode = await self._second(call, after, plan, mode, so_far.text)
         except TiergateError:
             self._count(state, "failed")
             yield broke
@@ -143,6 +157,23 @@ class StreamRecovery:
                 self._settle(state, second.ref, state2)
         if refused and state2.error is None:
             yield broke
+
+    async def _second(self, call: Call, after: Plan, plan: Plan, mode: str, text: str) -> tuple[Result, str]:
+        """The continuation's stream and the way it was asked for. A model that refuses a prefill with a
+        400 (OpenAI's models answer an assistant message last so) is asked again by instruction, whose
+        join is checked, with the candidates that take one."""
+        try:
+            body = continuation_payload(call.payload, text, mode)
+            return await self.loop.run(call.narrowed(plan, payload=body, timeout=None, recover=False)), mode
+        except TiergateError as exc:
+            if mode not in PREFILLS or exc.status != 400 or not text:
+                raise
+            instructed = Plan(after.name, after.route, tuple(c for c in after.candidates
+                                                               if self._mode(c) not in (None, "none")))
+            if not instructed.candidates:
+                raise
+        body = continuation_payload(call.payload, text, "instruction")
+        return await self.loop.run(call.narrowed(instructed, payload=body, timeout=None, recover=False)), "instruction"
 
     def _settle(self, state: StreamState, by: ModelRef, state2: StreamState) -> None:
         """The stream's state after a continuation: the continuation's end is the stream's."""
@@ -197,6 +228,20 @@ class StreamRecovery:
 
     def stats(self) -> dict[str, int]:
         return dict(self.outcomes)
+
+
+def _fold(relayed: list[bytes], folded: Partial | None) -> tuple[Partial | None, int]:
+    """The complete events of `relayed` read into `folded`; `relayed` keeps only an event not ended yet.
+    Returns the reading and the bytes still kept, or (None, -1) when the answer is longer than recovery
+    keeps."""
+    events, rest = split_events(b"".join(relayed))
+    relayed.clear()
+    folded = fold(events, folded)
+    if len(folded.text) > KEEP_TEXT:
+        return None, -1
+    if rest:
+        relayed.append(rest)
+    return folded, len(rest)
 
 
 def continuation_payload(payload: dict[str, Any], text: str, mode: str) -> dict[str, Any]:

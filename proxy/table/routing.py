@@ -817,7 +817,7 @@ def _model_ref(raw: Any, providers: Mapping[str, ProviderSpec]) -> ModelRef:
 
 
 CONTINUATIONS = ("instruction", "prefix", "continue_final_message", "none")  # none: never continues an answer
-STREAM_RECOVERY = ("off", "continue")
+STREAM_RECOVERY = ("continue", "off")  # the first is the default
 
 
 def _opt_bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:

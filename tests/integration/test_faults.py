@@ -107,7 +107,9 @@ async def test_without_another_candidate_a_late_first_byte_changes_nothing(upstr
 # -- streams never end as if complete ----------------------------------------------------------
 
 
-async def test_a_close_framed_stream_that_stops_early_ends_with_an_error_event(tiergate, upstream, http):
+async def test_a_close_framed_stream_that_stops_early_ends_with_an_error_event(start_tiergate, upstream, backup,
+                                                                              http):
+    tiergate = await start_tiergate(table_doc(upstream, backup, stream_recovery="off"))
     upstream.push(Ok(), CloseEarly(after=3))
     await post(http, tiergate.v1 + "/chat/completions")  # warm the connection pool
     status, _, raw = await post(http, tiergate.v1 + "/chat/completions", STREAM)
@@ -116,7 +118,8 @@ async def test_a_close_framed_stream_that_stops_early_ends_with_an_error_event(t
     assert b"[DONE]" not in raw and orjson.loads(last[len(b"data: "):])["error"]["code"] == "upstream_incomplete"
 
 
-async def test_the_sdk_raises_on_a_stream_that_stops_early(tiergate, upstream):
+async def test_the_sdk_raises_on_a_stream_that_stops_early(start_tiergate, upstream, backup):
+    tiergate = await start_tiergate(table_doc(upstream, backup, stream_recovery="off"))
     upstream.push(CloseEarly(after=3))
     async with openai.AsyncOpenAI(base_url=tiergate.v1, api_key="k", max_retries=0) as client:
         stream = await client.chat.completions.create(model="general_purpose", messages=CHAT["messages"],

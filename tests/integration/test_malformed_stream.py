@@ -20,7 +20,7 @@ MESSAGES = [{"role": "user", "content": "count"}]
 
 async def test_a_malformed_chunk_is_not_relayed_and_ends_the_stream_with_the_error_event(upstream, backup, http):
     upstream.default = MalformedChunk(after=3, content=ANSWER)  # role chunk, "one", " two", then the bad event
-    async with running(table_doc(upstream, backup), config_with()) as (url, router):
+    async with running(table_doc(upstream, backup, stream_recovery="off"), config_with()) as (url, router):
         async with http.post(url + "/v1/chat/completions",
                              json={"model": "auto", "messages": MESSAGES, "stream": True}) as resp:
             body = await resp.read()

@@ -208,7 +208,7 @@ async def test_stream_failing_before_the_first_byte_falls_back(tiergate, upstrea
 @pytest.mark.parametrize("failure", [BreakStream(after=2), StallStream(after=2)])
 async def test_stream_broken_after_the_first_byte_ends_with_an_error_event(upstream, backup, start_tiergate,
                                                                           failure):
-    running = await start_tiergate(table_doc(upstream, backup), stream_idle_timeout=0.3)
+    running = await start_tiergate(table_doc(upstream, backup, stream_recovery="off"), stream_idle_timeout=0.3)
     upstream.push(failure)
     async with openai.AsyncOpenAI(base_url=running.v1, api_key="x", max_retries=0) as client:
         stream = await client.chat.completions.create(stream=True, **CHAT)

@@ -92,7 +92,7 @@ async def test_a_stored_stream_is_replayed_streamed_and_not(upstream, backup):
 
 async def test_an_incomplete_stream_is_not_stored_and_leaving_all_cancels_upstream(upstream, backup, http):
     upstream.push(BreakStream(after=3, content=ANSWER))
-    async with running(table_doc(upstream, backup), config_with()) as (url, router):
+    async with running(table_doc(upstream, backup, stream_recovery="off"), config_with()) as (url, router):
         async with http.post(url + "/v1/chat/completions", json=CHAT) as resp:
             body = await resp.read()
         assert b"[DONE]" not in body and b'"error"' in body

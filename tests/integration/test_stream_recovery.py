@@ -1,6 +1,6 @@
-"""Recovery mid-answer: a route with `stream_recovery: continue` whose stream breaks after content was
-relayed is continued by its next candidate, and the client reads one answer; a tool call that breaks
-is never continued; without the setting a broken stream ends with the error event, never [DONE]."""
+"""Recovery mid-answer (on by default): a route's stream that breaks after content was relayed is
+continued by its next candidate, and the client reads one answer; a tool call that breaks is never
+continued; with `stream_recovery: off` a broken stream ends with the error event, never [DONE]."""
 
 from __future__ import annotations
 
@@ -102,9 +102,59 @@ async def test_a_tool_call_that_breaks_is_not_recovered(upstream, backup, http):
     assert backup.calls == 0
 
 
-async def test_without_recovery_a_broken_stream_ends_with_the_error_event(upstream, backup, http):
+async def test_on_defaults_a_broken_stream_is_continued_by_instruction_and_joined(upstream, backup):
+    """No continuation declared anywhere: the fallback is asked by instruction, restarts the answer, and
+    the join drops what the client already has."""
     upstream.push(BreakStream(after=4, content=ANSWER))
-    async with running(table_doc(upstream, backup), config_with()) as (url, _):
+    backup.default = Ok(content=ANSWER)
+    async with running(table_doc(upstream, backup), config_with()) as (url, router):
+        assert await recovered_text(url) == ANSWER
+        assert router.get_metrics()["stream_recoveries"] == {"recovered": 1}
+    sent = backup.requests[-1].json["messages"]
+    assert sent[-2] == {"role": "assistant", "content": "one two three"} and sent[-1]["role"] == "user"
+
+
+async def test_a_long_answer_is_continued_from_what_recovery_kept_of_it(upstream, backup):
+    """Past KEEP_EVENTS bytes recovery keeps the answer's text instead of its events; the continuation is
+    asked with all of it."""
+    words = [f"w{i}" for i in range(3000)]  # ~250 kB of events before the cut
+    upstream.push(BreakStream(after=2501, content=" ".join(words)))
+    backup.default = Ok(content=" ".join(words))
+    async with running(recovering_doc(upstream, backup), config_with()) as (url, router):
+        assert await recovered_text(url) == " ".join(words)
+        assert router.get_metrics()["stream_recoveries"] == {"recovered": 1}
+    assert backup.requests[-1].json["messages"][-1]["content"] == " ".join(words[:2500])
+
+
+async def test_an_answer_longer_than_recovery_keeps_ends_with_its_error_event(upstream, backup, http):
+    word = "x" * 1000
+    upstream.push(BreakStream(after=301, content=" ".join([word] * 400)))  # 300 kB of text, then cut
+    async with running(recovering_doc(upstream, backup), config_with()) as (url, router):
+        async with http.post(url + "/v1/chat/completions",
+                             json={"model": "auto", "messages": MESSAGES, "stream": True}) as resp:
+            body = await resp.read()
+        assert router.get_metrics()["stream_recoveries"] == {"refused_long": 1}
+    assert b"[DONE]" not in body and body.rstrip().endswith(b'"code":"upstream_connection"}}')
+    assert backup.calls == 0
+
+
+async def test_a_model_that_refuses_a_prefill_it_was_declared_to_take_is_asked_by_instruction(upstream, backup):
+    """The provider says it prefills; this model answers the prefill with a 400 (as OpenAI's do): the
+    continuation is asked again by instruction, and its join checked."""
+    backup.refuses_prefill = {"model-b"}
+    upstream.push(BreakStream(after=4, content=ANSWER))
+    backup.default = Ok(content=ANSWER)
+    async with running(recovering_doc(upstream, backup, "prefix"), config_with()) as (url, router):
+        assert await recovered_text(url) == ANSWER
+        assert router.get_metrics()["stream_recoveries"] == {"recovered": 1}
+    first, second = backup.requests
+    assert first.json["messages"][-1]["prefix"] is True
+    assert second.json["messages"][-2] == {"role": "assistant", "content": "one two three"}
+
+
+async def test_with_recovery_off_a_broken_stream_ends_with_the_error_event(upstream, backup, http):
+    upstream.push(BreakStream(after=4, content=ANSWER))
+    async with running(table_doc(upstream, backup, stream_recovery="off"), config_with()) as (url, _):
         async with http.post(url + "/v1/chat/completions",
                              json={"model": "auto", "messages": MESSAGES, "stream": True}) as resp:
             body = await resp.read()

@@ -77,7 +77,7 @@ async def test_the_sdk_sees_no_usage_it_did_not_ask_for_and_the_stream_is_charge
 async def test_a_stream_cut_short_is_charged_an_estimate(upstream, backup, http, caplog):
     caplog.set_level(logging.INFO)
     upstream.push(BreakStream(after=4, content="alpha beta gamma delta epsilon zeta"))
-    doc = {**table_doc(upstream, backup), "pricing": PRICING}
+    doc = {**table_doc(upstream, backup, stream_recovery="off"), "pricing": PRICING}
     async with running(doc, config_with(request_log="logging")) as (url, _):
         body = await raw(http, url + "/v1/chat/completions", CHAT)
     assert body.rstrip().endswith(b'"code":"upstream_connection"}}') and b"[DONE]" not in body

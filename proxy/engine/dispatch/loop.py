@@ -230,7 +230,7 @@ class AttemptLoop:
         route = call.plan.route
         continuer = self.continuer
         if (call.stream and call.recover and continuer is not None and route is not None
-                and route.stream_recovery == "continue"
+                and route.stream_recovery == "continue" and candidate is not call.plan.candidates[-1]
                 and (call.endpoint if translation is None else translation.endpoint).continuable):
             # a translated stream is continued in its provider's API, then translated back as one stream
             result.stream = continuer.wrap(result, call if translation is None else _provider_call(call, translation))
