@@ -1,12 +1,13 @@
-"""CPU per stream event of the Messages paths, in-process (no sockets): what tiergate adds to each event
-beyond the relay every stream takes.
+"""CPU per stream event of the Messages paths, in-process (no sockets): the relay every stream takes, fed
+a chat stream and a native Messages stream, and the two translations.
 
     python bench/messages_events.py [--events 200000]
 
-Rows: a native Messages stream (the adapter's wrapper: usage of the first event noted, error events
-re-worded; the relay itself is the same as chat's), a Messages call answered by a chat provider
-(chat chunks -> Messages events), and a chat call answered by Claude (Messages events -> chat chunks).
-Each is fed realistic events one read at a time; the figure is CPU microseconds per event (best of 5).
+Rows: the relay (`engine/dispatch/relay.py`, as an attempt runs it: its endpoint's final events and
+error-event builder) over a chat stream and over a native Messages stream, each without and with the
+route's recovery/usage work left out; a Messages call answered by a chat provider (chat chunks ->
+Messages events); a chat call answered by Claude (Messages events -> chat chunks). Each is fed
+realistic events one read at a time; the figure is CPU microseconds per event (best of 5).
 """
 
 from __future__ import annotations
@@ -14,12 +15,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 
-from proxy.adapters.anthropic import _messages_stream
+from proxy.adapters.anthropic import MESSAGES
 from proxy.adapters.messages import ChatToMessagesStream, MessagesToChatStream
+from proxy.adapters.openai import CHAT
+from proxy.engine.dispatch.relay import relay
+from proxy.outcome import StreamState
+from proxy.protocol.sse import UsageFilter
+from proxy.types import ModelRef
 
 
 def chat_chunk(i: int) -> bytes:
@@ -31,6 +38,44 @@ def chat_chunk(i: int) -> bytes:
 def messages_event(i: int) -> bytes:
     return b"event: content_block_delta\ndata: " + orjson.dumps(
         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"word{i} "}}) + b"\n\n"
+
+
+class _Content:
+    def __init__(self, chunks: list[bytes]):
+        self.reads = iter(chunks[1:])
+
+    async def readany(self) -> bytes:
+        return next(self.reads, b"")
+
+
+class _Response:
+    """An upstream answer whose reads give `chunks` (the first is handed to the relay, as an attempt does)."""
+
+    def __init__(self, chunks: list[bytes]):
+        self.content = _Content(chunks)
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Breaker:
+    def record_success(self) -> None:
+        pass
+
+    def record_failure(self, cause: str) -> None:
+        raise AssertionError(f"the bench stream broke: {cause}")
+
+    def release_trial(self) -> None:
+        pass
+
+
+def _feed(translator: Any, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        translator.feed(chunk)
+    translator.close()
 
 
 def best(run: Callable[[], None], rounds: int = 5) -> float:
@@ -50,26 +95,26 @@ def main() -> None:
     events = [b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":5,'
               b'"output_tokens":1}}}\n\n'] + [messages_event(i) for i in range(n)]
 
-    async def relay(chunks: list[bytes]) -> AsyncIterator[bytes]:
-        for chunk in chunks:
-            yield chunk
-
-    async def drain(stream: AsyncIterator[bytes]) -> None:
+    async def drain(chunks: list[bytes], endpoint: Any, usage: bool = False) -> None:
+        stream = relay(_Response(chunks), chunks[0], ModelRef("p", "m"), _Breaker(), StreamState(), endpoint.done,
+                       UsageFilter() if usage else None, endpoint.stream_error)
         async for _ in stream:
             pass
 
+    chats.append(b"data: [DONE]\n\n")
+    events.append(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
     loop = asyncio.new_event_loop()
-    baseline = best(lambda: loop.run_until_complete(drain(relay(events))))
-    native = best(lambda: loop.run_until_complete(drain(_messages_stream(relay(events)))))
-    to_messages = ChatToMessagesStream("msg_1", "m")
-    to_chat = MessagesToChatStream("m", 1, False)
-    translated_in = best(lambda: [to_messages.feed(c) for c in chats])
-    translated_out = best(lambda: [to_chat.feed(e) for e in events])
+    chat = best(lambda: loop.run_until_complete(drain(chats, CHAT)))
+    chat_usage = best(lambda: loop.run_until_complete(drain(chats, CHAT, usage=True)))
+    native = best(lambda: loop.run_until_complete(drain(events, MESSAGES)))
+    translated_in = best(lambda: _feed(ChatToMessagesStream("msg_1", "m"), chats))
+    translated_out = best(lambda: _feed(MessagesToChatStream("m", 1, False), events))
     loop.close()
     per = 1e6 / n
     print(f"events per run: {n}")
-    print(f"relay generator alone (chat and Messages alike): {baseline * per:.3f} us/event")
-    print(f"native Messages stream, adapter wrapper added:    {(native - baseline) * per:.3f} us/event")
+    print(f"relay, chat stream:                               {chat * per:.3f} us/event")
+    print(f"relay, chat stream, the usage tiergate asked out: {chat_usage * per:.3f} us/event")
+    print(f"relay, native Messages stream:                    {native * per:.3f} us/event")
     print(f"Messages client, chat provider (chat -> events):  {translated_in * per:.3f} us/event")
     print(f"chat client, Claude (events -> chat chunks):      {translated_out * per:.3f} us/event")
 

@@ -12,6 +12,7 @@ Usage carries cache counts when the request has a `cache_control` marker.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,16 @@ class ErrorEvent:
     """A stream whose first event is Anthropic's `error` event (overloaded, mid-flight)."""
 
 
-Action = Fail | Cut | ErrorEvent | None
+@dataclass
+class Hold:
+    """A stream that sends `after` events, then holds the rest until `gate` is set (a stall, or a stream a
+    shutdown outlives)."""
+
+    gate: asyncio.Event
+    after: int = 3
+
+
+Action = Fail | Cut | ErrorEvent | Hold | None
 
 
 @dataclass
@@ -165,13 +175,18 @@ class AnthropicUpstream:
             await response.write_eof()
             return response
         events = self._events(message, usage)
-        for i, event in enumerate(events):
-            if isinstance(action, Cut) and i == action.after:
-                assert request.transport is not None
-                request.transport.close()  # the connection drops mid-answer
-                return response
-            await response.write(event)
-        await response.write_eof()
+        try:
+            for i, event in enumerate(events):
+                if isinstance(action, Cut) and i == action.after:
+                    assert request.transport is not None
+                    request.transport.close()  # the connection drops mid-answer
+                    return response
+                if isinstance(action, Hold) and i == action.after:
+                    await action.gate.wait()
+                await response.write(event)
+            await response.write_eof()
+        except ConnectionResetError:  # the caller left mid-stream, as a provider sees it: no error of the mock's
+            pass
         return response
 
     def _events(self, message: dict[str, Any], usage: dict[str, int]) -> list[bytes]:

@@ -522,6 +522,8 @@ class MockUpstream:
                     assert request.transport is not None
                     request.transport.abort()
                     return stream
+                if i == 1 and isinstance(action, Ok) and action.gate is not None:  # hold the rest until the gate opens
+                    await action.gate.wait()
                 event = {**event, "sequence_number": i}
                 await stream.write(f"event: {event['type']}\ndata: ".encode() + orjson.dumps(event) + b"\n\n")
             await stream.write_eof()

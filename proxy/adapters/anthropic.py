@@ -10,7 +10,7 @@ raise their own classes for them.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 # the event a complete Messages stream ends with, as its data line carries it (an escaped quote inside
 # a text delta can never form it)
 MESSAGES_DONE = (b'"type":"message_stop"', b'"type": "message_stop"')
-_OPENAI_ERROR_EVENT = b'data: {"error"'  # what the relay ends a broken stream with
 
 # the error type Anthropic gives each status; other 4xx are invalid requests, other 5xx api errors
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
@@ -81,10 +80,13 @@ def anthropic_error(exc: TiergateError) -> bytes:
     return orjson.dumps({"type": "error", "error": {"type": kind, "message": exc.message}})
 
 
-def stream_error(message: str, error_type: str = "api_error") -> bytes:
-    """Anthropic's `error` event: how a Messages stream that broke after it began ends."""
+def stream_error(message: str, *, code: str = "", error_type: str | None = None) -> bytes:
+    """Anthropic's `error` event (the SDKs raise it): how tiergate ends a Messages stream that cannot
+    reach its `message_stop` (a break, a stall, a shutdown). `code` is tiergate's cause
+    (`upstream_timeout`, ...), kept in the error's type where Anthropic has one for it."""
+    kind = error_type or ("timeout_error" if code.endswith("timeout") else "api_error")
     return b"event: error\ndata: " + orjson.dumps(
-        {"type": "error", "error": {"type": error_type, "message": message}}) + b"\n\n"
+        {"type": "error", "error": {"type": kind, "message": message}}) + b"\n\n"
 
 
 def _anthropic_variant(headers: Mapping[str, str] | None) -> str:
@@ -172,13 +174,11 @@ class MessagesEndpoint(Endpoint):
 
     async def answered(self, result: Result, payload: dict[str, Any], table: RoutingTable,
                        affinity: ResponseAffinity) -> Result:
-        """A stream: its `message_start` usage kept for its cost (read once from the first chunk), a break
-        ended with Anthropic's `error` event."""
-        if result.stream is not None:
-            state = result.stream_state
-            if state is not None and state.head:
-                state.head_usage = messages_start_usage(state.head)
-            result.stream = _messages_stream(result.stream)
+        """A stream: its `message_start` usage kept for its cost (read once from the first chunk). A break
+        needs no wrapper: the relay ends the stream with this endpoint's `stream_error`, Anthropic's."""
+        state = result.stream_state
+        if result.stream is not None and state is not None and state.head:
+            state.head_usage = messages_start_usage(state.head)
         return result
 
 
@@ -216,9 +216,9 @@ class CountTokensEndpoint(Endpoint):
 
 
 MESSAGES = MessagesEndpoint("messages", "/messages", "chat", True, required="messages", answer_key="content",
-                            done=MESSAGES_DONE, stateful=True, continuable=False)
+                            done=MESSAGES_DONE, stateful=True, continuable=False, stream_error=stream_error)
 COUNT_TOKENS = CountTokensEndpoint("messages.count_tokens", "/messages/count_tokens", "chat", False,
-                                   required="messages", deterministic=True, stateful=True)
+                                   required="messages", deterministic=True, stateful=True, stream_error=stream_error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,22 +254,6 @@ CHAT_ROUTED = ClaudeChatEndpoint(CHAT.name, CHAT.path, CHAT.operation, True, req
 # the beta variants, by the query that asks for them: the same endpoints, their path with the query
 _BETA: dict[str, Endpoint] = {"beta=true": replace(MESSAGES, path="/messages?beta=true")}
 _BETA_COUNT: dict[str, Endpoint] = {"beta=true": replace(COUNT_TOKENS, path="/messages/count_tokens?beta=true")}
-
-
-async def _messages_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The relay's error event re-worded as Anthropic's (the usage is read from the stream's head and
-    tail after the fact, as chat's is)."""
-    try:
-        async for chunk in chunks:
-            if chunk.startswith(_OPENAI_ERROR_EVENT):
-                try:
-                    message = orjson.loads(chunk[6:])["error"]["message"]
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    message = "the upstream stream broke off before its end"
-                chunk = stream_error(message)
-            yield chunk
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
 
 
 def _wants_usage(payload: dict[str, Any]) -> bool:

@@ -26,6 +26,14 @@ if TYPE_CHECKING:
 
 DONE = b"data: [DONE]"  # the end of a Chat Completions / Completions stream
 
+
+def stream_error_event(message: str, *, code: str, error_type: str = "upstream_error") -> bytes:
+    """OpenAI's SSE error event (`data: {"error": ...}`, which the OpenAI SDK raises as `APIError`): how a
+    Chat Completions or Completions stream that cannot reach its end is ended."""
+    return b"data: " + orjson.dumps({"error": {"message": message, "type": error_type,
+                                               "param": None, "code": code}}) + b"\n\n"
+
+
 # field -> accepted JSON types; None is accepted for every optional field
 _NUMBER = (int, float)
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -147,6 +155,9 @@ class Endpoint:
     batchable: bool = False  # requests with the same options may go upstream as one (and be split back)
     stateful: bool = False  # has a say in the candidates and keeps what it needs of answers (stored objects)
     continuable: bool = True  # stream recovery may continue its stream (chat-shaped; Messages' typed events not)
+    # how tiergate ends a stream of this API that cannot reach its end (a break, a stall, a shutdown):
+    # `stream_error(message, code=...)` gives the family's own error event, so its SDK raises it
+    stream_error: Callable[..., bytes] = stream_error_event
 
     def validate(self, payload: Any, max_messages: int) -> None:
         """Type-check the fields tiergate knows; anything else goes upstream untouched."""

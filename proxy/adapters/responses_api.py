@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from ..fleet.affinity import Holder
 from ..outcome import new_request_id
 from ..table.routing import RouteDecision
@@ -31,6 +33,15 @@ _RESPONSE_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
 _ID_SNIFF_BYTES = 8192
 # the events a complete Responses stream ends with (a failed or incomplete response is complete too)
 RESPONSES_DONE = (b"response.completed", b"response.incomplete", b"response.failed")
+
+
+def stream_error(message: str, *, code: str, error_type: str = "server_error") -> bytes:
+    """The Responses API's `error` event: how tiergate ends a Responses stream that cannot reach its
+    terminal event (a break, a stall, a shutdown). Its top-level fields are the `error` event's own; the
+    `error` object is what makes the openai SDK raise `APIError` (as for a translated stream's failure)."""
+    error = {"type": error_type, "code": code, "message": message, "param": None}
+    return b"event: error\ndata: " + orjson.dumps(
+        {"type": "error", "code": code, "message": message, "param": None, "error": error}) + b"\n\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +103,7 @@ class ResponsesEndpoint(Endpoint):
 
 
 RESPONSES = ResponsesEndpoint("responses", "/responses", "chat", True, answer_key="output", done=RESPONSES_DONE,
-                              stateful=True)
+                              stateful=True, stream_error=stream_error)
 
 
 async def _follow_up(decision: RouteDecision, previous: str, table: RoutingTable,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -121,13 +121,16 @@ def routed_endpoint(endpoint: Endpoint, router: Router, auth: InboundAuth) -> Se
         if result.stream is None:
             return web.Response(body=result.body, headers=result_headers(record, result.headers),
                                 content_type="application/json")
-        return await relay_stream(request, result.stream, record, result.headers)
+        return await relay_stream(request, result.stream, record, result.headers, target.stream_error)
 
     return serve
 
 
-async def relay_stream(request: web.Request, chunks: AsyncIterator[bytes],
-                       record: RequestRecord, upstream: Mapping[str, str] | None = None) -> web.StreamResponse:
+async def relay_stream(request: web.Request, chunks: AsyncIterator[bytes], record: RequestRecord,
+                       upstream: Mapping[str, str] | None = None,
+                       error_event: Callable[..., bytes] = stream_error_event) -> web.StreamResponse:
+    """The stream written to the client as it comes; one the drain cuts ends with `error_event`, the
+    error event of the client's API (its endpoint's `stream_error`)."""
     headers = result_headers(record, upstream)
     headers["Content-Type"] = "text/event-stream"  # a header, not the content_type setter that parses it again
     response = web.StreamResponse(status=200, headers=headers)
@@ -155,8 +158,8 @@ async def relay_stream(request: web.Request, chunks: AsyncIterator[bytes],
         if record.stream_state is not None:
             record.stream_state.error = "shutdown"
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await response.write(stream_error_event("tiergate is shutting down; the stream was cut before "
-                                                    "its end", code="server_shutting_down"))
+            await response.write(error_event("tiergate is shutting down; the stream was cut before its end",
+                                             code="server_shutting_down"))
             await response.write_eof()
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -24,7 +24,7 @@ from ...types import RateLimitError, UpstreamStatusError
 from ..slots import ProviderLimits
 from .classify import CONNECTION_ERRORS, ContextTooLong, Retryable, answer, failed, status_failure
 from .events import AttemptEvents, CooldownStarted
-from .relay import relay
+from .relay import relay, stream_error_event
 
 if TYPE_CHECKING:
     from ...settings import RouterConfig
@@ -139,9 +139,11 @@ class AttemptLife:
 
     async def send(self, path: str, body: bytes, headers: Mapping[str, str] | None, stream: bool,
                    budget: float, first_byte: float, answer_key: str | None = None,
-                   done: tuple[bytes, ...] = (), strip_usage: bool = False, hedge: Hedge | None = None) -> Result:
+                   done: tuple[bytes, ...] = (), strip_usage: bool = False, hedge: Hedge | None = None,
+                   error_event: Callable[..., bytes] = stream_error_event) -> Result:
         """One try under its deadline: the budget for a non-stream call (which a `hedge` watches for a
-        late first byte); a stream's until its first chunk, then the gap between chunks bounds it."""
+        late first byte); a stream's until its first chunk, then the gap between chunks bounds it (a
+        break ends it with `error_event`, its API's own)."""
         sender = self.sender
         deadlines = sender.deadlines
         task = deadlines.current_task()
@@ -169,7 +171,7 @@ class AttemptLife:
                     raise
                 return self._whole(resp, data, answer_key)
             resp = await self.provider.send(path, body, headers, sender.stream_timeout)
-            return await self._opened(resp, body, done, strip_usage)
+            return await self._opened(resp, body, done, strip_usage, error_event)
         except asyncio.CancelledError:
             if armed is not None and deadlines.expired(task):  # type: ignore[arg-type]
                 raise failed(self.ref, "timeout") from None
@@ -202,7 +204,7 @@ class AttemptLife:
                       data=answer(data, answer_key, ref))
 
     async def _opened(self, resp: UpstreamResponse, body: bytes, done: tuple[bytes, ...],
-                      strip_usage: bool) -> Result:
+                      strip_usage: bool, error_event: Callable[..., bytes]) -> Result:
         """A stream: handed back once its first chunk has arrived, so a failure before it falls back."""
         ref = self.ref
         if self.slots is not None:
@@ -228,7 +230,8 @@ class AttemptLife:
             raise
         state = StreamState(request_bytes=len(body), head=first)
         return Result(200, ref, self.tally.attempts,
-                      stream=relay(resp, first, ref, self.breaker, state, done, UsageFilter() if strip_usage else None),
+                      stream=relay(resp, first, ref, self.breaker, state, done, UsageFilter() if strip_usage else None,
+                                   error_event),
                       content_type=content_type, first_byte_at=time.perf_counter(), stream_state=state,
                       headers=resp.headers)
 

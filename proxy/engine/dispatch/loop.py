@@ -123,7 +123,7 @@ class AttemptLoop:
                         result = await attempt.send(
                             target.path, body, headers, call.stream, tally.deadline - time.perf_counter(),
                             self.first_byte(candidate, candidates, tally), target.answer_key, target.done,
-                            usage_added and not call.raw_usage, hedge)
+                            usage_added and not call.raw_usage, hedge, target.stream_error)
                 except QueueFull:
                     continue
                 except Retryable as failure:

@@ -11,12 +11,10 @@ it is not relayed, and the stream ends with the error event (`upstream_malformed
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-import orjson
-
-from ...adapters.base import DONE
+from ...adapters.base import DONE, stream_error_event
 from ...protocol.sse import WholeEvents, finished, first_malformed
 from .classify import CONNECTION_ERRORS
 
@@ -41,15 +39,13 @@ class Malformed(Exception):
     """The upstream chat stream sent an event that is neither JSON nor `[DONE]`."""
 
 
-def stream_error_event(message: str, *, code: str, error_type: str = "upstream_error") -> bytes:
-    return b"data: " + orjson.dumps({"error": {"message": message, "type": error_type,
-                                               "param": None, "code": code}}) + b"\n\n"
-
-
 async def relay(resp: UpstreamResponse, first: bytes, ref: ModelRef, breaker: AsyncCircuitBreaker,
-                state: StreamState, done: tuple[bytes, ...], usage: UsageFilter | None = None) -> AsyncIterator[bytes]:
+                state: StreamState, done: tuple[bytes, ...], usage: UsageFilter | None = None,
+                error_event: Callable[..., bytes] = stream_error_event) -> AsyncIterator[bytes]:
     """Yield upstream chunks as they arrive, filling in `state`. `usage` takes out the usage event
-    tiergate asked for (whole events pass, an event split across reads waits for its end)."""
+    tiergate asked for (whole events pass, an event split across reads waits for its end);
+    `error_event` is the stream's API's own error event (its endpoint's `stream_error`), which ends
+    a stream that breaks."""
     # a chat stream (`[DONE]` its only final event) may be whole without it; a typed stream may not
     single = done[0] if len(done) == 1 else None
     # a chat stream is checked event by event, so it passes on whole events (a split one waits for its end)
@@ -63,7 +59,13 @@ async def relay(resp: UpstreamResponse, first: bytes, ref: ModelRef, breaker: As
             state.bytes += len(chunk)
             state.tail = (state.tail + chunk)[-4096:]
             if not ended:
-                ended = single in chunk if single is not None else any(m in chunk for m in done)
+                if single is not None:
+                    ended = single in chunk
+                else:  # a loop, not any(...): a generator per chunk would cost a typed stream more than chat's check
+                    for marker in done:
+                        if marker in chunk:
+                            ended = True
+                            break
             if events is not None and not (chunk.endswith(b"}\n\n") and chunk.startswith(b"data: {")
                                            and chunk.find(b"\n") == len(chunk) - 2 and not events.carry):
                 # not the usual read (one whole event, one `data:` line holding an object): a closer look
@@ -98,8 +100,8 @@ async def relay(resp: UpstreamResponse, first: bytes, ref: ModelRef, breaker: As
         state.error = cause
         breaker.record_failure(cause)
         what = _WHAT.get(cause) or f"broke off ({cause})"
-        yield stream_error_event(f"the upstream stream from {ref} {what} after {state.chunks} chunks",
-                                 code=f"upstream_{cause}")
+        yield error_event(f"the upstream stream from {ref} {what} after {state.chunks} chunks",
+                          code=f"upstream_{cause}")
     finally:
         if clean:
             resp.release()
