@@ -71,6 +71,9 @@ class _Settings:
     keepalive_timeout: float = 75.0  # seconds an idle keep-alive connection stays open
     max_connections: int = 0  # open inbound connections per process; 0: from the descriptor limit
     api_keys: tuple[str, ...] = ()
+    # inbound keys also from Postgres (llm_api_keys, `tiergate keys ...`); authentication is on even
+    # while the database has given none
+    database_keys: bool = False
     # GET /metrics: `key` needs an inbound key when api_keys are set (it reveals traffic); `open` never
     metrics_auth: str = "key"
     metrics_port: int = 0  # > 0: /metrics (only) also served on metrics_host:metrics_port, without a key

@@ -15,6 +15,7 @@ from ..settings import DEMO_CONFIG_PATH, SERVE_DEFAULTS, RouterConfig, check_ser
 from ..table.routing import load_table
 from ..types import ConfigError
 from .db import DB_COMMANDS, add_db_commands
+from .keys import KEYS_COMMANDS, add_keys_commands
 from .limits import LIMITS_COMMANDS, add_limits_commands
 
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--demo", action="store_true", help="check the demo table")
     add_db_commands(sub)  # db init, routes list|set|delete, discover (DATABASE_URL)
     add_limits_commands(sub)  # limits list
+    add_keys_commands(sub)  # keys create|list|rotate|revoke
     return parser
 
 
@@ -60,7 +62,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           param="log_level") from None
     load_table(config.table_path)  # fail fast, naming the file and key, before binding
     check_service_urls(config)  # a malformed DATABASE_URL / Redis URL: one line, not a traceback
-    check_bind(config.host, config.api_keys, args.insecure)  # no open port without inbound keys
+    if config.database_keys and not config.database_dsn:
+        raise ConfigError("TIERGATE_DATABASE_KEYS needs DATABASE_URL: the keys are in PostgreSQL",
+                          param="database_keys")
+    check_bind(config.host, config.api_keys, args.insecure, config.database_keys)  # no open port without inbound keys
     if config.workers > 1:
         from ..edge.workers import run_workers
         return run_workers(config)
@@ -88,7 +93,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "check": cmd_check, **DB_COMMANDS, **LIMITS_COMMANDS}
+COMMANDS = {"serve": cmd_serve, "check": cmd_check, **DB_COMMANDS, **LIMITS_COMMANDS, **KEYS_COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -164,8 +164,9 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     app = web.Application(client_max_size=router.config.max_body_bytes + 1)
     app[ROUTER_KEY] = router
     inflight = app[INFLIGHT_KEY] = InFlight()
-    auth = app[AUTH_KEY] = InboundAuth(router.config.api_keys)
+    auth = app[AUTH_KEY] = InboundAuth(router.config.api_keys, required=router.config.database_keys)
     router.on_keys_changed.append(auth.replace)  # a watched keys file changes them live
+    router.on_stored_keys_changed.append(auth.replace_stored)  # and so does Postgres (`tiergate keys`)
 
     async def router_lifetime(app: web.Application) -> AsyncIterator[None]:
         await router.initialize()

@@ -1,20 +1,23 @@
 """Inbound authentication: bearer keys a client must present on `/v1/*` when keys are configured.
 
-Keys come from `TIERGATE_API_KEYS` (comma list) and/or `TIERGATE_API_KEYS_FILE` (one a line).
-An entry may name its key, `team-a=sk-...`: the name (never the key) is what limits are scoped by.
-Every configured key is compared in constant time, and all of them are always compared, so
-neither the timing nor the number of comparisons tells a caller which key came close.
+Keys come from `TIERGATE_API_KEYS` (comma list) and/or `TIERGATE_API_KEYS_FILE` (one a line), and,
+with `TIERGATE_DATABASE_KEYS`, from Postgres (`llm_api_keys`, managed by `tiergate keys ...`, stored
+hashed, with expiry and scopes). An entry may name its key, `team-a=sk-...`: the name (never the key)
+is what limits are scoped by. A presented key is looked up by its SHA-256: one hash and one dict get
+whatever the number of keys, and no comparison of secret bytes, so neither the timing nor anything
+else tells a caller which key came close.
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import re
+import time
 from collections.abc import Iterable, Mapping
 
 from aiohttp import web
 
+from ..table.keys import InboundKey, digest, secrets_of
 from ..types import AuthenticationError, ConfigError, InvalidRequestError
 
 # Where a client sends its own key for a `pass_client_key` provider (bring-your-own-key). Its own
@@ -33,58 +36,75 @@ def parse_key(entry: str) -> tuple[str | None, str]:
 
 
 class InboundAuth:
-    """Checks an `Authorization: Bearer <key>` header against the configured keys; returns the
-    matched key's name (None for an unnamed key)."""
+    """Checks an `Authorization: Bearer <key>` header against the keys tiergate accepts: those given
+    in the environment or the keys file (`replace`) and those stored in Postgres (`replace_stored`).
+    `required`: keys come from the database, so authentication is on even while it has given none
+    (a database not reachable at start-up must not open the gateway)."""
 
-    __slots__ = ("_keys", "_names")
+    __slots__ = ("_given", "_stored", "_keys", "_required")
 
-    def __init__(self, keys: Iterable[str]):
+    def __init__(self, keys: Iterable[str], *, required: bool = False):
+        self._required = required
+        self._stored: Mapping[bytes, InboundKey] = {}
         self.replace(keys)
 
     def replace(self, keys: Iterable[str]) -> None:
         """Take `keys` in place of the current ones (a watched keys file changed), in one step."""
-        found: dict[bytes, str | None] = {}
+        found: dict[bytes, InboundKey] = {}
         for entry in keys:
             if not entry:
                 continue
             name, key = parse_key(entry)
             if key:
-                found.setdefault(key.encode(), name)  # a key listed twice keeps its first name
-        # both at once: a request in between sees the old keys or the new, never a mix
-        self._keys, self._names = tuple(found), (None, *found.values())  # names' index 0: no match
+                found.setdefault(digest(key), InboundKey(name))  # a key listed twice keeps its first name
+        self._given = found
+        self._merge()
+
+    def replace_stored(self, keys: Mapping[bytes, InboundKey]) -> None:
+        """Take the database's keys (by their secrets' digests) in place of the ones it gave before."""
+        self._stored = keys
+        self._merge()
+
+    def _merge(self) -> None:
+        # one assignment: a request in between sees the old keys or the new, never a mix
+        self._keys = {**self._stored, **self._given}
 
     @property
     def enabled(self) -> bool:
-        return bool(self._keys)
+        return self._required or bool(self._keys)
 
     def names(self) -> list[str]:
         """The names given to keys (for `/health/details`; never the keys)."""
-        return [n for n in self._names if n]
+        return sorted({k.name for k in self._keys.values() if k.name})
+
+    def credential_secrets(self) -> list[str]:
+        """The provider keys the inbound keys carry (redacted from what is relayed)."""
+        return secrets_of(self._keys.values())
 
     def is_inbound(self, value: str) -> bool:
-        """Whether `value` is one of the configured keys (compared as `check` does)."""
-        candidate = value.strip().encode("utf-8", "surrogateescape")
-        found = 0
-        for key in self._keys:
-            found |= hmac.compare_digest(key, candidate)
-        return bool(found)
+        """Whether `value` is one of the accepted keys (looked up as `check` does)."""
+        return digest(value.strip()) in self._keys
 
-    def check(self, authorization: str | None) -> str | None:
-        """Raise AuthenticationError (401) unless `authorization` carries a configured key;
-        return that key's name."""
-        if not self._keys:
+    def authenticate(self, authorization: str | None) -> InboundKey | None:
+        """Raise AuthenticationError (401) unless `authorization` carries an accepted key that has not
+        expired; return that key (None when no keys are configured)."""
+        if not self.enabled:
             return None
         if not authorization:
             raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: "
-                                      "<key>') with one of the keys in TIERGATE_API_KEYS")
+                                      "<key>') with one of tiergate's keys")
         scheme, _, presented = authorization.partition(" ")
-        candidate = presented.strip().encode("utf-8", "surrogateescape")
-        found = 0
-        for i, key in enumerate(self._keys, 1):  # no early exit, no branch: every key compared every time
-            found |= i * hmac.compare_digest(key, candidate)  # keys are distinct: at most one matches
-        if scheme.lower() != "bearer" or not found:
-            raise AuthenticationError("invalid API key: the bearer key is not one of TIERGATE_API_KEYS")
-        return self._names[found]
+        key = self._keys.get(digest(presented.strip()))
+        if key is None or scheme.lower() != "bearer":
+            raise AuthenticationError("invalid API key: the bearer key is not one of tiergate's keys")
+        if key.expires_at is not None and key.expires_at <= time.time():
+            raise AuthenticationError("invalid API key: the bearer key has expired", code="expired_api_key")
+        return key
+
+    def check(self, authorization: str | None) -> str | None:
+        """As `authenticate`, returning the key's name."""
+        key = self.authenticate(authorization)
+        return None if key is None else key.name
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:
@@ -108,12 +128,13 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything, so treat it as reachable
 
 
-def check_bind(host: str, api_keys: tuple[str, ...], insecure: bool) -> None:
+def check_bind(host: str, api_keys: tuple[str, ...], insecure: bool, database_keys: bool = False) -> None:
     """Refuse to listen where others can reach the port with no keys, unless told `--insecure`."""
-    if api_keys or insecure or is_loopback(host):
+    if api_keys or database_keys or insecure or is_loopback(host):
         return
     raise ConfigError(f"refusing to listen on {host} without inbound keys: set TIERGATE_API_KEYS "
-                      "(or TIERGATE_API_KEYS_FILE), bind 127.0.0.1, or pass --insecure", param="host")
+                      "(or TIERGATE_API_KEYS_FILE, or TIERGATE_DATABASE_KEYS), bind 127.0.0.1, or pass --insecure",
+                      param="host")
 
 
 AUTH_KEY = web.AppKey("auth", InboundAuth)

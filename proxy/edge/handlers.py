@@ -16,6 +16,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from ..engine.dispatch import stream_error_event
 from ..engine.redaction import Redactor
 from ..outcome import CLIENT_CLOSED, RequestRecord
+from ..table.keys import secrets_of_credentials
 from ..table.routing import RouteDecision
 from ..types import InvalidRequestError, NotFoundError, RequestTimeoutError, RequestTooLargeError, TiergateError
 from .auth import InboundAuth, client_provider_key
@@ -26,6 +27,7 @@ from .render import redact_error, result_headers
 if TYPE_CHECKING:
     from ..adapters import Endpoint
     from ..engine.router import Router
+    from ..table.keys import InboundKey
 
 # what a call answered by tiergate itself is admitted as: no route, no provider (key-wide limits apply)
 LOCAL = RouteDecision("models", ())
@@ -94,14 +96,20 @@ def routed_endpoint(endpoint: Endpoint, router: Router, auth: InboundAuth) -> Se
     # `x-api-key` is the client's key (tiergate's, when it has keys: auth.py), never sent on
     forwarded = request_filter((*config.drop_headers, "x-api-key"))
 
-    async def serve(request: web.Request, record: RequestRecord, key_name: str | None) -> web.StreamResponse:
+    async def serve(request: web.Request, record: RequestRecord, key: InboundKey | None) -> web.StreamResponse:
         headers = request.headers
         payload = await read_json(request, max_body, body_timeout)
         query = request.query_string
         target = endpoint.at_query(query) if query else endpoint
         target.validate(payload, max_messages)
         upstream_headers = forwarded(headers)
-        own_key = None
+        own_key = key_name = check_scope = credentials = None
+        if key is not None:  # its name scopes limits, its scopes the route, its credentials the providers
+            key_name = key.name
+            if key.scope is not None:
+                check_scope = key.check
+            if key.credentials:
+                credentials = key.credentials
         if router.byok:  # a provider takes the client's own key: as its Authorization, never tiergate's key
             own_key = client_provider_key(headers, auth)
             if own_key is not None:
@@ -111,19 +119,26 @@ def routed_endpoint(endpoint: Endpoint, router: Router, auth: InboundAuth) -> Se
                 target, payload, record,
                 use_case=headers.get("x-use-case"), tier=headers.get("x-model-tier"),
                 timeout=_deadline(headers, payload.get("stream") is True), headers=upstream_headers,
-                cache_control=headers.get("cache-control"), api_key_name=key_name)
+                cache_control=headers.get("cache-control"), api_key_name=key_name, check_scope=check_scope,
+                credentials=credentials)
         except TiergateError as exc:
-            if own_key is not None:
-                redact_error(exc, Redactor((own_key,)))
+            if own_key is not None or credentials is not None:
+                redact_error(exc, _own_secrets(own_key, credentials))
             raise
-        if own_key is not None:
-            result.headers = Redactor((own_key,)).headers(result.headers or {})
+        if own_key is not None or credentials is not None:
+            result.headers = _own_secrets(own_key, credentials).headers(result.headers or {})
         if result.stream is None:
             return web.Response(body=result.body, headers=result_headers(record, result.headers),
                                 content_type="application/json")
         return await relay_stream(request, result.stream, record, result.headers, target.stream_error)
 
     return serve
+
+
+def _own_secrets(own_key: str | None, credentials: Mapping[str, Mapping[str, str]] | None) -> Redactor:
+    """What this request alone sends providers (a client's own provider key, the inbound key's
+    credentials), masked in what is relayed back."""
+    return Redactor((own_key, *secrets_of_credentials(credentials or {})))
 
 
 async def relay_stream(request: web.Request, chunks: AsyncIterator[bytes], record: RequestRecord,

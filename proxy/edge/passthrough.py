@@ -21,17 +21,20 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from ..engine.redaction import Redactor
 from ..fleet.affinity import Holder
 from ..outcome import CLIENT_CLOSED, RequestRecord
+from ..table.keys import secrets_of_credentials
 from ..table.routing import RouteDecision
 from ..types import InvalidRequestError, ModelRef, NotFoundError, RequestTooLargeError, UpstreamError
 from .auth import AUTH_KEY, client_provider_key
 from .headers import FORWARDING, HOP_BY_HOP
 from .ownership import Keep, as_is, guard
 from .paths import canonical_target, is_unusual, refuse
-from .pipeline import Locate, Target
+from .pipeline import KEY_ITEM, Locate, Target
 
 if TYPE_CHECKING:
+    from ..engine.providers import Provider
     from ..engine.router import Router
     from ..table.routing import RoutingTable
 
@@ -116,12 +119,7 @@ async def send_upstream(request: web.Request, router: Router, provider_name: str
         raise refuse(raw_path, "it is not in its canonical form")  # the pipeline serves only canonical paths
     owned = provider.protected | frozenset(h.lower() for h in config.drop_headers)
     headers = forwarded_headers(request.headers, owned)
-    redactor = provider.redactor
-    if provider.spec.pass_client_key:  # bring-your-own-key: the client's own provider key, never tiergate's
-        own_key = client_provider_key(request.headers, request.app[AUTH_KEY])
-        if own_key is not None:
-            headers["Authorization"] = f"Bearer {own_key}"
-            redactor = redactor.with_secret(own_key)
+    headers, redactor = _own_credentials(request, provider, headers)
     too_large: list[bool] = []
     data: Any = None
     if body is not None:
@@ -178,6 +176,26 @@ async def send_upstream(request: web.Request, router: Router, provider_name: str
         return response
     finally:
         upstream.release()
+
+
+def _own_credentials(request: web.Request, provider: Provider, headers: dict[str, str]
+                     ) -> tuple[dict[str, str], Redactor]:
+    """The headers with what this request's caller sends the provider in place of tiergate's, and the
+    redactor that masks it (with the provider's own secrets) in the answer: a bring-your-own-key
+    client's provider key, the inbound key's own project or provider key."""
+    redactor = provider.redactor
+    if provider.spec.pass_client_key:  # bring-your-own-key: the client's own provider key, never tiergate's
+        own_key = client_provider_key(request.headers, request.app[AUTH_KEY])
+        if own_key is not None:
+            headers["Authorization"] = f"Bearer {own_key}"
+            redactor = redactor.with_secret(own_key)
+    key = request.get(KEY_ITEM)
+    if key is not None and provider.name in key.credentials:  # the inbound key's own project / provider key
+        own = key.credentials[provider.name]
+        headers = {name: value for name, value in headers.items() if name.lower() not in own}
+        headers.update(own)
+        redactor = Redactor((*redactor.secrets, *secrets_of_credentials({provider.name: own})))
+    return headers, redactor
 
 
 async def _json_body(request: web.Request, limit: int, timeout: float) -> bytes | None:
@@ -321,8 +339,8 @@ def stored_response(router: Router, passthrough: Locate) -> Locate:
             return await passthrough(request, record)
         record.route = "stored_response"
         held = _holder(holder, response_id)
-        return Target(_passed(held.provider, held.model), {},
-                      lambda admitted: _send_stored(request, router, record, held, response_id))
+        return Target(_passed(held.provider, held.model), {},  # the key that made it, inside its scopes then
+                      lambda admitted: _send_stored(request, router, record, held, response_id), scoped=False)
 
     return locate
 

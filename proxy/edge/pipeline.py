@@ -21,6 +21,7 @@ from aiohttp import web
 from yarl import URL
 
 from ..outcome import RequestRecord, new_request_id
+from ..table.keys import InboundKey
 from ..types import InvalidRequestError
 from .auth import InboundAuth, presented_key
 from .paths import canonical_target, is_unusual
@@ -31,8 +32,10 @@ if TYPE_CHECKING:
     from ..table.routing import RouteDecision
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# a route's own work, once the key is known: (request, its record, the key's name) -> the answer
-Serve = Callable[[web.Request, RequestRecord, "str | None"], Awaitable[web.StreamResponse]]
+# a route's own work, once the key is known: (request, its record, the key) -> the answer
+Serve = Callable[[web.Request, RequestRecord, "InboundKey | None"], Awaitable[web.StreamResponse]]
+# where a pass-through finds the key of a request whose key sends a provider its own credentials
+KEY_ITEM = web.RequestKey("tiergate_inbound_key", InboundKey)
 
 DRAIN = "tiergate is shutting down"  # the cancel message that ends a request still running after the drain
 
@@ -47,6 +50,9 @@ class Target:
     decision: RouteDecision
     payload: Mapping[str, Any]
     send: Callable[[RouteDecision], Awaitable[web.StreamResponse]]
+    # whether the key's scopes apply: not to a stored object, which only the key that made it (inside
+    # its scopes) can reach
+    scoped: bool = True
 
 
 Locate = Callable[[web.Request, RequestRecord], Awaitable[Target]]
@@ -89,11 +95,16 @@ class Pipeline:
         """The handler of a call tiergate does not route: admitted here against what `locate` found."""
         router = self.router
 
-        async def admit_and_send(request: web.Request, record: RequestRecord, key_name: str | None
+        async def admit_and_send(request: web.Request, record: RequestRecord, key: InboundKey | None
                                  ) -> web.StreamResponse:
-            record.key_name = key_name  # stored objects are the key's (passthrough.py)
+            key_name = record.key_name = None if key is None else key.name  # stored objects are the key's
             target = await locate(request, record)
             decision = target.decision
+            if key is not None:
+                if target.scoped:
+                    key.check(decision)  # outside the key's scopes: a 403 before anything is counted or sent
+                if key.credentials:
+                    request[KEY_ITEM] = key
             table = router.table
             if table.limits is not None:  # key-scoped (and route-scoped) limits, as on the routed paths
                 decision = await router.quotas.admit(table.limits, table, decision, target.payload, key_name,
@@ -104,7 +115,9 @@ class Pipeline:
 
     def _handler(self, name: str, serve: Serve, canonical: bool = False, shape: ErrorShape | None = None) -> Handler:
         router, inflight = self.router, self.inflight
-        check_key = self.auth.check if self.auth.enabled else None
+        # with no keys at start there never are any (a keys file is watched only when it held some,
+        # and database keys make authentication required from the start)
+        authenticate = self.auth.authenticate if self.auth.enabled else None
 
         async def handle(request: web.Request) -> web.StreamResponse:
             if not canonical and is_unusual(request.raw_path):  # served as its canonical form, or refused
@@ -120,8 +133,8 @@ class Pipeline:
             task = request.task  # the handler's own task (asyncio.current_task() costs more)
             inflight.add(task)
             try:
-                key_name = check_key(presented_key(headers)) if check_key is not None else None
-                return await serve(request, record, key_name)
+                key = authenticate(presented_key(headers)) if authenticate is not None else None
+                return await serve(request, record, key)
             except (asyncio.CancelledError, ConnectionResetError) as exc:  # no one to answer
                 error = exc
                 raise

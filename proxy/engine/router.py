@@ -25,7 +25,7 @@ from ..planner import Planner
 from ..planner.plan import Plan
 from ..settings import RouterConfig, check_service_urls
 from ..table.discovery import Discovery, discover
-from ..table.routing import RoutingTable, load_table
+from ..table.routing import RouteDecision, RoutingTable, load_table
 from ..table.watch import FileWatch, FileWatchCollector, keys_file_watch
 from ..types import (
     RouterClosedError,
@@ -111,6 +111,8 @@ class Router(LibraryAPI):
         # the inbound keys as they are now (a watched keys file changes them); the edge listens
         self.inbound_keys = self.config.api_keys
         self.on_keys_changed: list[Callable[[tuple[str, ...]], None]] = []
+        # and the keys stored in Postgres (TIERGATE_DATABASE_KEYS), by their secrets' digests
+        self.on_stored_keys_changed: list[Callable[[Mapping[bytes, Any]], None]] = []
         self._discovered: tuple[str, ...] = ()  # provider/model ids found by the last discovery
         self._byok = False
 
@@ -132,7 +134,8 @@ class Router(LibraryAPI):
 
             check_service_urls(self.config)  # a malformed DATABASE_URL: ConfigError, not asyncpg's ValueError
 
-            self._store = RouteStore(self.config, self.apply_table)
+            self._store = RouteStore(self.config, self.apply_table,
+                                     keys=self._apply_stored_keys if self.config.database_keys else None)
             self._table = await self._store.load_initial(self._table)
         await self.apply_table(self._table)
         if self._store is not None:
@@ -236,6 +239,10 @@ class Router(LibraryAPI):
         for listener in self.on_keys_changed:
             listener(keys)
 
+    def _apply_stored_keys(self, ring: Any) -> None:
+        for listener in self.on_stored_keys_changed:
+            listener(ring.by_digest)
+
     async def apply_table(self, table: RoutingTable) -> None:
         """Start any providers the new table adds or changes, then swap the snapshot in one assignment.
 
@@ -312,12 +319,16 @@ class Router(LibraryAPI):
         headers: Mapping[str, str] | None = None,
         cache_control: str | None = None,
         api_key_name: str | None = None,
+        check_scope: Callable[[RouteDecision], None] | None = None,
+        credentials: Mapping[str, Mapping[str, str]] | None = None,
     ) -> Result:
         """Resolve the route, apply its defaults and forward. Raises TiergateError on failure.
 
         `record` is filled in; the caller hands it to `finish()` when the response has ended.
         `cache_control` is the client's Cache-Control header (no-cache, no-store).
-        `api_key_name` is the name of the inbound key the request came with (limits may be scoped by it).
+        `api_key_name` is the name of the inbound key the request came with (limits may be scoped by it);
+        `check_scope` raises when the route resolved is outside that key's scopes (before anything is
+        sent); `credentials` are the key's own headers per provider name (OpenAI-Project, its own key).
         """
         telemetry = self.telemetry
         trace = (telemetry.start_trace(endpoint.operation, record, payload, headers)
@@ -326,13 +337,15 @@ class Router(LibraryAPI):
         if table is None:
             table = self.table  # raises: not initialized
         decision = table.resolve(use_case, tier, payload.get("model"), endpoint.kind)
+        if check_scope is not None:
+            check_scope(decision)
         if table.limits is None and not endpoint.stateful and not table.mixed_apis:  # nothing to wait for
             plan = self.planner.plan_now(decision, endpoint, payload, record)
         else:
             plan = await self.planner.plan(decision, table, endpoint, payload, record, api_key_name)
         stream = bool(payload.get("stream")) and endpoint.streamable
         record.stream = stream
-        call = Call(endpoint, payload, plan, stream, headers, timeout, trace)
+        call = Call(endpoint, payload, plan, stream, headers, timeout, trace, credentials=credentials)
         # cache / coalescing / batching; a request that cannot be cached goes straight on
         if self.cache.enabled and endpoint.cacheable(plan.route, payload, stream):
             result = await self.cache.serve(
@@ -362,7 +375,7 @@ class Router(LibraryAPI):
 
     async def _forward(self, call: Call) -> Result:
         """Upstream: embeddings through the batcher when batching is on, the rest straight to the loop."""
-        if self.batcher is not None and call.endpoint.batchable:
+        if self.batcher is not None and call.endpoint.batchable and call.credentials is None:  # one key's own
             return await self.batcher.submit(call.payload, call.plan, headers=call.headers, timeout=call.timeout)
         return await self.loop.run(call)
 

@@ -27,7 +27,8 @@ SHOWN = 9  # characters of a secret `keys list` shows: tg- and six of its 256 ra
 KEY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 SCOPE_FIELDS = ("routes", "use_cases", "tiers", "models")
 # what a key may send a provider instead of tiergate's own: the provider enforces ownership then
-CREDENTIAL_FIELDS = {"project": "OpenAI-Project", "organization": "OpenAI-Organization", "api_key_env": None}
+# (lower-case header names: the forwarded client headers are, and the key's must replace them)
+CREDENTIAL_FIELDS = {"project": "openai-project", "organization": "openai-organization", "api_key_env": None}
 _USE_CASES = frozenset(u.value for u in UseCase)
 _TIERS = frozenset(t.value for t in ModelTier)
 
@@ -66,14 +67,14 @@ class KeyScope:
                 return False
             return ((self.use_cases is None or route.use_case.value in self.use_cases)
                     and (self.tiers is None or route.tier.value in self.tiers))
+        if not decision.candidates:  # answered by tiergate itself (its model list)
+            return True
         models = self.models
         if models is None:
             return False
         name = decision.name
         if name.startswith("alias:"):
             return name[6:] in models
-        if not decision.candidates:  # answered by tiergate itself (its model list)
-            return True
         ref = decision.candidates[0]
         if f"{ref.provider}/*" in models:
             return True
@@ -105,8 +106,8 @@ def _named(decision: Any) -> str:
 @dataclass(frozen=True, slots=True)
 class InboundKey:
     """One key tiergate accepts. `expires_at`: a time.time() after which it is refused (None: never).
-    `credentials`: per provider name, the headers the key's calls send it (OpenAI-Project, ...) and the
-    environment variable holding the key's own provider key."""
+    `credentials`: per provider name, the headers the key's calls send it instead of the client's and
+    tiergate's (OpenAI-Project, OpenAI-Organization, Authorization with the key's own provider key)."""
 
     name: str | None
     expires_at: float | None = None
@@ -175,7 +176,7 @@ def credential_headers(credentials: Mapping[str, Mapping[str, str]], env: Mappin
                        ) -> dict[str, dict[str, str]]:
     """Per provider, the headers a key's calls carry: OpenAI-Project / OpenAI-Organization as given, and
     `Authorization: Bearer <key>` from the environment variable `api_key_env` names (left out, with the
-    provider's own key used, when that variable is unset)."""
+    provider's own key used, when that variable is unset; an OpenAI-compatible provider's header)."""
     out: dict[str, dict[str, str]] = {}
     for provider, entry in credentials.items():
         headers: dict[str, str] = {}
@@ -184,7 +185,7 @@ def credential_headers(credentials: Mapping[str, Mapping[str, str]], env: Mappin
             if header is not None:
                 headers[header] = value
             elif env.get(value):
-                headers["Authorization"] = f"Bearer {env[value]}"
+                headers["authorization"] = f"Bearer {env[value]}"
         if headers:
             out[provider] = headers
     return out
@@ -197,11 +198,12 @@ def check_name(name: str) -> str:
 
 
 def secrets_of(keys: Iterable[InboundKey]) -> list[str]:
-    """The provider credentials keys carry that are secrets (for redaction): their Authorization values."""
-    found = []
-    for key in keys:
-        for headers in key.credentials.values():
-            value = headers.get("Authorization")
-            if value:
-                found.append(value.partition(" ")[2])
-    return found
+    """What keys send providers in tiergate's place (for redaction): their provider keys, projects and
+    organizations, none of which is ever echoed to a client."""
+    return [s for key in keys for s in secrets_of_credentials(key.credentials)]
+
+
+def secrets_of_credentials(credentials: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """One key's credential values, the provider key without its `Bearer `."""
+    return [value.partition(" ")[2] if name == "authorization" else value
+            for headers in credentials.values() for name, value in headers.items()]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import re
@@ -271,6 +272,7 @@ class Snapshot:
     table: RoutingTable
     fingerprint: bytes
     available_models: tuple[ModelRef, ...]
+    keys: Any = None  # the inbound keys (keystore.KeyRing), when the store was asked to read them
 
 
 async def read_snapshot(conn: asyncpg.Connection, config: RouterConfig) -> Snapshot:
@@ -486,6 +488,7 @@ async def record_discovery(conn: asyncpg.Connection, found: Mapping[str, Iterabl
 # --- the live store ----------------------------------------------------------------------------------
 
 ApplyTable = Callable[[RoutingTable], Awaitable[None]]
+ApplyKeys = Callable[[Any], None]  # a keystore.KeyRing, each time the keys' rows change
 
 _FALLBACK_REASON = {
     "connecting": "database not loaded yet",
@@ -499,9 +502,11 @@ _FALLBACK_REASON = {
 class RouteStore:
     """Keeps the router's table in step with Postgres: first load, LISTEN, periodic refresh, retries."""
 
-    def __init__(self, config: RouterConfig, apply: ApplyTable):
+    def __init__(self, config: RouterConfig, apply: ApplyTable, *, keys: ApplyKeys | None = None):
         self.config = config
         self._apply = apply
+        self._apply_keys = keys  # inbound keys from llm_api_keys, read with the table
+        self._keys_fingerprint: bytes | None = None
         self._dsn = require_dsn(config)
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
@@ -648,7 +653,13 @@ class RouteStore:
         assert self._pool is not None, "load_initial() first"
         with self._querying():
             async with self._pool.acquire(timeout=self.config.db_timeout) as conn:
-                return await read_snapshot(conn, self.config)
+                snapshot = await read_snapshot(conn, self.config)
+                if self._apply_keys is None:
+                    return snapshot
+                from .keystore import read_key_ring
+
+                ring = await read_key_ring(conn, self.config.db_timeout, self.config.env)
+                return dataclasses.replace(snapshot, keys=ring)
 
     @contextlib.contextmanager
     def _querying(self) -> Iterator[None]:
@@ -677,6 +688,12 @@ class RouteStore:
             log.info("routing table: database at %s is reachable", describe_dsn(self._dsn))
         self._fingerprint = snapshot.fingerprint
         self.available_models = snapshot.available_models
+        ring = snapshot.keys
+        if ring is not None and self._apply_keys is not None and ring.fingerprint != self._keys_fingerprint:
+            for problem in ring.problems:
+                log.warning("inbound keys from the database: rejected %s", problem)
+            self._apply_keys(ring)
+            self._keys_fingerprint = ring.fingerprint
         self.state = "connected"
         self.last_error = None
         self.last_refresh = self.checked_at = time.time()

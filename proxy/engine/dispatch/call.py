@@ -38,6 +38,9 @@ class Call(NamedTuple):
     raw_usage: bool = False
     recover: bool = True
     max_attempts: int | None = None
+    # the inbound key's own headers per provider name (OpenAI-Project, its own provider key), which
+    # replace the client's and the provider's for that provider only
+    credentials: Mapping[str, Mapping[str, str]] | None = None
 
     def narrowed(self, plan: Plan, **changes: Any) -> Call:
         """The same call, to fewer candidates (a hedge's rest, a recovery's continuation)."""

@@ -110,6 +110,8 @@ class AttemptLoop:
                 headers = call.headers  # minus the provider's own (its key, the table's headers), plus the trace's
                 if headers and not provider.protected.isdisjoint(headers):
                     headers = {k: v for k, v in headers.items() if k not in provider.protected}
+                if call.credentials is not None and provider.name in call.credentials:  # the key's own
+                    headers = {**(headers or {}), **call.credentials[provider.name]}
                 if call.observer is not None:
                     headers = call.observer.attempt_started(candidate.ref, headers)
                 hedge = None
