@@ -102,8 +102,10 @@ class ResponsesEndpoint(Endpoint):
         return result
 
 
+# a native Responses stream is typed events, not chat chunks a continuation could carry on (a translated
+# one is continued as chat before it is translated back)
 RESPONSES = ResponsesEndpoint("responses", "/responses", "chat", True, answer_key="output", done=RESPONSES_DONE,
-                              stateful=True, stream_error=stream_error)
+                              stateful=True, continuable=False, stream_error=stream_error)
 
 
 async def _follow_up(decision: RouteDecision, previous: str, table: RoutingTable,
