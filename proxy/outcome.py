@@ -88,6 +88,27 @@ class StreamState:
         return Usage(self.request_bytes // 4, int(completion + 3) // 4)
 
 
+@dataclass(slots=True)
+class ShadowRecord:
+    """One shadow call (a route's `shadow`): what it did, reported apart from the request it mirrored.
+
+    `outcome`: ok, error, dropped_cap (the route's or the process's shadow cap was full), dropped_load
+    (the deployment's connection slots were nearly all taken), cancelled (shutdown); `match`: how its
+    answer compared with the primary's (exact, similar, different, unknown), None when it did not answer."""
+
+    request_id: str
+    route: str
+    ref: ModelRef
+    stream: bool
+    outcome: str
+    latency_ms: float | None = None
+    first_byte_ms: float | None = None
+    usage: Usage | None = None
+    cost_usd: float | None = None
+    error: str | None = None
+    match: str | None = None
+
+
 def tried(attempts: list[Attempt]) -> int:
     """How many attempts really went to a provider (skips for open breakers do not count)."""
     if len(attempts) == 1:  # the usual case
@@ -123,6 +144,7 @@ class RequestRecord:
     attempts: list[Attempt] | tuple[()] = ()  # the dispatcher's list, once there is one
     quota: Any = None  # what the limits charged this request (limits.admission.Reservation), settled at its end
     key_name: str | None = None  # the inbound key's name, for what is scoped to it (stored objects)
+    shadow: Any = None  # the request's shadow call, when its route mirrored it (engine/shadow.py)
 
     def __init__(self, request_id: str, endpoint: str):
         self.request_id = request_id

@@ -98,6 +98,7 @@ class _Settings:
     connection_pool_overflow: int = 2048
     max_concurrent_per_provider: int = 0
     max_queue_per_provider: int = 1024
+    shadow_max_concurrency: int = 32  # shadow calls (a route's `shadow`) running at once in this process, all routes
     max_response_bytes: int = 64 * 1024 * 1024
     # a shared stream's subscriber this many bytes behind the upstream is cut (an SSE error event); a
     # request arriving once a stream has relayed more than this starts its own upstream call

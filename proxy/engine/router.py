@@ -41,6 +41,7 @@ from .key_overlap import check_keys_apart
 from .library import LibraryAPI
 from .providers import Provider, make_provider
 from .recovery import StreamRecovery
+from .shadow import ShadowTraffic
 
 if TYPE_CHECKING:
     from ..fleet.state import FleetHealth, FleetLimits
@@ -98,6 +99,9 @@ class Router(LibraryAPI):
             self.loop.events.on_cooldown_start.append(self._share_cooldown)
         self.quotas = Quotas(self.fleet, policy=self.config.limits_on_redis_failure)
         self.planner = Planner(self.quotas, self.affinity, fallback=self.config.enable_fallback)
+        # a share of some routes' calls mirrored to their shadow deployment, in the background
+        self.shadows = ShadowTraffic(self.loop, self.affinity, self.telemetry.shadow,
+                                     max_concurrency=self.config.shadow_max_concurrency, timeout=self.config.timeout)
         self._limits_collected = False  # the limits' /metrics families, registered once
         self.started_at = time.time()
         self.initialized = False
@@ -167,6 +171,7 @@ class Router(LibraryAPI):
             self._limits_collected = True
         self.initialized = True
         self.closed = False
+        self.shadows.closed = False
         self._closed_event.clear()
         for warning in self.key_warnings():  # once per provider, at start-up
             log.warning("%s: its calls will fail upstream", warning)
@@ -179,6 +184,7 @@ class Router(LibraryAPI):
         self.initialized = False
         self._table = None  # a call after close() raises RouterClosedError (see `table`)
         try:
+            await self.shadows.close()  # cancelled, not waited for: a shadow never delays a shutdown
             if self._store is not None:
                 await self._store.stop()
                 self._store = None
@@ -346,6 +352,9 @@ class Router(LibraryAPI):
         stream = bool(payload.get("stream")) and endpoint.streamable
         record.stream = stream
         call = Call(endpoint, payload, plan, stream, headers, timeout, trace, credentials=credentials)
+        shadow = None
+        if plan.route is not None and plan.route.shadow is not None:  # a share mirrored to the route's shadow
+            shadow = record.shadow = self.shadows.mirror(call, table, record)
         # cache / coalescing / batching; a request that cannot be cached goes straight on
         if self.cache.enabled and endpoint.cacheable(plan.route, payload, stream):
             result = await self.cache.serve(
@@ -359,6 +368,8 @@ class Router(LibraryAPI):
             result = await self._forward(call)
         if endpoint.stateful:
             result = await endpoint.answered(result, payload, table, self.affinity.for_key(api_key_name))
+        if shadow is not None:
+            shadow.primary_answered(result)
         record.status = result.status
         record.ref = result.ref
         record.attempts = result.attempts
@@ -401,6 +412,8 @@ class Router(LibraryAPI):
         state = record.stream_state
         if state is not None and record.usage is None:  # a stream's usage and cost, from its last event
             charge_stream(record, state, self._table)
+        if record.shadow is not None:  # the primary has ended: its shadow may compare the answers now
+            record.shadow.primary_finished(record, error)
         self.telemetry.finish(record)
         if record.quota is not None:  # limits: replace the estimate with the real usage
             self.quotas.settle(record)

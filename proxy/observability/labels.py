@@ -30,6 +30,8 @@ def table_models(table: RoutingTable) -> frozenset[str]:
         names.update(map(str, route.candidates))
         names.update(map(str, route.embeddings))
         names.update(map(str, route.completions))
+        if route.shadow is not None:
+            names.add(str(route.shadow.model))
     names.update(map(str, table.aliases.values()))
     names.update(map(str, table.embeddings))
     names.update(table.pricing)

@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
-from ..outcome import RequestRecord, Result
+from ..outcome import RequestRecord, Result, ShadowRecord
 from ..protocol.usage import finish_reasons, response_model
 from ..settings import RouterConfig
 from ..types import ConfigError, ModelRef
 from .labels import ModelLabels, error_label
 from .metrics import CONTENT_TYPE, PrometheusMetrics, multiprocess_dir
 from .semconv import INFERENCE_OPERATIONS, OPERATION_OF_ENDPOINT, names_for
+from .shadow_report import ShadowMetrics, log_line
 from .stats import RequestStats
 from .tracing import RequestTrace, Tracing
 
@@ -91,6 +92,8 @@ class Telemetry:
         self._multiproc = multiprocess_dir()
         self._sampled_at = 0.0
         self._finished: list[RequestRecord] = []  # ended, not yet counted (see `drain`)
+        self._shadows: list[ShadowRecord] = []  # shadow calls ended (or dropped), not yet counted
+        self._shadow_metrics: ShadowMetrics | None = None  # their families, registered with the first one
         self._drain_timer: asyncio.TimerHandle | None = None
         self._batch = 1 if self._multiproc else _BATCH_SIZE  # several workers: counted at once
         self._labels = ModelLabels()  # provider/model labels from the table only (`other` else), per model
@@ -202,6 +205,30 @@ class Telemetry:
             except RuntimeError:  # no loop (a synchronous caller): count it now
                 self.drain()
 
+    def shadow(self, record: ShadowRecord) -> None:
+        """A shadow call has ended (or was dropped): counted and logged with the next batch."""
+        if not self.enabled:
+            return
+        self._shadows.append(record)
+        if self._drain_timer is None:
+            try:
+                self._drain_timer = asyncio.get_running_loop().call_later(_DRAIN_AFTER_S, self.drain)
+            except RuntimeError:
+                self.drain()
+
+    def _report_shadows(self) -> None:
+        """The shadow calls' metrics (families of their own) and log lines (`"msg": "shadow"`)."""
+        shadows, self._shadows = self._shadows, []
+        labels = self._labels.of
+        if self.metrics is not None:
+            if self._shadow_metrics is None:
+                self._shadow_metrics = ShadowMetrics(self.metrics.registry)
+            self._shadow_metrics.count(shadows, lambda ref: labels(ref)[0])
+        if self._logging():
+            ts = int(time.time() * 1000) / 1000
+            self._write_lines(b"".join(orjson.dumps({"ts": ts, **log_line(r, labels(r.ref)[2])},
+                                                    option=orjson.OPT_APPEND_NEWLINE) for r in shadows))
+
     def drain(self) -> None:
         """Count the finished requests in metrics and statistics, and write their log lines.
 
@@ -210,6 +237,8 @@ class Telemetry:
         if self._drain_timer is not None:
             self._drain_timer.cancel()
             self._drain_timer = None
+        if self._shadows:
+            self._report_shadows()
         records = self._finished
         if not records:
             return
@@ -322,11 +351,15 @@ class Telemetry:
     def _write_log(self, records: list[RequestRecord]) -> None:
         """The batch's log lines: one write on stderr's descriptor (even under PYTHONUNBUFFERED),
         or `logging` records (ten times dearer), or nothing."""
+        if self._logging():
+            self._write_lines(self._log_lines(records))
+
+    def _logging(self) -> bool:
         target = self.request_log
-        if target == "off" or (target == "logging" and not request_log.isEnabledFor(logging.INFO)):
-            return
-        data = self._log_lines(records)
-        if target == "logging":
+        return not (target == "off" or (target == "logging" and not request_log.isEnabledFor(logging.INFO)))
+
+    def _write_lines(self, data: bytes | bytearray) -> None:
+        if self.request_log == "logging":
             for line in data.splitlines():
                 request_log.info(line.decode())
             return
