@@ -144,6 +144,10 @@ class RequestRecord:
     attempts: list[Attempt] | tuple[()] = ()  # the dispatcher's list, once there is one
     quota: Any = None  # what the limits charged this request (limits.admission.Reservation), settled at its end
     key_name: str | None = None  # the inbound key's name, for what is scoped to it (stored objects)
+    # a route that chooses per request: which strategy chose which deployment first, and the candidates
+    # in the order planned (x-tiergate-strategy, the request log); empty for an `ordered` route
+    strategy: str = ""
+    candidates: tuple[ModelRef, ...] = ()
     shadow: Any = None  # the request's shadow call, when its route mirrored it (engine/shadow.py)
 
     def __init__(self, request_id: str, endpoint: str):

@@ -97,6 +97,10 @@ class Route:
     # next candidate; None: the default (one, after a short 429 only)
     retry_same: int | None = None
     shadow: Shadow | None = None  # a share of the calls mirrored to another deployment, answers discarded
+    strategy: str = "ordered"  # how the candidates are ordered per request (planner.STRATEGIES)
+    # the candidates as the strategy sees them: each a single deployment or a group of equivalent ones;
+    # empty when every candidate is a single deployment tried in the listed order (the usual route)
+    layout: tuple[Group, ...] = ()
 
     @property
     def name(self) -> str:
@@ -105,6 +109,32 @@ class Route:
     @property
     def candidates(self) -> tuple[ModelRef, ...]:
         return (self.model, *self.fallbacks)
+
+
+class Member(NamedTuple):
+    """One deployment of a route's candidate, with its share of the traffic under `weighted`."""
+
+    ref: ModelRef
+    weight: float = 1.0
+
+    @property
+    def refs(self) -> tuple[ModelRef, ...]:
+        return (self.ref,)
+
+
+class Group(NamedTuple):
+    """One candidate of a route as its strategy sees it: a single deployment, or a group of equivalent
+    ones (the table's `groups:`) ordered among themselves by the group's `strategy`, all of them tried
+    before the route's next candidate. `weight`: its share among the route's candidates (`weights:`)."""
+
+    name: str
+    members: tuple[Member, ...]
+    strategy: str = "ordered"
+    weight: float = 1.0
+
+    @property
+    def refs(self) -> tuple[ModelRef, ...]:
+        return tuple(m.ref for m in self.members)
 
 
 @dataclass(slots=True)

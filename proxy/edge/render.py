@@ -34,6 +34,8 @@ def result_headers(record: RequestRecord, upstream: Mapping[str, str] | None = N
     if ref is not None:
         headers["x-tiergate-model"] = f"{ref.provider}/{ref.model}"
         headers["x-tiergate-provider"] = ref.provider
+    if record.strategy:  # a route that chose per request says how
+        headers["x-tiergate-strategy"] = record.strategy
     if record.cost_usd is not None:  # known for non-stream responses of priced models
         headers["x-tiergate-cost-usd"] = f"{record.cost_usd:.10f}".rstrip("0").rstrip(".") or "0"
     return headers

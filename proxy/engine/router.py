@@ -25,6 +25,7 @@ from ..planner import Planner
 from ..planner.plan import Plan
 from ..settings import RouterConfig, check_service_urls
 from ..table.discovery import Discovery, discover
+from ..table.groups import deployment_weights
 from ..table.routing import RouteDecision, RoutingTable, load_table
 from ..table.watch import FileWatch, FileWatchCollector, keys_file_watch
 from ..types import (
@@ -46,6 +47,7 @@ from .shadow import ShadowTraffic
 if TYPE_CHECKING:
     from ..fleet.state import FleetHealth, FleetLimits
     from ..table.store import RouteStore
+    from ..types import ModelRef
 
 log = logging.getLogger("tiergate")
 
@@ -99,6 +101,9 @@ class Router(LibraryAPI):
             self.loop.events.on_cooldown_start.append(self._share_cooldown)
         self.quotas = Quotas(self.fleet, policy=self.config.limits_on_redis_failure)
         self.planner = Planner(self.quotas, self.affinity, fallback=self.config.enable_fallback)
+        # the attempt loop tells the planner's load of each attempt; least_latency skips what is out
+        self.loop.sender.load = self.planner.load
+        self.planner.load.unavailable = self._deployment_out
         # a share of some routes' calls mirrored to their shadow deployment, in the background
         self.shadows = ShadowTraffic(self.loop, self.affinity, self.telemetry.shadow,
                                      max_concurrency=self.config.shadow_max_concurrency, timeout=self.config.timeout)
@@ -275,6 +280,7 @@ class Router(LibraryAPI):
                                  for name, spec in table.providers.items()})
         for ref in table.models():  # every deployment of the table shows in health from the start
             self.breakers.of(ref)
+        self.planner.load.track(table.models())
         self._table = table
         self._byok = any(spec.pass_client_key for spec in table.providers.values())
         self.telemetry.table_changed(table, GaugeSources(  # what the state gauges read when /metrics is scraped
@@ -300,6 +306,14 @@ class Router(LibraryAPI):
             self.fleet_health.publish(name, "open", self.breakers.get(name).open_for, "breaker")
         elif new == "closed" and old != "closed":
             self.fleet_health.publish(name, "closed", 0)
+
+    def _deployment_out(self, ref: ModelRef) -> bool:
+        """Is the deployment out for now (its breaker open, a rate-limit cooldown, the fleet's block)?"""
+        breaker = self.breakers.of(ref)
+        if not breaker.clean and (breaker.state == "open" or breaker.cooling() > 0):
+            return True
+        fleet = self.fleet_health
+        return fleet is not None and fleet.blocked_until(breaker.name) is not None
 
     def _share_cooldown(self, event: CooldownStarted) -> None:
         """A deployment answered 429 here: the fleet skips it for as long."""
@@ -476,6 +490,10 @@ class Router(LibraryAPI):
             cache=self.cache.stats(), batching=self.batcher.stats() if self.batcher is not None else None,
             warnings=self.key_warnings(),
             fleet_health=self.fleet_health.snapshot() if self.fleet_health is not None else None)
+        if table is not None:  # each deployment's moving latency, outstanding calls and weights
+            named = {**{r.name: r for r in table.routes.values()},
+                     **{f"alias:{a}": r for a, r in table.alias_routes.items()}}
+            report["deployments"] = self.planner.load.snapshot(deployment_weights(table.groups, named))
         if self._watch is not None and report.get("routing_table") is not None:
             report["routing_table"]["file_watch"] = self._watch.health()
         if self._keys_watch is not None:

@@ -3,17 +3,22 @@ each with how it is sent, chosen in one place.
 
 In order: the limits admit the request (a budget may downgrade it to a cheaper tier's route); the
 route's defaults are filled in; the API family narrows the candidates (a stored response's holder) and
-says how each is sent (a translation); the route's strategy orders them; without fallback only the
-first is kept. Breakers, cooldowns and the fleet's blocks are not planned: they change between
-attempts, so the attempt loop's gate asks them just before each try.
+says how each is sent (a translation); the route's strategy orders them (a group's own strategy orders
+its deployments in its place); without fallback only the first is kept. An `ordered` route without groups
+is planned once per decision (the memo); a route that chooses per request is planned afresh. Breakers,
+cooldowns and the fleet's blocks are not planned: they change between attempts, so the attempt loop's
+gate asks them just before each try.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import ordered
+from . import cheapest, least_latency, ordered, weighted
+from .choosing import Choosing
+from .load import DeploymentLoad
 from .plan import Candidate, Plan
 
 if TYPE_CHECKING:
@@ -24,20 +29,26 @@ if TYPE_CHECKING:
     from ..table.routing import RouteDecision, RoutingTable
     from ..types import ModelRef
 
-Strategy = Callable[[tuple["ModelRef", ...]], tuple["ModelRef", ...]]
-# strategies by name; a route takes `ordered` until the table can name another (a strategy that
-# orders per request, weighted or least-latency, will plan afresh instead of from the memo)
-STRATEGIES: dict[str, Strategy] = {"ordered": ordered.order}
+Strategy = Callable[[Sequence[Any], Choosing], list[Any]]
+# strategies by name (the table's `strategy:`): each orders a route's candidates, or a group's members,
+# for one request
+STRATEGIES: dict[str, Strategy] = {"ordered": ordered.order, "weighted": weighted.order,
+                                   "least_latency": least_latency.order, "cheapest": cheapest.order}
 _MEMO_LIMIT = 4096
+_EXPLAIN_MAX = 200  # x-tiergate-strategy: bounded, however long the model names
 
 
 class Planner:
     """Turns a route decision into a plan. Holds no per-request state."""
 
-    def __init__(self, quotas: Quotas, affinity: ResponseAffinity, *, fallback: bool = True):
+    def __init__(self, quotas: Quotas, affinity: ResponseAffinity, *, fallback: bool = True,
+                 rng: random.Random | None = None):
         self.quotas = quotas
         self.affinity = affinity
         self.fallback = fallback
+        # the deployments' live load (least_latency reads it; the attempt loop feeds it)
+        self.load = DeploymentLoad()
+        self.rng = rng or random.Random()
         # the plan of each decision that needs nothing per request (the usual one), made once (a decision
         # is hashed by identity)
         self._plans: dict[RouteDecision, Plan] = {}
@@ -54,6 +65,8 @@ class Planner:
         if decision.route is not None:
             endpoint.apply_defaults(payload, decision.route)
         decision, translate = await endpoint.candidates(decision, payload, table, self.affinity.for_key(key_name))
+        if decision.layout:
+            return self._choose(decision, payload, record, translate)
         return self._plan(decision, translate)
 
     def plan_now(self, decision: RouteDecision, endpoint: Endpoint, payload: dict[str, Any],
@@ -61,6 +74,11 @@ class Planner:
         """`plan` for a request that waits for nothing: no limits to admit it, an endpoint without a say
         in the candidates. The usual request, planned without a coroutine."""
         record.route = decision.name
+        if decision.layout:  # chooses per request: no memo
+            plan = self._choose(decision, payload, record, None)
+            if plan.defaults and plan.route is not None:
+                endpoint.apply_defaults(payload, plan.route)
+            return plan
         plan = self._plans.get(decision)
         if plan is None:
             plan = self._plan(decision, None)
@@ -72,8 +90,28 @@ class Planner:
             endpoint.apply_defaults(payload, route)
         return plan
 
-    def _plan(self, decision: RouteDecision, translate: Translator | None) -> Plan:
-        refs = STRATEGIES["ordered"](decision.candidates)
+    def _choose(self, decision: RouteDecision, payload: dict[str, Any], record: RequestRecord,
+                translate: Translator | None) -> Plan:
+        """The plan of a route that chooses per request: its strategy orders its candidates, each group's
+        strategy its members in the group's place; the choice is explained on the record."""
+        choosing = Choosing(self.load, self.rng, payload, decision)
+        slots = STRATEGIES[decision.strategy](decision.layout, choosing)
+        refs: list[ModelRef] = []
+        for group in slots:
+            members = group.members
+            if len(members) > 1:
+                members = STRATEGIES[group.strategy](members, choosing)
+            refs.extend(m.ref for m in members if m.ref not in refs)
+        first = slots[0]
+        chose = decision.strategy if len(first.members) < 2 else f"{decision.strategy}+{first.name}:{first.strategy}"
+        record.strategy = f"{chose} {refs[0].provider}/{refs[0].model}"[:_EXPLAIN_MAX]
+        record.candidates = tuple(refs)
+        return self._plan(decision, translate, tuple(refs))
+
+    def _plan(self, decision: RouteDecision, translate: Translator | None,
+              refs: tuple[ModelRef, ...] | None = None) -> Plan:
+        if refs is None:
+            refs = decision.candidates
         if not self.fallback:
             refs = refs[:1]
         rules = decision.plans

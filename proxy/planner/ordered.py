@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from ..types import ModelRef
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
-def order(candidates: tuple[ModelRef, ...]) -> tuple[ModelRef, ...]:
-    return candidates
+def order(options: Sequence[T], choosing: Any = None) -> list[T]:
+    return list(options)

@@ -22,6 +22,7 @@ from ..types import (
     DEFAULT_TIER,
     DEFAULT_USE_CASE,
     ConfigError,
+    Group,
     InvalidRequestError,
     ModelRef,
     ModelTier,
@@ -31,6 +32,7 @@ from ..types import (
     UseCase,
 )
 from ..urls import parse_url, redact_credentials
+from .groups import alias_target, expand_route, parse_groups
 
 PROVIDER_KINDS = ("openai", "mock", "anthropic")
 # what a provider may serve; an `openai` provider serves OpenAI's APIs unless its `apis` says otherwise
@@ -65,7 +67,7 @@ class ProviderSpec:
     max_concurrency: int | None = None
     models: tuple[str, ...] = ()
     first_byte_timeout: float | None = None
-    pass_client_key: bool = False  # bring-your-own-key: the client's Authorization goes upstream
+    pass_client_key: bool = False  # bring-your-own-key: the client's own key goes upstream, in api_key_header
     # streams: ask for the usage event (`stream_options.include_usage`) even when the client does not
     stream_usage: bool = True
     # how it continues an assistant message it is given (a stream recovered mid-answer): `prefix`
@@ -141,6 +143,11 @@ class RouteDecision:
     candidates: tuple[ModelRef, ...]
     route: Route | None = None
     plans: Mapping[ModelRef, ParamRule] = field(default_factory=dict)
+    # a route ordered per request: its candidates as its strategy sees them (groups among them), and the
+    # prices of their deployments (`cheapest`); empty for the usual route, planned once
+    layout: tuple[Group, ...] = ()
+    strategy: str = "ordered"
+    prices: Mapping[ModelRef, Pricing] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,8 @@ class RoutingTable:
         passthrough_paths: Mapping[str, str] | None = None,
         limits: LimitIndex | None = None,
         context_windows: Mapping[str, int] | None = None,
+        groups: Mapping[str, Group] | None = None,
+        alias_routes: Mapping[str, Route | str] | None = None,
     ):
         self.providers: dict[str, ProviderSpec] = dict(providers)
         self.model_rules: tuple[tuple[str, ParamRule], ...] = (*model_rules, *BUILTIN_MODEL_RULES)
@@ -226,14 +235,35 @@ class RoutingTable:
             self._by_model[uc.value] = self._by_pair[(uc.value, DEFAULT_TIER.value)]
         for alias, ref in self.aliases.items():
             self._by_model[alias] = self._decision(f"alias:{alias}", (ref,))
+        self._named_routes(groups or {}, alias_routes or {})
 
-    def _decision(self, name: str, candidates: tuple[ModelRef, ...], route: Route | None = None) -> RouteDecision:
+    def _named_routes(self, groups: Mapping[str, Group], alias_routes: Mapping[str, Route | str]) -> None:
+        """A group's name is a model name too (its deployments, by its strategy); an alias may name a
+        route: one of its own (fallbacks, defaults, strategy) or a `use_case:tier` route of the table."""
+        self.groups: dict[str, Group] = dict(groups)
+        self.alias_routes: dict[str, Route] = {}
+        for name, group in self.groups.items():
+            self._by_model.setdefault(name, self._decision(f"group:{name}", group.refs, None, (group,)))
+        for alias, target in alias_routes.items():
+            if isinstance(target, str):  # checked by the parser: a route name the table resolves
+                self._by_model[alias] = self._by_model[target]
+            else:
+                self.alias_routes[alias] = target
+                self._by_model[alias] = self._decision(f"alias:{alias}", target.candidates, target)
+
+    def _decision(self, name: str, candidates: tuple[ModelRef, ...], route: Route | None = None,
+                  layout: tuple[Group, ...] = ()) -> RouteDecision:
         plans = {}
         for ref in candidates:
             plan = self.plan(ref, route)
             if plan is not None:
                 plans[ref] = plan
-        return RouteDecision(name, candidates, route, plans)
+        layout = layout or (route.layout if route is not None else ())
+        if not layout:
+            return RouteDecision(name, candidates, route, plans)
+        prices = {ref: p for ref in candidates if (p := price_for(self.pricing, ref.provider, ref.model)) is not None}
+        return RouteDecision(name, candidates, route, plans, layout,
+                             route.strategy if route is not None else "ordered", prices)
 
     def plan(self, ref: ModelRef, route: Route | None = None) -> ParamRule | None:
         """The candidate's rule (fields it refuses) with its first-byte budget: the route's, else the
@@ -380,6 +410,9 @@ class RoutingTable:
                 seen.setdefault(str(ref), ref)
         for ref in self.aliases.values():
             seen.setdefault(str(ref), ref)
+        for named in (*self.alias_routes.values(), *self.groups.values()):
+            for ref in (named.candidates if isinstance(named, Route) else named.refs):
+                seen.setdefault(str(ref), ref)
         return list(seen.values())
 
     def describe(self) -> list[dict[str, Any]]:
@@ -397,6 +430,7 @@ class RoutingTable:
                 "first_byte_timeout": r.first_byte_timeout,
                 "embeddings_model": [str(m) for m in r.embeddings],
                 "completions_model": [str(m) for m in r.completions],
+                "strategy": r.strategy,
             }
             for r in self.routes.values()
         ]
@@ -456,11 +490,14 @@ def table_from_dict(
     # each section's parser appends a problem per bad entry, naming its key, and keeps the good ones
     problems: list[str] = []
     providers = _parse_providers(doc.get("providers"), label, problems)
-    aliases = _parse_aliases(doc.get("aliases"), providers, problems)
+    groups = parse_groups(doc.get("groups"), providers, problems)
+    aliases, alias_specs = _split_aliases(doc.get("aliases"), groups)
+    aliases = _parse_aliases(aliases, providers, problems)
     pricing = _parse_pricing(doc.get("pricing"), problems)
     rules = _parse_model_rules(doc.get("model_rules"), problems)
     embeddings = _parse_embeddings(doc.get("embeddings_model"), providers, problems)
-    routes = _parse_routes(doc.get("routes"), providers, problems)
+    routes = _parse_routes(doc.get("routes"), providers, problems, groups)
+    alias_routes = _parse_alias_routes(alias_specs, providers, groups, {r.name for r in routes}, problems)
     problems = [redact_credentials(p) for p in problems]  # they are logged and shown in /health/details
     passthrough_provider = _parse_passthrough_provider(doc.get("passthrough_provider"), providers, problems)
     passthrough_paths = _parse_passthrough_paths(doc.get("passthrough_paths"), providers, problems)
@@ -475,7 +512,8 @@ def table_from_dict(
     return RoutingTable(providers, routes, aliases, pricing, source=source, problems=problems,
                         allow_model_override=allow_model_override, model_rules=rules, embeddings=embeddings,
                         passthrough_provider=passthrough_provider, passthrough_paths=passthrough_paths,
-                        limits=LimitIndex(limits), context_windows=context_windows)
+                        limits=LimitIndex(limits), context_windows=context_windows, groups=groups,
+                        alias_routes=alias_routes)
 
 
 def _parse_providers(raw: Any, label: str, problems: list[str]) -> dict[str, ProviderSpec]:
@@ -567,7 +605,61 @@ def _parse_embeddings(raw: Any, providers: Mapping[str, ProviderSpec],
         return ()
 
 
-def _parse_routes(raw: Any, providers: Mapping[str, ProviderSpec], problems: list[str]) -> list[Route]:
+def _split_aliases(raw: Any, groups: Mapping[str, Group]) -> tuple[Any, dict[str, dict[str, Any] | str]]:
+    """`aliases:` as plain provider/model aliases, and the aliases that name a route or a group."""
+    if not isinstance(raw, dict):
+        return raw, {}
+    plain, named = {}, {}
+    for alias, value in raw.items():
+        target = alias_target(value, groups)
+        if target is None:
+            plain[alias] = value
+        else:
+            named[str(alias)] = target
+    return plain, named
+
+
+def _parse_alias_routes(raw: Mapping[str, dict[str, Any] | str], providers: Mapping[str, ProviderSpec],
+                        groups: Mapping[str, Group], route_names: set[str],
+                        problems: list[str]) -> dict[str, Route | str]:
+    """Aliases that name a route: `{route: use_case:tier}` (that route), or a route of their own (the
+    keys of a route but use_case and tier, which default to the default route's: limits scoped by
+    them count its calls)."""
+    out: dict[str, Route | str] = {}
+    for alias, target in raw.items():
+        if isinstance(target, str):
+            if target not in route_names:
+                problems.append(f"aliases.{alias}.route: {target!r} is not a route of the table "
+                                f"({', '.join(sorted(route_names)) or 'none'})")
+            else:
+                out[alias] = target
+            continue
+        spec = {"use_case": DEFAULT_USE_CASE.value, "tier": DEFAULT_TIER.value, **target}
+        try:
+            route = parse_strategy_route(spec, providers, groups)
+        except ValueError as exc:
+            sep = "." if _KEYED.match(str(exc)) else ": "
+            problems.append(f"aliases.{alias}{sep}{exc}")
+            continue
+        if route is not None:
+            out[alias] = route
+    return out
+
+
+def parse_strategy_route(raw: Any, providers: Mapping[str, ProviderSpec],
+                         groups: Mapping[str, Group]) -> Route | None:
+    """`parse_route` for a route that may name groups, a `strategy` and `weights`."""
+    if not isinstance(raw, dict):
+        return parse_route(raw, providers)
+    plain, strategy, layout = expand_route(raw, groups, providers)
+    route = parse_route(plain, providers)
+    if route is None or not layout:
+        return route
+    return replace(route, strategy=strategy, layout=layout)
+
+
+def _parse_routes(raw: Any, providers: Mapping[str, ProviderSpec], problems: list[str],
+                  groups: Mapping[str, Group] | None = None) -> list[Route]:
     """`routes:` without the disabled ones; a second route for the same (use case, tier) is a problem."""
     if not isinstance(raw, list) or not raw:
         problems.append("routes: must be a non-empty list of {use_case, tier, model, ...}")
@@ -577,7 +669,7 @@ def _parse_routes(raw: Any, providers: Mapping[str, ProviderSpec], problems: lis
     for i, entry in enumerate(raw):
         where = f"routes[{i}]"
         try:
-            route = parse_route(entry, providers)
+            route = parse_strategy_route(entry, providers, groups or {})
         except ValueError as exc:
             sep = "." if _KEYED.match(str(exc)) else ": "
             problems.append(f"{where}{sep}{exc}")
@@ -685,11 +777,6 @@ def parse_provider(name: str, raw: Any) -> ProviderSpec:
     if not isinstance(models, (list, tuple)):
         raise ValueError("models: must be a list of model ids")
     key_header = str(raw.get("api_key_header") or (ANTHROPIC_KEY_HEADER if kind == "anthropic" else "Authorization"))
-    if raw.get("pass_client_key") is True and key_header.lower() != "authorization":
-        # the client's own key goes upstream as `Authorization: Bearer`: a provider reading another header
-        # would never get it
-        raise ValueError("pass_client_key: the client's own key is sent as Authorization; remove api_key_header "
-                         "or pass_client_key")
     apis = raw.get("apis")
     if apis is None:
         apis = DEFAULT_APIS[kind]
@@ -743,12 +830,15 @@ def parse_route(raw: Any, providers: Mapping[str, ProviderSpec]) -> Route | None
     fallbacks_raw = raw.get("fallbacks") or []
     if not isinstance(fallbacks_raw, (list, tuple)):
         raise ValueError("fallbacks: must be a list of provider/model")
-    fallbacks = []
-    for j, ref in enumerate(fallbacks_raw):
+    fallbacks, continuations = [], []
+    for j, entry in enumerate(fallbacks_raw):
         try:
-            fallbacks.append(_model_ref(ref, providers))
+            ref, continuation = _fallback(entry, providers)
         except ValueError as exc:
-            raise ValueError(f"fallbacks[{j}]: {exc}") from None
+            raise ValueError(f"fallbacks[{j}]{'.' if isinstance(entry, dict) else ': '}{exc}") from None
+        fallbacks.append(ref)
+        if continuation is not None:
+            continuations.append((ref, continuation))
     max_tokens = _opt_int(raw, "max_tokens")
     if max_tokens is not None and max_tokens <= 0:
         raise ValueError("max_tokens: must be a positive whole number")
@@ -775,7 +865,23 @@ def parse_route(raw: Any, providers: Mapping[str, ProviderSpec]) -> Route | None
                  _positive(raw, "timeout"), _positive(raw, "first_byte_timeout"),
                  kinds["embeddings"], kinds["completions"], _choice(raw, "stream_recovery", STREAM_RECOVERY),
                  _choice(raw, "cache_scope", CACHE_SCOPES), retry_same,
-                 parse_shadow(raw["shadow"], providers, model) if raw.get("shadow") is not None else None)
+                 parse_shadow(raw["shadow"], providers, model) if raw.get("shadow") is not None else None,
+                 continuations=tuple(continuations))
+
+
+def _fallback(raw: Any, providers: Mapping[str, ProviderSpec]) -> tuple[ModelRef, str | None]:
+    """A fallback entry: `provider/model`, or `{model: provider/model, continuation: ...}` saying how this
+    fallback continues an answer a recovery hands it (one of CONTINUATIONS; `none`: never asked)."""
+    if not isinstance(raw, dict):
+        return _model_ref(raw, providers), None
+    unknown = set(raw) - {"model", "continuation"}
+    if unknown:
+        raise ValueError(f"{sorted(unknown)[0]}: unknown key (allowed: continuation, model)")
+    try:
+        ref = _model_ref(raw.get("model"), providers)
+    except ValueError as exc:
+        raise ValueError(f"model: {exc}") from None
+    return ref, _choice(raw, "continuation", CONTINUATIONS) if raw.get("continuation") is not None else None
 
 
 SHADOW_KEYS = frozenset({"model", "share", "max_concurrency"})

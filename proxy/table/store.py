@@ -233,12 +233,23 @@ async def seed(conn: asyncpg.Connection, doc: Mapping[str, Any], timeout: float)
             _models(r.get("embeddings_model")), _models(r.get("completions_model")), r.get("stream_recovery"),
             orjson.dumps(r["shadow"]).decode() if r.get("shadow") is not None else None,
             timeout=timeout)
+    for r in routes:  # how the route orders its candidates (migration 007), when it says
+        if r.get("strategy") is not None or r.get("weights") is not None:
+            await conn.execute("UPDATE llm_routes SET strategy = $3, weights = $4 WHERE use_case = $1 AND tier = $2",
+                               str(r["use_case"]).lower(), str(r["tier"]).lower(), r.get("strategy"),
+                               [float(w) for w in r["weights"]] if r.get("weights") is not None else None,
+                               timeout=timeout)
     for key in TABLE_SETTINGS:
         if doc.get(key) is not None:
             await conn.execute("INSERT INTO llm_table_settings (key, value) VALUES ($1, $2::jsonb)", key,
                                orjson.dumps(doc[key]).decode(), timeout=timeout)
     aliases = doc.get("aliases") or {}
     for alias, ref in aliases.items():
+        if isinstance(ref, dict):  # an alias naming a route: its spec as JSON, its model beside it
+            await conn.execute("INSERT INTO llm_aliases (alias, model, route) VALUES ($1, $2, $3::jsonb)", str(alias),
+                               str(ref.get("model") or ref.get("route") or ""), orjson.dumps(ref).decode(),
+                               timeout=timeout)
+            continue
         await conn.execute("INSERT INTO llm_aliases (alias, model) VALUES ($1, $2)", str(alias), str(ref),
                            timeout=timeout)
     prices = 0
@@ -284,7 +295,7 @@ async def read_snapshot(conn: asyncpg.Connection, config: RouterConfig) -> Snaps
                                          timeout=timeout)
             routes = await conn.fetch("SELECT * FROM llm_routes WHERE enabled ORDER BY use_case, tier",
                                       timeout=timeout)
-            aliases = await conn.fetch("SELECT alias, model FROM llm_aliases ORDER BY alias", timeout=timeout)
+            aliases = await conn.fetch("SELECT * FROM llm_aliases ORDER BY alias", timeout=timeout)
             settings = await _table_settings(conn, timeout)
             models = await conn.fetch(
                 """SELECT provider, model, input_price_per_million, output_price_per_million, available,
@@ -308,7 +319,7 @@ async def read_snapshot(conn: asyncpg.Connection, config: RouterConfig) -> Snaps
     return Snapshot(table, fingerprint, available)
 
 
-TABLE_SETTINGS = ("embeddings_model", "model_rules", "passthrough_provider", "passthrough_paths")
+TABLE_SETTINGS = ("embeddings_model", "model_rules", "passthrough_provider", "passthrough_paths", "groups")
 
 
 def rows_to_doc(providers: Iterable[Mapping[str, Any]], routes: Iterable[Mapping[str, Any]],
@@ -343,6 +354,10 @@ def rows_to_doc(providers: Iterable[Mapping[str, Any]], routes: Iterable[Mapping
                 entry[key] = list(r[key])
         if r.get("shadow") is not None:  # jsonb, as the file's mapping (a database before 004 has no column)
             entry["shadow"] = orjson.loads(r["shadow"]) if isinstance(r["shadow"], str) else r["shadow"]
+        if r.get("strategy") is not None:  # migration 007; NULL: ordered
+            entry["strategy"] = r["strategy"]
+        if r.get("weights") is not None:
+            entry["weights"] = list(r["weights"])
         if r["temperature"] is not None:  # `real` holds 0.2 as 0.200000003
             entry["temperature"] = round(float(r["temperature"]), 6)
         doc_routes.append(entry)
@@ -351,7 +366,7 @@ def rows_to_doc(providers: Iterable[Mapping[str, Any]], routes: Iterable[Mapping
                for m in models
                if m["input_price_per_million"] is not None and m["output_price_per_million"] is not None}
     doc = {"providers": doc_providers, "routes": doc_routes,
-           "aliases": {a["alias"]: a["model"] for a in aliases}, "pricing": pricing}
+           "aliases": {a["alias"]: _alias_value(a) for a in aliases}, "pricing": pricing}
     windows = {f"{m['provider']}/{m['model']}": m["context_window"] for m in models if m.get("context_window")}
     if windows:  # what discovery found: a prompt too long for a model is not sent to it
         doc["context_windows"] = windows
@@ -359,6 +374,14 @@ def rows_to_doc(providers: Iterable[Mapping[str, Any]], routes: Iterable[Mapping
         if row["key"] in TABLE_SETTINGS:
             doc[row["key"]] = orjson.loads(row["value"]) if isinstance(row["value"], str) else row["value"]
     return doc
+
+
+def _alias_value(row: Mapping[str, Any]) -> Any:
+    """An alias as the file says it: its model, or the route it names (`route` jsonb, migration 007)."""
+    route = row.get("route")
+    if route is None:
+        return row["model"]
+    return orjson.loads(route) if isinstance(route, str) else route
 
 
 # --- limits (llm_limits, from migration 002) ---------------------------------------------------------

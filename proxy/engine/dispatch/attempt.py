@@ -27,6 +27,7 @@ from .events import AttemptEvents, CooldownStarted
 from .relay import relay, stream_error_event
 
 if TYPE_CHECKING:
+    from ...planner.load import DeploymentLoad
     from ...settings import RouterConfig
     from ...types import ModelRef
     from ..breaker import AsyncCircuitBreaker
@@ -63,6 +64,7 @@ class Sender:
         self.max_body = config.max_response_bytes
         self.rate_limit_cooldown = config.rate_limit_cooldown
         self.cooldown_cap = config.cooldown_cap
+        self.load: DeploymentLoad | None = None  # the deployments' live load, told of each attempt (planner)
         self._logged: set[tuple[str, str]] = set()
 
     def log_once(self, ref: ModelRef, exc: BaseException) -> None:
@@ -105,6 +107,9 @@ class AttemptLife:
                 self.breaker.release_trial()
                 raise
         self.slots = slots
+        load = self.sender.load
+        if load is not None:
+            load.started(self.ref)
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
@@ -114,6 +119,10 @@ class AttemptLife:
             self.slots = None
         ref, breaker = self.ref, self.breaker
         latency_ms = (time.perf_counter() - self.started) * 1000
+        load = self.sender.load
+        if load is not None:  # a cancelled attempt (the client left, a hedge lost) measured nothing
+            load.ended(ref, latency_ms if exc is None or isinstance(exc, (Retryable, UpstreamStatusError)) else None,
+                       exc is None)
         if exc is None:
             if not self.stream and not breaker.clean:
                 breaker.record_success()  # a stream's relay settles the breaker at its end
