@@ -76,7 +76,9 @@ def anthropic_error(exc: TiergateError) -> bytes:
         if type(message) is not str:
             message = exc.body.decode("utf-8", "replace")[:2000] or exc.message
         return orjson.dumps({"type": "error", "error": {"type": error_type_for(exc.status), "message": message}})
-    kind = exc.error_type if exc.error_type in _ANTHROPIC_TYPES else error_type_for(exc.status)
+    # OpenAI's type for every 4xx is Anthropic's for a 400 only: a 404 is `not_found_error`, a 403 `permission_error`
+    generic = exc.error_type == "invalid_request_error"
+    kind = exc.error_type if exc.error_type in _ANTHROPIC_TYPES and not generic else error_type_for(exc.status)
     return orjson.dumps({"type": "error", "error": {"type": kind, "message": exc.message}})
 
 

@@ -10,11 +10,15 @@ key's. Without inbound keys (a sidecar) none of this applies.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import orjson
+from yarl import URL
 
+from ..engine.redaction import Redactor
 from ..fleet.owners import ObjectOwners
 from ..types import NotFoundError, UpstreamError
 
@@ -25,6 +29,7 @@ REFERENCES = ("input_file_id", "file_id", "file_ids", "training_file", "validati
 # answer fields naming objects the provider made for the call's owner (a batch's results, an upload's file)
 DERIVED = ("output_file_id", "error_file_id")
 _MAX_ANSWER = 32 * 1024 * 1024  # a JSON answer about stored objects held whole to read its ids
+_MAX_PAGES = 10  # further provider pages read to fill one filtered page of a key's objects
 
 
 def _collection(path: str) -> tuple[str, str | None] | None:
@@ -66,7 +71,11 @@ def _not_found(object_id: str) -> NotFoundError:
 
 class Keep:
     """What a pass-through answer goes through on its way back: its headers (`keep(upstream, out)`), then
-    its chunks (`keep.chunks(...)`). This one, `as_is`, changes nothing."""
+    its chunks (`keep.chunks(...)`). This one, `as_is`, changes nothing. `lists`: the answer is a list
+    filtered to the key's objects, which further pages of the provider's (`pages`) fill."""
+
+    lists = False
+    pages: PageSource | None = None
 
     def __call__(self, upstream: Any, out: dict[str, str]) -> dict[str, str]:
         return out
@@ -76,6 +85,34 @@ class Keep:
 
 
 as_is = Keep()
+
+
+@dataclass
+class PageSource:
+    """Where the further pages of a listed collection come from: the same GET at the same provider, with
+    the same headers, `after` the last object seen (its answer masked as the relayed one is)."""
+
+    session: aiohttp.ClientSession
+    url: URL
+    headers: Mapping[str, str]
+    timeout: aiohttp.ClientTimeout
+    redactor: Redactor
+    query: Mapping[str, str]
+
+    async def after(self, cursor: str) -> dict[str, Any] | None:
+        """The provider's page after `cursor`; None when it gives none (an error, not JSON, too large)."""
+        async with self.session.get(self.url.update_query(after=cursor), headers=self.headers,
+                                    timeout=self.timeout, allow_redirects=False) as resp:
+            if resp.status != 200 or (resp.content_length or 0) > _MAX_ANSWER:
+                return None
+            body = await resp.content.read(_MAX_ANSWER + 1)
+        if len(body) > _MAX_ANSWER:
+            return None
+        try:
+            page = orjson.loads(self.redactor.redact(body))
+        except orjson.JSONDecodeError:
+            return None
+        return page if isinstance(page, dict) and isinstance(page.get("data"), list) else None
 
 
 class Ownership(Keep):
@@ -88,6 +125,7 @@ class Ownership(Keep):
         self.method = method
         self.object_id = object_id
         self.read = False
+        self.lists = method == "GET"
 
     def __call__(self, upstream: Any, out: dict[str, str]) -> dict[str, str]:
         """A JSON success is read whole (and may change length: sent chunked); anything else passes as is."""
@@ -117,10 +155,7 @@ class Ownership(Keep):
         """Record what the answer creates; a list's answer rewritten to the key's objects (else None)."""
         owners, key = self.owners, self.key
         if answer.get("object") == "list" and isinstance(answer.get("data"), list):
-            items = answer["data"]
-            ids = [item["id"] for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]
-            mine = await owners.owners(ids)
-            answer["data"] = [item for item in items if isinstance(item, dict) and mine.get(item.get("id")) == key]
+            await self._filtered(answer)
             return orjson.dumps(answer)
         created = answer.get("id")
         if self.method == "POST" and self.object_id is None and isinstance(created, str):
@@ -134,6 +169,46 @@ class Ownership(Keep):
         if isinstance(made, dict) and isinstance(made.get("id"), str):  # a completed upload's file
             await owners.remember(made["id"], key)
         return None
+
+
+    async def _filtered(self, answer: dict[str, Any]) -> None:
+        """The list `answer` rewritten to a page of the key's own objects: as many as the client asked
+        (`limit`, else as many as the provider's page held), from further provider pages when this one
+        held others' (at most `_MAX_PAGES` more), with `first_id`/`last_id`/`has_more` of that page, so
+        that paging `after` its last id reaches every object of the key's and none of another's."""
+        items: list[Any] = answer["data"]
+        target = _limit(self.pages.query if self.pages is not None else {}, len(items))
+        more = answer.get("has_more") is True
+        mine = await self._mine(items)
+        pages = self.pages if self.pages is not None and "before" not in self.pages.query else None
+        fetched = 0
+        while len(mine) < target and more and pages is not None and fetched < _MAX_PAGES and items:
+            last = items[-1].get("id") if isinstance(items[-1], dict) else None
+            page = await pages.after(last) if isinstance(last, str) else None
+            if page is None:
+                break
+            fetched += 1
+            items, more = page["data"], page.get("has_more") is True
+            mine += await self._mine(items)
+        if len(mine) > target:
+            mine, more = mine[:target], True
+        answer["data"] = mine
+        if "has_more" in answer:
+            answer["has_more"] = more
+        for field, at in (("first_id", 0), ("last_id", -1)):
+            if field in answer:
+                answer[field] = mine[at]["id"] if mine else None
+
+    async def _mine(self, items: list[Any]) -> list[Any]:
+        ids = [item["id"] for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]
+        owned = await self.owners.owners(ids)
+        return [item for item in items if isinstance(item, dict) and owned.get(item.get("id")) == self.key]
+
+
+def _limit(query: Mapping[str, str], provider_page: int) -> int:
+    """How many objects the client asked a page to hold: its `limit`, else what the provider gave."""
+    value = query.get("limit", "")
+    return max(1, min(int(value), 10_000)) if value.isdigit() else max(1, provider_page)
 
 
 async def guard(owners: ObjectOwners, key: str | None, method: str, path: str, body: bytes | None) -> Keep:

@@ -29,7 +29,7 @@ from ..table.routing import RouteDecision
 from ..types import InvalidRequestError, ModelRef, NotFoundError, RequestTooLargeError, UpstreamError
 from .auth import AUTH_KEY, client_provider_key
 from .headers import FORWARDING, HOP_BY_HOP
-from .ownership import Keep, as_is, guard
+from .ownership import Keep, PageSource, as_is, guard
 from .paths import canonical_target, is_unusual, refuse
 from .pipeline import KEY_ITEM, Locate, Target
 
@@ -135,6 +135,8 @@ async def send_upstream(request: web.Request, router: Router, provider_name: str
         data = _limited(request.content, limit, too_large, head)
     url = URL(provider.base_url + raw_path[len("/v1"):], encoded=True)
     timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout, sock_read=config.timeout)
+    if keep.lists:  # a list filtered to the key's objects: further pages of the provider's may fill it
+        keep.pages = PageSource(provider.session, url, headers, timeout, redactor, request.query)
     try:
         upstream = await provider.session.request(request.method, url, data=data, headers=headers,
                                                   timeout=timeout, allow_redirects=False)

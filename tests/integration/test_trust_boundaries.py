@@ -270,3 +270,149 @@ async def _failures(details: Callable[[], Any], *path: str) -> bool:
     for part in path:
         found = found.get(part) or {}
     return found.get("failures", 0) >= 1
+
+
+# -- the headers of a routed success ------------------------------------------------------------------
+
+async def echo_headers(request: web.BaseRequest) -> web.StreamResponse:
+    """A success whose headers quote what it was sent: the key whole, OpenAI's masked fragment, the
+    table's secret header."""
+    key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    echoed = {"x-echo-auth": request.headers.get("Authorization", ""), "x-echo-custom": request.headers.get(
+        "x-custom-auth", ""), "x-debug-key": f"{key[:3]}****{key[-4:]}", "x-ratelimit-remaining-requests": "99"}
+    if orjson.loads(await request.read()).get("stream"):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **echoed})
+        await response.prepare(request)
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "model-a",
+                 "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}
+        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n")
+        await response.write_eof()
+        return response
+    return web.json_response(chat_answer(), headers=echoed)
+
+
+async def test_the_headers_of_a_routed_success_carry_no_secret(servers, run):
+    primary = await servers(echo_headers)
+    running = await run(one_route({"primary": provider(primary.origin + "/v1")}))
+    async with client(running) as sdk:
+        plain = await sdk.chat.completions.with_raw_response.create(model="general_purpose", messages=MESSAGES)
+        async with sdk.chat.completions.with_streaming_response.create(
+                model="general_purpose", messages=MESSAGES, stream=True) as streamed:
+            chunks = [chunk async for chunk in await streamed.parse()]
+    assert chunks and chunks[0].choices[0].delta.content == "ok"
+    for answer in (plain, streamed):
+        headers = dict(answer.headers)
+        blob = orjson.dumps(headers)
+        assert PROVIDER_KEY[:8].encode() not in blob and PROVIDER_KEY[-4:].encode() not in blob
+        assert HEADER_SECRET.encode() not in blob
+        assert headers["x-echo-custom"] == "[redacted]" and headers["x-ratelimit-remaining-requests"] == "99"
+
+
+# -- stored objects named inside routed bodies, and lists paged per key --------------------------------
+
+KEY_A, KEY_B = "sk-team-a-INBOUND-1234567", "sk-team-b-INBOUND-7654321"
+KEYS = (f"team-a={KEY_A}", f"team-b={KEY_B}")
+PREFIXES = {"files": "file-", "vector_stores": "vs_", "conversations": "conv_", "batches": "batch_"}
+
+
+@dataclass
+class ObjectsProvider:
+    """Stored objects as OpenAI keeps them, listed newest first in cursor pages (`limit`, `after`,
+    `first_id`/`last_id`/`has_more`); chat answered; every call recorded."""
+
+    objects: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {c: [] for c in PREFIXES})
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.calls.append((request.method, request.path_qs))
+        collection = request.path.removeprefix("/v1/")
+        if request.path == "/v1/chat/completions":
+            return web.json_response(chat_answer())
+        if collection not in self.objects:
+            return web.json_response({"error": {"message": "no", "type": "invalid_request_error", "param": None,
+                                                "code": None}}, status=404)
+        kept = self.objects[collection]
+        if request.method == "POST":
+            made = {"id": f"{PREFIXES[collection]}{len(kept) + 1:03d}", "object": collection.rstrip("s")}
+            kept.append(made)
+            return web.json_response(made)
+        newest_first = kept[::-1]
+        after = request.query.get("after")
+        start = next(i + 1 for i, o in enumerate(newest_first) if o["id"] == after) if after else 0
+        limit = int(request.query.get("limit", "20"))
+        page = newest_first[start:start + limit]
+        return web.json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                                  "last_id": page[-1]["id"] if page else None,
+                                  "has_more": start + limit < len(newest_first)})
+
+
+async def keyed_gateway(servers: Callable[..., Any], run: Callable[..., Any]) -> tuple[ObjectsProvider, Running]:
+    objects = ObjectsProvider()
+    upstream = await servers(objects)
+    running = await run({**one_route({"primary": provider(upstream.origin + "/v1")}),
+                         "passthrough_provider": "primary"}, api_keys=KEYS)
+    return objects, running
+
+
+async def test_stored_objects_named_in_a_routed_body_must_be_the_keys_own(servers, run):
+    objects, running = await keyed_gateway(servers, run)
+    a = openai.AsyncOpenAI(base_url=running.v1, api_key=KEY_A, max_retries=0)
+    b = openai.AsyncOpenAI(base_url=running.v1, api_key=KEY_B, max_retries=0)
+    async with a, b:
+        a_file = (await a.files.create(file=("a.jsonl", b"{}\n"), purpose="batch")).id
+        a_store = (await a.vector_stores.create(name="a")).id
+        a_conversation = (await a.conversations.create()).id
+        file_part = [{"role": "user", "content": [{"type": "text", "text": "read"},
+                                                  {"type": "file", "file": {"file_id": a_file}}]}]
+        answered = await a.chat.completions.create(model="general_purpose", messages=file_part)
+        assert answered.choices[0].message.content == "ok"  # the owner may
+        sent = len(objects.calls)
+        refused = [
+            lambda: b.chat.completions.create(model="general_purpose", messages=file_part),
+            lambda: b.responses.create(model="general_purpose", input=[{"role": "user", "content": [
+                {"type": "input_file", "file_id": a_file}]}]),
+            lambda: b.responses.create(model="general_purpose", input="hi", conversation=a_conversation),
+            lambda: b.responses.create(model="general_purpose", input="hi", conversation={"id": a_conversation}),
+            lambda: b.responses.create(model="general_purpose", input="hi",
+                                       tools=[{"type": "file_search", "vector_store_ids": [a_store]}]),
+            lambda: b.batches.create(input_file_id=a_file, endpoint="/v1/chat/completions",
+                                     completion_window="24h"),
+        ]
+        for call in refused:
+            with pytest.raises(openai.NotFoundError) as caught:
+                await call()
+            assert caught.value.body["code"] == "not_found" and caught.value.body["param"] in (
+                "file_id", "conversation", "vector_store_ids", "id")
+    assert len(objects.calls) == sent  # none of them reached the provider
+    async with aiohttp.ClientSession() as http, http.post(running.v1 + "/messages", headers={"x-api-key": KEY_B}, json={
+            "model": "general_purpose", "max_tokens": 10, "messages": [{"role": "user", "content": [
+                {"type": "document", "source": {"type": "file", "file_id": a_file}}]}]}) as resp:
+        answer = orjson.loads(await resp.read())
+    assert resp.status == 404 and answer["type"] == "error" and answer["error"]["type"] == "not_found_error"
+    assert len(objects.calls) == sent
+
+
+async def test_a_filtered_list_pages_through_the_keys_own_objects_only(servers, run):
+    objects, running = await keyed_gateway(servers, run)
+    a = openai.AsyncOpenAI(base_url=running.v1, api_key=KEY_A, max_retries=0)
+    b = openai.AsyncOpenAI(base_url=running.v1, api_key=KEY_B, max_retries=0)
+    async with a, b:
+        mine = []
+        for i in range(25):  # interleaved: B's objects outnumber A's, in runs longer than a page
+            owner = a if i % 5 == 0 else b
+            made = await owner.vector_stores.create(name=str(i))
+            if owner is a:
+                mine.append(made.id)
+        pages = []
+        page = await a.vector_stores.list(limit=2)
+        while True:
+            pages.append(page.data)
+            assert page.first_id == page.data[0].id and page.last_id == page.data[-1].id
+            if not page.has_next_page():
+                break
+            page = await page.get_next_page()
+        seen = [store.id for data in pages for store in data]
+        assert seen == mine[::-1] and all(len(data) == 2 for data in pages[:-1])
+        everything = [store.id async for store in a.vector_stores.list(limit=3)]
+        assert everything == mine[::-1]
+        assert not [s async for s in b.vector_stores.list(limit=4) if s.id in mine]

@@ -1,0 +1,76 @@
+"""The stored objects a routed request names in its body: files in content parts, a Responses
+conversation, vector stores and a container in tools. Only the key that created an object may use it,
+so the router checks these against the objects' owners before anything is sent.
+
+One reader serves every family: the fields are each family's own (Chat Completions' `{"type": "file",
+"file": {"file_id"}}`, Responses' `input_file`/`input_image` `file_id`, `conversation` and
+`tools[].vector_store_ids`/`container`, Messages' `source: {"type": "file", "file_id"}`), and a field a
+family does not have is one `dict.get` that finds nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Reference = tuple[str, str]  # (the field, the object id it names)
+
+
+def stored_references(payload: dict[str, Any]) -> list[Reference]:
+    """Every (field, id) of a stored object `payload` names; empty for most requests."""
+    found: list[Reference] = []
+    for field in ("messages", "input"):  # chat and Messages; Responses
+        items = payload.get(field)
+        if type(items) is list:
+            for item in items:
+                if type(item) is dict:
+                    _item(item, found)
+    conversation = payload.get("conversation")  # Responses: an id, or {"id": ...}
+    if type(conversation) is dict:
+        conversation = conversation.get("id")
+    if type(conversation) is str:
+        found.append(("conversation", conversation))
+    tools = payload.get("tools")
+    if type(tools) is list:
+        for tool in tools:
+            if type(tool) is dict and ("vector_store_ids" in tool or "container" in tool):
+                _tool(tool, found)
+    return found
+
+
+def _item(item: dict[str, Any], found: list[Reference]) -> None:
+    """A message (its content parts) or a Responses input item (itself a part, or holding parts)."""
+    content = item.get("content")
+    if type(content) is list:
+        for part in content:
+            if type(part) is dict:
+                _part(part, found)
+                inner = part.get("content")  # a Messages tool_result holds parts of its own
+                if type(inner) is list:
+                    for nested in inner:
+                        if type(nested) is dict:
+                            _part(nested, found)
+    else:
+        _part(item, found)
+
+
+def _part(part: dict[str, Any], found: list[Reference]) -> None:
+    file_id = part.get("file_id")  # Responses input_file / input_image
+    if type(file_id) is str:
+        found.append(("file_id", file_id))
+    for holder in ("file", "source"):  # chat's `file` part; Messages' document/image `source`
+        inner = part.get(holder)
+        if type(inner) is dict:
+            file_id = inner.get("file_id")
+            if type(file_id) is str:
+                found.append(("file_id", file_id))
+
+
+def _tool(tool: dict[str, Any], found: list[Reference]) -> None:
+    stores = tool.get("vector_store_ids")  # file_search
+    if type(stores) is list:
+        found.extend(("vector_store_ids", s) for s in stores if type(s) is str)
+    container = tool.get("container")  # code_interpreter: a container's id, or {"file_ids": [...]}
+    if type(container) is str:
+        found.append(("container", container))
+    elif type(container) is dict and type(container.get("file_ids")) is list:
+        found.extend(("file_ids", f) for f in container["file_ids"] if type(f) is str)
