@@ -97,7 +97,7 @@ class Pipeline:
 
         async def admit_and_send(request: web.Request, record: RequestRecord, key: InboundKey | None
                                  ) -> web.StreamResponse:
-            key_name = record.key_name = None if key is None else key.name  # stored objects are the key's
+            key_name = record.key_name  # stored objects are the key's
             target = await locate(request, record)
             decision = target.decision
             if key is not None:
@@ -134,6 +134,8 @@ class Pipeline:
             inflight.add(task)
             try:
                 key = authenticate(presented_key(headers)) if authenticate is not None else None
+                if key is not None:  # its name, never the key: scopes limits and stored objects, and is logged
+                    record.key_name = key.name
                 return await serve(request, record, key)
             except (asyncio.CancelledError, ConnectionResetError) as exc:  # no one to answer
                 error = exc

@@ -391,6 +391,8 @@ class Telemetry:
                 "prompt_tokens": usage and usage.prompt, "completion_tokens": usage and usage.completion,
                 "cost_usd": record.cost_usd, "error": record.error,
             }
+            if record.key_name is not None:  # the inbound key's name, never the key
+                line["key"] = record.key_name
             if record.stream or record.error or len(record.attempts) > 1 or record.trace:  # the rarer fields
                 if record.first_byte_at is not None:
                     line["ttft_ms"] = int((record.first_byte_at - record.started) * 1e6) / 1000

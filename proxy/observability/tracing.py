@@ -282,6 +282,8 @@ class RequestTrace:
         }
         if self.requested_model is None and record.route:
             attrs["gen_ai.request.model"] = record.route
+        if record.key_name is not None:  # the inbound key's name, never the key
+            attrs["tiergate.key"] = record.key_name
         if ref is not None:
             attrs["gen_ai.provider.name"] = ref.provider
             attrs["gen_ai.response.model"] = self.response_model or ref.model

@@ -200,6 +200,7 @@ async def test_a_keys_own_project_and_provider_key_reach_its_provider_only(
         served.router.telemetry.drain()
         for text in (metrics, caplog.text):
             assert secret not in text and secret[9:] not in text and TEAM_KEY not in text
+        assert '"key":"team-a"' in caplog.text and '"key":"team-b"' in caplog.text  # the name, never the key
     finally:
         await served.runner.cleanup()
 
