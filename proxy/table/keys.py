@@ -3,10 +3,10 @@ secret is made and stored (its SHA-256 only, and a short prefix to know it by), 
 key's scopes allow. No I/O: the keys come from the environment, the keys file or Postgres
 (`keystore.py`), and the edge looks a presented key up here.
 
-A key's scopes restrict what it may reach. A named route (`use_case:tier`, also reached by `model`
-or the routing headers) is allowed when it is in `routes`, or when its use case and tier pass
-`use_cases` and `tiers` (either may be left open); a call naming a model directly (an alias, a
-`provider/model`, a plain name passed through) when that name is in `models`, where `provider/*`
+A key's scopes restrict what it may reach. A named route (`use_case:tier`, also reached by `model`,
+the routing headers or an alias naming it) is allowed when it is in `routes`, or when its use case and
+tier pass `use_cases` and `tiers` (either may be left open); a call naming a model directly (an alias,
+a group, a `provider/model`, a plain name passed through) when that name is in `models`, where `provider/*`
 allows every model of that provider and the calls passed through to it without a model (files,
 batches, ...). A key with no scope at all reaches everything, as a key always has.
 """
@@ -31,6 +31,7 @@ SCOPE_FIELDS = ("routes", "use_cases", "tiers", "models")
 CREDENTIAL_FIELDS = {"project": "openai-project", "organization": "openai-organization", "api_key_env": None}
 _USE_CASES = frozenset(u.value for u in UseCase)
 _TIERS = frozenset(t.value for t in ModelTier)
+_NAMED_MODELS = ("alias:", "group:")  # decisions a model name of the table's makes
 
 
 def new_secret() -> str:
@@ -59,6 +60,9 @@ class KeyScope:
 
     def allows(self, decision: Any) -> bool:
         """Whether a call resolved to `decision` (a RouteDecision) is inside this scope."""
+        name = decision.name
+        if name.startswith(_NAMED_MODELS):  # an alias (even one with a route of its own) or a group: a model name
+            return self.models is not None and name.partition(":")[2] in self.models
         route = decision.route
         if route is not None:  # a named route, however it was named
             if self.routes is not None and route.name in self.routes:
@@ -72,9 +76,6 @@ class KeyScope:
         models = self.models
         if models is None:
             return False
-        name = decision.name
-        if name.startswith("alias:"):
-            return name[6:] in models
         ref = decision.candidates[0]
         if f"{ref.provider}/*" in models:
             return True
@@ -89,14 +90,15 @@ class KeyScope:
         return "; ".join(parts)
 
     def refusal(self, decision: Any, key_name: str | None) -> PermissionDeniedError:
-        what = decision.route.name if decision.route is not None else _named(decision)
+        named = decision.name.startswith(_NAMED_MODELS)
+        what = decision.route.name if decision.route is not None and not named else _named(decision)
         return PermissionDeniedError(f"the key {key_name or '(unnamed)'} may not use {what}; it may use "
                                      f"{self.describe() or 'nothing'}", code="key_scope")
 
 
 def _named(decision: Any) -> str:
-    if decision.name.startswith("alias:"):
-        return f"the model {decision.name[6:]!r}"
+    if decision.name.startswith(_NAMED_MODELS):
+        return f"the model {decision.name.partition(':')[2]!r}"
     ref = decision.candidates[0] if decision.candidates else None
     if ref is None or ref.model == "-":
         return f"calls passed through to {ref.provider if ref else 'a provider'} without a model"
