@@ -97,6 +97,9 @@ class Route:
     # next candidate; None: the default (one, after a short 429 only)
     retry_same: int | None = None
     shadow: Shadow | None = None  # a share of the calls mirrored to another deployment, answers discarded
+    # how a fallback continues an answer a stream recovery hands it, where its entry says (`{model: ...,
+    # continuation: ...}`); wins over the table's model_rules and the provider's
+    continuations: tuple[tuple[ModelRef, str], ...] = ()
     strategy: str = "ordered"  # how the candidates are ordered per request (planner.STRATEGIES)
     # the candidates as the strategy sees them: each a single deployment or a group of equivalent ones;
     # empty when every candidate is a single deployment tried in the listed order (the usual route)

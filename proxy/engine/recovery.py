@@ -3,22 +3,24 @@ breaks after content was relayed and before its final chunk is continued by the 
 so the client reads one unbroken answer.
 
 The next candidate gets the original request plus the text relayed so far as the assistant's message,
-through its model's `continuation` (the table's `model_rules`, else its provider's): `prefix`
-(`"prefix": true` on that message, as DeepSeek and Mistral take it), `continue_final_message` (vLLM),
-`instruction` (a user message asking to go on where the answer stopped), or `none` (never asked).
-Candidates that prefill (`prefix`, `continue_final_message`) are preferred to those that take an
-instruction; one that refuses the prefill with a 400 is asked by instruction instead. An instructed continuation is checked before any of it is relayed (joining.py): the part
-that repeats the relayed text is dropped, and one that restarts the answer differently is refused.
-Only the continuation is relayed: its leading role chunk is dropped and its `id`, `model` and
-`created` are rewritten to what the client already received.
+through its `continuation` (its fallback entry's, else the table's `model_rules`, else its provider's):
+`prefix` (`"prefix": true` on that message, as DeepSeek and Mistral take it), `continue_final_message`
+(vLLM), `instruction` (a user message asking to go on where the answer stopped), or `none` (never
+asked). Candidates that prefill (`prefix`, `continue_final_message`) are preferred to those that take an
+instruction; one that refuses the prefill with a 400 is asked by instruction instead. An instructed
+continuation is checked before any of it is relayed (joining.py): the part that repeats the relayed
+text is dropped, and one that restarts the answer differently is refused. Only the continuation is
+relayed: its leading role chunk is dropped and its `id`, `model` and `created` are rewritten to what
+the client already received.
 
 What it cannot guarantee: the continuation is another model's (or another call's) text, so its style
 may differ, and an instructed model may rephrase rather than repeat; `max_tokens` applies to the
 continuation afresh; the broken attempt's own tokens are not charged. Never attempted in the middle of
 a tool call, a refusal, a structured (`json_schema`) output or several choices, nor after the final
 chunk, nor with no candidate able to continue, nor past KEEP_TEXT characters of answer (what a stream
-keeps for a recovery is bounded): those end with the original SSE error event, as without recovery. At most one recovery per stream; a continuation that breaks, or is refused, ends with an
-error event, never with `[DONE]`.
+keeps for a recovery is bounded): those end with the original SSE error event, as without recovery.
+At most one recovery per stream; a continuation that breaks, or is refused, ends with an error event,
+never with `[DONE]`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import orjson
 
 from ..planner.plan import Candidate, Plan
 from ..protocol.sse import Partial, fold, partial, split_events
-from ..types import ModelRef, TiergateError
+from ..types import ModelRef, Route, TiergateError
 from .joining import JoinCheck
 
 if TYPE_CHECKING:
@@ -169,7 +171,7 @@ class StreamRecovery:
             if mode not in PREFILLS or exc.status != 400 or not text:
                 raise
             instructed = Plan(after.name, after.route, tuple(c for c in after.candidates
-                                                               if self._mode(c) not in (None, "none")))
+                                                               if self._mode(c, after.route) not in (None, "none")))
             if not instructed.candidates:
                 raise
         body = continuation_payload(call.payload, text, "instruction")
@@ -194,14 +196,19 @@ class StreamRecovery:
         """The candidates after the one that broke that continue an answer the same way, and that way:
         the first that prefills and those like it, else those that take an instruction; None when no
         candidate may continue it."""
-        capable = [(c, mode) for c in after.candidates if (mode := self._mode(c)) not in (None, "none")]
+        capable = [(c, mode) for c in after.candidates if (mode := self._mode(c, after.route)) not in (None, "none")]
         if not capable:
             return None
         mode = next((m for _, m in capable if m in PREFILLS), capable[0][1])
         return Plan(after.name, after.route, tuple(c for c, m in capable if m == mode)), mode  # type: ignore[return-value]
 
-    def _mode(self, candidate: Candidate) -> str | None:
-        """How `candidate` continues an answer: its model rule's `continuation`, else its provider's."""
+    def _mode(self, candidate: Candidate, route: Route | None) -> str | None:
+        """How `candidate` continues an answer: as the route's fallback entry says, else its model rule's
+        `continuation`, else its provider's."""
+        if route is not None and route.continuations:
+            for ref, mode in route.continuations:
+                if ref == candidate.ref:
+                    return mode
         rule = candidate.rule
         if rule is not None and rule.continuation is not None:
             return rule.continuation

@@ -227,7 +227,7 @@ async def seed(conn: asyncpg.Connection, doc: Mapping[str, Any], timeout: float)
                                        completions_model, stream_recovery, shadow)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16::jsonb)""",
             str(r["use_case"]).lower(), str(r["tier"]).lower(), str(r["model"]),
-            [str(f) for f in r.get("fallbacks") or ()], r.get("max_tokens"), r.get("temperature"),
+            [_fallback_model(f) for f in r.get("fallbacks") or ()], r.get("max_tokens"), r.get("temperature"),
             r.get("system_prompt"), str(r.get("cache") or "auto"), r.get("cache_ttl"),
             r.get("enabled") is not False, r.get("timeout"), r.get("first_byte_timeout"),
             _models(r.get("embeddings_model")), _models(r.get("completions_model")), r.get("stream_recovery"),
@@ -239,6 +239,14 @@ async def seed(conn: asyncpg.Connection, doc: Mapping[str, Any], timeout: float)
                                str(r["use_case"]).lower(), str(r["tier"]).lower(), r.get("strategy"),
                                [float(w) for w in r["weights"]] if r.get("weights") is not None else None,
                                timeout=timeout)
+    for r in routes:  # the failure policy's settings (migration 008), when the route says
+        continuations = {_fallback_model(f): f["continuation"] for f in r.get("fallbacks") or ()
+                         if isinstance(f, dict) and f.get("continuation") is not None}
+        if r.get("retry_same") is not None or continuations:
+            await conn.execute("UPDATE llm_routes SET retry_same = $3, fallback_continuations = $4::jsonb "
+                               "WHERE use_case = $1 AND tier = $2", str(r["use_case"]).lower(),
+                               str(r["tier"]).lower(), r.get("retry_same"),
+                               orjson.dumps(continuations).decode() if continuations else None, timeout=timeout)
     for key in TABLE_SETTINGS:
         if doc.get(key) is not None:
             await conn.execute("INSERT INTO llm_table_settings (key, value) VALUES ($1, $2::jsonb)", key,
@@ -346,12 +354,18 @@ def rows_to_doc(providers: Iterable[Mapping[str, Any]], routes: Iterable[Mapping
     for r in routes:
         entry = {"use_case": r["use_case"], "tier": r["tier"], "model": r["model"],
                  "fallbacks": list(r["fallbacks"] or ()), "cache": r["cache"]}
-        for key in ("max_tokens", "system_prompt", "cache_ttl", "timeout", "first_byte_timeout", "stream_recovery"):
+        for key in ("max_tokens", "system_prompt", "cache_ttl", "timeout", "first_byte_timeout", "stream_recovery",
+                    "retry_same"):
             if r.get(key) is not None:
                 entry[key] = r[key]
         for key in ("embeddings_model", "completions_model"):
             if r.get(key):
                 entry[key] = list(r[key])
+        continuations = r.get("fallback_continuations")  # jsonb (migration 008): {provider/model: how}
+        if continuations:
+            continuations = orjson.loads(continuations) if isinstance(continuations, str) else continuations
+            entry["fallbacks"] = [{"model": f, "continuation": continuations[f]} if f in continuations else f
+                                  for f in entry["fallbacks"]]
         if r.get("shadow") is not None:  # jsonb, as the file's mapping (a database before 004 has no column)
             entry["shadow"] = orjson.loads(r["shadow"]) if isinstance(r["shadow"], str) else r["shadow"]
         if r.get("strategy") is not None:  # migration 007; NULL: ordered
@@ -451,6 +465,11 @@ async def list_routes(conn: asyncpg.Connection, timeout: float) -> list[asyncpg.
 
 ROUTE_COLUMNS = ("model", "fallbacks", "max_tokens", "temperature", "system_prompt", "timeout",
                  "first_byte_timeout", "embeddings_model")
+
+
+def _fallback_model(raw: Any) -> str:
+    """A fallback entry's provider/model (the entry may be `{model: ..., continuation: ...}`)."""
+    return str(raw.get("model") if isinstance(raw, dict) else raw)
 
 
 def _models(raw: Any) -> list[str]:

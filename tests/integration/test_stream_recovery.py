@@ -270,3 +270,24 @@ def test_a_model_rules_continuation_is_checked_in_the_table(upstream, backup):
     doc["model_rules"] = {"model-b": {"continuation": "magic"}}
     with pytest.raises(Exception, match="continuation"):
         table_from_dict(doc, source="t")
+
+
+@pytest.mark.parametrize("entry", ["prefix", "none"])
+async def test_a_fallback_entrys_continuation_wins_over_model_rules_and_provider(upstream, backup, http, entry):
+    doc = recovering_doc(upstream, backup, "instruction")
+    doc["model_rules"] = {"model-b": {"continuation": "none" if entry == "prefix" else "prefix"}}
+    doc["routes"][0]["fallbacks"] = [{"model": "backup/model-b", "continuation": entry}]
+    upstream.push(BreakStream(after=4, content=ANSWER))
+    backup.default = Ok(content=ANSWER)
+    async with running(doc, config_with()) as (url, router):
+        async with http.post(url + "/v1/chat/completions",
+                             json={"model": "auto", "messages": MESSAGES, "stream": True}) as resp:
+            body = await resp.read()
+        outcome = "recovered" if entry == "prefix" else "no_candidate"
+        assert router.get_metrics()["stream_recoveries"] == {outcome: 1}
+    if entry == "prefix":
+        assert body.rstrip().endswith(b"data: [DONE]")
+        assert backup.requests[-1].json["messages"][-1] == {"role": "assistant", "content": "one two three",
+                                                            "prefix": True}
+    else:
+        assert body.rstrip().endswith(b'"code":"upstream_connection"}}') and backup.calls == 0
