@@ -22,8 +22,11 @@ from aiohttp import web
 
 HERE = Path(__file__).resolve().parent
 LOAD = """
-import asyncio, sys, aiohttp
+import asyncio, os, sys, aiohttp
 port, n, stream = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+headers = {"Content-Type": "application/json"}
+if os.environ.get("BENCH_KEY"):  # an inbound key tiergate is serving with
+    headers["Authorization"] = "Bearer " + os.environ["BENCH_KEY"]
 body = (b'{"model":"general_purpose","messages":[{"role":"user","content":"Hello there"}],"temperature":0.7'
         + (b',"stream":true}' if stream else b'}'))
 async def main():
@@ -33,7 +36,7 @@ async def main():
             while left:
                 left.pop()
                 async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                  headers={"Content-Type": "application/json"}) as r:
+                                  headers=headers) as r:
                     assert r.status == 200, r.status
                     await r.read()
         await asyncio.gather(*(worker() for _ in range(8)))
