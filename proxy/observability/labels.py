@@ -30,6 +30,7 @@ def table_models(table: RoutingTable) -> frozenset[str]:
         names.update(map(str, route.candidates))
         names.update(map(str, route.embeddings))
         names.update(map(str, route.completions))
+    for route in (*table.routes.values(), *table.alias_routes.values()):  # the deployments they mirror to
         if route.shadow is not None:
             names.add(str(route.shadow.model))
     names.update(map(str, table.aliases.values()))

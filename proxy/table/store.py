@@ -233,6 +233,11 @@ async def seed(conn: asyncpg.Connection, doc: Mapping[str, Any], timeout: float)
             _models(r.get("embeddings_model")), _models(r.get("completions_model")), r.get("stream_recovery"),
             orjson.dumps(r["shadow"]).decode() if r.get("shadow") is not None else None,
             timeout=timeout)
+    for r in routes:  # whose requests its cached answers serve (migration 005), when the route says
+        if r.get("cache_scope") is not None:
+            await conn.execute("UPDATE llm_routes SET cache_scope = $3 WHERE use_case = $1 AND tier = $2",
+                               str(r["use_case"]).lower(), str(r["tier"]).lower(), str(r["cache_scope"]),
+                               timeout=timeout)
     for r in routes:  # how the route orders its candidates (migration 007), when it says
         if r.get("strategy") is not None or r.get("weights") is not None:
             await conn.execute("UPDATE llm_routes SET strategy = $3, weights = $4 WHERE use_case = $1 AND tier = $2",
@@ -372,6 +377,8 @@ def rows_to_doc(providers: Iterable[Mapping[str, Any]], routes: Iterable[Mapping
             entry["strategy"] = r["strategy"]
         if r.get("weights") is not None:
             entry["weights"] = list(r["weights"])
+        if r.get("cache_scope") is not None:  # migration 005; NULL: the inbound key's own
+            entry["cache_scope"] = r["cache_scope"]
         if r["temperature"] is not None:  # `real` holds 0.2 as 0.200000003
             entry["temperature"] = round(float(r["temperature"]), 6)
         doc_routes.append(entry)

@@ -240,6 +240,18 @@ async def test_a_route_without_a_shadow_mirrors_nothing(upstream, candidate):
     assert candidate.calls == 0 and upstream.calls == 1
 
 
+async def test_an_alias_that_is_a_route_mirrors_to_its_shadow(upstream, candidate):
+    doc = shadow_doc(upstream, candidate)
+    doc["aliases"]["gpt-4o"] = {"model": "primary/model-a", "shadow": {"model": SHADOW_MODEL, "share": 1}}
+    async with running(doc, config_with()) as (url, router):
+        answer = await client(url).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        await router.shadows.settled()
+        metrics = metrics_of(router)
+    assert answer.choices[0].message.content == "primary answered model-a" and candidate.calls == 1
+    assert value(metrics, "tiergate_shadow_requests_total", route="alias:gpt-4o", model=SHADOW_MODEL,
+                 outcome="ok") == 1
+
+
 async def test_shutdown_cancels_running_shadows_without_waiting_for_them(upstream, candidate, caplog):
     caplog.set_level(logging.INFO)
     candidate.default = Ok(gate=asyncio.Event())  # never opened

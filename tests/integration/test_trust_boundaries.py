@@ -20,9 +20,11 @@ from aiohttp import web
 from proxy.engine.router import Router
 from proxy.settings import RouterConfig
 from proxy.table.routing import table_from_dict
+from proxy.table.store import init_db, load_migrations, migrate, read_snapshot
 from proxy.types import ConfigError
 
 from ..conftest import Running, production_runner, until
+from ..pg import fresh_schema
 
 PROVIDER_KEY = "sk-prov-SECRET-a1b2c3d4e5f6g7h8"
 HEADER_SECRET = "hdr-SECRET-9f8e7d6c5b4a"
@@ -416,3 +418,38 @@ async def test_a_filtered_list_pages_through_the_keys_own_objects_only(servers, 
         everything = [store.id async for store in a.vector_stores.list(limit=3)]
         assert everything == mine[::-1]
         assert not [s async for s in b.vector_stores.list(limit=4) if s.id in mine]
+
+
+# -- cache_scope from Postgres ------------------------------------------------------------------------
+
+async def test_cache_scope_loads_from_postgres_and_its_migration_runs_on_an_existing_database(tmp_path):
+    doc = one_route({"primary": {"base_url": "http://127.0.0.1:9/v1", "api_key": PROVIDER_KEY}})
+    doc["routes"].append({"use_case": "code_generation", "tier": "premium", "model": "primary/model-p",
+                          "cache_scope": "shared"})
+    table = tmp_path / "routes.yaml"
+    table.write_text(yaml.safe_dump(doc))
+    async with fresh_schema() as schema:
+        # a database made before the column: every migration but its own, and a route seeded then
+        async with schema.conn.transaction():
+            await migrate(schema.conn, 5.0, [m for m in load_migrations() if m.version != 5])
+        await schema.conn.execute("INSERT INTO llm_providers (name, base_url, api_key) VALUES "
+                                  "('primary', 'http://127.0.0.1:9/v1', 'sk-x-12345678')")
+        await schema.conn.execute("INSERT INTO llm_routes (use_case, tier, model) VALUES "
+                                  "('general_purpose', 'standard', 'primary/model-a')")
+        config = RouterConfig.load(environ={}, dotenv_path=None, overrides={"database_url": schema.url})
+        report = await init_db(config, table)
+        assert report.applied == [5] and not report.seeded  # added to the rows that were there
+        loaded = (await read_snapshot(schema.conn, config)).table
+        assert loaded.resolve("general_purpose", "standard", None, "chat").route.cache_scope == "key"
+        await schema.conn.execute("UPDATE llm_routes SET cache_scope = 'shared'")
+        loaded = (await read_snapshot(schema.conn, config)).table
+        assert loaded.resolve("general_purpose", "standard", None, "chat").route.cache_scope == "shared"
+        await schema.conn.execute("UPDATE llm_routes SET cache_scope = 'everyone'")  # a bad row is named
+        with pytest.raises(ConfigError, match=r"cache_scope: 'everyone' is not one of key, shared"):
+            await read_snapshot(schema.conn, config)
+    async with fresh_schema() as schema:  # a new database seeded from the file keeps the route's scope
+        config = RouterConfig.load(environ={}, dotenv_path=None, overrides={"database_url": schema.url})
+        await init_db(config, table)
+        loaded = (await read_snapshot(schema.conn, config)).table
+        assert loaded.resolve("code_generation", "premium", None, "chat").route.cache_scope == "shared"
+        assert loaded.resolve("general_purpose", "standard", None, "chat").route.cache_scope == "key"
