@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 
 from aiohttp import web
 
-from ..table.keys import InboundKey, digest, secrets_of
+from ..table.keys import InboundKey, digest
 from ..types import AuthenticationError, ConfigError, InvalidRequestError
 
 # Where a client sends its own key for a `pass_client_key` provider (bring-your-own-key). Its own
@@ -76,10 +76,6 @@ class InboundAuth:
     def names(self) -> list[str]:
         """The names given to keys (for `/health/details`; never the keys)."""
         return sorted({k.name for k in self._keys.values() if k.name})
-
-    def credential_secrets(self) -> list[str]:
-        """The provider keys the inbound keys carry (redacted from what is relayed)."""
-        return secrets_of(self._keys.values())
 
     def is_inbound(self, value: str) -> bool:
         """Whether `value` is one of the accepted keys (looked up as `check` does)."""
@@ -142,11 +138,12 @@ AUTH_KEY = web.AppKey("auth", InboundAuth)
 
 def client_provider_key(headers: Mapping[str, str], auth: InboundAuth) -> str | None:
     """The client's own key for a `pass_client_key` provider: `X-Tiergate-Provider-Key` (a bare key or
-    `Bearer <key>`), or, when tiergate has no inbound keys (a sidecar), the client's Authorization.
-    Never one of tiergate's inbound keys: that would hand a working gateway credential to a provider."""
+    `Bearer <key>`), or, when tiergate has no inbound keys (a sidecar), the client's Authorization (or
+    `x-api-key`, where the Anthropic SDKs put it). Never one of tiergate's inbound keys: that would hand a
+    working gateway credential to a provider."""
     value = headers.get(PROVIDER_KEY_HEADER)
     if value is None and not auth.enabled:
-        value = headers.get("Authorization")
+        value = headers.get("Authorization") or headers.get("x-api-key")
     if not value:
         return None
     scheme, _, rest = value.strip().partition(" ")

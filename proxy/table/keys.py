@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,13 +199,8 @@ def check_name(name: str) -> str:
     return name
 
 
-def secrets_of(keys: Iterable[InboundKey]) -> list[str]:
-    """What keys send providers in tiergate's place (for redaction): their provider keys, projects and
-    organizations, none of which is ever echoed to a client."""
-    return [s for key in keys for s in secrets_of_credentials(key.credentials)]
-
-
 def secrets_of_credentials(credentials: Mapping[str, Mapping[str, str]]) -> list[str]:
-    """One key's credential values, the provider key without its `Bearer `."""
+    """What a key sends providers in tiergate's place, for redaction (its provider keys without their
+    `Bearer `, projects and organizations: none is ever echoed to a client)."""
     return [value.partition(" ")[2] if name == "authorization" else value
             for headers in credentials.values() for name, value in headers.items()]

@@ -30,7 +30,7 @@ from proxy.table.store import init_db
 
 from ..conftest import table_doc
 from ..pg import Schema, fresh_schema, poll, serve_router
-from ..upstream import MockUpstream
+from ..upstream import Fail, MockUpstream
 
 TEAM_KEY = "sk-team-a-OWN-openai-key-0123456789"
 CHAT = [{"role": "user", "content": "hi"}]
@@ -187,6 +187,16 @@ async def test_a_keys_own_project_and_provider_key_reach_its_provider_only(
         assert sent["Authorization"] == f"Bearer {TEAM_KEY}"
         assert "proj_someone_else" not in str(sent)
         assert all(TEAM_KEY not in v and "proj_teamA123" not in v for v in answer.headers.values())
+        echo = (f'{{"error": {{"message": "Incorrect API key provided: {TEAM_KEY} (sk-team-****6789) for '
+                f'project proj_teamA123", "type": "invalid_request_error", "code": "invalid_api_key"}}}}').encode()
+        for call in (lambda: sdk.chat.completions.create(model="general_purpose", messages=CHAT),
+                     lambda: sdk.files.list()):
+            upstream.push(Fail(401, body=echo, headers={"x-echo": f"{TEAM_KEY} proj_teamA123"}))
+            with pytest.raises(openai.AuthenticationError) as refused:  # the provider's status, its words masked
+                await call()
+            relayed = refused.value.response.text + str(refused.value.response.headers)
+            assert TEAM_KEY not in relayed and "proj_teamA123" not in relayed and "****6789" not in relayed
+            assert "Incorrect API key provided" in relayed
         await sdk.files.list()  # pass-through: the same credentials
         sent = CIMultiDict(upstream.requests[-1].headers)
         assert sent["OpenAI-Project"] == "proj_teamA123" and sent["Authorization"] == f"Bearer {TEAM_KEY}"

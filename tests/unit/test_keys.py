@@ -16,7 +16,7 @@ from proxy.table.keys import (
     new_secret,
     parse_credentials,
     parse_scope,
-    secrets_of,
+    secrets_of_credentials,
 )
 from proxy.table.routing import table_from_dict
 from proxy.types import AuthenticationError, PermissionDeniedError
@@ -100,7 +100,7 @@ def test_credentials_become_lower_case_headers_and_known_secrets():
     headers = credential_headers(creds, {"TEAM_KEY": "sk-team-0123456789"})
     assert headers == {"openai": {"openai-project": "proj_abc12345", "authorization": "Bearer sk-team-0123456789"}}
     assert credential_headers(creds, {}) == {"openai": {"openai-project": "proj_abc12345"}}  # unset: tiergate's
-    assert sorted(secrets_of([InboundKey("a", credentials=headers)])) == ["proj_abc12345", "sk-team-0123456789"]
+    assert sorted(secrets_of_credentials(headers)) == ["proj_abc12345", "sk-team-0123456789"]
     with pytest.raises(ValueError, match="credentials.openai.password"):
         parse_credentials({"openai": {"password": "x"}})
 
