@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..settings import RouterConfig, check_service_urls
-from ..table.routing import parse_route
+from ..table.groups import STRATEGY_NAMES, parse_groups
+from ..table.routing import parse_strategy_route
 from ..types import ConfigError, ModelTier, UseCase
 
 
@@ -39,6 +40,9 @@ def add_db_commands(sub: Any) -> None:
     set_.add_argument("--first-byte-timeout", type=float, help="seconds a stream may take to its first chunk")
     set_.add_argument("--embeddings-model", nargs="*", metavar="MODEL",
                       help="provider/model-id ... of the route's /v1/embeddings calls (none to clear)")
+    set_.add_argument("--strategy", choices=STRATEGY_NAMES, help="how its candidates are ordered per request")
+    set_.add_argument("--weights", nargs="*", type=float, metavar="W",
+                      help="under weighted: one per candidate, the model first (none to clear)")
     delete = routes_sub.add_parser("delete", help="remove a route")
     delete.add_argument("use_case", metavar="USE_CASE")
     delete.add_argument("tier", metavar="TIER")
@@ -140,11 +144,17 @@ async def _routes_set(config: RouterConfig, args: argparse.Namespace) -> int:
         for key, value in (("fallbacks", args.fallbacks), ("max_tokens", args.max_tokens),
                            ("temperature", args.temperature), ("system_prompt", args.system_prompt),
                            ("timeout", args.timeout), ("first_byte_timeout", args.first_byte_timeout),
-                           ("embeddings_model", args.embeddings_model)):
+                           ("embeddings_model", args.embeddings_model), ("strategy", args.strategy),
+                           ("weights", args.weights)):
             if value is not None:
                 raw[key] = values[key] = value
+        if values.get("weights") == []:
+            values["weights"] = None
+            del raw["weights"]
         try:
-            parse_route(raw, dict.fromkeys(providers))
+            groups = parse_groups(await store.table_setting(conn, "groups", config.db_timeout),
+                                  dict.fromkeys(providers), [])
+            parse_strategy_route(raw, dict.fromkeys(providers), groups)
         except ValueError as exc:
             raise ConfigError(f"routes set {args.use_case} {args.tier}: {exc}") from None
         await store.set_route(conn, args.use_case, args.tier, values, config.db_timeout)

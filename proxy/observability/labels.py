@@ -34,6 +34,7 @@ def table_models(table: RoutingTable) -> frozenset[str]:
         if route.shadow is not None:
             names.add(str(route.shadow.model))
     names.update(map(str, table.aliases.values()))
+    names.update(map(str, table.models()))  # aliases that are routes, groups' deployments
     names.update(map(str, table.embeddings))
     names.update(table.pricing)
     for spec in table.providers.values():

@@ -64,10 +64,13 @@ class Planner:
         record.route = decision.name
         if decision.route is not None:
             endpoint.apply_defaults(payload, decision.route)
-        decision, translate = await endpoint.candidates(decision, payload, table, self.affinity.for_key(key_name))
-        if decision.layout:
-            return self._choose(decision, payload, record, translate)
-        return self._plan(decision, translate)
+        narrowed, translate = await endpoint.candidates(decision, payload, table, self.affinity.for_key(key_name))
+        if decision.layout and (narrowed is decision or set(narrowed.candidates) <= set(decision.candidates)):
+            # the family may narrow the candidates (a stored response's holder, the providers that speak
+            # its API): the strategy still orders those left
+            return self._choose(decision, payload, record, translate,
+                                None if narrowed is decision else frozenset(narrowed.candidates))
+        return self._plan(narrowed, translate)
 
     def plan_now(self, decision: RouteDecision, endpoint: Endpoint, payload: dict[str, Any],
                  record: RequestRecord) -> Plan:
@@ -91,11 +94,16 @@ class Planner:
         return plan
 
     def _choose(self, decision: RouteDecision, payload: dict[str, Any], record: RequestRecord,
-                translate: Translator | None) -> Plan:
+                translate: Translator | None, allowed: frozenset[ModelRef] | None = None) -> Plan:
         """The plan of a route that chooses per request: its strategy orders its candidates, each group's
-        strategy its members in the group's place; the choice is explained on the record."""
+        strategy its members in the group's place (only the `allowed` ones, when the API family narrowed
+        them); the choice is explained on the record."""
         choosing = Choosing(self.load, self.rng, payload, decision)
-        slots = STRATEGIES[decision.strategy](decision.layout, choosing)
+        layout = decision.layout
+        if allowed is not None:
+            layout = tuple(g._replace(members=kept) for g in layout
+                           if (kept := tuple(m for m in g.members if m.ref in allowed)))
+        slots = STRATEGIES[decision.strategy](layout, choosing)
         refs: list[ModelRef] = []
         for group in slots:
             members = group.members

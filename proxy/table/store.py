@@ -471,7 +471,13 @@ async def list_routes(conn: asyncpg.Connection, timeout: float) -> list[asyncpg.
 
 
 ROUTE_COLUMNS = ("model", "fallbacks", "max_tokens", "temperature", "system_prompt", "timeout",
-                 "first_byte_timeout", "embeddings_model")
+                 "first_byte_timeout", "embeddings_model", "strategy", "weights")
+
+
+async def table_setting(conn: asyncpg.Connection, key: str, timeout: float) -> Any:
+    """One table-level setting of `llm_table_settings` as the file's value; None when it is not set."""
+    value = await conn.fetchval("SELECT value FROM llm_table_settings WHERE key = $1", key, timeout=timeout)
+    return orjson.loads(value) if isinstance(value, str) else value
 
 
 def _fallback_model(raw: Any) -> str:

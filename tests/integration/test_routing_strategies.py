@@ -176,3 +176,19 @@ async def test_strategies_groups_and_alias_routes_live_in_postgres(upstream, bac
                                   "WHERE use_case = 'general_purpose' AND tier = 'standard'")
         table = (await read_snapshot(schema.conn, config)).table
         assert table.resolve(None, None, "general_purpose").strategy == "least_latency"
+
+
+async def test_a_stream_on_a_route_that_chooses_says_how_and_is_measured_at_its_first_chunk(
+        upstream, backup, start_tiergate):
+    doc = two_providers(upstream, backup)
+    doc["routes"][0].update(strategy="least_latency")
+    running = await start_tiergate(doc)
+    async with openai.AsyncOpenAI(base_url=running.v1, api_key="x", max_retries=0) as client:
+        async with client.chat.completions.with_streaming_response.create(
+                model="general_purpose", messages=[{"role": "user", "content": "hi"}], stream=True) as resp:
+            assert resp.headers["x-tiergate-strategy"].startswith("least_latency ")
+            text = "".join([c.choices[0].delta.content or "" async for c in await resp.parse() if c.choices])
+    assert text.endswith("model-a") or text.endswith("model-b")
+    load = (await running.router.get_health_status())["deployments"]
+    measured = [d for d in load.values() if d["samples"]]
+    assert len(measured) == 1 and measured[0]["outstanding"] == 0

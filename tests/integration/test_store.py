@@ -291,13 +291,15 @@ async def test_cli_db_init_routes_and_discover(schema: Schema, upstream: MockUps
     # (commands that do not depend on each other run side by side to keep the test short)
     (code, out, err), (bad_code, _, bad_err) = await asyncio.gather(
         cli("routes", "set", "debugging", "economy", "--model", "primary/model-z", "--fallbacks", "primary/model-a",
-            "--max-tokens", "64", "--temperature", "0.2", database_url=url, cwd=tmp_path),
+            "--max-tokens", "64", "--temperature", "0.2", "--strategy", "weighted", "--weights", "3", "1",
+            database_url=url, cwd=tmp_path),
         cli("routes", "set", "debugging", "economy", "--model", "nowhere/x", database_url=url, cwd=tmp_path))
     assert code == 0, err
     assert bad_code == 2 and "nowhere" in bad_err and "not defined" in bad_err
     row = await schema.conn.fetchrow("SELECT * FROM llm_routes WHERE use_case = 'debugging' AND tier = 'economy'")
     assert row["model"] == "primary/model-z" and row["fallbacks"] == ["primary/model-a"]
     assert row["max_tokens"] == 64 and abs(row["temperature"] - 0.2) < 1e-6
+    assert row["strategy"] == "weighted" and row["weights"] == [3.0, 1.0]
 
     (code, out, err), (dcode, dout, derr) = await asyncio.gather(
         cli("routes", "list", database_url=url, cwd=tmp_path), cli("discover", database_url=url, cwd=tmp_path))

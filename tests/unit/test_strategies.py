@@ -166,3 +166,12 @@ def test_the_usual_route_has_no_layout_and_is_planned_from_the_memo():
 def test_group_weights_shape():
     g = Group("g", (Member(A, 9), Member(B)), "weighted")
     assert g.refs == (A, B)
+
+
+def test_the_candidates_an_api_family_keeps_are_still_ordered_by_the_strategy():
+    t = table(groups={"g": ["a/m", "b/m"]},
+              routes=[{"use_case": "general_purpose", "tier": "standard", "model": "g", "fallbacks": ["c/m"]}])
+    decision = t.resolve(None, None, "general_purpose")
+    planner = Planner(None, None, rng=random.Random(4))  # type: ignore[arg-type]
+    plan = planner._choose(decision, {}, RequestRecord("r", "chat"), None, frozenset({B, C}))
+    assert [c.ref for c in plan.candidates] == [B, C]
