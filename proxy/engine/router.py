@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapters import EMBEDDINGS, Endpoint
+from ..adapters.references import stored_references
 from ..fleet.affinity import ResponseAffinity
 from ..fleet.owners import ObjectOwners
 from ..limits.admission import Quotas
@@ -356,6 +357,10 @@ class Router(LibraryAPI):
         table = self._table
         if table is None:
             table = self.table  # raises: not initialized
+        if api_key_name is not None:  # a stored object the body names must be this key's (404 before any call)
+            named = stored_references(payload)
+            if named:
+                await self.owners.require(named, api_key_name)
         decision = table.resolve(use_case, tier, payload.get("model"), endpoint.kind)
         if check_scope is not None:
             check_scope(decision)
