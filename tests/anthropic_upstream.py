@@ -28,6 +28,7 @@ class Fail:
     status: int = 500
     error_type: str = "api_error"
     retry_after: str | None = None
+    quote_key: bool = False  # the message quotes the x-api-key it was sent (as a provider's 401 may)
 
 
 @dataclass
@@ -124,13 +125,17 @@ class AnthropicUpstream:
         self.requests.append(Received(request.path, request.query_string, dict(request.headers), body))
         return body
 
-    def _error(self, fail: Fail) -> web.Response:
+    def _error(self, fail: Fail, request: web.Request | None = None) -> web.Response:
         headers = {"request-id": "req_mock_error"}
         if fail.retry_after is not None:
             headers["retry-after"] = fail.retry_after
+        message = f"{self.name} says {fail.status}"
+        if fail.quote_key and request is not None:
+            message += f": invalid x-api-key {request.headers.get('x-api-key')}"
+            headers["x-echo-key"] = str(request.headers.get("x-api-key"))
+        error = {"type": fail.error_type, "message": message}
         return web.Response(status=fail.status, headers=headers, content_type="application/json",
-                            body=orjson.dumps({"type": "error", "error": {
-                                "type": fail.error_type, "message": f"{self.name} says {fail.status}"}}))
+                            body=orjson.dumps({"type": "error", "error": error}))
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"data": [{"type": "model", "id": "claude-sonnet-4"}], "has_more": False})
@@ -161,7 +166,7 @@ class AnthropicUpstream:
         body = await self._received(request)
         action = self._next()
         if isinstance(action, Fail):
-            return self._error(action)
+            return self._error(action, request)
         content, reason, usage = self._answer(body)
         message = {"id": "msg_mock_1", "type": "message", "role": "assistant", "model": body.get("model"),
                    "content": content, "stop_reason": reason, "stop_sequence": None, "usage": usage}

@@ -189,7 +189,7 @@ def _own_credentials(request: web.Request, provider: Provider, headers: dict[str
     if provider.spec.pass_client_key:  # bring-your-own-key: the client's own provider key, never tiergate's
         own_key = client_provider_key(request.headers, request.app[AUTH_KEY])
         if own_key is not None:
-            headers["Authorization"] = f"Bearer {own_key}"
+            headers.update(provider.client_key_headers(own_key))
             redactor = redactor.with_secret(own_key)
     key = request.get(KEY_ITEM)
     if key is not None and provider.name in key.credentials:  # the inbound key's own project / provider key

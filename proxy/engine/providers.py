@@ -53,9 +53,14 @@ class Provider:
         self.base_url = spec.base_url
         self.headers = build_headers(spec, config)
         self.has_key = provider_has_key(spec, config)
-        # forwarded client headers never replace these: the table's headers and the provider's key
+        # forwarded client headers never replace these: the table's headers and the provider's key. A
+        # bring-your-own-key provider takes the client's own key, which the edge sends as Authorization;
+        # one whose key goes in another header (Anthropic's x-api-key) gets it there instead (`screen`)
+        key_header = spec.api_key_header.lower()
+        self.own_key_header = spec.api_key_header if spec.pass_client_key and key_header != "authorization" else None
         self.protected = frozenset(name.lower() for name, _ in spec.headers) | frozenset(
-            () if spec.pass_client_key else {"authorization", spec.api_key_header.lower()})
+            ({"authorization"} if self.own_key_header else ()) if spec.pass_client_key
+            else {"authorization", key_header})
         self.redactor = Redactor(provider_secrets(spec, config))  # what tiergate sends it, kept out of answers
         self._urls: dict[str, URL] = {}
         self.session: aiohttp.ClientSession | None = None
@@ -68,6 +73,22 @@ class Provider:
 
     def __repr__(self) -> str:  # never shows keys
         return f"Provider(name={self.name!r}, base_url={self.base_url!r})"
+
+    def screen(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """The client's headers for this provider: without those it sets itself (`protected`), and with
+        a bring-your-own-key client's key (Authorization, as the edge sends it) in the provider's own key
+        header where that is another (`x-api-key`), so the Bearer form never reaches it."""
+        screened = {k: v for k, v in headers.items() if k not in self.protected}
+        own = self.own_key_header
+        if own is not None:
+            bearer = headers.get("authorization")
+            if bearer is not None:
+                screened[own] = bearer.removeprefix("Bearer ")
+        return screened
+
+    def client_key_headers(self, key: str) -> dict[str, str]:
+        """A bring-your-own-key client's `key` as this provider takes its key."""
+        return {self.own_key_header: key} if self.own_key_header is not None else {"Authorization": f"Bearer {key}"}
 
     def url(self, path: str) -> URL:
         url = self._urls.get(path)

@@ -21,7 +21,6 @@ from yarl import URL
 from proxy.engine.router import Router
 from proxy.settings import RouterConfig
 from proxy.table.routing import table_from_dict
-from proxy.types import ConfigError
 
 from ..conftest import Running, production_runner
 
@@ -375,7 +374,16 @@ async def test_a_clients_own_provider_key_is_redacted_too(edge_upstream, run_tie
         assert_no_secret(status, headers, answer)
 
 
-def test_a_table_whose_own_key_cannot_reach_its_provider_is_refused():
-    doc = table(EdgeUpstream(), pass_client_key=True, api_key_header="x-api-key")
-    with pytest.raises(ConfigError, match="pass_client_key"):
-        table_from_dict(doc, source="test")
+async def test_bring_your_own_key_goes_in_the_providers_own_key_header(edge_upstream, run_tiergate, http):
+    """A provider whose key goes in another header than Authorization (`api_key_header: x-api-key`) gets the
+    client's own key there, bare, on routed and pass-through paths; never as Authorization."""
+    doc = table(edge_upstream, pass_client_key=True, api_key_header="x-api-key")
+    running = await run_tiergate(doc, api_keys=(f"team-a={TIERGATE_KEY}",))
+    own = {**TEAM_A, "X-Tiergate-Provider-Key": BYOK_KEY}
+    chat = {"model": "general_purpose", "messages": MESSAGES}
+    assert (await send(http, running, "POST", "/v1/chat/completions", own, json=chat))[0] == 200
+    assert (await send(http, running, "GET", "/v1/files", own))[0] == 200
+    for seen in edge_upstream.seen:
+        headers = {n.lower(): v for n, v in seen.headers.items()}
+        assert headers["x-api-key"] == BYOK_KEY and "authorization" not in headers
+        assert TIERGATE_KEY not in repr(seen.headers)

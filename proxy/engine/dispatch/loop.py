@@ -109,7 +109,7 @@ class AttemptLoop:
                 body, usage_added = self._body(call, candidate, provider, breaker)
                 headers = call.headers  # minus the provider's own (its key, the table's headers), plus the trace's
                 if headers and not provider.protected.isdisjoint(headers):
-                    headers = {k: v for k, v in headers.items() if k not in provider.protected}
+                    headers = provider.screen(headers)
                 if call.credentials is not None and provider.name in call.credentials:  # the key's own
                     headers = {**(headers or {}), **call.credentials[provider.name]}
                 if call.observer is not None:
