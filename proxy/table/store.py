@@ -554,6 +554,14 @@ _FALLBACK_REASON = {
 }
 
 
+def _discard_connection(connecting: asyncio.Future[asyncpg.Connection]) -> None:
+    """A connect whose caller left: its connection closed, its failure taken (and so never reported)."""
+    if connecting.cancelled():
+        return
+    if connecting.exception() is None:
+        connecting.result().terminate()
+
+
 class RouteStore:
     """Keeps the router's table in step with Postgres: first load, LISTEN, periodic refresh, retries."""
 
@@ -566,6 +574,7 @@ class RouteStore:
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Future[asyncpg.Connection] | None = None  # the LISTEN connection's connect
         self._wake = asyncio.Event()
         self._stopping = False
         self._fingerprint: bytes | None = None
@@ -610,6 +619,9 @@ class RouteStore:
             await asyncio.wait({self._task}, timeout=self.config.db_timeout)  # neither raises nor cancels
         await cancel_and_wait(self._task)
         self._task = None
+        if self._connecting is not None:  # a connect the loop left when cancelled ends by its own timeout
+            await asyncio.wait({self._connecting})
+            self._connecting = None
         await self._close_listener()
         if self._pool is not None:
             try:
@@ -664,7 +676,7 @@ class RouteStore:
 
     async def _listen(self) -> None:
         with self._querying():
-            conn = await connect(self.config)
+            conn = await self._connect_whole()
         try:
             with self._querying():
                 self.schema = await conn.fetchval("SELECT current_schema()", timeout=self.config.db_timeout)
@@ -674,6 +686,20 @@ class RouteStore:
             raise
         conn.add_termination_listener(self._on_lost)
         self._listener = conn
+
+    async def _connect_whole(self) -> asyncpg.Connection:
+        """`connect`, never cancelled half way (asyncpg cancelled during its SSL negotiation leaves a failed
+        future behind, "exception was never retrieved"): the loop cancelled meanwhile leaves the connect to
+        end by its own timeout, and `stop()` waits for it; a connection it makes then is closed."""
+        self._connecting = connecting = asyncio.ensure_future(connect(self.config))
+        try:
+            return await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            connecting.add_done_callback(_discard_connection)
+            raise
+        finally:
+            if connecting.done():
+                self._connecting = None
 
     async def _close_listener(self) -> None:
         conn, self._listener = self._listener, None

@@ -277,7 +277,14 @@ async def test_a_provider_without_key_is_warned_about_once_and_shown_in_health(u
 async def test_close_does_not_cancel_a_database_connect_half_way():
     """Closing while the store is still connecting (asyncpg's SSL negotiation) lets the connect end
     instead of cancelling it: asyncpg would leave "Future exception was never retrieved" behind."""
+    accepted = asyncio.Condition()
+    connections = 0
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        async with accepted:
+            connections += 1
+            accepted.notify_all()
         await reader.read()  # never answers: the negotiation waits until the connect timeout
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
@@ -291,10 +298,12 @@ async def test_close_does_not_cancel_a_database_connect_half_way():
                              health_check_interval=0)
         router = DynamicLLMRouter(config, table=table_from_dict(table_doc(MockUpstream()), source="file"))
         await router.initialize()  # the database does not answer: starts from the file, retries behind
-        await asyncio.sleep(0)  # the store's loop is now connecting
-        await router.close()
+        async with accepted:
+            before = connections
+            await asyncio.wait_for(accepted.wait_for(lambda: connections > before), 30)
+        await router.close()  # the store's loop is connecting: close waits for the connect to end
         gc.collect()
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
     finally:
         loop.set_exception_handler(previous)
         server.close()
