@@ -863,7 +863,7 @@ def parse_route(raw: Any, providers: Mapping[str, ProviderSpec]) -> Route | None
     return Route(use_case, tier, model, tuple(fallbacks), max_tokens, temperature,
                  _opt_str(raw.get("system_prompt")), cache, cache_ttl,
                  _positive(raw, "timeout"), _positive(raw, "first_byte_timeout"),
-                 kinds["embeddings"], kinds["completions"], _choice(raw, "stream_recovery", STREAM_RECOVERY),
+                 kinds["embeddings"], kinds["completions"], _stream_recovery(raw),
                  _choice(raw, "cache_scope", CACHE_SCOPES), retry_same,
                  parse_shadow(raw["shadow"], providers, model) if raw.get("shadow") is not None else None,
                  continuations=tuple(continuations))
@@ -924,6 +924,14 @@ def _model_ref(raw: Any, providers: Mapping[str, ProviderSpec]) -> ModelRef:
 
 CONTINUATIONS = ("instruction", "prefix", "continue_final_message", "none")  # none: never continues an answer
 STREAM_RECOVERY = ("continue", "off")  # the first is the default
+
+
+def _stream_recovery(raw: Mapping[str, Any]) -> str:
+    """`stream_recovery`: YAML reads a bare `off` as false (and `on` as true), so those mean off and continue."""
+    value = raw.get("stream_recovery")
+    if isinstance(value, bool):
+        return "continue" if value else "off"
+    return _choice(raw, "stream_recovery", STREAM_RECOVERY)
 
 
 def _opt_bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:

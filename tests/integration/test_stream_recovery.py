@@ -291,3 +291,16 @@ async def test_a_fallback_entrys_continuation_wins_over_model_rules_and_provider
                                                             "prefix": True}
     else:
         assert body.rstrip().endswith(b'"code":"upstream_connection"}}') and backup.calls == 0
+
+
+def test_stream_recovery_off_as_yaml_reads_it(upstream, backup, tmp_path):
+    """A bare `off` is YAML's false: it turns recovery off, as the quoted word does."""
+    from proxy.table.routing import load_table
+
+    for word in ("off", '"off"', "false"):
+        path = tmp_path / "routes.yaml"
+        path.write_text(f"providers:\n  primary: {{base_url: '{upstream.url}', api_key: k}}\n"
+                        f"routes:\n  - {{use_case: general_purpose, tier: standard, model: primary/m, "
+                        f"stream_recovery: {word}}}\n")
+        (route,) = load_table(path).routes.values()
+        assert route.stream_recovery == "off"
