@@ -191,12 +191,11 @@ async def test_a_route_timeout_and_the_sdks_timeout_shorten_the_deadline(upstrea
             await client.chat.completions.create(model="general_purpose", messages=MESSAGES)
         assert caught.value.status_code == 504
     running = await start_tiergate(table_doc(upstream))
-    started = time.monotonic()
     async with sdk(running, max_retries=0, timeout=5.0) as client:
-        with pytest.raises(openai.APIStatusError):
+        with pytest.raises(openai.APIStatusError) as caught:  # without the header: the answer, after 2 s
             await client.chat.completions.create(model="general_purpose", messages=MESSAGES,
                                                  extra_headers={"x-stainless-read-timeout": "0.4"})
-    assert time.monotonic() - started < 1.9
+        assert caught.value.status_code == 504
 
 
 # -- routing that never sends the wrong kind of model --------------------------------------------------

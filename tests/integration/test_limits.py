@@ -292,10 +292,11 @@ async def test_a_silent_redis_costs_one_timeout_then_the_policy(upstream, start_
                               redis_url=f"redis://:hunter2-secret@127.0.0.1:{silent_server.port}/15", redis_timeout=0.1,
                               enable_caching=False)
     for _ in range(3):
-        started = time.monotonic()
         assert (await post(http, tg.v1 + "/chat/completions", CHAT))[0] == 200  # fail_open
-        assert time.monotonic() - started < 1.0
     details = (await tg.router.get_health_status())["limits"]
+    # the first call waited for Redis's timeout; the next ones were decided by the policy at once (Redis is
+    # left alone for a second after a failure): counted, not timed
+    assert details["decided_by_policy"] == 3 and 1 <= details["redis"]["errors"] <= 2
     assert details["redis"]["last_error"].startswith("timed out") and details["redis"]["available"] is False
     async with http.get(tg.url + "/health/details") as resp:
         assert "hunter2" not in await resp.text()
