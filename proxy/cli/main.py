@@ -85,7 +85,9 @@ def cmd_check(args: argparse.Namespace) -> int:
           f"{len(table.aliases)} aliases, {len(table.limits.specs) if table.limits else 0} limits")
     print(f"{'route':<32} {'model':<48} fallbacks")
     for row in table.describe():
-        print(f"{row['route']:<32} {row['model']:<48} {', '.join(row['fallbacks']) or '-'}")
+        shadow = row.get("shadow")
+        mirrored = f"  (shadow: {shadow['model']}, {shadow['share']:.0%})" if shadow else ""
+        print(f"{row['route']:<32} {row['model']:<48} {', '.join(row['fallbacks']) or '-'}{mirrored}")
     from ..engine.providers import provider_has_key
     missing = [name for name, spec in table.providers.items() if not provider_has_key(spec, config)]
     if missing:

@@ -431,6 +431,8 @@ class RoutingTable:
                 "embeddings_model": [str(m) for m in r.embeddings],
                 "completions_model": [str(m) for m in r.completions],
                 "strategy": r.strategy,
+                "shadow": None if r.shadow is None else {"model": str(r.shadow.model), "share": r.shadow.share,
+                                                         "max_concurrency": r.shadow.max_concurrency},
             }
             for r in self.routes.values()
         ]

@@ -47,3 +47,18 @@ def test_a_bad_shadow_is_named_by_its_key(shadow, message):
     with pytest.raises(ConfigError) as err:
         table_from_dict(doc, source="test")
     assert message in err.value.message
+
+
+def test_tiergate_check_shows_a_routes_shadow(tmp_path, capsys):
+    import yaml
+
+    from proxy.cli.main import main
+
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(DOC))
+    assert main(["check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "(shadow: q/candidate, 10%)" in out
+    described = {r["route"]: r["shadow"] for r in table_from_dict(DOC, source="test").describe()}
+    assert described == {"general_purpose:standard": {"model": "q/candidate", "share": 0.1, "max_concurrency": 2},
+                         "debugging:standard": None}
