@@ -5,7 +5,10 @@
     upstream.requests                         # what it received (path, query, headers, json)
 
 It answers `POST /v1/messages` (a Message, or its SSE event sequence when `stream` is true) and
-`POST /v1/messages/count_tokens`. With `tools` and no tool result in the last turn it calls the first tool
+`POST /v1/messages/count_tokens`. With `thinking` enabled it thinks first (a signed `thinking` block), and
+it checks what Anthropic checks: the budget below `max_tokens`, no `temperature` other than 1, and the
+last assistant turn with tool use starting with its thinking block.
+With `tools` and no tool result in the last turn it calls the first tool
 (`input` {"city": "Paris"}, streamed as `input_json_delta` fragments); otherwise it echoes the last user text.
 Usage carries cache counts when the request has a `cache_control` marker.
 """
@@ -147,6 +150,22 @@ class AnthropicUpstream:
             return self._error(action)
         return web.json_response({"input_tokens": len(orjson.dumps(body["messages"])) // 4})
 
+    def _thinking_refusal(self, body: dict[str, Any]) -> str | None:
+        """What Anthropic would refuse in a call with thinking on (None: nothing)."""
+        thinking = body.get("thinking")
+        if not isinstance(thinking, dict) or thinking.get("type") != "enabled":
+            return None
+        if not thinking.get("budget_tokens", 0) < body.get("max_tokens", 0):
+            return "max_tokens must be greater than thinking.budget_tokens"
+        if body.get("temperature", 1) != 1:
+            return "temperature may only be set to 1 when thinking is enabled"
+        turns = [m for m in body["messages"] if m.get("role") == "assistant"]
+        content = turns[-1].get("content") if turns else None
+        if isinstance(content, list) and any(b.get("type") == "tool_use" for b in content) and (
+                content[0].get("type") not in ("thinking", "redacted_thinking")):
+            return "a final assistant message with tool use must start with a thinking block"
+        return None
+
     def _answer(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], str, dict[str, int]]:
         text, has_result = _last_user(body["messages"])
         if body.get("tools") and not has_result:
@@ -157,6 +176,9 @@ class AnthropicUpstream:
         else:
             content = [{"type": "text", "text": f"{self.name}: {text}"}]
             reason = "end_turn"
+        thinking = body.get("thinking")
+        if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+            content.insert(0, {"type": "thinking", "thinking": f"Thinking about {text}.", "signature": "c2lnLW1vY2s="})
         cached = b"cache_control" in orjson.dumps(body)
         usage = {"input_tokens": 12, "output_tokens": 7, "cache_creation_input_tokens": 0,
                  "cache_read_input_tokens": 100 if cached else 0}
@@ -167,6 +189,10 @@ class AnthropicUpstream:
         action = self._next()
         if isinstance(action, Fail):
             return self._error(action, request)
+        refused = self._thinking_refusal(body)
+        if refused is not None:
+            return web.json_response({"type": "error", "error": {"type": "invalid_request_error", "message": refused}},
+                                     status=400)
         content, reason, usage = self._answer(body)
         message = {"id": "msg_mock_1", "type": "message", "role": "assistant", "model": body.get("model"),
                    "content": content, "stop_reason": reason, "stop_sequence": None, "usage": usage}
@@ -199,7 +225,14 @@ class AnthropicUpstream:
         events = [_event("message_start", {"type": "message_start", "message": start}),
                   _event("ping", {"type": "ping"})]
         for i, block in enumerate(message["content"]):
-            if block["type"] == "text":
+            if block["type"] == "thinking":
+                events.append(_event("content_block_start", {"type": "content_block_start", "index": i,
+                                                             "content_block": {"type": "thinking", "thinking": ""}}))
+                for delta in ({"type": "thinking_delta", "thinking": block["thinking"]},
+                              {"type": "signature_delta", "signature": block["signature"]}):
+                    events.append(_event("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                                 "delta": delta}))
+            elif block["type"] == "text":
                 events.append(_event("content_block_start", {"type": "content_block_start", "index": i,
                                                              "content_block": {"type": "text", "text": ""}}))
                 for word in block["text"].split(" "):

@@ -87,7 +87,8 @@ async def test_beta_query_and_thinking_pass_as_written(gate: Any, claude: Anthro
     message = await client.beta.messages.create(model="claude-sonnet-4", max_tokens=2048, thinking=thinking,
                                           messages=history, betas=["interleaved-thinking-2025-05-14"],
                                                 extra_query={"beta": "true"})  # as Claude Code sends it
-    assert message.content[0].text == "claude: again"
+    assert message.content[0].type == "thinking" and message.content[0].signature
+    assert message.content[1].text == "claude: again"
     sent = claude.requests[-1]
     assert sent.query == "beta=true"
     assert sent.json["thinking"] == thinking and sent.json["messages"] == history

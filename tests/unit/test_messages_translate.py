@@ -248,6 +248,32 @@ CHAT_REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
                                       {"type": "tool_result", "tool_use_id": "c2", "content": "2"}]}],
       "tools": [{"name": "f", "input_schema": {"type": "object"}, "description": "d"}],
       "tool_choice": {"type": "tool", "name": "f", "disable_parallel_tool_use": True}, "max_tokens": 5}),
+    ("reasoning_effort: a thinking budget, max_tokens kept above it, sampling left to Anthropic",
+     {"messages": USER, "reasoning_effort": "high", "max_tokens": 1000, "temperature": 0.2, "top_p": 0.5},
+     {"messages": USER, "thinking": {"type": "enabled", "budget_tokens": 4096}, "max_tokens": 5096}),
+    ("reasoning_effort low, room enough", {"messages": USER, "reasoning_effort": "low", "max_tokens": 8000},
+     {"messages": USER, "thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 8000}),
+    ("reasoning_effort none: no thinking", {"messages": USER, "reasoning_effort": "none", "temperature": 0.2},
+     {"messages": USER, "max_tokens": DEFAULT_MAX_TOKENS, "temperature": 0.2}),
+    ("thinking passed as it is", {"messages": USER, "thinking": {"type": "enabled", "budget_tokens": 2000}},
+     {"messages": USER, "thinking": {"type": "enabled", "budget_tokens": 2000}, "max_tokens": DEFAULT_MAX_TOKENS}),
+    ("thinking disabled", {"messages": USER, "thinking": {"type": "disabled"}, "max_tokens": 5},
+     {"messages": USER, "max_tokens": 5}),
+    ("thinking blocks given back first, with their signatures; unsigned and bare reasoning left out",
+     {"messages": [*USER, {"role": "assistant", "content": "calling", "reasoning_content": "let me see",
+                           "thinking_blocks": [{"type": "thinking", "thinking": "let me see", "signature": "c2ln"},
+                                               {"type": "thinking", "thinking": "unsigned"},
+                                               {"type": "redacted_thinking", "data": "ZW5j"}],
+                           "tool_calls": [{"id": "c1", "type": "function",
+                                           "function": {"name": "f", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": "c1", "content": "1"}],
+      "reasoning_effort": "medium", "max_tokens": 5},
+     {"messages": [*USER, {"role": "assistant", "content": [
+         {"type": "thinking", "thinking": "let me see", "signature": "c2ln"},
+         {"type": "redacted_thinking", "data": "ZW5j"}, {"type": "text", "text": "calling"},
+         {"type": "tool_use", "id": "c1", "name": "f", "input": {}}]},
+         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c1", "content": "1"}]}],
+      "thinking": {"type": "enabled", "budget_tokens": 2048}, "max_tokens": 2053}),
 ]
 
 
@@ -262,7 +288,9 @@ def test_chat_request(chat: dict[str, Any], expected: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("param", "chat"), [
     ("n", {"messages": USER, "n": 2}), ("logprobs", {"messages": USER, "logprobs": True}),
     ("response_format", {"messages": USER, "response_format": {"type": "json_object"}}),
-    ("reasoning_effort", {"messages": USER, "reasoning_effort": "high"}),
+    ("reasoning_effort", {"messages": USER, "reasoning_effort": "extreme"}),
+    ("thinking.budget_tokens", {"messages": USER, "thinking": {"type": "enabled", "budget_tokens": 10}}),
+    ("thinking", {"messages": USER, "thinking": "on"}),
     ("messages[0].content[0]", {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}),
 ])
 def test_chat_refused_names_the_field(param: str, chat: dict[str, Any]) -> None:
@@ -280,7 +308,8 @@ def test_message_to_chat() -> None:
     chat = message_to_chat(message, 1)
     choice = chat["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "ok", "tool_calls": [
-        {"id": "tu", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}]}
+        {"id": "tu", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}],
+        "reasoning_content": "t", "thinking_blocks": [{"type": "thinking", "thinking": "t"}]}
     assert choice["finish_reason"] == "tool_calls"
     assert chat["usage"]["prompt_tokens"] == 18 and chat["usage"]["prompt_tokens_details"]["cached_tokens"] == 10
     assert find_usage(orjson.dumps(chat)) == Usage(18, 2, 10, 3)
@@ -314,3 +343,38 @@ def test_messages_error_event_becomes_openai_error() -> None:
     out = translator.feed(b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
                           b'"message":"busy"}}\n\n')
     assert orjson.loads(out[6:])["error"]["message"] == "busy" and b"[DONE]" not in out
+
+
+def test_message_thinking_to_chat_with_signatures_and_redacted_blocks() -> None:
+    message = {"id": "msg_1", "model": "claude", "stop_reason": "end_turn", "content": [
+        {"type": "thinking", "thinking": "first, ", "signature": "c2ln"},
+        {"type": "redacted_thinking", "data": "ZW5j"}, {"type": "text", "text": "done"}], "usage": {}}
+    reply = message_to_chat(message, 1)["choices"][0]["message"]
+    assert reply["content"] == "done" and reply["reasoning_content"] == "first, "
+    assert reply["thinking_blocks"] == [{"type": "thinking", "thinking": "first, ", "signature": "c2ln"},
+                                        {"type": "redacted_thinking", "data": "ZW5j"}]
+    # the client gives the turn back as it got it: the blocks return to Anthropic as they came
+    again = to_messages_request({"messages": [*USER, reply, {"role": "user", "content": "and?"}]})
+    assert again["messages"][1]["content"][:2] == message["content"][:2]
+
+
+def test_messages_stream_thinking_to_chat_deltas() -> None:
+    def ev(data: dict[str, Any]) -> bytes:
+        return b"event: " + data["type"].encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+    stream = (ev({"type": "message_start", "message": {"id": "m1", "usage": {"input_tokens": 4}}})
+              + ev({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}})
+              + ev({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hm"}})
+              + ev({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "c2"}})
+              + ev({"type": "content_block_start", "index": 1,
+                    "content_block": {"type": "redacted_thinking", "data": "ZW5j"}})
+              + ev({"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}})
+              + ev({"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": "hi"}})
+              + ev({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 6}})
+              + ev({"type": "message_stop"}))
+    out = MessagesToChatStream("claude", 1, include_usage=False).feed(stream)
+    deltas = [orjson.loads(line[6:])["choices"][0]["delta"] for line in out.split(b"\n\n")
+              if line.startswith(b"data: {")]
+    assert deltas[1] == {"reasoning_content": "hm", "thinking_blocks": [{"type": "thinking", "thinking": "hm"}]}
+    assert deltas[2] == {"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": "c2"}]}
+    assert deltas[3] == {"thinking_blocks": [{"type": "redacted_thinking", "data": "ZW5j"}]}
+    assert deltas[4] == {"content": "hi"}

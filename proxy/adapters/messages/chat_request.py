@@ -1,5 +1,10 @@
 """A Chat Completions request as a Messages request (for a provider that speaks only Messages), or a 400
-naming what Messages cannot honour (several choices, log probabilities, JSON modes, audio)."""
+naming what Messages cannot honour (several choices, log probabilities, JSON modes, audio).
+
+Extended thinking, as OpenAI-compatible gateways carry it in chat: `reasoning_effort` (or a `thinking`
+object passed as it is) turns on Anthropic's `thinking` with a token budget, and an assistant turn's
+`thinking_blocks` (with their signatures, which Anthropic requires back with tool use) go first in that
+turn's content."""
 
 from __future__ import annotations
 
@@ -13,8 +18,10 @@ from ...types import InvalidRequestError
 DEFAULT_MAX_TOKENS = 4096
 # chat fields with no Messages equivalent that change what the answer is: refused, naming the field
 _REFUSED = {"logprobs": "log probabilities", "top_logprobs": "log probabilities", "logit_bias": "logit_bias",
-            "audio": "audio output", "prediction": "predicted outputs", "reasoning_effort": "reasoning_effort",
+            "audio": "audio output", "prediction": "predicted outputs",
             "functions": "legacy functions (send tools)", "function_call": "legacy function_call (send tool_choice)"}
+# `reasoning_effort` as a thinking budget (Anthropic's least is 1024 tokens), as LiteLLM maps it
+THINKING_BUDGETS = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096}
 _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
            "refusal": "content_filter", "pause_turn": "stop"}
 
@@ -56,8 +63,11 @@ def to_messages_request(chat: dict[str, Any]) -> dict[str, Any]:
                            or DEFAULT_MAX_TOKENS}
     if system:
         out["system"] = "\n\n".join(system)
+    thinking = _thinking(chat, out)
     for name in ("temperature", "top_p", "stream"):
-        if chat.get(name) is not None:
+        # with thinking on, Anthropic takes only its own sampling (temperature 1): a route's or client's
+        # temperature would make every such call a 400
+        if chat.get(name) is not None and (thinking is None or name == "stream"):
             out[name] = chat[name]
     stop = chat.get("stop")
     if stop:
@@ -70,6 +80,37 @@ def to_messages_request(chat: dict[str, Any]) -> dict[str, Any]:
     if choice is not None and out.get("tools"):
         out["tool_choice"] = choice
     return out
+
+
+def _thinking(chat: dict[str, Any], out: dict[str, Any]) -> dict[str, Any] | None:
+    """Anthropic's `thinking` for the chat call (None: off), put in `out` with `max_tokens` raised above its
+    budget where needed (Anthropic counts thinking inside `max_tokens` and requires the budget below it: the
+    client's answer budget is kept on top of the thinking)."""
+    thinking = chat.get("thinking")
+    effort = chat.get("reasoning_effort")
+    if thinking is not None:
+        if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled"):
+            raise InvalidRequestError("'thinking' must be an object whose type is 'enabled' or 'disabled'",
+                                      param="thinking")
+        if thinking["type"] == "disabled":
+            return None
+        budget = thinking.get("budget_tokens")
+        if type(budget) is not int or budget < 1024:
+            raise InvalidRequestError("thinking.budget_tokens: must be an integer of at least 1024",
+                                      param="thinking.budget_tokens")
+        thinking = {"type": "enabled", "budget_tokens": budget}
+    elif effort is not None and effort != "none":
+        budget = THINKING_BUDGETS.get(effort) if isinstance(effort, str) else None
+        if budget is None:
+            raise InvalidRequestError(f"reasoning_effort: {effort!r} is not one of none, "
+                                      f"{', '.join(THINKING_BUDGETS)}", param="reasoning_effort")
+        thinking = {"type": "enabled", "budget_tokens": budget}
+    else:
+        return None
+    out["thinking"] = thinking
+    if out["max_tokens"] <= thinking["budget_tokens"]:
+        out["max_tokens"] += thinking["budget_tokens"]
+    return thinking
 
 
 def _check_refused(chat: dict[str, Any]) -> None:
@@ -133,7 +174,7 @@ def _image_source(url: str) -> dict[str, Any]:
 
 
 def _assistant(message: dict[str, Any]) -> dict[str, Any]:
-    blocks: list[dict[str, Any]] = []
+    blocks = _thinking_blocks(message.get("thinking_blocks"))
     text = message.get("content")
     if text:
         blocks.append({"type": "text", "text": _text(text, "content")})
@@ -146,6 +187,22 @@ def _assistant(message: dict[str, Any]) -> dict[str, Any]:
         blocks.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
                        "input": arguments if isinstance(arguments, dict) else {"value": arguments}})
     return {"role": "assistant", "content": blocks or ""}
+
+
+def _thinking_blocks(given: Any) -> list[dict[str, Any]]:
+    """An assistant turn's thinking as the client gave it back (`thinking_blocks`, as tiergate answered them):
+    sent back first in the turn, signatures and redacted data as they were. A block without its signature
+    is left out (Anthropic refuses one it cannot verify); so is chat's bare `reasoning_content`."""
+    blocks: list[dict[str, Any]] = []
+    for block in given if isinstance(given, list) else ():
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "thinking" and isinstance(block.get("signature"), str) and block["signature"]:
+            blocks.append({"type": "thinking", "thinking": str(block.get("thinking") or ""),
+                           "signature": block["signature"]})
+        elif block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
+            blocks.append({"type": "redacted_thinking", "data": block["data"]})
+    return blocks
 
 
 def _tool(tool: Any, param: str) -> dict[str, Any]:

@@ -21,10 +21,26 @@ def chat_usage(usage: Any) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": read, "cache_creation_tokens": write}}
 
 
+def thinking_block(block: dict[str, Any]) -> dict[str, Any] | None:
+    """A `thinking` / `redacted_thinking` content block as chat's `thinking_blocks` carry it (LiteLLM's shape:
+    the block as Anthropic gave it, signature or redacted data included), so a client can send it back."""
+    kind = block.get("type")
+    if kind == "thinking":
+        found = {"type": "thinking", "thinking": str(block.get("thinking") or "")}
+        if block.get("signature") is not None:
+            found["signature"] = block["signature"]
+        return found
+    if kind == "redacted_thinking":
+        return {"type": "redacted_thinking", "data": block.get("data")}
+    return None
+
+
 def message_to_chat(message: dict[str, Any], created: int) -> dict[str, Any]:
-    """The chat completion a Message answers (thinking blocks stay behind: chat has no place for them)."""
+    """The chat completion a Message answers. Its thinking comes as OpenAI-compatible gateways give it:
+    the text in `reasoning_content`, the blocks (with their signatures) in `thinking_blocks`."""
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
+    thinking: list[dict[str, Any]] = []
     for block in message.get("content") or ():
         if not isinstance(block, dict):
             continue
@@ -34,9 +50,16 @@ def message_to_chat(message: dict[str, Any], created: int) -> dict[str, Any]:
             calls.append({"id": block.get("id"), "type": "function",
                           "function": {"name": block.get("name"),
                                        "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+        else:
+            found = thinking_block(block)
+            if found is not None:
+                thinking.append(found)
     reply: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
     if calls:
         reply["tool_calls"] = calls
+    if thinking:
+        reply["reasoning_content"] = "".join(b.get("thinking", "") for b in thinking)
+        reply["thinking_blocks"] = thinking
     return {"id": "chatcmpl-" + str(message.get("id") or ""), "object": "chat.completion", "created": created,
             "model": message.get("model"),
             "choices": [{"index": 0, "message": reply, "finish_reason": finish_reason(message.get("stop_reason")),

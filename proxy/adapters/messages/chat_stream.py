@@ -1,6 +1,7 @@
 """Messages' event stream as a Chat Completions stream: text and tool-call deltas as chunks, the finish
-reason, the usage chunk when the client asked for it, `data: [DONE]`. An `error` event ends it with
-OpenAI's error event instead."""
+reason, the usage chunk when the client asked for it, `data: [DONE]`. Thinking comes as OpenAI-compatible
+gateways stream it: `delta.reasoning_content` with each thinking delta, `delta.thinking_blocks` with its
+text, its signature, or a redacted block's data. An `error` event ends it with OpenAI's error event instead."""
 
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ class MessagesToChatStream:
 
     def _block_start(self, event: dict[str, Any]) -> bytes:
         block = event.get("content_block") or {}
+        if block.get("type") == "redacted_thinking":
+            return self._chunk({"thinking_blocks": [{"type": "redacted_thinking", "data": block.get("data")}]})
         if block.get("type") != "tool_use":
             return b""
         index = self.tools[event.get("index", 0)] = len(self.tools)
@@ -79,7 +82,13 @@ class MessagesToChatStream:
         if delta.get("type") == "input_json_delta" and event.get("index") in self.tools:
             return self._chunk({"tool_calls": [{"index": self.tools[event["index"]],
                                                 "function": {"arguments": delta.get("partial_json", "")}}]})
-        return b""  # thinking and signature deltas: chat has no place for them
+        if delta.get("type") == "thinking_delta":
+            text = delta.get("thinking", "")
+            return self._chunk({"reasoning_content": text, "thinking_blocks": [{"type": "thinking", "thinking": text}]})
+        if delta.get("type") == "signature_delta":
+            return self._chunk({"thinking_blocks": [{"type": "thinking", "thinking": "",
+                                                     "signature": delta.get("signature")}]})
+        return b""
 
     def _message_delta(self, event: dict[str, Any]) -> bytes:
         self.usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})

@@ -88,8 +88,15 @@ def function_call_item(item_id: str, call_id: str, name: str, arguments: str,
 
 
 def reasoning_item(item_id: str, text: str) -> dict[str, Any]:
-    return {"id": item_id, "type": "reasoning", "summary": [],
+    """A chat answer's reasoning (`reasoning_content`) as a Responses `reasoning` item: the text both as its
+    content and as its summary (what Responses clients show of a model's reasoning; Claude's thinking is
+    itself a summary)."""
+    return {"id": item_id, "type": "reasoning", "summary": reasoning_summary(text),
             "content": [{"type": "reasoning_text", "text": text}]}
+
+
+def reasoning_summary(text: str) -> list[dict[str, str]]:
+    return [{"type": "summary_text", "text": text}] if text else []
 
 
 def finish_status(finish_reason: Any) -> tuple[str, dict[str, str] | None]:

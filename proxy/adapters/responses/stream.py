@@ -18,6 +18,7 @@ from .response import (
     message_item,
     output_text_part,
     reasoning_item,
+    reasoning_summary,
     response_skeleton,
     translate_usage,
 )
@@ -204,6 +205,7 @@ class ChatStreamTranslator:
             self._emit(out, "response.reasoning_text.done", item_id=item["id"], output_index=index,
                        content_index=0, text=text)
             item["content"] = [{"type": "reasoning_text", "text": text}]
+            item["summary"] = reasoning_summary(text)
         item["status"] = "completed" if item["type"] == "message" else item.get("status")
         if item.get("status") is None:
             item.pop("status", None)
