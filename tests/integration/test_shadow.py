@@ -252,6 +252,31 @@ async def test_an_alias_that_is_a_route_mirrors_to_its_shadow(upstream, candidat
                  outcome="ok") == 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_shadow_that_speaks_only_messages_gets_the_call_translated(upstream, stream):
+    from ..anthropic_upstream import AnthropicUpstream
+
+    claude = await AnthropicUpstream().start()
+    try:
+        doc = table_doc(upstream)
+        doc["providers"]["claude"] = {"kind": "anthropic", "base_url": claude.url, "api_key": "sk-ant-SECRET-1"}
+        doc["routes"][0]["shadow"] = {"model": "claude/claude-haiku-4-5", "share": 1}
+        async with running(doc, config_with()) as (url, router):
+            sdk = client(url)
+            if stream:
+                [c async for c in await sdk.chat.completions.create(model="auto", messages=MESSAGES, stream=True)]
+            else:
+                await sdk.chat.completions.create(model="auto", messages=MESSAGES)
+            await router.shadows.settled()
+            metrics = metrics_of(router)
+    finally:
+        await claude.stop()
+    (sent,) = claude.requests
+    assert sent.path == "/v1/messages" and sent.json["model"] == "claude-haiku-4-5"
+    assert value(metrics, "tiergate_shadow_requests_total", model="claude/claude-haiku-4-5", outcome="ok") == 1
+    assert value(metrics, "tiergate_shadow_matches_total", model="claude/claude-haiku-4-5") == 1
+
+
 async def test_shutdown_cancels_running_shadows_without_waiting_for_them(upstream, candidate, caplog):
     caplog.set_level(logging.INFO)
     candidate.default = Ok(gate=asyncio.Event())  # never opened
