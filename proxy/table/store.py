@@ -28,7 +28,7 @@ import orjson
 from ..settings import MIGRATIONS_DIR, RouterConfig
 from ..types import ConfigError, ModelRef, TiergateError, cancel_and_wait
 from ..urls import redact_credentials
-from .routing import RoutingTable, table_from_dict
+from .routing import ANTHROPIC_KEY_HEADER, RoutingTable, table_from_dict
 
 log = logging.getLogger("tiergate.store")
 
@@ -212,7 +212,7 @@ async def seed(conn: asyncpg.Connection, doc: Mapping[str, Any], timeout: float)
                                           first_byte_timeout, pass_client_key, apis, stream_usage, continuation)
                VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14, $15, $16)""",
             str(name), str(p.get("kind") or "openai"), str(p.get("base_url") or ""), p.get("api_key_env"),
-            str(p.get("api_key_header") or "Authorization"), p.get("api_key"),
+            str(p.get("api_key_header") or _default_key_header(p.get("kind"))), p.get("api_key"),
             orjson.dumps({str(k): str(v) for k, v in (p.get("headers") or {}).items()}).decode(),
             p.get("failure_threshold"), p.get("recovery_timeout"), p.get("max_concurrency"),
             [str(m) for m in p.get("models") or ()], p.get("first_byte_timeout"), p.get("pass_client_key") is True,
@@ -332,6 +332,14 @@ async def read_snapshot(conn: asyncpg.Connection, config: RouterConfig) -> Snaps
     return Snapshot(table, fingerprint, available)
 
 
+_COLUMN_KEY_HEADER = "Authorization"  # llm_providers.api_key_header's default
+
+
+def _default_key_header(kind: Any) -> str:
+    """The header a provider's key goes in when the table names none: its kind's."""
+    return ANTHROPIC_KEY_HEADER if kind == "anthropic" else _COLUMN_KEY_HEADER
+
+
 TABLE_SETTINGS = ("embeddings_model", "model_rules", "passthrough_provider", "passthrough_paths", "groups")
 
 
@@ -341,8 +349,12 @@ def rows_to_doc(providers: Iterable[Mapping[str, Any]], routes: Iterable[Mapping
     """Rows as the same document the YAML file holds, for `table_from_dict`."""
     doc_providers: dict[str, Any] = {}
     for p in providers:
-        entry: dict[str, Any] = {"kind": p["kind"], "base_url": p["base_url"],
-                                 "api_key_header": p["api_key_header"]}
+        entry: dict[str, Any] = {"kind": p["kind"], "base_url": p["base_url"]}
+        if p["kind"] != "anthropic" or p["api_key_header"] != _COLUMN_KEY_HEADER:
+            # the column's default is OpenAI's header: on a row of kind anthropic it stands for that kind's
+            # own (x-api-key), as a row inserted by hand with no header means (`authorization` in lower case
+            # sends the key as a Bearer token all the same)
+            entry["api_key_header"] = p["api_key_header"]
         for key in ("api_key_env", "api_key", "failure_threshold", "recovery_timeout", "max_concurrency",
                     "first_byte_timeout", "apis", "stream_usage", "continuation"):
             if p.get(key) is not None:
