@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..outcome import RequestRecord, Result, ShadowRecord
 from ..planner.plan import Candidate, Plan
 from ..table.routing import RouteDecision
-from ..types import TiergateError
+from ..types import ModelRef, TiergateError
 from .costing import charge_answer, charge_stream
 from .shadow_match import UNKNOWN, Answer, compare, of_body, of_stream
 
@@ -44,14 +44,16 @@ _SLOT_HEADROOM = 0.1  # a shadow never takes the last tenth of its deployment's 
 class ShadowRun:
     """One mirrored request: what its primary answered, handed over when the primary has ended."""
 
-    __slots__ = ("request_id", "route", "ref", "stream", "primary", "_body", "_chunks", "_kept")
+    __slots__ = ("request_id", "route", "ref", "stream", "ended", "_tokens", "_body", "_chunks", "_kept")
 
-    def __init__(self, request_id: str, route: str, ref: Any, stream: bool):
+    def __init__(self, request_id: str, route: str, ref: ModelRef, stream: bool):
         self.request_id = request_id
         self.route = route
         self.ref = ref
         self.stream = stream
-        self.primary: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
+        # set when the primary has ended: whether it answered (a failure or a broken stream is no answer)
+        self.ended: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._tokens: int | None = None
         self._body: bytes | None = None
         self._chunks: list[bytes] = []
         self._kept = 0
@@ -77,24 +79,22 @@ class ShadowRun:
                 await close()
 
     def primary_finished(self, record: RequestRecord, error: BaseException | None) -> None:
-        """The primary has ended (`Router.finish`): what it answered, or None when it failed or broke."""
-        if self.primary.done():
+        """The primary has ended (`Router.finish`): whether it answered, and its output tokens. Its answer
+        is read later, in the shadow's task: the client's request is over, but the loop is shared."""
+        if self.ended.done():
             return
         state = record.stream_state
-        if error is not None or not 200 <= record.status < 300 or (state is not None and state.error):
-            self.primary.set_result(None)
-            return
-        tokens = record.usage.completion if record.usage is not None else None
-        # read in the shadow's task, not here: the client's request is over, but the loop is shared
-        self.primary.set_result(Answer(None, None, tokens))
+        if record.usage is not None:
+            self._tokens = record.usage.completion
+        self.ended.set_result(error is None and 200 <= record.status < 300 and (state is None or not state.error))
 
-    def primary_answer(self, answer: Answer) -> Answer:
-        """The primary's answer, read now (in the shadow's task) from what was kept."""
+    def primary_answer(self) -> Answer:
+        """The primary's answer, read from what was kept."""
         if self._body is not None:
-            return of_body(self._body, answer.tokens)
+            return of_body(self._body, self._tokens)
         if self._chunks:
-            return of_stream(self._chunks, answer.tokens)
-        return answer
+            return of_stream(self._chunks, self._tokens)
+        return Answer(None, None, self._tokens)
 
 
 class ShadowTraffic:
@@ -140,7 +140,7 @@ class ShadowTraffic:
         task.add_done_callback(self._tasks.discard)
         return run
 
-    def _busy(self, ref: Any) -> bool:
+    def _busy(self, ref: ModelRef) -> bool:
         """The deployment's connection slots are nearly all taken (or callers queue for them): a shadow
         would take one a client's call needs."""
         provider = self._loop.providers.get(ref.provider)
@@ -151,7 +151,7 @@ class ShadowTraffic:
             return False
         return slots.queued > 0 or slots.capacity - slots.active <= int(slots.capacity * _SLOT_HEADROOM)
 
-    def _dropped(self, request_id: str, route: str, ref: Any, stream: bool, why: str) -> None:
+    def _dropped(self, request_id: str, route: str, ref: ModelRef, stream: bool, why: str) -> None:
         self._send_report(ShadowRecord(request_id, route, ref, stream, why))
 
     async def _run(self, run: ShadowRun, call: Call, table: RoutingTable) -> None:
@@ -224,12 +224,10 @@ class ShadowTraffic:
     async def _match(self, run: ShadowRun, answer: Answer) -> str:
         """How the shadow's answer compares with the primary's, once the primary has ended."""
         try:
-            primary = await asyncio.wait_for(asyncio.shield(run.primary), self.timeout)
+            answered = await asyncio.wait_for(asyncio.shield(run.ended), self.timeout)
         except TimeoutError:
             return UNKNOWN
-        if primary is None:
-            return UNKNOWN
-        return compare(run.primary_answer(primary), answer)
+        return compare(run.primary_answer(), answer) if answered else UNKNOWN
 
     def _release(self, route: str) -> None:
         self.total -= 1
