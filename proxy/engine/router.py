@@ -107,7 +107,8 @@ class Router(LibraryAPI):
         self.planner.load.unavailable = self._deployment_out
         # a share of some routes' calls mirrored to their shadow deployment, in the background
         self.shadows = ShadowTraffic(self.loop, self.affinity, self.telemetry.shadow,
-                                     max_concurrency=self.config.shadow_max_concurrency, timeout=self.config.timeout)
+                                     max_concurrency=self.config.shadow_max_concurrency, timeout=self.config.timeout,
+                                     enabled=self.telemetry.enabled)
         self._limits_collected = False  # the limits' /metrics families, registered once
         self.started_at = time.time()
         self.initialized = False

@@ -101,7 +101,7 @@ class ShadowTraffic:
     """Starts, bounds, reports and cancels the shadow calls of one router."""
 
     def __init__(self, loop: AttemptLoop, affinity: ResponseAffinity, report: Callable[[ShadowRecord], None], *,
-                 max_concurrency: int, timeout: float, rng: random.Random | None = None):
+                 max_concurrency: int, timeout: float, enabled: bool = True, rng: random.Random | None = None):
         self._loop = loop
         self._affinity = affinity
         self._report = report
@@ -112,13 +112,14 @@ class ShadowTraffic:
         self.total = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
+        self.enabled = enabled  # monitoring off: a shadow would be paid for and never seen, so none is sent
 
     def mirror(self, call: Call, table: RoutingTable, record: RequestRecord) -> ShadowRun | None:
         """Maybe start the shadow of a request to a route that has one (after it is planned); the run
         the router hands the primary's answer to, or None when this request is not mirrored."""
         plan, endpoint = call.plan, call.endpoint
         shadow = plan.route.shadow if plan.route is not None else None
-        if shadow is None or self.closed or endpoint.kind != "chat" or endpoint.stateful:
+        if shadow is None or self.closed or not self.enabled or endpoint.kind != "chat" or endpoint.stateful:
             return None
         if shadow.share < 1.0 and self.random.random() >= shadow.share:
             return None

@@ -277,6 +277,13 @@ async def test_a_shadow_that_speaks_only_messages_gets_the_call_translated(upstr
     assert value(metrics, "tiergate_shadow_matches_total", model="claude/claude-haiku-4-5") == 1
 
 
+async def test_with_monitoring_off_nothing_is_mirrored(upstream, candidate):
+    async with running(shadow_doc(upstream, candidate), config_with(enable_monitoring=False)) as (url, router):
+        await client(url).chat.completions.create(model="auto", messages=MESSAGES)
+        await router.shadows.settled()
+    assert candidate.calls == 0 and upstream.calls == 1
+
+
 async def test_shutdown_cancels_running_shadows_without_waiting_for_them(upstream, candidate, caplog):
     caplog.set_level(logging.INFO)
     candidate.default = Ok(gate=asyncio.Event())  # never opened
