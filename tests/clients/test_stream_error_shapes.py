@@ -189,3 +189,14 @@ async def test_a_drain_ends_messages_and_responses_streams_each_in_its_own_apis_
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_responses_stream_from_claude_cut_ends_failed_with_the_responses_error_event(
+        claude: AnthropicUpstream, upstream: MockUpstream, start_tiergate: Any, http: aiohttp.ClientSession) -> None:
+    """Responses -> chat -> Messages: Claude's stream cut mid-answer ends, through both translations back,
+    with `response.failed` and the Responses error event."""
+    gate = await start_tiergate(_doc(claude, upstream))
+    claude.push(Cut(after=4))
+    body = await _raw(http, gate.v1 + "/responses", {**RESPONSES_ASK, "model": "code_generation:standard"})
+    assert b"event: response.failed" in body
+    assert _responses_error(body)["message"]
