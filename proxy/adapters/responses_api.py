@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -79,7 +79,7 @@ class ResponsesEndpoint(Endpoint):
         if chat is None:
             return decision, None
         translated = frozenset(chat_only)
-        translate = _translation(payload, chat, "resp_" + new_request_id().removeprefix("req_"))
+        translate = _translation(payload, _without_thinking(chat), "resp_" + new_request_id().removeprefix("req_"))
         claude = frozenset(c for c in chat_only if "chat" not in specs[c.provider].apis)
         if claude:  # providers that speak only Messages: Responses -> chat -> Messages, and back
             return _through_messages(decision, chat, claude, translated, translate)
@@ -146,11 +146,20 @@ def _through_messages(decision: RouteDecision, chat: dict[str, Any], claude: fro
         return decision, lambda ref: translate(ref) if ref in translated else None
 
     def send(ref: ModelRef) -> Translation | None:
-        if ref in claude:
-            return via_messages(translate(ref), ref)  # type: ignore[arg-type]
+        if ref in claude:  # the chat request with Claude's thinking blocks, which only Claude takes back
+            return via_messages(replace(translate(ref), payload=chat), ref)  # type: ignore[arg-type]
         return translate(ref) if ref in translated else None
 
     return decision, send
+
+
+def _without_thinking(chat: dict[str, Any]) -> dict[str, Any]:
+    """`chat` as a chat provider gets it: without the thinking blocks of Claude's earlier turns (input
+    reasoning items tiergate wrote), which only a Messages provider takes back."""
+    messages = chat["messages"]
+    if not any("thinking_blocks" in m for m in messages):
+        return chat
+    return {**chat, "messages": [{k: v for k, v in m.items() if k != "thinking_blocks"} for m in messages]}
 
 
 def _translation(request: dict[str, Any], chat: dict[str, Any], response_id: str) -> Translator:

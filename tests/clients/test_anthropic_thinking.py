@@ -84,3 +84,23 @@ async def test_responses_reasoning_reaches_claude_and_comes_back_as_a_reasoning_
                                            reasoning={"effort": "low"}, stream=True)
     done = [event.item async for event in stream if event.type == "response.output_item.done"]
     assert done[0].type == "reasoning" and done[0].summary[0].text == "Thinking about streamed."
+
+
+async def test_responses_tool_round_trip_with_thinking_gives_claude_its_blocks_back(
+        client: openai.AsyncOpenAI, claude: AnthropicUpstream) -> None:
+    """A Responses client that sends the output items back as input (as the agents SDKs do) gives Claude its
+    signed thinking blocks back through the reasoning item's encrypted_content: the tool-use turn is accepted."""
+    tool = {"type": "function", "name": "weather", "parameters": WEATHER["function"]["parameters"]}
+    history: list[Any] = [{"role": "user", "content": "weather in Paris?"}]
+    first = await client.responses.create(model="general_purpose:standard", input=history, tools=[tool],
+                                          reasoning={"effort": "low"}, store=False)
+    assert [o.type for o in first.output] == ["reasoning", "message", "function_call"]
+    call = first.output[-1]
+    history += [o.model_dump(exclude_none=True) for o in first.output]
+    history.append({"type": "function_call_output", "call_id": call.call_id, "output": "sunny"})
+    second = await client.responses.create(model="general_purpose:standard", input=history, tools=[tool],
+                                           reasoning={"effort": "low"}, store=False)
+    assert second.output_text == "claude: sunny"
+    turn = claude.requests[-1].json["messages"][1]["content"]
+    assert turn[0] == {"type": "thinking", "thinking": "Thinking about weather in Paris?.",
+                       "signature": "c2lnLW1vY2s="}

@@ -366,9 +366,54 @@ def test_any_request_translates_or_is_a_400(request_body: dict[str, Any]) -> Non
 @given(st.lists(st.binary(max_size=64) | st.builds(lambda v: b"data: " + orjson.dumps(v) + b"\n\n", _json | st.builds(
     lambda d, f, u: {"choices": [{"index": 0, "delta": d, "finish_reason": f}], "usage": u},
     st.fixed_dictionaries({}, optional={"content": _json, "reasoning_content": _json, "tool_calls": st.lists(
-        st.fixed_dictionaries({}, optional={"index": _json, "id": _json, "function": _json}), max_size=2)}),
+        st.fixed_dictionaries({}, optional={"index": _json, "id": _json, "function": _json}), max_size=2),
+        "thinking_blocks": _json | st.lists(st.fixed_dictionaries({}, optional={
+            "type": st.sampled_from(["thinking", "redacted_thinking"]) | _json, "thinking": _json,
+            "signature": _json, "data": _json}), max_size=2)}),
     _json, _json)), max_size=6))
 def test_any_upstream_bytes_end_in_a_well_formed_stream(chunks: list[bytes]) -> None:
     translator = ChatStreamTranslator({"input": "x"}, "resp_f", 1, "m")
     out = b"".join(translator.feed(c) for c in chunks) + translator.close()
     assert _events(out)[-1].type in ("response.completed", "response.incomplete", "error")
+
+
+SIGNED = [{"type": "thinking", "thinking": "first, ", "signature": "c2ln"},
+          {"type": "redacted_thinking", "data": "ZW5j"}]
+
+
+def test_claudes_thinking_blocks_travel_in_a_reasoning_items_encrypted_content_and_back() -> None:
+    """A chat answer carrying Claude's thinking blocks: the reasoning item holds them (opaque) in
+    `encrypted_content`; given back as input, they return on the assistant turn after it, for Claude."""
+    chat = {"id": "c", "model": "claude", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": None, "reasoning_content": "first, ", "thinking_blocks": SIGNED,
+        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]}
+    response = chat_to_response(chat, {"input": "x"}, "resp_t1")
+    reasoning = response["output"][0]
+    assert reasoning["type"] == "reasoning" and reasoning["summary"] == [{"type": "summary_text", "text": "first, "}]
+    assert reasoning["encrypted_content"].startswith("tiergate-thinking:")
+    again = to_chat_request({"model": "m", "input": [
+        {"role": "user", "content": "x"}, *response["output"],
+        {"type": "function_call_output", "call_id": "call_1", "output": "42"}]})
+    assert again["messages"][1]["thinking_blocks"] == SIGNED and again["messages"][1]["tool_calls"]
+    # an encrypted_content tiergate did not write (OpenAI's own) is left out, as before
+    other = to_chat_request({"model": "m", "input": [{"type": "reasoning", "id": "rs", "summary": [],
+                                                      "encrypted_content": "gAAAA..."},
+                                                     {"role": "assistant", "content": "ok"}]})
+    assert "thinking_blocks" not in other["messages"][0]
+
+
+def test_streamed_thinking_blocks_are_put_back_together_in_the_reasoning_item() -> None:
+    data = _sse({**_BASE, "choices": [{"index": 0, "delta": {"reasoning_content": "first", "thinking_blocks": [
+                    {"type": "thinking", "thinking": "first"}]}, "finish_reason": None}]},
+                {**_BASE, "choices": [{"index": 0, "delta": {"reasoning_content": ", ", "thinking_blocks": [
+                    {"type": "thinking", "thinking": ", "}]}, "finish_reason": None}]},
+                {**_BASE, "choices": [{"index": 0, "delta": {"thinking_blocks": [
+                    {"type": "thinking", "thinking": "", "signature": "c2ln"}]}, "finish_reason": None}]},
+                {**_BASE, "choices": [{"index": 0, "delta": {"thinking_blocks": [SIGNED[1]]}, "finish_reason": None}]},
+                {**_BASE, "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]})
+    events = _events(_feed_split(ChatStreamTranslator({"input": "x"}, "resp_t2", 1, "m"), data, 9))
+    item = events[-1].response.output[0]
+    assert item.type == "reasoning" and item.summary[0].text == "first, "
+    output = [o.model_dump(exclude_none=True) for o in events[-1].response.output]
+    again = to_chat_request({"model": "m", "input": [{"role": "user", "content": "x"}, *output]})
+    assert again["messages"][1]["thinking_blocks"] == SIGNED

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...types import InvalidRequestError
+from .response import thinking_from
 
 # Responses-only fields that describe bookkeeping on the Responses side; a chat call has no use for them
 _DROPPED = frozenset({"store", "include", "truncation", "metadata", "instructions", "input", "text",
@@ -102,6 +103,7 @@ def to_chat_request(body: dict[str, Any]) -> dict[str, Any]:
 def _input_messages(items: list[Any], where: str) -> list[dict[str, Any]]:
     """Input items as chat messages: consecutive function calls join the assistant message before them."""
     out: list[dict[str, Any]] = []
+    thinking: list[dict[str, Any]] | None = None  # a reasoning item's thinking blocks, for the turn after it
     for i, item in enumerate(items):
         param = f"{where}[{i}]"
         if not isinstance(item, dict):
@@ -113,6 +115,8 @@ def _input_messages(items: list[Any], where: str) -> list[dict[str, Any]]:
             raise InvalidRequestError(f"'{param}.type' must be a string", param=f"{param}.type")
         if kind == "message":
             out.append(_message(item, param))
+            if thinking is not None and out[-1]["role"] == "assistant":
+                out[-1]["thinking_blocks"], thinking = thinking, None
         elif kind == "function_call":
             call = {"id": _str(item, "call_id", param), "type": "function",
                     "function": {"name": _str(item, "name", param), "arguments": item.get("arguments") or ""}}
@@ -123,11 +127,15 @@ def _input_messages(items: list[Any], where: str) -> list[dict[str, Any]]:
                     last["content"] = None
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                if thinking is not None:
+                    out[-1]["thinking_blocks"], thinking = thinking, None
         elif kind == "function_call_output":
             out.append({"role": "tool", "tool_call_id": _str(item, "call_id", param),
                         "content": _tool_output(item.get("output"), param)})
         elif kind == "reasoning":
-            continue  # the model's own earlier reasoning: Chat Completions has no place to send it back
+            # the model's own earlier reasoning: Chat Completions has no place for it, except Claude's
+            # thinking blocks (which tiergate gave as its encrypted_content), sent back with the turn after it
+            thinking = thinking_from(item.get("encrypted_content"))
         elif kind == "item_reference":
             raise _refuse(f"'{param}' refers to an item stored at a Responses API provider", param)
         elif kind in _BUILTIN_CALLS:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
+
+import orjson
 
 # chat finish_reason -> (Response status, incomplete_details.reason)
 _FINISH = {"length": ("incomplete", "max_output_tokens"), "content_filter": ("incomplete", "content_filter")}
@@ -99,6 +102,30 @@ def reasoning_summary(text: str) -> list[dict[str, str]]:
     return [{"type": "summary_text", "text": text}] if text else []
 
 
+_THINKING = "tiergate-thinking:"  # what tiergate's own encrypted_content starts with
+
+
+def thinking_content(blocks: list[dict[str, Any]]) -> str | None:
+    """A chat answer's `thinking_blocks` (Claude's, with their signatures) as a reasoning item's
+    `encrypted_content`: opaque to the client, which gives the item back as input so that the blocks
+    reach Claude again (it requires them back with tool use). None when no block can be given back."""
+    kept = [b for b in blocks if isinstance(b, dict) and (b.get("signature") or b.get("type") == "redacted_thinking")]
+    if not kept:
+        return None
+    return _THINKING + base64.urlsafe_b64encode(orjson.dumps(kept)).decode()
+
+
+def thinking_from(encrypted: Any) -> list[dict[str, Any]] | None:
+    """The thinking blocks in an input reasoning item's `encrypted_content`, when tiergate wrote it."""
+    if not isinstance(encrypted, str) or not encrypted.startswith(_THINKING):
+        return None
+    try:
+        blocks = orjson.loads(base64.urlsafe_b64decode(encrypted[len(_THINKING):]))
+    except (ValueError, orjson.JSONDecodeError):
+        return None
+    return [b for b in blocks if isinstance(b, dict)] if isinstance(blocks, list) else None
+
+
 def finish_status(finish_reason: Any) -> tuple[str, dict[str, str] | None]:
     status, reason = _FINISH.get(finish_reason, ("completed", None)) if isinstance(finish_reason, str) \
         else ("completed", None)
@@ -118,8 +145,13 @@ def chat_to_response(chat: Any, request: dict[str, Any], response_id: str) -> di
     output: list[dict[str, Any]] = []
     suffix = response_id.removeprefix("resp_")
     reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
-        output.append(reasoning_item(f"rs_{suffix}", reasoning))
+    encrypted = thinking_content(message["thinking_blocks"]) if isinstance(message.get("thinking_blocks"), list) \
+        else None
+    if isinstance(reasoning, str) and reasoning or encrypted is not None:
+        item = reasoning_item(f"rs_{suffix}", reasoning if isinstance(reasoning, str) else "")
+        if encrypted is not None:
+            item["encrypted_content"] = encrypted
+        output.append(item)
     content = message.get("content")
     refusal = message.get("refusal")
     if isinstance(content, str) and content or isinstance(refusal, str) and refusal:

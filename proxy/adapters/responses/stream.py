@@ -20,6 +20,7 @@ from .response import (
     reasoning_item,
     reasoning_summary,
     response_skeleton,
+    thinking_content,
     translate_usage,
 )
 
@@ -43,6 +44,7 @@ class ChatStreamTranslator:
         self._args: dict[int, list[str]] = {}
         self._finish: Any = None
         self._usage: dict[str, Any] | None = None
+        self._thinking: list[dict[str, Any]] = []  # the open reasoning item's thinking blocks, as they add up
 
     # -- the interface ------------------------------------------------------------------------
 
@@ -129,12 +131,16 @@ class ChatStreamTranslator:
 
     def _delta(self, delta: dict[str, Any], out: list[bytes]) -> None:
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
+        blocks = delta.get("thinking_blocks")
+        if isinstance(reasoning, str) and reasoning or isinstance(blocks, list) and blocks:
             if self._open is None or self._open["type"] != "reasoning":
                 self._close_open(out)
                 item = reasoning_item(f"rs_{self._suffix}_{len(self._output)}", "")
                 item["content"] = []
                 self._open_item(item, out)
+            if isinstance(blocks, list):
+                self._add_thinking(blocks)
+        if isinstance(reasoning, str) and reasoning:
             self._text.append(reasoning)
             self._emit(out, "response.reasoning_text.delta", item_id=self._open["id"],  # type: ignore[index]
                        output_index=len(self._output) - 1, content_index=0, delta=reasoning)
@@ -206,10 +212,32 @@ class ChatStreamTranslator:
                        content_index=0, text=text)
             item["content"] = [{"type": "reasoning_text", "text": text}]
             item["summary"] = reasoning_summary(text)
+            encrypted = thinking_content(self._thinking)
+            if encrypted is not None:
+                item["encrypted_content"] = encrypted
+            self._thinking = []
         item["status"] = "completed" if item["type"] == "message" else item.get("status")
         if item.get("status") is None:
             item.pop("status", None)
         self._emit(out, "response.output_item.done", output_index=index, item=item)
+
+    def _add_thinking(self, pieces: list[Any]) -> None:
+        """Streamed thinking blocks put back together: a thinking block's text comes in pieces and its
+        signature last; a redacted block comes whole."""
+        blocks = self._thinking
+        for piece in pieces:
+            if not isinstance(piece, dict):
+                continue
+            if piece.get("type") == "redacted_thinking":
+                blocks.append(dict(piece))
+            elif piece.get("type") == "thinking":
+                last = blocks[-1] if blocks else None
+                if last is None or last.get("type") != "thinking" or "signature" in last:
+                    last = {"type": "thinking", "thinking": ""}
+                    blocks.append(last)
+                last["thinking"] += str(piece.get("thinking") or "")
+                if piece.get("signature"):
+                    last["signature"] = piece["signature"]
 
     def _close_calls(self, out: list[bytes]) -> None:
         for index, item in self._calls.items():
