@@ -1,6 +1,7 @@
 """Machine instructions per proxied request, from valgrind's callgrind: C-level work included.
 
     python bench/callgrind.py [--pythonpath DIR] [--upstream http://127.0.0.1:18001/v1] [--requests 800]
+                              [--strategy ordered|weighted|least_latency|cheapest]
 
 Runs `tiergate serve` (uvloop, one worker, health checks off) under `valgrind --tool=callgrind`
 twice, serving 8 and then 8 + N requests (aiohttp, 8 concurrent, the body and headers of
@@ -8,7 +9,9 @@ twice, serving 8 and then 8 + N requests (aiohttp, 8 concurrent, the body and he
 A count, not a timing: the machine's load does not change it (string hashing is seeded the same in
 every run, so two runs of one build agree to a few hundred instructions). Needs valgrind and an upstream
 answering `POST /v1/chat/completions` (`bench/mock_upstream.py`). `--pythonpath` measures another
-checkout (e.g. a worktree of an older build) with the same interpreter and packages.
+checkout (e.g. a worktree of an older build) with the same interpreter and packages. `--strategy S`
+routes to two deployments (`bench-model`, then `bench-model-b`) under strategy S (weights 9:1 for
+`weighted`), so one strategy's cost per request can be compared with another's.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from opcount import LOAD  # the same requests as the opcode count
 
 REPO = Path(__file__).resolve().parent.parent
 EXTRA_ENV: dict[str, str] = {}  # --env KEY=VALUE
+STRATEGY: list[str] = []  # --strategy: the route's, over two deployments
 _TOTALS = re.compile(r"^(?:summary|totals):\s*([\d,]+)", re.MULTILINE)
 
 
@@ -53,8 +57,13 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 300
 def instructions(pythonpath: str, upstream: str, requests: int, workdir: Path) -> int:
     """Total instructions (Ir) of one `tiergate serve` process that served `requests` requests."""
     table = workdir / "routes.yaml"
+    route = "{use_case: general_purpose, tier: standard, model: bench/bench-model}"
+    if STRATEGY:
+        weights = ", weights: [9, 1]" if STRATEGY[0] == "weighted" else ""
+        route = ("{use_case: general_purpose, tier: standard, model: bench/bench-model, "
+                 f"fallbacks: [bench/bench-model-b], strategy: {STRATEGY[0]}{weights}}}")
     table.write_text(f'providers:\n  bench: {{base_url: "{upstream}", api_key: sk-bench}}\n'
-                     "routes:\n  - {use_case: general_purpose, tier: standard, model: bench/bench-model}\n")
+                     f"routes:\n  - {route}\n")
     port = free_port()
     out = workdir / f"callgrind.{requests}.out"
     env = {**os.environ, "PYTHONPATH": pythonpath, "TIERGATE_HEALTH_CHECK_INTERVAL": "0", **EXTRA_ENV,
@@ -84,7 +93,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=800, help="requests counted (beyond the 8 of warm-up)")
     parser.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for tiergate")
     parser.add_argument("--keep", metavar="DIR", help="leave the callgrind files in DIR (for callgrind_annotate)")
+    parser.add_argument("--strategy", help="the route's strategy, over two deployments (default: one deployment)")
     args = parser.parse_args()
+    if args.strategy:
+        STRATEGY.append(args.strategy)
     EXTRA_ENV.update(kv.split("=", 1) for kv in args.env)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.keep or tmp)

@@ -102,13 +102,12 @@ class Router(LibraryAPI):
             self.loop.events.on_cooldown_start.append(self._share_cooldown)
         self.quotas = Quotas(self.fleet, policy=self.config.limits_on_redis_failure)
         self.planner = Planner(self.quotas, self.affinity, fallback=self.config.enable_fallback)
-        # the attempt loop tells the planner's load of each attempt; least_latency skips what is out
-        self.loop.sender.load = self.planner.load
-        self.planner.load.unavailable = self._deployment_out
         # a share of some routes' calls mirrored to their shadow deployment, in the background
         self.shadows = ShadowTraffic(self.loop, self.affinity, self.telemetry.shadow,
                                      max_concurrency=self.config.shadow_max_concurrency, timeout=self.config.timeout,
                                      enabled=self.telemetry.enabled)
+        # least_latency skips what is out; the attempt loop tells the load of each attempt (set per table)
+        self.planner.load.unavailable = self._deployment_out
         self._limits_collected = False  # the limits' /metrics families, registered once
         self.started_at = time.time()
         self.initialized = False
@@ -282,7 +281,9 @@ class Router(LibraryAPI):
                                  for name, spec in table.providers.items()})
         for ref in table.models():  # every deployment of the table shows in health from the start
             self.breakers.of(ref)
-        self.planner.load.track(table.models())
+        # the deployments' live load, kept when some route chooses per request
+        self.planner.load.track(table.models() if table.chooses else ())
+        self.loop.sender.load = self.planner.load.stats if table.chooses else None
         self._table = table
         self._byok = any(spec.pass_client_key for spec in table.providers.values())
         self.telemetry.table_changed(table, GaugeSources(  # what the state gauges read when /metrics is scraped
@@ -496,7 +497,7 @@ class Router(LibraryAPI):
             cache=self.cache.stats(), batching=self.batcher.stats() if self.batcher is not None else None,
             warnings=self.key_warnings(),
             fleet_health=self.fleet_health.snapshot() if self.fleet_health is not None else None)
-        if table is not None:  # each deployment's moving latency, outstanding calls and weights
+        if table is not None and table.chooses:  # each deployment's moving latency, outstanding calls, weights
             named = {**{r.name: r for r in table.routes.values()},
                      **{f"alias:{a}": r for a, r in table.alias_routes.items()}}
             report["deployments"] = self.planner.load.snapshot(deployment_weights(table.groups, named))

@@ -22,10 +22,13 @@ DECAY_S = 10.0  # the average's time constant (Linkerd's default)
 # a deployment not measured yet is worth a try, but not by every call at once: each call already
 # waiting on it counts this many milliseconds
 _UNMEASURED_MS = 1000.0
+_exp = math.exp
 
 
 class DeploymentStats:
-    """One deployment's live load."""
+    """One deployment's live load. The attempt loop holds it for the length of an attempt: `outstanding`
+    is counted up when the attempt starts and `ended` settles it (a plain attribute and one call: this
+    runs on every attempt)."""
 
     __slots__ = ("outstanding", "latency_ms", "stamp", "samples")
 
@@ -34,6 +37,22 @@ class DeploymentStats:
         self.latency_ms = 0.0  # the peak-EWMA; meaningful once `samples` > 0
         self.stamp = 0.0
         self.samples = 0
+
+    def ended(self, latency_ms: float | None, ok: bool, now: float) -> None:
+        """An attempt is over at `now` (seconds, time.perf_counter); `latency_ms` is how long it took
+        (None: cancelled, not measured)."""
+        if self.outstanding > 0:
+            self.outstanding -= 1
+        if latency_ms is None:
+            return
+        average = self.latency_ms
+        if latency_ms >= average or not self.samples:
+            self.latency_ms = latency_ms
+        elif ok:  # a quick failure is no sign of speed: it never lowers the average
+            kept = _exp((self.stamp - now) / DECAY_S) if now > self.stamp else 1.0
+            self.latency_ms = average * kept + latency_ms * (1.0 - kept)
+        self.stamp = now
+        self.samples += 1
 
 
 def _never(ref: ModelRef) -> bool:
@@ -44,41 +63,29 @@ class DeploymentLoad:
     """Per deployment of the table: outstanding calls and the moving latency. `unavailable(ref)` says
     whether a deployment is out for now (an open breaker, a cooldown): set by whoever owns those."""
 
-    def __init__(self, decay_s: float = DECAY_S, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        # one dict for the router's lifetime (the attempt loop holds it), its entries the table's deployments
         self.stats: dict[ModelRef, DeploymentStats] = {}
-        self.decay_s = decay_s
         self.clock = clock
         self.unavailable: Callable[[ModelRef], bool] = _never
 
     def track(self, refs: Iterable[ModelRef]) -> None:
         """Keep the load of these deployments (a new table's): the ones kept keep what they measured."""
-        old = self.stats
-        self.stats = {ref: old.get(ref) or DeploymentStats() for ref in refs}
+        stats = self.stats
+        kept = {ref: stats.get(ref) or DeploymentStats() for ref in refs}
+        stats.clear()
+        stats.update(kept)
 
-    def started(self, ref: ModelRef) -> None:
+    def started(self, ref: ModelRef) -> DeploymentStats | None:
         stats = self.stats.get(ref)
         if stats is not None:
             stats.outstanding += 1
+        return stats
 
     def ended(self, ref: ModelRef, latency_ms: float | None, ok: bool) -> None:
-        """An attempt is over; `latency_ms` is how long it took (None: it was cancelled, not measured)."""
         stats = self.stats.get(ref)
-        if stats is None:
-            return
-        if stats.outstanding > 0:
-            stats.outstanding -= 1
-        if latency_ms is None:
-            return
-        if not ok and latency_ms < stats.latency_ms:  # a quick failure is no sign of speed
-            latency_ms = stats.latency_ms
-        now = self.clock()
-        if stats.samples == 0 or latency_ms >= stats.latency_ms:
-            stats.latency_ms = latency_ms
-        else:
-            kept = math.exp(-max(0.0, now - stats.stamp) / self.decay_s)
-            stats.latency_ms = stats.latency_ms * kept + latency_ms * (1.0 - kept)
-        stats.stamp = now
-        stats.samples += 1
+        if stats is not None:
+            stats.ended(latency_ms, ok, self.clock())
 
     def cost(self, ref: ModelRef) -> float:
         """What sending one more call to `ref` is expected to cost: (outstanding + 1) x its moving latency;

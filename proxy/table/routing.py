@@ -250,6 +250,9 @@ class RoutingTable:
             else:
                 self.alias_routes[alias] = target
                 self._by_model[alias] = self._decision(f"alias:{alias}", target.candidates, target)
+        # some route chooses per request: the deployments' live load is worth keeping (else it is not kept,
+        # and an ordered table's attempts cost what they did)
+        self.chooses = bool(self.groups) or any(r.layout for r in (*self.routes.values(), *self.alias_routes.values()))
 
     def _decision(self, name: str, candidates: tuple[ModelRef, ...], route: Route | None = None,
                   layout: tuple[Group, ...] = ()) -> RouteDecision:

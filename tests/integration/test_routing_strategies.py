@@ -105,6 +105,9 @@ async def test_an_alias_naming_a_route_falls_back_with_the_sdk(upstream, backup,
     assert answer.choices[0].message.content == "backup answered model-b"
     assert raw.headers["x-tiergate-route"] == "alias:gpt-4o" and raw.headers["x-tiergate-attempts"] == "2"
     assert backup.requests[-1].json["max_tokens"] == 77  # the alias's route defaults apply
+    # no route chooses per request: no load is kept (the ordered path costs what it did)
+    assert "deployments" not in await running.router.get_health_status()
+    assert running.router.loop.sender.load is None
 
 
 async def test_too_large_for_the_cheaper_window_goes_to_the_larger_without_a_failed_call(

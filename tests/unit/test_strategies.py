@@ -72,7 +72,7 @@ def test_least_latency_prefers_the_less_loaded_and_puts_what_is_out_last():
 
 def test_peak_ewma_jumps_up_at_once_and_decays_down_with_time():
     now = [0.0]
-    load = DeploymentLoad(decay_s=10.0, clock=lambda: now[0])
+    load = DeploymentLoad(clock=lambda: now[0])
     load.track([A])
     load.ended(A, 20.0, True)
     load.ended(A, 300.0, True)

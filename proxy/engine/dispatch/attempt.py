@@ -27,7 +27,7 @@ from .events import AttemptEvents, CooldownStarted
 from .relay import relay, stream_error_event
 
 if TYPE_CHECKING:
-    from ...planner.load import DeploymentLoad
+    from ...planner.load import DeploymentStats
     from ...settings import RouterConfig
     from ...types import ModelRef
     from ..breaker import AsyncCircuitBreaker
@@ -64,7 +64,8 @@ class Sender:
         self.max_body = config.max_response_bytes
         self.rate_limit_cooldown = config.rate_limit_cooldown
         self.cooldown_cap = config.cooldown_cap
-        self.load: DeploymentLoad | None = None  # the deployments' live load, told of each attempt (planner)
+        # the deployments' live load (the planner's `DeploymentLoad.stats`), told of each attempt
+        self.load: dict[ModelRef, DeploymentStats] | None = None
         self._logged: set[tuple[str, str]] = set()
 
     def log_once(self, ref: ModelRef, exc: BaseException) -> None:
@@ -78,7 +79,7 @@ class Sender:
 class AttemptLife:
     """One attempt's lifetime: its pool slot, its deadline, its breaker trial, its report."""
 
-    __slots__ = ("sender", "provider", "ref", "breaker", "tally", "slots", "started", "stream")
+    __slots__ = ("sender", "provider", "ref", "breaker", "tally", "slots", "started", "stream", "load")
 
     def __init__(self, sender: Sender, provider: Provider, ref: ModelRef, breaker: AsyncCircuitBreaker,
                  tally: Tally):
@@ -108,8 +109,9 @@ class AttemptLife:
                 raise
         self.slots = slots
         load = self.sender.load
-        if load is not None:
-            load.started(self.ref)
+        stats = self.load = load.get(self.ref) if load is not None else None
+        if stats is not None:
+            stats.outstanding += 1
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
@@ -118,11 +120,12 @@ class AttemptLife:
             self.slots.release()
             self.slots = None
         ref, breaker = self.ref, self.breaker
-        latency_ms = (time.perf_counter() - self.started) * 1000
-        load = self.sender.load
-        if load is not None:  # a cancelled attempt (the client left, a hedge lost) measured nothing
-            load.ended(ref, latency_ms if exc is None or isinstance(exc, (Retryable, UpstreamStatusError)) else None,
-                       exc is None)
+        now = time.perf_counter()
+        latency_ms = (now - self.started) * 1000
+        stats = self.load
+        if stats is not None:  # a cancelled attempt (the client left, a hedge lost) measured nothing
+            stats.ended(latency_ms if exc is None or isinstance(exc, (Retryable, UpstreamStatusError)) else None,
+                        exc is None, now)
         if exc is None:
             if not self.stream and not breaker.clean:
                 breaker.record_success()  # a stream's relay settles the breaker at its end
