@@ -82,11 +82,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args)
     table = load_table(config.table_path, allow_model_override=config.allow_model_override)
     print(f"{config.table_path}: OK, {len(table.routes)} routes, {len(table.providers)} providers, "
-          f"{len(table.aliases)} aliases, {len(table.limits.specs) if table.limits else 0} limits")
+          f"{len(table.aliases) + len(table.alias_routes)} aliases, {len(table.groups)} groups, "
+          f"{len(table.limits.specs) if table.limits else 0} limits")
     print(f"{'route':<32} {'model':<48} fallbacks")
     for row in table.describe():
         shadow = row.get("shadow")
         mirrored = f"  (shadow: {shadow['model']}, {shadow['share']:.0%})" if shadow else ""
+        if row.get("strategy", "ordered") != "ordered" or row.get("groups"):  # chooses per request: say how
+            groups = f", groups {', '.join(row['groups'])}" if row.get("groups") else ""
+            mirrored += f"  (strategy {row['strategy']}{groups})"
         print(f"{row['route']:<32} {row['model']:<48} {', '.join(row['fallbacks']) or '-'}{mirrored}")
     from ..engine.providers import provider_has_key
     missing = [name for name, spec in table.providers.items() if not provider_has_key(spec, config)]

@@ -434,6 +434,7 @@ class RoutingTable:
                 "embeddings_model": [str(m) for m in r.embeddings],
                 "completions_model": [str(m) for m in r.completions],
                 "strategy": r.strategy,
+                "groups": [g.name for g in r.layout if len(g.members) > 1],
                 "shadow": None if r.shadow is None else {"model": str(r.shadow.model), "share": r.shadow.share,
                                                          "max_concurrency": r.shadow.max_concurrency},
             }

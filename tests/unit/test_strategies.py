@@ -124,6 +124,8 @@ def test_a_group_is_tried_whole_before_the_next_fallback():
     assert [c.ref for c in plan.candidates][2] == C and {c.ref for c in plan.candidates[:2]} == {A, B}
     assert record.strategy.startswith("ordered+g:least_latency ")
     assert t.resolve(None, None, "g").candidates == (A, B)  # a group's name is a model name too
+    assert t.describe()[0]["groups"] == ["g"] and t.chooses
+    assert not table().chooses  # an ordered table keeps no load
 
 
 def test_aliases_name_routes_and_the_plain_form_still_works():
