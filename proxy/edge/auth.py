@@ -138,11 +138,12 @@ AUTH_KEY = web.AppKey("auth", InboundAuth)
 
 def client_provider_key(headers: Mapping[str, str], auth: InboundAuth) -> str | None:
     """The client's own key for a `pass_client_key` provider: `X-Tiergate-Provider-Key` (a bare key or
-    `Bearer <key>`), or, when tiergate has no inbound keys (a sidecar), the client's Authorization.
-    Never one of tiergate's inbound keys: that would hand a working gateway credential to a provider."""
+    `Bearer <key>`), or, when tiergate has no inbound keys (a sidecar), the client's Authorization (or
+    `x-api-key`, where the Anthropic SDKs put it). Never one of tiergate's inbound keys: that would hand a
+    working gateway credential to a provider."""
     value = headers.get(PROVIDER_KEY_HEADER)
     if value is None and not auth.enabled:
-        value = headers.get("Authorization")
+        value = headers.get("Authorization") or headers.get("x-api-key")
     if not value:
         return None
     scheme, _, rest = value.strip().partition(" ")
