@@ -200,3 +200,20 @@ async def test_a_responses_stream_from_claude_cut_ends_failed_with_the_responses
     body = await _raw(http, gate.v1 + "/responses", {**RESPONSES_ASK, "model": "code_generation:standard"})
     assert b"event: response.failed" in body
     assert _responses_error(body)["message"]
+
+
+async def test_a_translated_responses_stream_recovery_cannot_continue_ends_failed_with_the_responses_error(
+        claude: AnthropicUpstream, upstream: MockUpstream, backup: MockUpstream, start_tiergate: Any,
+        http: aiohttp.ClientSession) -> None:
+    """A Responses call answered by a chat-only provider on a recovering route with nothing to continue it:
+    the chat-level break reaches the client as `response.failed` and the Responses error event."""
+    doc = _doc(claude, upstream)
+    doc["providers"]["chatonly"] = {"base_url": backup.url, "api_key": "sk-chat-only-4444", "apis": ["chat"]}
+    doc["routes"].append({"use_case": "debugging", "tier": "standard", "model": "chatonly/model-a",
+                          "stream_recovery": "continue"})
+    gate = await start_tiergate(doc)
+    backup.push(BreakStream(after=3))
+    body = await _raw(http, gate.v1 + "/responses", {**RESPONSES_ASK, "model": "debugging:standard"})
+    assert b"event: response.failed" in body and b'data: {"error"' not in body
+    assert _responses_error(body)["message"]
+    assert "recovered" not in gate.router.recovery.stats()
