@@ -49,7 +49,7 @@ OUTCOMES = ("recovered", "failed", "refused_tool_call", "refused_structured", "r
 # is read from them unless the stream breaks), then read into the answer's text (an event is ~30 times
 # its text), which is given up past KEEP_TEXT characters (~64k tokens): such a stream, broken, ends with
 # its error event. A stream holds at most about both.
-KEEP_EVENTS = 64 * 1024
+KEEP_EVENTS = 32 * 1024
 KEEP_TEXT = 256 * 1024
 PREFILLS = ("prefix", "continue_final_message")  # continue the assistant's message itself
 _ERROR_EVENT = b'data: {"error"'  # a provider's error event (in content it would be escaped: \"error\")

@@ -253,25 +253,23 @@ def partial(chunks: Iterable[bytes], into: Partial | None = None) -> Partial:
 
 
 _CONTENT = re.compile(rb'"content":"([^"\\]*(?:\\.[^"\\]*)*)"')
-_NOT_PLAIN = (b'"role"', b'"tool_calls"', b'"function_call"', b'"error"', b'"text"', DONE_EVENT)
 
 
 def fold(events: bytes, into: Partial | None) -> Partial:
     """`partial((events,), into)` for complete events, cheaper for the plain events of an answer under way
-    (OpenAI's compact layout; each event's one choice, index 0, adds content and has not finished): their
-    content strings are read by one regex pass and one JSON decode. Events that are not all plain (the
-    message opened, a tool call, a refusal, another choice, an end, an error) are read by `partial`."""
-    if into is None or any(marker in events for marker in _NOT_PLAIN):
+    (OpenAI's compact layout): when each event has one choice, index 0, one content string and a null
+    finish_reason, only their content strings are read (one regex pass, one JSON decode). Anything else
+    (the message opened, a tool call, a refusal, another choice, an end, spaces in the layout) is read by
+    `partial`. Counting a few byte strings is all the check costs."""
+    if into is None:
         return partial((events,), into)
     count = events.count
     n = count(b"data:")
-    if (count(b'"index":') != n or count(b'"index":0') != n or count(b'"finish_reason":null') != n
-            or count(b'"finish_reason"') != n or count(b'"refusal"') != count(b'"refusal":null')
-            or count(b'"content"') != count(b'"content":"') + count(b'"content":null')):
+    if (count(b'"finish_reason":null') != n or count(b'"content":"') != n or count(b'"index":0') != n
+            or count(b'"finish_reason"') != n or count(b'"index":') != n):
         return partial((events,), into)
     found = _CONTENT.findall(events)
-    if found:
-        into.text += "".join(orjson.loads(b'["' + b'","'.join(found) + b'"]'))
+    into.text += "".join(orjson.loads(b'["' + b'","'.join(found) + b'"]'))
     into.events += n
     return into
 
