@@ -1,7 +1,9 @@
 """Shadow traffic: a share of a route's calls also sent to the route's shadow deployment, in the background.
 
-The client gets only the primary's answer and never waits for the shadow: its task starts once the
-request is planned and nothing on the client's path awaits it. It is sent through the attempt loop like
+The client gets only the primary's answer and never waits for the shadow: its place is taken when the
+request is planned, its task starts once the primary has its answer (a stream's first chunk) or has
+failed, so that the shadow's own sending never holds the loop while the primary's answer waits to be
+read, and nothing on the client's path awaits it. It is sent through the attempt loop like
 any call (the shadow deployment's pooled session, key and breaker) to that deployment alone: no
 fallback, no second try, no cache, and nothing charged to the client key's limits or budgets. A stream
 is read to its end and thrown away. Bounded: at most the route's `max_concurrency` shadows at once (and
@@ -21,6 +23,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..outcome import RequestRecord, Result, ShadowRecord
@@ -44,7 +47,7 @@ _SLOT_HEADROOM = 0.1  # a shadow never takes the last tenth of its deployment's 
 class ShadowRun:
     """One mirrored request: what its primary answered, handed over when the primary has ended."""
 
-    __slots__ = ("request_id", "route", "ref", "stream", "ended", "_tokens", "_body", "_chunks", "_kept")
+    __slots__ = ("request_id", "route", "ref", "stream", "ended", "launch", "_tokens", "_body", "_chunks", "_kept")
 
     def __init__(self, request_id: str, route: str, ref: ModelRef, stream: bool):
         self.request_id = request_id
@@ -53,6 +56,7 @@ class ShadowRun:
         self.stream = stream
         # set when the primary has ended: whether it answered (a failure or a broken stream is no answer)
         self.ended: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.launch: Callable[[], None] | None = None  # starts the shadow's task (once)
         self._tokens: int | None = None
         self._body: bytes | None = None
         self._chunks: list[bytes] = []
@@ -64,6 +68,12 @@ class ShadowRun:
             self._body = result.body
         elif result.stream is not None:
             result.stream = self._tap(result.stream)
+        self._launch()
+
+    def _launch(self) -> None:
+        launch, self.launch = self.launch, None
+        if launch is not None:
+            launch()
 
     async def _tap(self, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """Every chunk passed on as it comes; the first MiB kept for the comparison."""
@@ -81,6 +91,7 @@ class ShadowRun:
     def primary_finished(self, record: RequestRecord, error: BaseException | None) -> None:
         """The primary has ended (`Router.finish`): whether it answered, and its output tokens. Its answer
         is read later, in the shadow's task: the client's request is over, but the loop is shared."""
+        self._launch()  # the primary failed before it answered: the shadow still goes
         if self.ended.done():
             return
         state = record.stream_state
@@ -134,12 +145,21 @@ class ShadowTraffic:
         mirrored = call.narrowed(Plan(name, plan.route, (Candidate(ref, table.plan(ref, plan.route)),)),
                                  payload=dict(call.payload), timeout=self.timeout, observer=None, raw_usage=False,
                                  recover=False, max_attempts=1)
-        self.running[name] = self.running.get(name, 0) + 1
+        self.running[name] = self.running.get(name, 0) + 1  # its place is taken now, its task starts later
         self.total += 1
-        task = asyncio.get_running_loop().create_task(self._run(run, mirrored, table))
+        run.launch = partial(self._start, run, mirrored, table)
+        return run
+
+    def _start(self, run: ShadowRun, call: Call, table: RoutingTable) -> None:
+        """The shadow's task, started once the primary has its answer (or has failed): the shadow's own
+        sending then never holds the loop while the primary's answer waits to be read."""
+        if self.closed:
+            self._release(run.route)
+            self._send_report(ShadowRecord(run.request_id, run.route, run.ref, run.stream, "cancelled"))
+            return
+        task = asyncio.get_running_loop().create_task(self._run(run, call, table))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return run
 
     def _busy(self, ref: ModelRef) -> bool:
         """The deployment's connection slots are nearly all taken (or callers queue for them): a shadow
