@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import openai
 import orjson
 import pytest
 import yaml
@@ -218,6 +219,35 @@ async def test_a_failing_shadow_touches_neither_the_client_nor_the_primarys_brea
     errors = [line["error"] for line in shadow_lines(caplog)]
     assert errors[:2] and all(errors) and all(line["match"] is None for line in shadow_lines(caplog))
     assert not unretrieved(caplog)
+
+
+async def test_a_shadow_is_not_charged_to_the_limits_and_budgets_of_the_key(upstream, candidate):
+    doc = shadow_doc(upstream, candidate)
+    doc["limits"] = [{"name": "rpm", "requests_per_minute": 2}, {"name": "budget", "usd_per_day": 1.0}]
+    async with running(doc, config_with()) as (url, router):
+        sdk = client(url)
+        for _ in range(2):
+            await sdk.chat.completions.create(model="auto", messages=MESSAGES)
+        await router.shadows.settled()
+        limits = {row["name"]: row for row in (await router.get_health_status())["limits"]["limits"]}
+        with pytest.raises(openai.RateLimitError):  # the key's third call, not the shadows, is over the limit
+            await sdk.chat.completions.create(model="auto", messages=MESSAGES)
+        metrics = metrics_of(router)
+    assert limits["rpm"]["used"] == 2
+    assert limits["budget"]["used"] == pytest.approx(2 * (10 * 0.5 + 3 * 1.0) / 1e6)  # the primary's cost alone
+    assert candidate.calls == 2 and value(metrics, "tiergate_shadow_cost_usd_total") > 0
+
+
+async def test_a_primary_that_fails_is_still_mirrored_and_nothing_is_compared(upstream, candidate):
+    upstream.push(Fail(400))  # the client's error, passed back at once
+    async with running(shadow_doc(upstream, candidate), config_with()) as (url, router):
+        with pytest.raises(openai.BadRequestError):
+            await client(url).chat.completions.create(model="auto", messages=MESSAGES)
+        await router.shadows.settled()
+        metrics = metrics_of(router)
+    assert candidate.calls == 1
+    assert value(metrics, "tiergate_shadow_requests_total", outcome="ok") == 1
+    assert value(metrics, "tiergate_shadow_matches_total", match="unknown") == 1
 
 
 async def test_a_share_mirrors_about_that_share(upstream, candidate):
