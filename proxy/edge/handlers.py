@@ -95,6 +95,7 @@ def routed_endpoint(endpoint: Endpoint, router: Router, auth: InboundAuth) -> Se
     max_body, body_timeout, max_messages = config.max_body_bytes, config.client_body_timeout, config.max_messages
     # `x-api-key` is the client's key (tiergate's, when it has keys: auth.py), never sent on
     forwarded = request_filter((*config.drop_headers, "x-api-key"))
+    providers = router.providers  # one dict for the router's life, changed in place by a new table
 
     async def serve(request: web.Request, record: RequestRecord, key: InboundKey | None) -> web.StreamResponse:
         headers = request.headers
@@ -127,10 +128,12 @@ def routed_endpoint(endpoint: Endpoint, router: Router, auth: InboundAuth) -> Se
             raise
         if own_key is not None or credentials is not None:
             result.headers = _own_secrets(own_key, credentials).headers(result.headers or {})
+        provider = providers.get(result.ref.provider)  # what tiergate sent it, kept out of the headers
+        secrets = provider.redactor if provider is not None else None
         if result.stream is None:
-            return web.Response(body=result.body, headers=result_headers(record, result.headers),
+            return web.Response(body=result.body, headers=result_headers(record, result.headers, secrets),
                                 content_type="application/json")
-        return await relay_stream(request, result.stream, record, result.headers, target.stream_error)
+        return await relay_stream(request, result.stream, record, result.headers, target.stream_error, secrets)
 
     return serve
 
@@ -143,10 +146,11 @@ def _own_secrets(own_key: str | None, credentials: Mapping[str, Mapping[str, str
 
 async def relay_stream(request: web.Request, chunks: AsyncIterator[bytes], record: RequestRecord,
                        upstream: Mapping[str, str] | None = None,
-                       error_event: Callable[..., bytes] = stream_error_event) -> web.StreamResponse:
+                       error_event: Callable[..., bytes] = stream_error_event,
+                       secrets: Redactor | None = None) -> web.StreamResponse:
     """The stream written to the client as it comes; one the drain cuts ends with `error_event`, the
-    error event of the client's API (its endpoint's `stream_error`)."""
-    headers = result_headers(record, upstream)
+    error event of the client's API (its endpoint's `stream_error`); `secrets` masked in its headers."""
+    headers = result_headers(record, upstream, secrets)
     headers["Content-Type"] = "text/event-stream"  # a header, not the content_type setter that parses it again
     response = web.StreamResponse(status=200, headers=headers)
     response.headers["Cache-Control"] = "no-cache"  # replaces the provider's, whatever its case

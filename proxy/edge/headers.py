@@ -12,6 +12,10 @@ the headers that pass.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..engine.redaction import Redactor
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
@@ -106,11 +110,16 @@ def request_filter(extra_drop: tuple[str, ...] = (), *, keep_authorization: bool
 RESPONSE_FILTER = HeaderFilter(DROPPED_RESPONSE_HEADERS, lower=True)
 
 
-def relayed_headers(upstream: Mapping[str, str] | None, request_id: str) -> dict[str, str]:
+def relayed_headers(upstream: Mapping[str, str] | None, request_id: str,
+                    secrets: Redactor | None = None) -> dict[str, str]:
     """The provider's response headers a client would have had from it, and the request ids: the
-    provider's `x-request-id` stays (the SDK reports it), tiergate's goes in `x-tiergate-request-id`."""
+    provider's `x-request-id` stays (the SDK reports it), tiergate's goes in `x-tiergate-request-id`.
+    `secrets`: what tiergate sent the provider, masked in the headers that cross back (only those: the
+    framing and the provider's own site headers are dropped first, so most answers have little to look at)."""
     if upstream:
         headers = RESPONSE_FILTER(upstream)
+        if headers and secrets is not None:
+            secrets.screen(headers)
         if "x-request-id" not in headers:
             headers["x-request-id"] = request_id
     else:

@@ -23,10 +23,12 @@ _ATTEMPTS = tuple(map(str, range(16)))  # x-tiergate-attempts, without a str() p
 ErrorShape = Callable[[TiergateError], "bytes | None"]
 
 
-def result_headers(record: RequestRecord, upstream: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The provider's headers that cross back, then tiergate's own: route, cache, attempts, model, cost."""
+def result_headers(record: RequestRecord, upstream: Mapping[str, str] | None = None,
+                   secrets: Redactor | None = None) -> dict[str, str]:
+    """The provider's headers that cross back (`secrets` masked in them), then tiergate's own: route,
+    cache, attempts, model, cost."""
     ref = record.ref
-    headers = relayed_headers(upstream, record.request_id)
+    headers = relayed_headers(upstream, record.request_id, secrets)
     headers["x-tiergate-route"] = record.route
     headers["x-tiergate-cache"] = record.cache
     tries = record.tries

@@ -212,8 +212,7 @@ class AttemptLife:
         status, ref = resp.status, self.ref
         if status != 200:
             raise status_failure(status, data, resp, ref, self.provider)
-        # a success's headers are screened too, as an error's are: a provider that echoes what it was sent
-        return Result(200, ref, self.tally.attempts, body=data, headers=self.provider.redactor.headers(resp.headers),
+        return Result(200, ref, self.tally.attempts, body=data, headers=resp.headers,
                       data=answer(data, answer_key, ref))
 
     async def _opened(self, resp: UpstreamResponse, body: bytes, done: tuple[bytes, ...],
@@ -246,7 +245,7 @@ class AttemptLife:
                       stream=relay(resp, first, ref, self.breaker, state, done, UsageFilter() if strip_usage else None,
                                    error_event),
                       content_type=content_type, first_byte_at=time.perf_counter(), stream_state=state,
-                      headers=self.provider.redactor.headers(resp.headers))
+                      headers=resp.headers)
 
     async def _read(self, resp: UpstreamResponse) -> bytes:
         """The whole body, refusing one over `max_response_bytes` (a failed attempt, not a memory blow-up)."""
