@@ -177,6 +177,10 @@ class ShadowTraffic:
 
     async def _run(self, run: ShadowRun, call: Call, table: RoutingTable) -> None:
         """The shadow call, read to its end; then, once the primary has ended too, the comparison and the report."""
+        if self._busy(run.ref):  # again: the load may have grown since the request was planned
+            self._release(run.route)
+            self._dropped(run.request_id, run.route, run.ref, run.stream, "dropped_load")
+            return
         record = ShadowRecord(run.request_id, run.route, run.ref, run.stream, "ok")
         started = time.perf_counter()
         answer = None
