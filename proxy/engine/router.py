@@ -372,7 +372,9 @@ class Router(LibraryAPI):
             plan = await self.planner.plan(decision, table, endpoint, payload, record, api_key_name)
         stream = bool(payload.get("stream")) and endpoint.streamable
         record.stream = stream
-        call = Call(endpoint, payload, plan, stream, headers, timeout, trace, credentials=credentials)
+        call = Call(endpoint, payload, plan, stream, headers, timeout, trace)
+        if credentials is not None:  # a keyword to the class would cost every call a dict
+            call = call._replace(credentials=credentials)
         shadow = None
         if plan.route is not None and plan.route.shadow is not None:  # a share mirrored to the route's shadow
             shadow = record.shadow = self.shadows.mirror(call, table, record)
