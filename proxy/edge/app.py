@@ -20,12 +20,12 @@ from aiohttp import HttpVersion11, web
 
 from ..adapters import ROUTED
 from ..engine.router import Router
-from ..outcome import new_request_id
 from ..settings import RouterConfig
 from ..types import ConfigError, InvalidRequestError, NotFoundError, TiergateError
 from .auth import AUTH_KEY, InboundAuth
 from .connections import DIRECT_ROUTES, ConnectionLimits, GuardedAppRunner, descriptor_budget
 from .handlers import model_entry, model_list, routed_endpoint
+from .headers import request_id
 from .openapi import openapi_json
 from .passthrough import passthrough, stored_response
 from .paths import canonical_target
@@ -87,7 +87,7 @@ async def health_details(request: web.Request) -> web.Response:
         try:
             auth.check(request.headers.get("Authorization"))
         except TiergateError as exc:
-            return error_response(exc, request.headers.get("x-request-id") or new_request_id())
+            return error_response(exc, request_id(request.headers))
     return web.json_response({**await request.app[ROUTER_KEY].get_health_status(), "pid": os.getpid()},
                              dumps=_dumps)
 
@@ -106,7 +106,7 @@ def make_metrics_handler(router: Router,
             if telemetry.metrics is None:
                 raise NotFoundError("metrics are off (ENABLE_MONITORING=false)")
         except TiergateError as exc:
-            return error_response(exc, request.headers.get("x-request-id") or new_request_id())
+            return error_response(exc, request_id(request.headers))
         body, content_type = await telemetry.scrape()  # rendered off the loop
         return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -129,7 +129,7 @@ async def not_found(request: web.Request) -> web.StreamResponse:
         return refused(None, request, "not_found", exc)
     if canonical is not None:
         return await reroute(request, canonical)
-    rid = request.headers.get("x-request-id") or new_request_id()
+    rid = request_id(request.headers)
     if request.path in KNOWN_PATHS:
         exc: TiergateError = InvalidRequestError(f"{request.method} is not allowed on {request.path}",
                                                  code="method_not_allowed")
@@ -149,7 +149,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
             return None
         exc = InvalidRequestError("unsupported Expect header; only 100-continue is", code="expectation_failed")
         exc.status = 417
-        return error_response(exc, request.headers.get("x-request-id") or new_request_id())
+        return error_response(exc, request_id(request.headers))
     return None
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from ..outcome import new_request_id
+
 if TYPE_CHECKING:
     from ..engine.redaction import Redactor
 
@@ -126,3 +128,14 @@ def relayed_headers(upstream: Mapping[str, str] | None, request_id: str,
         headers = {"x-request-id": request_id}
     headers["x-tiergate-request-id"] = request_id
     return headers
+
+
+# A client's `x-request-id` becomes tiergate's id for the request (so both sides' logs join), and is
+# written to the request log, spans and answers: one longer than this is not taken (a new id is made).
+REQUEST_ID_MAX = 128
+
+
+def request_id(headers: Mapping[str, str]) -> str:
+    """The client's `x-request-id` when it is one of a sane length, else a new id."""
+    given = headers.get("x-request-id")
+    return given if given and len(given) <= REQUEST_ID_MAX else new_request_id()

@@ -45,7 +45,10 @@ log = logging.getLogger("tiergate")
 # (tiergate's key: auth.py)
 _NOT_FORWARDED = HOP_BY_HOP | FORWARDING | {"host", "content-length", "content-encoding", "x-use-case",
                                             "x-model-tier", "expect", "cookie", "authorization", "x-api-key"}
-_NOT_RELAYED = HOP_BY_HOP | {"content-encoding", "content-length", "server", "date"}
+# as on the routed paths: what belongs to the provider's own site (its cookies, HSTS, alt-svc) is not
+# tiergate's to hand its clients, who would keep it for tiergate's host
+_NOT_RELAYED = HOP_BY_HOP | {"content-encoding", "content-length", "server", "date", "set-cookie", "alt-svc",
+                             "strict-transport-security"}
 _CHUNK = 64 * 1024
 
 

@@ -24,6 +24,7 @@ from ..outcome import RequestRecord, new_request_id
 from ..table.keys import InboundKey
 from ..types import InvalidRequestError
 from .auth import InboundAuth, presented_key
+from .headers import REQUEST_ID_MAX, request_id
 from .paths import canonical_target, is_unusual
 from .render import ErrorShape, failure
 
@@ -68,7 +69,7 @@ async def reroute(request: web.Request, target: str) -> web.StreamResponse:
 def refused(router: Router | None, request: web.Request, name: str, exc: InvalidRequestError) -> web.StreamResponse:
     """A request whose path is refused: answered in OpenAI's shape, and recorded (logged, counted) like
     any other when it came to a `/v1` route."""
-    record = RequestRecord(request.headers.get("x-request-id") or new_request_id(), name)
+    record = RequestRecord(request_id(request.headers), name)
     error, response = failure(exc, record)
     if router is not None:
         router.finish(record, error)
@@ -128,7 +129,8 @@ class Pipeline:
                 if target is not None:
                     return await reroute(request, target)
             headers = request.headers
-            record = RequestRecord(headers.get("x-request-id") or new_request_id(), name)
+            given = headers.get("x-request-id")  # request_id(), inline on the hot path
+            record = RequestRecord(given if given and len(given) <= REQUEST_ID_MAX else new_request_id(), name)
             error: BaseException | None = None
             task = request.task  # the handler's own task (asyncio.current_task() costs more)
             inflight.add(task)

@@ -5,6 +5,7 @@ real sockets, upstreams that record what they get."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
+from yarl import URL
 
 from proxy.engine.router import Router
 from proxy.settings import RouterConfig
@@ -453,3 +455,61 @@ async def test_cache_scope_loads_from_postgres_and_its_migration_runs_on_an_exis
         loaded = (await read_snapshot(schema.conn, config)).table
         assert loaded.resolve("code_generation", "premium", None, "chat").route.cache_scope == "shared"
         assert loaded.resolve("general_purpose", "standard", None, "chat").route.cache_scope == "key"
+
+
+# -- siblings: other calls tiergate makes with a credential ------------------------------------------
+
+async def test_the_span_exporter_does_not_follow_a_collectors_redirect(servers):
+    """The OTLP exporter's transport sends with allow_redirects=False itself (a regression guard: the
+    headers of OTEL_EXPORTER_OTLP_HEADERS often hold a vendor's key)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from proxy.observability.span_export import exporter_from_env
+
+    elsewhere = await servers(answer_ok)
+    collector = await servers(redirecting(lambda: elsewhere.origin + "/v1/traces"))
+    exporter = exporter_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": collector.origin,
+                                  "OTEL_EXPORTER_OTLP_HEADERS": "x-vendor-key=vendor-SECRET-123456"})
+    memory = InMemorySpanExporter()
+    traces = TracerProvider()
+    traces.add_span_processor(SimpleSpanProcessor(memory))
+    traces.get_tracer("test").start_span("call").end()
+    await asyncio.to_thread(exporter.export, memory.get_finished_spans())
+    exporter.shutdown()
+    assert [path for path, _ in collector.seen] == ["/v1/traces"]
+    assert collector.seen[0][1]["x-vendor-key"] == "vendor-SECRET-123456"
+    assert elsewhere.seen == []  # the vendor's key stayed with the collector
+
+
+async def site_headers(request: web.BaseRequest) -> web.StreamResponse:
+    """An answer carrying what belongs to the provider's own site."""
+    return web.json_response({"object": "list", "data": [], "has_more": False}, headers={
+        "Set-Cookie": "__cf_bm=provider-session; path=/; HttpOnly", "Alt-Svc": 'h3=":443"; ma=86400',
+        "Strict-Transport-Security": "max-age=31536000", "x-request-id": "up-1"})
+
+
+async def test_pass_through_keeps_the_providers_site_headers_as_the_routed_paths_do(servers, run):
+    primary = await servers(site_headers)
+    running = await run({**one_route({"primary": provider(primary.origin + "/v1")}),
+                         "passthrough_provider": "primary"})
+    async with aiohttp.ClientSession() as http, http.get(running.v1 + "/files") as resp:
+        assert resp.status == 200 and resp.headers["x-request-id"] == "up-1"
+        for name in ("Set-Cookie", "Alt-Svc", "Strict-Transport-Security"):
+            assert name not in resp.headers
+        assert not http.cookie_jar.filter_cookies(URL(running.url))
+
+
+async def test_a_clients_request_id_is_kept_only_when_it_is_of_a_sane_length(servers, run):
+    primary = await servers(answer_ok)
+    running = await run(one_route({"primary": provider(primary.origin + "/v1")}))
+    async with aiohttp.ClientSession() as http:
+        for given, kept in (("req-client-0123456789abcdef", True), ("r" * 4000, False)):
+            async with http.post(running.v1 + "/chat/completions", headers={"x-request-id": given},
+                                 json={"model": "general_purpose", "messages": MESSAGES}) as resp:
+                assert resp.status == 200
+                assert (resp.headers["x-tiergate-request-id"] == given) is kept
+                assert len(resp.headers["x-tiergate-request-id"]) <= 128
+            async with http.get(running.v1 + "/no/such/path/../../..", headers={"x-request-id": given}) as resp:
+                assert len(resp.headers["x-request-id"]) <= 128
