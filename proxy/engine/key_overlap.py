@@ -9,8 +9,10 @@ name and the provider's.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from ..settings import RouterConfig
 from ..table.routing import ProviderSpec
@@ -38,6 +40,23 @@ def check_keys_apart(inbound: Iterable[str], providers: Mapping[str, ProviderSpe
                         f"provider {name!r}: a credential tiergate sends it is also the inbound key "
                         f"{_label(key_name)}, or part of it: give tiergate's clients keys of their own "
                         "(an inbound key must never be a provider's key)", param=f"providers.{name}")
+
+
+def check_stored_keys_apart(by_digest: Mapping[bytes, Any], providers: Mapping[str, ProviderSpec],
+                            config: RouterConfig) -> None:
+    """The same for the keys stored in Postgres, which are known by their SHA-256 only: a provider
+    credential equal to one of them is refused (a part of one cannot be told from a digest)."""
+    if not by_digest:
+        return
+    for name, spec in providers.items():
+        for secret in provider_secrets(spec, config):
+            if secret:
+                key = by_digest.get(hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest())
+                if key is not None:
+                    raise ConfigError(
+                        f"provider {name!r}: a credential tiergate sends it is also the stored inbound key "
+                        f"{_label(getattr(key, 'name', None))}: give tiergate's clients keys of their own (an "
+                        "inbound key must never be a provider's key)", param=f"providers.{name}")
 
 
 def _key(entry: str) -> tuple[str | None, str]:

@@ -39,7 +39,7 @@ from .cache import CacheControl, ResponseCache, cache_scope
 from .costing import charge_answer, charge_stream
 from .dispatch import AttemptLoop, Call, CooldownStarted
 from .health import HealthMonitor
-from .key_overlap import check_keys_apart
+from .key_overlap import check_keys_apart, check_stored_keys_apart
 from .library import LibraryAPI
 from .providers import Provider, make_provider
 from .recovery import StreamRecovery
@@ -123,6 +123,7 @@ class Router(LibraryAPI):
         self.on_keys_changed: list[Callable[[tuple[str, ...]], None]] = []
         # and the keys stored in Postgres (TIERGATE_DATABASE_KEYS), by their secrets' digests
         self.on_stored_keys_changed: list[Callable[[Mapping[bytes, Any]], None]] = []
+        self._stored_keys: Mapping[bytes, Any] = {}  # the last ones applied, kept apart from provider keys
         self._discovered: tuple[str, ...] = ()  # provider/model ids found by the last discovery
         self._byok = False
 
@@ -252,6 +253,9 @@ class Router(LibraryAPI):
             listener(keys)
 
     def _apply_stored_keys(self, ring: Any) -> None:
+        if self._table is not None:  # raises: the keys running stay
+            check_stored_keys_apart(ring.by_digest, self._table.providers, self.config)
+        self._stored_keys = ring.by_digest
         for listener in self.on_stored_keys_changed:
             listener(ring.by_digest)
 
@@ -262,6 +266,7 @@ class Router(LibraryAPI):
         time to finish (the drain timeout plus the request timeout). A table whose provider credential
         is an inbound key is refused (ConfigError) before anything starts: the running table stays."""
         check_keys_apart(self.inbound_keys, table.providers, self.config)
+        check_stored_keys_apart(self._stored_keys, table.providers, self.config)
         started: list[Provider] = []
         for name, spec in table.providers.items():
             current = self.providers.get(name)

@@ -513,3 +513,22 @@ async def test_a_clients_request_id_is_kept_only_when_it_is_of_a_sane_length(ser
                 assert len(resp.headers["x-tiergate-request-id"]) <= 128
             async with http.get(running.v1 + "/no/such/path/../../..", headers={"x-request-id": given}) as resp:
                 assert len(resp.headers["x-request-id"]) <= 128
+
+
+async def test_a_provider_key_equal_to_a_key_stored_in_postgres_stops_the_start(tmp_path):
+    from proxy.table.keystore import create_key
+
+    async with fresh_schema() as schema:
+        config = RouterConfig.load(environ={}, dotenv_path=None, overrides={
+            "database_url": schema.url, "database_keys": True, "health_check_interval": 0})
+        await init_db(config, None)
+        secret = await create_key(schema.conn, "team-a", {}, 5.0)
+        doc = one_route({"primary": {"base_url": "http://127.0.0.1:9/v1", "api_key": secret}})
+        table = tmp_path / "routes.yaml"
+        table.write_text(yaml.safe_dump(doc))
+        router = Router(config.replace(config_path=str(table)), table=table_from_dict(doc, source="test"),
+                        dynamic=True)
+        with pytest.raises(ConfigError, match="stored inbound key 'team-a'") as caught:
+            await router.initialize()
+        await router.close()
+        assert secret[:8] not in str(caught.value)
