@@ -147,7 +147,7 @@ class RequestRecord:
     # a route that chooses per request: which strategy chose which deployment first, and the candidates
     # in the order planned (x-tiergate-strategy, the request log); empty for an `ordered` route
     strategy: str = ""
-    candidates: tuple[ModelRef, ...] = ()
+    candidates: tuple[str, ...] = ()  # provider/model
     shadow: Any = None  # the request's shadow call, when its route mirrored it (engine/shadow.py)
 
     def __init__(self, request_id: str, endpoint: str):

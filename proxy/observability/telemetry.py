@@ -414,7 +414,7 @@ class Telemetry:
                         line["trace_id"] = f"{context.trace_id:032x}"
             if record.strategy:  # a route that chose per request: how, and among which candidates
                 line["strategy"] = record.strategy
-                line["candidates"] = [f"{r.provider}/{r.model}" for r in record.candidates]
+                line["candidates"] = record.candidates
             lines += orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
         return lines
 

@@ -52,6 +52,8 @@ class Planner:
         # the plan of each decision that needs nothing per request (the usual one), made once (a decision
         # is hashed by identity)
         self._plans: dict[RouteDecision, Plan] = {}
+        # per order a route that chooses per request has taken: its plan and explanation
+        self._chosen: dict[tuple[Any, ...], tuple[Plan, str, tuple[str, ...]]] = {}
 
     async def plan(self, decision: RouteDecision, table: RoutingTable, endpoint: Endpoint, payload: dict[str, Any],
                    record: RequestRecord, key_name: str | None = None) -> Plan:
@@ -104,17 +106,28 @@ class Planner:
             layout = tuple(g._replace(members=kept) for g in layout
                            if (kept := tuple(m for m in g.members if m.ref in allowed)))
         slots = STRATEGIES[decision.strategy](layout, choosing)
-        refs: list[ModelRef] = []
+        refs: list[Any] = [decision, slots[0].name]  # the memo's key: the decision, then the order
         for group in slots:
             members = group.members
-            if len(members) > 1:
-                members = STRATEGIES[group.strategy](members, choosing)
-            refs.extend(m.ref for m in members if m.ref not in refs)
-        first = slots[0]
-        chose = decision.strategy if len(first.members) < 2 else f"{decision.strategy}+{first.name}:{first.strategy}"
-        record.strategy = f"{chose} {refs[0].provider}/{refs[0].model}"[:_EXPLAIN_MAX]
-        record.candidates = tuple(refs)
-        return self._plan(decision, translate, tuple(refs))
+            if len(members) == 1:
+                refs.append(members[0].ref)
+            else:
+                refs.extend(m.ref for m in STRATEGIES[group.strategy](members, choosing))
+        key = tuple(refs)
+        chosen = self._chosen.get(key) if translate is None else None
+        if chosen is None:  # a route has few orders: each planned and explained once
+            order = tuple(dict.fromkeys(key[2:]))  # a deployment named twice is tried at its first place
+            first, ref = slots[0], order[0]
+            chose = (decision.strategy if len(first.members) < 2
+                     else f"{decision.strategy}+{first.name}:{first.strategy}")
+            chosen = (self._plan(decision, translate, order), f"{chose} {ref.provider}/{ref.model}"[:_EXPLAIN_MAX],
+                      tuple(f"{r.provider}/{r.model}" for r in order))
+            if translate is None:
+                if len(self._chosen) >= _MEMO_LIMIT:
+                    self._chosen.clear()
+                self._chosen[key] = chosen
+        plan, record.strategy, record.candidates = chosen
+        return plan
 
     def _plan(self, decision: RouteDecision, translate: Translator | None,
               refs: tuple[ModelRef, ...] | None = None) -> Plan:

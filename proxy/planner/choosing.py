@@ -42,6 +42,7 @@ class Choosing:
     request's expected price at each deployment."""
 
     __slots__ = ("load", "rng", "payload", "decision", "_state", "_tokens")
+    _UNREAD = -1  # the affinity key not looked for yet (only `weighted` draws from it)
 
     def __init__(self, load: DeploymentLoad, rng: random.Random, payload: Mapping[str, Any],
                  decision: RouteDecision):
@@ -49,15 +50,17 @@ class Choosing:
         self.rng = rng
         self.payload = payload
         self.decision = decision
-        key = affinity_key(payload)
-        self._state = (int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-                       if key is not None else None)
+        self._state: int | None = self._UNREAD
         self._tokens: tuple[int, int] | None = None
 
     def unit(self) -> float:
         """A draw in [0, 1): from the affinity key when there is one (the same key, the same draws in
         the same order), else random."""
         state = self._state
+        if state == self._UNREAD:
+            key = affinity_key(self.payload)
+            state = self._state = (int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+                                   if key is not None else None)
         if state is None:
             return self.rng.random()
         # a 64-bit LCG step (Knuth's MMIX constants) on the key's hash: stable across processes and runs
@@ -67,6 +70,8 @@ class Choosing:
     def two(self, n: int) -> tuple[int, int]:
         """Two different indices below `n` (n >= 2), at random: power of two choices."""
         rng = self.rng
+        if n == 2:
+            return (0, 1) if rng.random() < 0.5 else (1, 0)
         i = int(rng.random() * n)
         j = int(rng.random() * (n - 1))
         return i, (j + 1 if j >= i else j)

@@ -10,6 +10,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeVar
 
+from ..types import Group
+
 if TYPE_CHECKING:
     from .choosing import Choosing
 
@@ -21,10 +23,18 @@ def order(options: Sequence[T], choosing: Choosing) -> list[T]:
     if n < 2:
         return list(options)
     cost = choosing.load.cost
-    costs = [min(cost(ref) for ref in o.refs) for o in options]  # type: ignore[attr-defined]
+    costs = []
+    for o in options:
+        if type(o) is Group:  # a candidate of the route: one deployment, or a group at its best member's
+            members = o.members  # type: ignore[attr-defined]
+            costs.append(cost(members[0].ref) if len(members) == 1 else min(cost(m.ref) for m in members))
+        else:  # a member of a group
+            costs.append(cost(o.ref))  # type: ignore[attr-defined]
     i, j = choosing.two(n)
     first = i if costs[i] <= costs[j] else j
     if costs[first] == math.inf:  # both draws are out for now: the best of the rest instead
-        first = min(range(n), key=costs.__getitem__)
+        first = costs.index(min(costs))
+    if n == 2:
+        return [options[first], options[1 - first]]
     rest = sorted((k for k in range(n) if k != first), key=costs.__getitem__)
     return [options[first], *(options[k] for k in rest)]
