@@ -10,9 +10,14 @@ family does not have is one `dict.get` that finds nothing.
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..outcome import Result
 
 Reference = tuple[str, str]  # (the field, the object id it names)
+_ANSWER_ID = re.compile(rb'"id"\s*:\s*"([^"]{1,256})"')  # the first id of a stream: its answer's
 
 
 def stored_references(payload: dict[str, Any]) -> list[Reference]:
@@ -74,3 +79,20 @@ def _tool(tool: dict[str, Any], found: list[Reference]) -> None:
         found.append(("container", container))
     elif type(container) is dict and type(container.get("file_ids")) is list:
         found.extend(("file_ids", f) for f in container["file_ids"] if type(f) is str)
+
+
+
+def stored_answer_id(result: Result) -> str | None:
+    """The id of an answer the provider stores (a chat call with `store: true`): from the parsed answer,
+    or a stream's first event."""
+    data = result.data
+    if type(data) is dict:
+        found = data.get("id")
+        return found if type(found) is str else None
+    state = result.stream_state
+    head = state.head if state is not None else None
+    if head:
+        match = _ANSWER_ID.search(head)
+        if match is not None:
+            return match[1].decode("utf-8", "replace")
+    return None

@@ -23,7 +23,8 @@ from ..fleet.owners import ObjectOwners
 from ..types import NotFoundError, UpstreamError
 
 # the OpenAI API's collections of stored objects, by path under /v1 (the object's id follows)
-COLLECTIONS = ("files", "uploads", "batches", "vector_stores", "fine_tuning/jobs", "containers", "conversations")
+COLLECTIONS = ("files", "uploads", "batches", "vector_stores", "fine_tuning/jobs", "containers", "conversations",
+               "chat/completions")  # the last: chat answers stored with `store: true` (recorded by the router)
 # request fields naming stored objects the call would use
 REFERENCES = ("input_file_id", "file_id", "file_ids", "training_file", "validation_file", "vector_store_ids")
 # answer fields naming objects the provider made for the call's owner (a batch's results, an upload's file)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapters import EMBEDDINGS, Endpoint
-from ..adapters.references import stored_references
+from ..adapters.references import stored_answer_id, stored_references
 from ..fleet.affinity import ResponseAffinity
 from ..fleet.owners import ObjectOwners
 from ..limits.admission import Quotas
@@ -396,6 +396,10 @@ class Router(LibraryAPI):
             result = await self._forward(call)
         if endpoint.stateful:
             result = await endpoint.answered(result, payload, table, self.affinity.for_key(api_key_name))
+        if api_key_name is not None and payload.get("store") is True:  # the provider keeps the answer: the key's
+            stored = stored_answer_id(result)
+            if stored is not None:
+                await self.owners.remember(stored, api_key_name)
         if shadow is not None:
             shadow.primary_answered(result)
         record.status = result.status

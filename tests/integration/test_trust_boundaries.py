@@ -532,3 +532,64 @@ async def test_a_provider_key_equal_to_a_key_stored_in_postgres_stops_the_start(
             await router.initialize()
         await router.close()
         assert secret[:8] not in str(caught.value)
+
+
+@dataclass
+class StoredChats:
+    """Chat Completions that keeps answers asked with `store: true`, lists and reads them back, stream or not."""
+
+    kept: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.calls.append((request.method, request.path))
+        if request.method == "POST" and request.path == "/v1/chat/completions":
+            payload = orjson.loads(await request.read())
+            answer = {**chat_answer(), "id": f"chatcmpl-{len(self.kept) + 1:03d}"}
+            if payload.get("store"):
+                self.kept[answer["id"]] = answer
+            if not payload.get("stream"):
+                return web.json_response(answer)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            chunk = {"id": answer["id"], "object": "chat.completion.chunk", "created": 1, "model": "model-a",
+                     "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        if request.path == "/v1/chat/completions":
+            data = list(self.kept.values())
+            return web.json_response({"object": "list", "data": data, "has_more": False,
+                                      "first_id": data[0]["id"] if data else None,
+                                      "last_id": data[-1]["id"] if data else None})
+        found = self.kept.get(request.path.removeprefix("/v1/chat/completions/"))
+        if found is None:
+            return web.json_response({"error": {"message": "no", "type": "invalid_request_error", "param": None,
+                                                "code": None}}, status=404)
+        if request.method == "DELETE":
+            del self.kept[found["id"]]
+            return web.json_response({"id": found["id"], "object": "chat.completion.deleted", "deleted": True})
+        return web.json_response(found)
+
+
+async def test_stored_chat_completions_belong_to_the_key_that_asked_for_them(servers, run):
+    chats = StoredChats()
+    upstream = await servers(chats)
+    running = await run({**one_route({"primary": provider(upstream.origin + "/v1")}),
+                         "passthrough_provider": "primary"}, api_keys=KEYS)
+    a = openai.AsyncOpenAI(base_url=running.v1, api_key=KEY_A, max_retries=0)
+    b = openai.AsyncOpenAI(base_url=running.v1, api_key=KEY_B, max_retries=0)
+    async with a, b:
+        plain = await a.chat.completions.create(model="general_purpose", messages=MESSAGES, store=True)
+        streamed = [c async for c in await a.chat.completions.create(
+            model="general_purpose", messages=MESSAGES, store=True, stream=True)][0].id
+        assert (await a.chat.completions.retrieve(plain.id)).id == plain.id
+        assert (await a.chat.completions.retrieve(streamed)).id == streamed
+        sent = len(chats.calls)
+        for stored in (plain.id, streamed):
+            with pytest.raises(openai.NotFoundError):
+                await b.chat.completions.retrieve(stored)
+            with pytest.raises(openai.NotFoundError):
+                await b.chat.completions.delete(stored)
+        assert len(chats.calls) == sent  # refused before the provider
+        assert (await a.chat.completions.delete(plain.id)).deleted  # the owner may
