@@ -7,7 +7,9 @@ mid-answer, malformed chunk, stream without [DONE], context length exceeded, con
 fail over), a fallback that refuses a prefill, a primary that flaps (down, then up), and the accounting
 of a fail-over. Per scenario: the outcome (`complete` answer, the `provider's error`, or a `WRONG`
 answer: a truncated or doubled one delivered as a success), the time, and the upstream calls. Runs
-twice: on defaults, and with `stream_recovery: continue` on the route.
+twice: on defaults (stream recovery on; no provider declares how it continues an answer, so a
+continuation is asked by instruction and its join checked, except in the scenario of a fallback that
+refuses a prefill, whose provider declares `continuation: prefix`), and with `stream_recovery: off`.
 
     python bench/fault_catalogue.py [--only NAME] [--flap SECONDS]
 
@@ -58,6 +60,7 @@ FILTERED = orjson.dumps({"error": {"message": "The response was filtered due to 
 class Bench:
     def __init__(self, recovery: bool):
         self.recovery = recovery
+        self.prefill = False  # the providers declare `continuation: prefix`
         self.primary = MockUpstream("primary", models=("model-p",))
         self.backup = MockUpstream("backup", models=("model-b",))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -71,12 +74,13 @@ class Bench:
     async def serve(self) -> None:
         """A fresh tiergate for each scenario: no breaker, cooldown or statistics left from the last."""
         workdir = self.workdir
-        route = "stream_recovery: continue, " if self.recovery else ""
+        route = "" if self.recovery else "stream_recovery: off, "
+        prefill = ", continuation: prefix" if self.prefill else ""
         table = workdir / f"routes-{int(self.recovery)}.yaml"
         table.write_text(
             "providers:\n"
-            f'  primary: {{base_url: "{self.primary.url}", api_key: sk-primary, continuation: prefix}}\n'
-            f'  backup: {{base_url: "{self.backup.url}", api_key: sk-backup, continuation: prefix}}\n'
+            f'  primary: {{base_url: "{self.primary.url}", api_key: sk-primary{prefill}}}\n'
+            f'  backup: {{base_url: "{self.backup.url}", api_key: sk-backup{prefill}}}\n'
             "routes:\n"
             f"  - {{use_case: general_purpose, tier: standard, {route}model: primary/model-p, "
             "fallbacks: [backup/model-b]}\n")
@@ -246,6 +250,7 @@ async def run_all(recovery: bool, only: str | None, flap: float, workdir: Path) 
                 if only and only not in name:
                     continue
                 bench.reset()
+                bench.prefill = "prefill" in name
                 await bench.serve()
                 for _ in range(10):  # steady traffic before the fault: the deployments' first bytes are known
                     await call(http, bench, stream=False)
@@ -257,7 +262,7 @@ async def run_all(recovery: bool, only: str | None, flap: float, workdir: Path) 
                     outcome, note = "no answer", type(exc).__name__
                 took = time.monotonic() - started
                 rows.append((name, outcome, took, bench.calls, note))
-                print(f"{'recovery' if recovery else 'defaults'} | {name} | {outcome} | {took:.2f} s | "
+                print(f"{'defaults' if recovery else 'recovery off'} | {name} | {outcome} | {took:.2f} s | "
                       f"{bench.calls} | {note}", flush=True)
                 bench.end()
                 bench.primary._stopping.set()  # end what still hangs or stalls
@@ -275,13 +280,13 @@ async def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tables = []
-        for recovery in (False, True):
+        for recovery in (True, False):
             tables.append((recovery, await run_all(recovery, args.only, args.flap, Path(tmp))))
     print("\n| scenario | defaults: outcome | time | calls "
-          "| with `stream_recovery: continue`: outcome | time | calls |")
+          "| with `stream_recovery: off`: outcome | time | calls |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    (_, plain), (_, recovered) = tables
-    for a, b in zip(plain, recovered, strict=True):
+    (_, plain), (_, unrecovered) = tables
+    for a, b in zip(plain, unrecovered, strict=True):
         print(f"| {a[0]} | {a[1]} | {a[2]:.2f} s | {a[3]} | {b[1]} | {b[2]:.2f} s | {b[3]} |")
     print("\nnotes:", "; ".join(f"{a[0]}: {a[4]}" for a in plain if a[4] and a[4] != "-" and "/" not in a[4][:8]))
 
