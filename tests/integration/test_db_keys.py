@@ -55,6 +55,7 @@ async def keys_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtur
 async def start(schema: Schema, tmp_path: Path, upstream: MockUpstream, **settings: Any) -> Any:
     doc = table_doc(upstream)
     doc["passthrough_provider"] = "primary"
+    doc["limits"] = [{"name": "limited-rpm", "key": "limited", "requests_per_minute": 1}]
     path = tmp_path / "routes.yaml"
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")
     environ = {"TEAM_A_OPENAI_KEY": TEAM_KEY}
@@ -217,3 +218,16 @@ async def test_a_keys_own_project_and_provider_key_reach_its_provider_only(
 
 async def _is(value: Any, expected: Any) -> bool:
     return await value == expected
+
+
+async def test_a_database_keys_name_scopes_its_limits(schema, upstream, tmp_path, monkeypatch, capsys):
+    served = await start(schema, tmp_path, upstream)
+    try:
+        _, limited, _ = await keys_cli(monkeypatch, capsys, schema, "create", "limited")
+        _, other, _ = await keys_cli(monkeypatch, capsys, schema, "create", "other")
+        await poll(lambda: _is(status_with(served.url, other.strip()), 200), what="the keys loaded")
+        assert await status_with(served.url, limited.strip()) == 200
+        assert await status_with(served.url, limited.strip()) == 429  # its limit, by its name
+        assert await status_with(served.url, other.strip()) == 200  # another key's is its own
+    finally:
+        await served.runner.cleanup()
