@@ -10,6 +10,7 @@ else tells a caller which key came close.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import time
@@ -66,8 +67,11 @@ class InboundAuth:
         self._merge()
 
     def _merge(self) -> None:
+        keys = {**self._stored, **self._given}
+        if len(keys) > 1:  # several tenants: each needs an identity, or unnamed keys would share
+            keys = _name_unnamed(keys)
         # one assignment: a request in between sees the old keys or the new, never a mix
-        self._keys = {**self._stored, **self._given}
+        self._keys = keys
 
     @property
     def enabled(self) -> bool:
@@ -101,6 +105,21 @@ class InboundAuth:
         """As `authenticate`, returning the key's name."""
         key = self.authenticate(authorization)
         return None if key is None else key.name
+
+
+def _name_unnamed(keys: Mapping[bytes, InboundKey]) -> dict[bytes, InboundKey]:
+    """Name each unnamed key by its place among the unnamed ones (`unnamed-1`, ...): what its stored
+    objects, cache entries and limits are scoped by when it shares tiergate with other keys. A place,
+    never anything derived from the key, so no log or label holds a clue to it; name keys
+    (`team-a=sk-...`) for a name that survives a reordering of the list."""
+    named: dict[bytes, InboundKey] = {}
+    place = 0
+    for key_digest, key in keys.items():
+        if key.name is None:
+            place += 1
+            key = dataclasses.replace(key, name=f"unnamed-{place}")
+        named[key_digest] = key
+    return named
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:

@@ -134,3 +134,20 @@ async def test_without_inbound_keys_nothing_is_scoped(provider, start_tiergate, 
     status, listed = await call(http, "GET", v1 + "/files", {})
     assert status == 200 and [f["id"] for f in listed["data"]] == [made["id"]]
     assert (await call(http, "GET", v1 + f"/files/{made['id']}", {}))[0] == 200
+
+
+async def test_unnamed_keys_are_tenants_of_their_own(provider, start_tiergate, http):
+    """Several keys listed without names are still one tenant each: an unnamed key cannot read another
+    unnamed key's file, nor a named key's."""
+    running = await start_tiergate(doc(provider), api_keys=("sk-plain-ONE-111", "sk-plain-TWO-222", KEYS[0]))
+    v1 = running.v1
+    one = {"Authorization": "Bearer sk-plain-ONE-111"}
+    two = {"Authorization": "Bearer sk-plain-TWO-222"}
+    status, one_file = await call(http, "POST", v1 + "/files", one, data=upload("one.jsonl"))
+    assert status == 200
+    status, a_file = await call(http, "POST", v1 + "/files", TEAM_A, data=upload("a.jsonl"))
+    assert status == 200
+    assert not_found(*await call(http, "GET", v1 + f"/files/{one_file['id']}", two))
+    assert not_found(*await call(http, "GET", v1 + f"/files/{a_file['id']}", two))
+    assert not_found(*await call(http, "GET", v1 + f"/files/{one_file['id']}", TEAM_A))
+    assert (await call(http, "GET", v1 + f"/files/{one_file['id']}", one))[0] == 200
