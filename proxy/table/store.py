@@ -745,7 +745,7 @@ class RouteStore:
     async def _read(self) -> Snapshot:
         assert self._pool is not None, "load_initial() first"
         with self._querying():
-            async with self._pool.acquire(timeout=self.config.db_timeout) as conn:
+            async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
                 snapshot = await read_snapshot(conn, self.config)
                 if self._apply_keys is None:
                     return snapshot
@@ -813,11 +813,18 @@ class RouteStore:
     async def record_discovery(self, found: Mapping[str, Iterable[Any]]) -> int:
         assert self._pool is not None, "load_initial() first"
         try:
-            async with self._pool.acquire(timeout=self.config.db_timeout) as conn:
+            async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
                 return await record_discovery(conn, found, self.config.db_timeout)
         except DB_ERRORS as exc:
             raise StoreError(f"cannot record discovered models: {describe_error(exc, self._dsn)}",
                              code="database_unreachable") from None
+
+    @property
+    def _acquire_timeout(self) -> float:
+        """A pool connection's wait: longer than its connect's own timeout (db_timeout), so a connect
+        ends by that timeout rather than cancelled half way (asyncpg, cancelled during its SSL
+        negotiation, leaves a failed task behind: "exception was never retrieved")."""
+        return 2 * self.config.db_timeout
 
     # -- inspection ---------------------------------------------------------------------------
 

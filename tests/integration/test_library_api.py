@@ -292,7 +292,8 @@ async def test_close_does_not_cancel_a_database_connect_half_way():
     loop = asyncio.get_running_loop()
     problems: list[str] = []
     previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: problems.append(context["message"]))
+    loop.set_exception_handler(lambda _loop, context: problems.append(f"{context['message']}: "
+                                                                      f"{context.get('future')!r:.500}"))
     try:
         config = make_config(database_url=f"postgresql://u@127.0.0.1:{port}/db", db_timeout=0.3,
                              health_check_interval=0)
