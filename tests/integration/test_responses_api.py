@@ -176,6 +176,19 @@ async def test_stream_break_later_raises_in_the_sdk(native, chat_only, start_tie
         assert seen[-1] == "response.failed"
 
 
+async def test_a_native_stream_that_breaks_is_not_continued_though_recovery_is_on(native, native2, start_tiergate):
+    """Stream recovery (on by default) continues chat streams; a native Responses stream is typed events
+    it cannot carry on: it ends with the error, and the fallback is never asked."""
+    running = await start_tiergate(doc(native, native2))
+    native.push(BreakStream(after=3))
+    async with client(running) as c:
+        stream = await c.responses.create(model="general_purpose", input="a b c d e f", stream=True)
+        with pytest.raises(openai.APIError, match="broke off"):
+            async for _ in stream:
+                pass
+    assert paths(native2) == []
+
+
 async def test_builtin_tools_refused_for_chat_only_and_kept_from_them(native, chat_only, start_tiergate):
     running = await start_tiergate(doc(chat_only, primary_apis=CHAT_ONLY))
     async with client(running) as c:
