@@ -193,9 +193,9 @@ async def test_a_translated_responses_stream_is_continued_before_it_is_translate
 
 
 async def recovered_text(url: str) -> str:
-    client = AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
-    stream = await client.chat.completions.create(model="auto", messages=MESSAGES, stream=True)
-    return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    async with AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0) as client:
+        stream = await client.chat.completions.create(model="auto", messages=MESSAGES, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
 
 @pytest.mark.parametrize("continuation", [ANSWER, "three four five six seven", " four five six seven"],
