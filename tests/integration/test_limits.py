@@ -106,8 +106,10 @@ def test_key_names_and_constant_time_check():
     auth = InboundAuth(KEYS)
     assert auth.check("Bearer sk-team-a-SECRET-123") == "team-a"
     assert auth.check("Bearer sk-team-b-SECRET-456") == "team-b"
-    assert auth.check("Bearer sk-anonymous-SECRET-789") is None
-    assert auth.names() == ["team-a", "team-b"]
+    # an unnamed key beside others is a tenant of its own, named by its place among the unnamed
+    assert auth.check("Bearer sk-anonymous-SECRET-789") == "unnamed-1"
+    assert auth.names() == ["team-a", "team-b", "unnamed-1"]
+    assert InboundAuth(("sk-alone-SECRET-1",)).check("Bearer sk-alone-SECRET-1") is None  # one key: one tenant
     assert InboundAuth(()).check(None) is None
 
 
