@@ -109,17 +109,23 @@ def expand_route(raw: Mapping[str, Any], groups: Mapping[str, Group],
     if not named_group and strategy == "ordered" and weights is None:
         return plain, strategy, ()
     layout = []
+    entries: dict[ModelRef, dict[str, Any]] = {}  # fallbacks written {model, continuation}: kept whole
     for i, name in enumerate(names):
         weight = weights[i] if weights is not None else 1.0
         where = "model" if i == 0 else f"fallbacks[{i - 1}]"
+        entry = name if i > 0 and isinstance(name, dict) else None
+        if entry is not None:
+            name = entry.get("model")
         if isinstance(name, str) and name in groups:
             layout.append(groups[name]._replace(weight=weight))
         else:
             ref = _ref(name, providers, where)
             layout.append(Group(str(ref), (Member(ref, weight),), "ordered", weight))
+            if entry is not None:
+                entries[ref] = {**entry, "model": str(ref)}
     flat = list(dict.fromkeys(ref for group in layout for ref in group.refs))
     plain["model"] = str(flat[0])
-    plain["fallbacks"] = [str(ref) for ref in flat[1:]]
+    plain["fallbacks"] = [entries.get(ref, str(ref)) for ref in flat[1:]]
     return plain, strategy, tuple(layout)
 
 

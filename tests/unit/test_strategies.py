@@ -128,6 +128,14 @@ def test_a_group_is_tried_whole_before_the_next_fallback():
     assert not table().chooses  # an ordered table keeps no load
 
 
+def test_a_fallback_entry_that_says_how_it_continues_works_under_groups_and_strategies():
+    t = table(groups={"g": {"deployments": ["a/m", "b/m"]}},
+              routes=[{"use_case": "general_purpose", "tier": "standard", "model": "g", "strategy": "weighted",
+                       "fallbacks": [{"model": "c/m", "continuation": "prefix"}]}])
+    route = t.resolve(None, None, "general_purpose").route
+    assert route.fallbacks[-1] == C and route.continuations == ((C, "prefix"),)
+
+
 def test_aliases_name_routes_and_the_plain_form_still_works():
     t = table(aliases={"fast": "b/m", "smart": {"model": "a/m", "fallbacks": ["b/m"], "max_tokens": 64},
                        "std": {"route": "general_purpose:standard"}})
