@@ -37,7 +37,9 @@ class Redactor:
             raw = secret.encode("utf-8", "surrogateescape")
             parts.append(re.escape(raw))
             parts.append(re.escape(raw[:8]) + rb"[^\s\"',;<>]{0,%d}" % _FRAGMENT)  # sk-proj-abc...
-            parts.append(rb"(?:[*.x]|\xe2\x80\xa6){3,%d}" % _FRAGMENT + re.escape(raw[-4:]))  # ****cdef
+            # ****cdef, tried from a masked run's start only: a long run of dots or stars costs one pass
+            # and a walk back, not an attempt from each of its characters
+            parts.append(rb"(?<![*.x])(?<!\xe2\x80\xa6)(?:[*.x]|\xe2\x80\xa6){3,}" + re.escape(raw[-4:]))
             needles.update((raw[:8], raw[-4:]))
         self._pattern = re.compile(b"|".join(parts)) if parts else None
         self._needles = tuple(needles)
