@@ -59,4 +59,4 @@ def test_a_masked_run_of_any_length_is_a_fragment_even_when_the_key_ends_in_a_ma
     redactor = Redactor(("sk-proj-abcdefghijklmnx9ab",))
     assert redactor.redact(b"sk-proj-****x9ab") == b"[redacted]"
     assert redactor.redact(b"abc" + b"." * 600 + b"x9ab") == b"abc[redacted]"
-    assert redactor.redact(b"..x9ab and x" * 3) == b"..x9ab and x" * 3  # two dots are no mask
+    assert redactor.redact(b"..x9ab and ..x9ab") == b"..x9ab and ..x9ab"  # two dots are no mask
