@@ -10,6 +10,10 @@ Writes bench/out/last.md and prints the table.
 (`--redis-url`, default db 15; a key namespace of its own), measured in the same interleaved rounds:
 the added p50 at concurrency 1 and the requests/s at concurrency 64 against tiergate without one.
 
+`--strategy S` routes over two deployments of the upstream (its model, then a fallback) and adds
+`tiergate+S`, the same two chosen among by strategy S per request, measured in the same rounds
+against the ordered route.
+
 `--baseline DIR` adds tiergate run from another checkout (`PYTHONPATH=DIR`, e.g. a worktree of an
 older build), measured in the same interleaved rounds: the regression of this build against that
 one, with the machine's drift shared by both.
@@ -41,7 +45,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-UPSTREAM_PORT, FLOOR_PORT, TIERGATE_PORT, LIMITED_PORT, BASELINE_PORT = (free_port() for _ in range(5))
+UPSTREAM_PORT, FLOOR_PORT, TIERGATE_PORT, LIMITED_PORT, BASELINE_PORT, STRATEGY_PORT = (free_port() for _ in range(6))
 ANSWER = ('{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench-model",'
           '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},'
           '"logprobs":null,"finish_reason":"stop"}],'
@@ -75,6 +79,17 @@ providers:
   bench: {{base_url: "http://127.0.0.1:{port}/v1", api_key: sk-bench}}
 routes:
   - {{use_case: general_purpose, tier: standard, model: bench/bench-model}}
+"""
+
+# --strategy S: both tables route over two deployments of the one upstream (its model, then a
+# fallback); the ordered one is `tiergate` (and the baseline), the one choosing by S per request is
+# `tiergate+S`, measured in the same rounds
+TWO_DEPLOYMENTS = """
+providers:
+  bench: {{base_url: "http://127.0.0.1:{port}/v1", api_key: sk-bench}}
+  bench2: {{base_url: "http://127.0.0.1:{port}/v1", api_key: sk-bench}}
+routes:
+  - {{use_case: general_purpose, tier: standard, model: bench/bench-model, fallbacks: [bench2/bench-model]{strategy}}}
 """
 
 # one limit that every request is checked against and none reaches (a count in Redis per request)
@@ -181,6 +196,7 @@ def main() -> None:
     parser.add_argument("--limit", action="store_true", help="also tiergate with one limit per request in Redis")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="the Redis of --limit")
     parser.add_argument("--baseline", metavar="DIR", help="also tiergate from the checkout DIR, to compare builds")
+    parser.add_argument("--strategy", metavar="S", help="two deployments: ordered, and also tiergate choosing by S")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "taskset"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -189,7 +205,8 @@ def main() -> None:
     extra = "".join(f"\n      add_header {h};" for h in PROVIDER_HEADERS) if args.openai_headers else ""
     (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=UPSTREAM_PORT, answer=ANSWER,
                                                       extra_headers=extra))
-    (tmp / "routes.yaml").write_text(TABLE.format(port=UPSTREAM_PORT))
+    (tmp / "routes.yaml").write_text(TWO_DEPLOYMENTS.format(port=UPSTREAM_PORT, strategy="") if args.strategy
+                                     else TABLE.format(port=UPSTREAM_PORT))
     script = tmp / "post.lua"
     sdk = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in SDK_HEADERS.items()) if args.openai_headers else ""
     script.write_text(WRK_LUA.format(body=BODY, extra_headers=sdk))
@@ -226,6 +243,18 @@ def main() -> None:
             runs["tiergate+limit"] = []
             targets["tiergate+limit"] = (LIMITED_PORT, limited.pid)
             rounds.append("tiergate+limit")
+        if args.strategy:
+            name = f"tiergate+{args.strategy}"
+            (tmp / "strategy.yaml").write_text(TWO_DEPLOYMENTS.format(port=UPSTREAM_PORT,
+                                                                      strategy=f", strategy: {args.strategy}"))
+            chooser = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "proxy", "serve", "--config",
+                                        str(tmp / "strategy.yaml"), "--port", str(STRATEGY_PORT)],
+                                       cwd=str(tmp), env=env, stdout=log, stderr=log)
+            procs.append(chooser)
+            wait_port(STRATEGY_PORT)
+            runs[name] = []
+            targets[name] = (STRATEGY_PORT, chooser.pid)
+            rounds.append(name)
         if args.baseline:
             baseline = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "proxy", "serve", "--config",
                                          str(tmp / "routes.yaml"), "--port", str(BASELINE_PORT)],
@@ -275,6 +304,11 @@ def main() -> None:
                      f"{lt['p50'] - t['p50']:+.3f} ms over tiergate (target <= 0.15), req/s "
                      f"{100 * lt['rps'] / t['rps']:.1f}% of tiergate without limits (target >= 80%), "
                      f"CPU {lt['cpu'] - t['cpu']:+.1f} µs/req")
+    if args.strategy:
+        st = rows[f"tiergate+{args.strategy}"]
+        lines.append(f"two deployments, {args.strategy} vs ordered: req/s {100 * st['rps'] / t['rps']:.1f}% of "
+                     f"ordered (target >= 95%), CPU per request {100 * (st['cpu'] / t['cpu'] - 1):+.1f}%, "
+                     f"added p50 {st['p50'] - t['p50']:+.3f} ms")
     if args.baseline:
         b = rows["baseline"]
         lines.append(f"this build vs the baseline {args.baseline}: req/s {100 * t['rps'] / b['rps']:.1f}% of "
