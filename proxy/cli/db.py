@@ -14,7 +14,7 @@ from typing import Any
 from ..settings import RouterConfig, check_service_urls
 from ..table.groups import STRATEGY_NAMES, parse_groups
 from ..table.routing import parse_strategy_route
-from ..types import ConfigError, ModelTier, UseCase
+from ..types import CACHE_SCOPES, ConfigError, ModelTier, UseCase
 
 
 def add_db_commands(sub: Any) -> None:
@@ -43,6 +43,8 @@ def add_db_commands(sub: Any) -> None:
     set_.add_argument("--strategy", choices=STRATEGY_NAMES, help="how its candidates are ordered per request")
     set_.add_argument("--weights", nargs="*", type=float, metavar="W",
                       help="under weighted: one per candidate, the model first (none to clear)")
+    set_.add_argument("--cache-scope", choices=CACHE_SCOPES,
+                      help="whose requests its cached answers and shared streams serve (default: key)")
     delete = routes_sub.add_parser("delete", help="remove a route")
     delete.add_argument("use_case", metavar="USE_CASE")
     delete.add_argument("tier", metavar="TIER")
@@ -145,7 +147,7 @@ async def _routes_set(config: RouterConfig, args: argparse.Namespace) -> int:
                            ("temperature", args.temperature), ("system_prompt", args.system_prompt),
                            ("timeout", args.timeout), ("first_byte_timeout", args.first_byte_timeout),
                            ("embeddings_model", args.embeddings_model), ("strategy", args.strategy),
-                           ("weights", args.weights)):
+                           ("weights", args.weights), ("cache_scope", args.cache_scope)):
             if value is not None:
                 raw[key] = values[key] = value
         if values.get("weights") == []:

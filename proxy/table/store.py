@@ -483,7 +483,7 @@ async def list_routes(conn: asyncpg.Connection, timeout: float) -> list[asyncpg.
 
 
 ROUTE_COLUMNS = ("model", "fallbacks", "max_tokens", "temperature", "system_prompt", "timeout",
-                 "first_byte_timeout", "embeddings_model", "strategy", "weights")
+                 "first_byte_timeout", "embeddings_model", "strategy", "weights", "cache_scope")
 
 
 async def table_setting(conn: asyncpg.Connection, key: str, timeout: float) -> Any:

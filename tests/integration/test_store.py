@@ -289,17 +289,23 @@ async def test_cli_db_init_routes_and_discover(schema: Schema, upstream: MockUps
     assert code == 0, err
     assert "applied migration(s) 1" in out and "2 routes" in out
     # (commands that do not depend on each other run side by side to keep the test short)
-    (code, out, err), (bad_code, _, bad_err) = await asyncio.gather(
+    (code, out, err), (bad_code, _, bad_err), (scope_code, _, scope_err) = await asyncio.gather(
         cli("routes", "set", "debugging", "economy", "--model", "primary/model-z", "--fallbacks", "primary/model-a",
             "--max-tokens", "64", "--temperature", "0.2", "--strategy", "weighted", "--weights", "3", "1",
-            database_url=url, cwd=tmp_path),
-        cli("routes", "set", "debugging", "economy", "--model", "nowhere/x", database_url=url, cwd=tmp_path))
+            "--cache-scope", "shared", database_url=url, cwd=tmp_path),
+        cli("routes", "set", "debugging", "economy", "--model", "nowhere/x", database_url=url, cwd=tmp_path),
+        cli("routes", "set", "debugging", "economy", "--model", "primary/model-z", "--cache-scope", "everyone",
+            database_url=url, cwd=tmp_path))
     assert code == 0, err
     assert bad_code == 2 and "nowhere" in bad_err and "not defined" in bad_err
+    assert scope_code == 2 and "--cache-scope" in scope_err  # argparse names the choices
     row = await schema.conn.fetchrow("SELECT * FROM llm_routes WHERE use_case = 'debugging' AND tier = 'economy'")
     assert row["model"] == "primary/model-z" and row["fallbacks"] == ["primary/model-a"]
     assert row["max_tokens"] == 64 and abs(row["temperature"] - 0.2) < 1e-6
     assert row["strategy"] == "weighted" and row["weights"] == [3.0, 1.0]
+    assert row["cache_scope"] == "shared"  # and the table read from the rows says so
+    route = (await read_snapshot(schema.conn, make_config(database_url=schema.url))).table.routes
+    assert next(r for r in route.values() if r.name == "debugging:economy").cache_scope == "shared"
 
     (code, out, err), (dcode, dout, derr) = await asyncio.gather(
         cli("routes", "list", database_url=url, cwd=tmp_path), cli("discover", database_url=url, cwd=tmp_path))
