@@ -111,10 +111,19 @@ SPEC: dict[str, Any] = {
                             "vector_stores, ...) is passed through to the routing table's `passthrough_provider` "
                             "(or `passthrough_paths`), bodies streamed both ways; without one it is a 404."},
     "paths": {
-        "/v1/chat/completions": _forwarded("Chat completion (streamed with `stream: true`)", {
+        "/v1/chat/completions": {**_forwarded("Chat completion (streamed with `stream: true`)", {
             "type": "object", "required": ["messages"], "additionalProperties": True,
             "properties": {**_COMMON, "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
                            "stream": {"type": "boolean"}}}, True),
+            "get": {"summary": "The chat answers kept with `store: true`, from the pass-through provider (with "
+                               "inbound keys: the key's own, in pages of their own)",
+                    "parameters": [{"name": name, "in": "query", "required": False, "schema": {"type": kind}}
+                                   for name, kind in (("model", "string"), ("after", "string"),
+                                                      ("limit", "integer"), ("order", "string"))],
+                    "security": [{"bearerAuth": []}, {}],
+                    "responses": {"200": {"description": "the provider's list (filtered to the key's answers)",
+                                          "content": {"application/json": {"schema": _JSON_OBJECT}}},
+                                  **_errors(401, 404, 502, 504)}}},
         "/v1/completions": _forwarded("Text completion", {
             "type": "object", "required": ["prompt"], "additionalProperties": True,
             "properties": {**_COMMON, "prompt": _TEXTS, "stream": {"type": "boolean"}}}, True),

@@ -126,7 +126,10 @@ class Ownership(Keep):
         self.method = method
         self.object_id = object_id
         self.read = False
-        self.lists = method == "GET"
+        # a list of the collection's objects is filtered; one under an object of the key's (a conversation's
+        # items, a stored chat answer's messages, a job's events) is that object's, whole: its entries are
+        # not objects tiergate records, and filtering them would empty it
+        self.lists = method == "GET" and object_id is None
 
     def __call__(self, upstream: Any, out: dict[str, str]) -> dict[str, str]:
         """A JSON success is read whole (and may change length: sent chunked); anything else passes as is."""
@@ -155,7 +158,7 @@ class Ownership(Keep):
     async def _note(self, answer: dict[str, Any]) -> bytes | None:
         """Record what the answer creates; a list's answer rewritten to the key's objects (else None)."""
         owners, key = self.owners, self.key
-        if answer.get("object") == "list" and isinstance(answer.get("data"), list):
+        if self.lists and answer.get("object") == "list" and isinstance(answer.get("data"), list):
             await self._filtered(answer)
             return orjson.dumps(answer)
         created = answer.get("id")

@@ -50,6 +50,7 @@ _NOT_FORWARDED = HOP_BY_HOP | FORWARDING | {"host", "content-length", "content-e
 _NOT_RELAYED = HOP_BY_HOP | {"content-encoding", "content-length", "server", "date", "set-cookie", "alt-svc",
                              "strict-transport-security"}
 _CHUNK = 64 * 1024
+STORED_CHATS = "/v1/chat/completions"  # its GET lists the chat answers kept with `store: true`: passed through
 
 
 class _UploadTooLarge(Exception):
@@ -257,7 +258,8 @@ def passthrough(router: Router, local_paths: frozenset[str]) -> Locate:
     config = router.config
 
     async def locate(request: web.Request, record: RequestRecord) -> Target:
-        if request.path in local_paths:  # tiergate's own path, another method
+        if request.path in local_paths and not (request.method == "GET" and request.path == STORED_CHATS):
+            # tiergate's own path, another method (a GET of the chat path lists the answers kept with `store`)
             error = InvalidRequestError(f"{request.method} is not allowed on {request.path}",
                                         code="method_not_allowed")
             error.status = 405

@@ -216,7 +216,7 @@ async def test_served_endpoints_answer_the_same_by_either_way(tiergate, http):
         async with http.post(tiergate.url + target, json=body) as resp:
             answers.append((resp.status, (await resp.json())["choices"][0]["message"]["content"]))
     assert answers[0] == answers[1] and answers[0][0] == 200
-    async with http.get(tiergate.url + "/v1/chat/completions") as resp:  # the app's 405, in OpenAI's shape
+    async with http.get(tiergate.url + "/v1/embeddings") as resp:  # the app's 405, in OpenAI's shape
         assert resp.status == 405 and "error" in await resp.json()
     async with http.post(tiergate.url + "/v1/chat/completions", json=body,
                          headers={"Expect": "100-continue"}) as resp:  # the app's expect handler

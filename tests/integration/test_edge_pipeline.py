@@ -169,7 +169,7 @@ async def test_paths_that_are_not_canonical_are_the_canonical_route(responses_up
         status, _, answer = await call(http, running, "GET", path, {}, TEAM_B)
         assert status == 200, (path, answer)
     body = {"json": {"model": "general_purpose", "messages": MESSAGES}}
-    status, _, answer = await call(http, running, "GET", "/v1/chat/completions/", {}, TEAM_B)
+    status, _, answer = await call(http, running, "GET", "/v1/embeddings/", {}, TEAM_B)
     assert status == 405 and answer["error"]["code"] == "method_not_allowed"
     status, headers, _ = await call(http, running, "POST", "/v1///chat//completions//?x=1", body, TEAM_B)
     assert status == 200 and headers["x-tiergate-route"] == "general_purpose:standard"

@@ -250,5 +250,5 @@ async def test_models_health_and_unknown_paths(tiergate, http):
         assert resp.status == 200 and (await resp.json())["status"] == "ok"
     async with http.get(tiergate.url + "/v1/nothing") as resp:
         assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
-    async with http.get(tiergate.v1 + "/chat/completions") as resp:
+    async with http.get(tiergate.v1 + "/embeddings") as resp:
         assert resp.status == 405 and "error" in await resp.json()

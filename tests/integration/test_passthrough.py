@@ -60,7 +60,7 @@ async def test_without_a_passthrough_provider_a_clear_404(upstream, start_tierga
         assert caught.value.code == "not_found"
         with pytest.raises(openai.NotFoundError, match="pass-through"):
             await c.models.retrieve("gpt-4o")
-    async with http.get(running.v1 + "/chat/completions") as resp:  # tiergate's own path, wrong method
+    async with http.delete(running.v1 + "/chat/completions") as resp:  # tiergate's own path, wrong method
         assert resp.status == 405
     assert upstream.calls == 0
 

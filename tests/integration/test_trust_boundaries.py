@@ -557,19 +557,32 @@ class StoredChats:
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n")
             await response.write_eof()
             return response
-        if request.path == "/v1/chat/completions":
-            data = list(self.kept.values())
-            return web.json_response({"object": "list", "data": data, "has_more": False,
-                                      "first_id": data[0]["id"] if data else None,
-                                      "last_id": data[-1]["id"] if data else None})
-        found = self.kept.get(request.path.removeprefix("/v1/chat/completions/"))
+        if request.path == "/v1/chat/completions":  # oldest first (OpenAI's default order), in cursor pages
+            return web.json_response(cursor_page(list(self.kept.values()), request.query))
+        stored_id, _, sub = request.path.removeprefix("/v1/chat/completions/").partition("/")
+        found = self.kept.get(stored_id)
         if found is None:
             return web.json_response({"error": {"message": "no", "type": "invalid_request_error", "param": None,
                                                 "code": None}}, status=404)
+        if sub == "messages":  # the messages it was asked with: entries of its own, not stored objects
+            asked = [{"id": f"{stored_id}-0", "role": "user", "content": "hi"}]
+            return web.json_response(cursor_page(asked, request.query))
         if request.method == "DELETE":
             del self.kept[found["id"]]
             return web.json_response({"id": found["id"], "object": "chat.completion.deleted", "deleted": True})
+        if request.method == "POST":  # metadata changed
+            found["metadata"] = orjson.loads(await request.read()).get("metadata")
         return web.json_response(found)
+
+
+def cursor_page(items: list[dict[str, Any]], query: Any) -> dict[str, Any]:
+    """One page of `items` as OpenAI lists them: `limit` after the `after` cursor, first/last id, has_more."""
+    after = query.get("after")
+    start = next(i + 1 for i, o in enumerate(items) if o["id"] == after) if after else 0
+    limit = int(query.get("limit", "20"))
+    page = items[start:start + limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)}
 
 
 async def test_stored_chat_completions_belong_to_the_key_that_asked_for_them(servers, run):
@@ -593,3 +606,44 @@ async def test_stored_chat_completions_belong_to_the_key_that_asked_for_them(ser
                 await b.chat.completions.delete(stored)
         assert len(chats.calls) == sent  # refused before the provider
         assert (await a.chat.completions.delete(plain.id)).deleted  # the owner may
+
+
+async def test_the_stored_chat_list_pages_through_the_keys_own_answers_and_each_answers_messages(servers, run):
+    chats = StoredChats()
+    upstream = await servers(chats)
+    running = await run({**one_route({"primary": provider(upstream.origin + "/v1")}),
+                         "passthrough_provider": "primary"}, api_keys=KEYS)
+    a = openai.AsyncOpenAI(base_url=running.v1, api_key=KEY_A, max_retries=0)
+    b = openai.AsyncOpenAI(base_url=running.v1, api_key=KEY_B, max_retries=0)
+    async with a, b:
+        mine = []
+        for i in range(10):  # interleaved: B's answers outnumber A's, in runs longer than a page
+            owner = a if i % 4 == 0 else b
+            made = await owner.chat.completions.create(model="general_purpose", messages=MESSAGES, store=True)
+            if owner is a:
+                mine.append(made.id)
+        await a.chat.completions.create(model="general_purpose", messages=MESSAGES)  # not kept: not listed
+        pages = []
+        page = await a.chat.completions.list(limit=2)
+        while True:
+            pages.append([c.id for c in page.data])
+            assert page.model_extra["first_id"] == page.data[0].id and page.model_extra["last_id"] == page.data[-1].id
+            if not page.has_next_page():
+                break
+            page = await page.get_next_page()
+        assert [i for ids in pages for i in ids] == mine and [len(ids) for ids in pages] == [2, 1]
+        assert [c.id async for c in a.chat.completions.list()] == mine
+        theirs = [c.id async for c in b.chat.completions.list(limit=3)]
+        assert len(theirs) == 7 and not set(theirs) & set(mine)
+        # an answer's messages are the answer's, whole, to its owner and to no one else
+        assert [m.content for m in (await a.chat.completions.messages.list(mine[0])).data] == ["hi"]
+        assert (await a.chat.completions.update(mine[0], metadata={"team": "a"})).metadata == {"team": "a"}
+        sent = len(chats.calls)
+        with pytest.raises(openai.NotFoundError):
+            await b.chat.completions.messages.list(mine[0])
+        with pytest.raises(openai.NotFoundError):
+            await b.chat.completions.update(mine[0], metadata={"team": "b"})
+        assert len(chats.calls) == sent  # refused before the provider
+    async with client(await run({**one_route({"primary": provider(upstream.origin + "/v1")}),
+                                 "passthrough_provider": "primary"})) as sidecar:  # no keys: the provider's list
+        assert len([c async for c in sidecar.chat.completions.list()]) == 10
