@@ -2,6 +2,12 @@
 conversation, vector stores and a container in tools. Only the key that created an object may use it,
 so the router checks these against the objects' owners before anything is sent.
 
+Not read, because tiergate cannot know their owner and refusing them would refuse every use: a prompt
+template's `prompt.id` (made in the provider's dashboard, its project's, never created through tiergate;
+its `variables` are read: a file there is a file like any other) and an `item_reference`'s id (an item
+of a stored response or conversation, made by the provider, input items included, which tiergate never
+sees one by one). docs/security.md says so, and how a key's own `OpenAI-Project` closes it.
+
 One reader serves every family: the fields are each family's own (Chat Completions' `{"type": "file",
 "file": {"file_id"}}`, Responses' `input_file`/`input_image` `file_id`, `conversation` and
 `tools[].vector_store_ids`/`container`, Messages' `source: {"type": "file", "file_id"}`), and a field a
@@ -34,6 +40,11 @@ def stored_references(payload: dict[str, Any]) -> list[Reference]:
         conversation = conversation.get("id")
     if type(conversation) is str:
         found.append(("conversation", conversation))
+    prompt = payload.get("prompt")  # Responses: a prompt template, its variables maybe input_file/input_image parts
+    if type(prompt) is dict and type(prompt.get("variables")) is dict:
+        for value in prompt["variables"].values():
+            if type(value) is dict:
+                _part(value, found)
     tools = payload.get("tools")
     if type(tools) is list:
         for tool in tools:

@@ -48,6 +48,13 @@ def stream_error(message: str, *, code: str, error_type: str = "server_error") -
 class ResponsesEndpoint(Endpoint):
     """`POST /v1/responses`. A call may have no `input` (a stored prompt, or a conversation that continues)."""
 
+    def validate(self, payload: Any, max_messages: int) -> None:
+        """The common checks, but `prompt` is the Responses API's: a stored template, `{id, version,
+        variables}` (Completions' `prompt`, a string or an array, is what the common checks know)."""
+        if type(payload) is dict and type(payload.get("prompt")) is dict:
+            payload = {name: value for name, value in payload.items() if name != "prompt"}
+        Endpoint.validate(self, payload, max_messages)
+
     def apply_defaults(self, payload: dict[str, Any], route: Route) -> None:
         """The route's defaults under the Responses API's names."""
         if route.max_tokens is not None and "max_output_tokens" not in payload:

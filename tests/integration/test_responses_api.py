@@ -311,3 +311,17 @@ async def test_sync_client_native_create_stream_and_retrieve(native, start_tierg
     assert text == "native responded model-a"
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
     assert retrieved.startswith("resp_native_")
+
+
+async def test_a_stored_prompt_and_item_references_reach_a_responses_provider_as_written(native, start_tiergate):
+    # with inbound keys too: a template is the provider project's and an item a stored response's, owners
+    # tiergate cannot know, so neither is refused (a file among the template's variables is checked)
+    running = await start_tiergate(doc(native), api_keys=("team-a=sk-team-a-1234567890",))
+    async with openai.AsyncOpenAI(base_url=running.v1, api_key="sk-team-a-1234567890", max_retries=0) as c:
+        first = await c.responses.create(model="general_purpose", input="hi")
+        prompt = {"id": "pmpt_1", "version": "2", "variables": {"city": "Paris"}}
+        reference = {"type": "item_reference", "id": first.output[0].id}
+        answer = await c.responses.create(model="general_purpose", prompt=prompt, input=[reference])
+        assert answer.status == "completed"
+    sent = native.requests[-1].json
+    assert sent["prompt"] == prompt and sent["input"] == [reference]

@@ -376,6 +376,8 @@ async def test_stored_objects_named_in_a_routed_body_must_be_the_keys_own(server
             lambda: b.responses.create(model="general_purpose", input=[{"role": "user", "content": [
                 {"type": "input_file", "file_id": a_file}]}]),
             lambda: b.responses.create(model="general_purpose", input="hi", conversation=a_conversation),
+            lambda: b.responses.create(model="general_purpose", input="hi", prompt={  # a template's variable
+                "id": "pmpt_1", "variables": {"doc": {"type": "input_file", "file_id": a_file}}}),
             lambda: b.responses.create(model="general_purpose", input="hi", conversation={"id": a_conversation}),
             lambda: b.responses.create(model="general_purpose", input="hi",
                                        tools=[{"type": "file_search", "vector_store_ids": [a_store]}]),

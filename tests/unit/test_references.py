@@ -39,6 +39,14 @@ CASES: list[tuple[str, dict[str, Any], list[tuple[str, str]]]] = [
         {"type": "tool_result", "tool_use_id": "t1", "content": [
             {"type": "document", "source": {"type": "file", "file_id": "file_012"}}]}]}]},
      [("file_id", "file_012")]),
+    ("responses prompt variables holding files", {"prompt": {"id": "pmpt_1", "version": "2", "variables": {
+        "doc": {"type": "input_file", "file_id": "file-6"}, "photo": {"type": "input_image", "file_id": "file-7"},
+        "name": "plain text"}}}, [("file_id", "file-6"), ("file_id", "file-7")]),
+    # the provider project's template and a stored response's item: owners tiergate cannot know, not read
+    ("responses prompt id alone", {"prompt": {"id": "pmpt_1"}, "input": "hi"}, []),
+    ("responses item_reference", {"input": [{"type": "item_reference", "id": "msg_1"},
+                                            {"role": "user", "content": "next"}]}, []),
+    ("prompt and variables of wrong types", {"prompt": "pmpt_1"}, []),
     ("wrong types are no references", {"messages": "x", "input": 3, "conversation": 5, "tools": {"a": 1}}, []),
     ("ids that are not strings", {"messages": [{"content": [{"type": "file", "file": {"file_id": 7}}]}]}, []),
 ]
