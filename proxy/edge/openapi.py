@@ -115,8 +115,9 @@ SPEC: dict[str, Any] = {
             "type": "object", "required": ["messages"], "additionalProperties": True,
             "properties": {**_COMMON, "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
                            "stream": {"type": "boolean"}}}, True),
-            "get": {"summary": "The chat answers kept with `store: true`, from the pass-through provider (with "
-                               "inbound keys: the key's own, in pages of their own)",
+            "get": {"summary": "The chat answers kept with `store: true`: from the provider a `model` naming a "
+                               "route points to, else the pass-through provider (with inbound keys: the key's "
+                               "own, in pages of their own)",
                     "parameters": [{"name": name, "in": "query", "required": False, "schema": {"type": kind}}
                                    for name, kind in (("model", "string"), ("after", "string"),
                                                       ("limit", "integer"), ("order", "string"))],

@@ -107,10 +107,12 @@ async def forward(request: web.Request, router: Router, provider_name: str, reco
 
 async def send_upstream(request: web.Request, router: Router, provider_name: str, record: RequestRecord, *,
                         body: bytes | None = None, model: str | None = None, head: bytes = b"",
-                        length_change: int = 0, keep: Keep = as_is) -> web.StreamResponse:
+                        length_change: int = 0, keep: Keep = as_is,
+                        query: Mapping[str, str] | None = None) -> web.StreamResponse:
     """Send the client's request to `provider_name` and stream the answer back. `body`: a rewritten
     JSON body; None streams the client's own body (if any) through, after `head` (the start of it,
-    already read, maybe rewritten: `length_change` bytes longer than the client sent)."""
+    already read, maybe rewritten: `length_change` bytes longer than the client sent). `query`: a
+    rewritten query string (else the client's, as sent)."""
     config = router.config
     provider = router.providers.get(provider_name)
     record.route = record.route or "passthrough"
@@ -137,10 +139,11 @@ async def send_upstream(request: web.Request, router: Router, provider_name: str
         if length is not None and "Content-Encoding" not in request.headers:
             headers["Content-Length"] = str(length + length_change)  # as it came: no chunked re-framing
         data = _limited(request.content, limit, too_large, head)
-    url = URL(provider.base_url + raw_path[len("/v1"):], encoded=True)
+    url = _upstream_url(provider.base_url, raw_path, query)
     timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout, sock_read=config.timeout)
     if keep.lists:  # a list filtered to the key's objects: further pages of the provider's may fill it
-        keep.pages = PageSource(provider.session, url, headers, timeout, redactor, request.query)
+        keep.pages = PageSource(provider.session, url, headers, timeout, redactor,
+                                request.query if query is None else query)
     try:
         upstream = await provider.session.request(request.method, url, data=data, headers=headers,
                                                   timeout=timeout, allow_redirects=False)
@@ -182,6 +185,12 @@ async def send_upstream(request: web.Request, router: Router, provider_name: str
         return response
     finally:
         upstream.release()
+
+
+def _upstream_url(base_url: str, raw_path: str, query: Mapping[str, str] | None) -> URL:
+    """`base_url` + the path under /v1, with the client's query string as sent, or `query` in its place."""
+    url = URL(base_url + raw_path[len("/v1"):], encoded=True)
+    return url if query is None else url.with_query(query)
 
 
 def _own_credentials(request: web.Request, provider: Provider, headers: dict[str, str]
@@ -265,6 +274,10 @@ def passthrough(router: Router, local_paths: frozenset[str]) -> Locate:
             error.status = 405
             raise error
         table = router.table
+        if request.method == "GET" and request.path == STORED_CHATS and "model" in request.query:
+            listed = _stored_chats_target(request, router, record)
+            if listed is not None:
+                return listed
         raw = await _json_body(request, config.max_body_bytes, config.client_body_timeout)
         if raw is not None:
             return _json_target(request, router, record, raw)
@@ -279,6 +292,22 @@ def passthrough(router: Router, local_paths: frozenset[str]) -> Locate:
                                                                            head=head))
 
     return locate
+
+
+def _stored_chats_target(request: web.Request, router: Router, record: RequestRecord) -> Target | None:
+    """The stored chat answers listed `model=` a route, alias or provider/model: at the provider its first
+    candidate names, filtered by that model's id (as a chat call naming it was sent); None for any other."""
+    decision = router.table.known_model(request.query["model"])  # an over-long model or a CR/LF: a 400
+    if decision is None:
+        return None
+
+    async def send(admitted: RouteDecision) -> web.StreamResponse:
+        ref = admitted.candidates[0]
+        record.route = admitted.name
+        return await forward(request, router, ref.provider, record, model=ref.model,
+                             query={**request.query, "model": ref.model})
+
+    return Target(decision, {}, send)
 
 
 def _json_target(request: web.Request, router: Router, record: RequestRecord, raw: bytes) -> Target:

@@ -542,12 +542,13 @@ class StoredChats:
 
     kept: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
+    prefix: str = "chatcmpl-"
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        self.calls.append((request.method, request.path))
+        self.calls.append((request.method, request.path_qs))
         if request.method == "POST" and request.path == "/v1/chat/completions":
             payload = orjson.loads(await request.read())
-            answer = {**chat_answer(), "id": f"chatcmpl-{len(self.kept) + 1:03d}"}
+            answer = {**chat_answer(payload["model"]), "id": f"{self.prefix}{len(self.kept) + 1:03d}"}
             if payload.get("store"):
                 self.kept[answer["id"]] = answer
             if not payload.get("stream"):
@@ -560,7 +561,9 @@ class StoredChats:
             await response.write_eof()
             return response
         if request.path == "/v1/chat/completions":  # oldest first (OpenAI's default order), in cursor pages
-            return web.json_response(cursor_page(list(self.kept.values()), request.query))
+            model = request.query.get("model")
+            kept = [c for c in self.kept.values() if model is None or c["model"] == model]
+            return web.json_response(cursor_page(kept, request.query))
         stored_id, _, sub = request.path.removeprefix("/v1/chat/completions/").partition("/")
         found = self.kept.get(stored_id)
         if found is None:
@@ -649,3 +652,22 @@ async def test_the_stored_chat_list_pages_through_the_keys_own_answers_and_each_
     async with client(await run({**one_route({"primary": provider(upstream.origin + "/v1")}),
                                  "passthrough_provider": "primary"})) as sidecar:  # no keys: the provider's list
         assert len([c async for c in sidecar.chat.completions.list()]) == 10
+
+
+async def test_the_stored_chat_list_of_a_route_is_read_where_the_route_sends_its_calls(servers, run):
+    passthrough, routed = StoredChats(), StoredChats(prefix="chatcmpl-routed-")
+    first, second = await servers(passthrough), await servers(routed)
+    doc = one_route({"primary": provider(first.origin + "/v1"), "second": provider(second.origin + "/v1")})
+    doc["routes"].append({"use_case": "code_generation", "tier": "premium", "model": "second/model-p"})
+    running = await run({**doc, "passthrough_provider": "primary"}, api_keys=KEYS)
+    a = openai.AsyncOpenAI(base_url=running.v1, api_key=KEY_A, max_retries=0)
+    b = openai.AsyncOpenAI(base_url=running.v1, api_key=KEY_B, max_retries=0)
+    async with a, b:
+        kept = (await a.chat.completions.create(model="code_generation:premium", messages=MESSAGES, store=True)).id
+        await b.chat.completions.create(model="code_generation:premium", messages=MESSAGES, store=True)
+        await a.chat.completions.create(model="general_purpose", messages=MESSAGES, store=True)
+        listed = await a.chat.completions.list(model="code_generation:premium")
+        assert [c.id for c in listed.data] == [kept] and listed.data[0].model == "model-p"
+        assert routed.calls[-1] == ("GET", "/v1/chat/completions?model=model-p")  # the route's model id
+        assert [c.model for c in (await a.chat.completions.list(model="model-a")).data] == ["model-a"]
+        assert passthrough.calls[-1] == ("GET", "/v1/chat/completions?model=model-a")  # not tiergate's: as sent
