@@ -27,7 +27,7 @@ from .connections import DIRECT_ROUTES, ConnectionLimits, GuardedAppRunner, desc
 from .handlers import model_entry, model_list, routed_endpoint
 from .headers import request_id
 from .openapi import openapi_json
-from .passthrough import passthrough, stored_response
+from .passthrough import passthrough, stored_chat, stored_response
 from .paths import canonical_target
 from .pipeline import DRAIN, Pipeline, refused, reroute
 from .render import error_response
@@ -191,6 +191,9 @@ def build_app(router: Router | RouterConfig | None = None) -> web.Application:
     stored = pipeline.located("responses", stored_response(router, forwarded))
     app.router.add_route("*", "/v1/responses/{id}", stored, **expect)
     app.router.add_route("*", "/v1/responses/{id}/{action}", stored, **expect)
+    kept = pipeline.located("passthrough", stored_chat(router, forwarded))  # chat answers kept with `store`
+    app.router.add_route("*", "/v1/chat/completions/{id}", kept, **expect)
+    app.router.add_route("*", "/v1/chat/completions/{id}/messages", kept, **expect)
     app.router.add_get("/v1/models/{id:.+}", pipeline.located("models", model_entry(router, forwarded)), **expect)
     app.router.add_route("*", "/v1/{tail:.*}", pipeline.located("passthrough", forwarded), **expect)
     app.router.add_get("/health", health, **expect)

@@ -363,6 +363,30 @@ def _passed(provider: str, model: str | None) -> RouteDecision:
     return RouteDecision("passthrough", (ModelRef(provider, model or "-"),))
 
 
+def stored_chat(router: Router, passthrough: Locate) -> Locate:
+    """`/v1/chat/completions/{id}[/messages]`: a chat answer kept with `store: true`, at the provider that
+    gave it; one tiergate did not see kept goes where any other path goes (the pass-through provider)."""
+
+    async def locate(request: web.Request, record: RequestRecord) -> Target:
+        stored_id = request.match_info["id"]
+        holder = await router.affinity.lookup(stored_id)
+        if holder is None:
+            return await passthrough(request, record)
+        record.route = "stored_chat"
+        return Target(_passed(holder.provider, holder.model), {},  # the key that made it, inside its scopes then
+                      lambda admitted: _send_kept(request, router, record, holder, stored_id), scoped=False)
+
+    return locate
+
+
+async def _send_kept(request: web.Request, router: Router, record: RequestRecord, holder: Holder,
+                     stored_id: str) -> web.StreamResponse:
+    response = await forward(request, router, holder.provider, record)  # another key's: not found (ownership.py)
+    if request.method == "DELETE" and response.status == 200 and len(request.rel_url.parts) == 5:
+        await router.affinity.forget(stored_id)
+    return response
+
+
 def stored_response(router: Router, passthrough: Locate) -> Locate:
     """`/v1/responses/{id}[/{action}]`: to the provider that holds the id, never elsewhere."""
 

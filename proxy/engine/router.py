@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapters import EMBEDDINGS, Endpoint
 from ..adapters.references import stored_answer_id, stored_references
-from ..fleet.affinity import ResponseAffinity
+from ..fleet.affinity import Holder, ResponseAffinity
 from ..fleet.owners import ObjectOwners
 from ..limits.admission import Quotas
 from ..observability.health_report import health_report
@@ -335,6 +335,20 @@ class Router(LibraryAPI):
 
     # -- the one dispatch path ------------------------------------------------------------------
 
+    async def _kept(self, result: Result, endpoint: Endpoint, table: RoutingTable, key: str | None) -> None:
+        """An answer the provider keeps (`store: true`): its id is the key's, and a chat answer's provider is
+        noted so that reading it back (`/v1/chat/completions/{id}`) goes there (a Responses id is its
+        endpoint's to note); not one answered through translation or by a mock, which keep nothing."""
+        stored = stored_answer_id(result)
+        if stored is None:
+            return
+        if key is not None:
+            await self.owners.remember(stored, key)
+        ref = result.ref
+        spec = table.providers.get(ref.provider) if ref is not None else None
+        if not endpoint.stateful and spec is not None and spec.kind == "openai" and "chat" in spec.apis:
+            await self.affinity.for_key(key).remember(stored, Holder(ref.provider, ref.model, False))
+
     async def dispatch(
         self,
         endpoint: Endpoint,
@@ -396,10 +410,8 @@ class Router(LibraryAPI):
             result = await self._forward(call)
         if endpoint.stateful:
             result = await endpoint.answered(result, payload, table, self.affinity.for_key(api_key_name))
-        if api_key_name is not None and payload.get("store") is True:  # the provider keeps the answer: the key's
-            stored = stored_answer_id(result)
-            if stored is not None:
-                await self.owners.remember(stored, api_key_name)
+        if payload.get("store") is True:  # the provider keeps the answer: the key's, read back where it is
+            await self._kept(result, endpoint, table, api_key_name)
         if shadow is not None:
             shadow.primary_answered(result)
         record.status = result.status

@@ -671,3 +671,11 @@ async def test_the_stored_chat_list_of_a_route_is_read_where_the_route_sends_its
         assert routed.calls[-1] == ("GET", "/v1/chat/completions?model=model-p")  # the route's model id
         assert [c.model for c in (await a.chat.completions.list(model="model-a")).data] == ["model-a"]
         assert passthrough.calls[-1] == ("GET", "/v1/chat/completions?model=model-a")  # not tiergate's: as sent
+        # one answer, its messages and its deletion: at the provider that gave it, to its key only
+        assert (await a.chat.completions.retrieve(kept)).model == "model-p"
+        assert [m.content for m in (await a.chat.completions.messages.list(kept)).data] == ["hi"]
+        sent = len(routed.calls)
+        with pytest.raises(openai.NotFoundError):
+            await b.chat.completions.retrieve(kept)
+        assert len(routed.calls) == sent
+        assert (await a.chat.completions.delete(kept)).deleted and kept not in routed.kept
