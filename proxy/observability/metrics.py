@@ -50,6 +50,8 @@ METRIC_NAMES = (
     "tiergate_cache_requests_total", "tiergate_cache_bytes", "tiergate_circuit_state",
     "tiergate_routing_table_age_seconds", "tiergate_trace_spans_dropped_total",
     "tiergate_stream_recoveries_total",
+    # only with inbound keys: by the key's name (never the key)
+    "tiergate_key_requests_total", "tiergate_key_tokens_total", "tiergate_key_cost_usd_total",
     # only with a routing table in Postgres (DATABASE_URL)
     "tiergate_database_up", "tiergate_database_last_refresh_age_seconds",
 )
@@ -220,6 +222,13 @@ class PrometheusMetrics:
         self.recoveries = PromCounter("tiergate_stream_recoveries_total", "Streams that broke mid-answer "
                                       "on a route with stream_recovery, by outcome (recovered, failed, "
                                       "refused_<why>, no_candidate)", ["outcome"], registry=reg)
+        # per inbound key, by its name (the table's or the database's: a bounded set), never the key
+        self.key_requests = PromCounter("tiergate_key_requests_total", "Requests answered, by inbound key "
+                                        "name and HTTP status", ["key", "status"], registry=reg)
+        self.key_tokens = PromCounter("tiergate_key_tokens_total", "Tokens used upstream, by inbound key "
+                                      "name and type (prompt, completion)", ["key", "type"], registry=reg)
+        self.key_cost = PromCounter("tiergate_key_cost_usd_total", "Upstream cost in USD, by inbound key "
+                                    "name (models with a price)", ["key"], registry=reg)
         self.cache_bytes = Gauge("tiergate_cache_bytes", "Bytes held by the response cache",
                                  registry=reg, multiprocess_mode="livesum")
         self.circuit = Gauge("tiergate_circuit_state", "Circuit breaker state per deployment (0 closed, "
@@ -306,6 +315,15 @@ class PrometheusMetrics:
         if child is None:
             child = self._cache_children[result] = self._gathered(self.cache.labels(result))
         child.inc(count)
+
+    def key_usage(self, key: str, status: int, requests: int, prompt: int, completion: int, cost: float) -> None:
+        """What one inbound key's requests of one status used (a batch of them)."""
+        self.key_requests.labels(key, str(status)).inc(requests)
+        if prompt or completion:
+            self.key_tokens.labels(key, "prompt").inc(prompt)
+            self.key_tokens.labels(key, "completion").inc(completion)
+        if cost:
+            self.key_cost.labels(key).inc(cost)
 
     def stream_recovery(self, outcome: str) -> None:
         child = self._cache_children.get("recovery:" + outcome)

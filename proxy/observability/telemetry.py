@@ -296,6 +296,9 @@ class Telemetry:
                 self._count_genai(metrics, group, endpoint, ref, status, error, stream, latencies_ms,
                                   (prompt, completion, cache_read, sum(map(_CACHE_WRITE, usages)), reasoning))
         if metrics is not None:
+            keyed = [r for r in records if r.key_name is not None]
+            if keyed:
+                self._count_keys(metrics, keyed)
             for (provider, outcome), n in Counter(map(_ATTEMPT_KEY, chain.from_iterable(map(_ATTEMPTS, records)))
                                                   ).items():
                 metrics.attempt(provider, outcome, n)
@@ -306,6 +309,21 @@ class Telemetry:
                     self._sampled_at = now
                     self.sample()
         self._write_log(records)
+
+    @staticmethod
+    def _count_keys(metrics: PrometheusMetrics, records: list[RequestRecord]) -> None:
+        """Requests, tokens and cost by inbound key name (an answer from the cache used no tokens)."""
+        sums: dict[tuple[str, int], list[float]] = {}
+        for record in records:
+            found = sums.setdefault((record.key_name or "", record.status), [0, 0, 0, 0.0])
+            found[0] += 1
+            usage = record.usage if record.cache not in _UNPAID_CACHE_RESULTS else None
+            if usage:
+                found[1] += usage[0]
+                found[2] += usage[1]
+            found[3] += record.cost_usd or 0.0
+        for (key, status), (count, prompt, completion, cost) in sums.items():
+            metrics.key_usage(key, status, int(count), int(prompt), int(completion), cost)
 
     def _count_genai(self, metrics: PrometheusMetrics, group: list[RequestRecord], endpoint: str,
                      ref: ModelRef | None, status: int, error: str | None, stream: bool,

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from ..conftest import table_doc, until
-from ..telemetry_support import parse_metrics
+from ..telemetry_support import parse_metrics, value
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -117,3 +117,35 @@ async def test_concurrent_scrapes_render_one_at_a_time(running, http):
     texts = await asyncio.gather(*(scrape(http, running) for _ in range(4)))
     for text in texts:
         assert parse_metrics(text)["tiergate_requests_total"][0].value == 1.0
+
+
+async def test_requests_tokens_and_cost_are_counted_by_key_name_never_by_key(upstream, start_tiergate, http):
+    doc = table_doc(upstream)
+    doc["pricing"] = {"primary/model-a": {"input": 1.0, "output": 2.0}}
+    secret_a, secret_b = "sk-team-a-METRICS-111", "sk-plain-METRICS-222"
+    running = await start_tiergate(doc, enable_caching=False, api_keys=(f"team-a={secret_a}", secret_b))
+    for secret, n in ((secret_a, 2), (secret_b, 1)):
+        for _ in range(n):
+            async with http.post(running.v1 + "/chat/completions", json={"model": "general_purpose",
+                                                                          "messages": MESSAGES},
+                                 headers={"Authorization": f"Bearer {secret}"}) as resp:
+                assert resp.status == 200
+    scraped: dict[str, list[Any]] = {}
+
+    async def scrape_keyed() -> None:
+        async with http.get(running.url + "/metrics", headers={"Authorization": f"Bearer {secret_a}"}) as resp:
+            text = await resp.text()
+        assert "METRICS-" not in text  # no key, nor a fragment of one
+        scraped.clear()
+        scraped.update(parse_metrics(text))
+
+    async def counted() -> bool:
+        await scrape_keyed()
+        return value(scraped, "tiergate_key_requests_total") >= 3
+    await until(counted)  # the counts reach the metrics a batch at a time
+    assert value(scraped, "tiergate_key_requests_total", key="team-a", status="200") == 2
+    assert value(scraped, "tiergate_key_requests_total", key="unnamed-1", status="200") == 1
+    for key in ("team-a", "unnamed-1"):
+        assert value(scraped, "tiergate_key_tokens_total", key=key, type="prompt") > 0
+    assert value(scraped, "tiergate_key_cost_usd_total", key="team-a") > \
+        value(scraped, "tiergate_key_cost_usd_total", key="unnamed-1") > 0
