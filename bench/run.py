@@ -10,6 +10,8 @@ Writes bench/out/last.md and prints the table.
 (`--redis-url`, default db 15; a key namespace of its own), measured in the same interleaved rounds:
 the added p50 at concurrency 1 and the requests/s at concurrency 64 against tiergate without one.
 
+`--keys` adds `tiergate+keys`, the same with three named inbound keys (the load's among them).
+
 `--strategy S` routes over two deployments of the upstream (its model, then a fallback) and adds
 `tiergate+S`, the same two chosen among by strategy S per request, measured in the same rounds
 against the ordered route.
@@ -45,7 +47,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-UPSTREAM_PORT, FLOOR_PORT, TIERGATE_PORT, LIMITED_PORT, BASELINE_PORT, STRATEGY_PORT = (free_port() for _ in range(6))
+UPSTREAM_PORT, FLOOR_PORT, TIERGATE_PORT, LIMITED_PORT, BASELINE_PORT, STRATEGY_PORT, KEYS_PORT = (
+    free_port() for _ in range(7))
 ANSWER = ('{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench-model",'
           '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},'
           '"logprobs":null,"finish_reason":"stop"}],'
@@ -121,12 +124,12 @@ SDK_HEADERS = {"Accept": "application/json", "User-Agent": "OpenAI/Python 1.99.0
                "OpenAI-Organization": "org-bench"}
 
 
-def wait_port(port: int, timeout: float = 15.0) -> None:
+def wait_port(port: int, timeout: float = 15.0, headers: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=BODY.encode(),
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json", **(headers or {})})
             with urllib.request.urlopen(req, timeout=1) as resp:
                 if resp.status == 200:
                     return
@@ -196,6 +199,7 @@ def main() -> None:
     parser.add_argument("--limit", action="store_true", help="also tiergate with one limit per request in Redis")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="the Redis of --limit")
     parser.add_argument("--baseline", metavar="DIR", help="also tiergate from the checkout DIR, to compare builds")
+    parser.add_argument("--keys", action="store_true", help="also tiergate with inbound keys (the bench's key named)")
     parser.add_argument("--strategy", metavar="S", help="two deployments: ordered, and also tiergate choosing by S")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "taskset"):
@@ -243,6 +247,16 @@ def main() -> None:
             runs["tiergate+limit"] = []
             targets["tiergate+limit"] = (LIMITED_PORT, limited.pid)
             rounds.append("tiergate+limit")
+        if args.keys:  # wrk sends `Bearer sk-client`: one of three named keys
+            keyed = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "proxy", "serve", "--config",
+                                      str(tmp / "routes.yaml"), "--port", str(KEYS_PORT)], cwd=str(tmp),
+                                     env={**env, "TIERGATE_API_KEYS": "a=sk-other-1,bench=sk-client,c=sk-other-2"},
+                                     stdout=log, stderr=log)
+            procs.append(keyed)
+            wait_port(KEYS_PORT, headers={"Authorization": "Bearer sk-client"})
+            runs["tiergate+keys"] = []
+            targets["tiergate+keys"] = (KEYS_PORT, keyed.pid)
+            rounds.append("tiergate+keys")
         if args.strategy:
             name = f"tiergate+{args.strategy}"
             (tmp / "strategy.yaml").write_text(TWO_DEPLOYMENTS.format(port=UPSTREAM_PORT,
@@ -304,6 +318,11 @@ def main() -> None:
                      f"{lt['p50'] - t['p50']:+.3f} ms over tiergate (target <= 0.15), req/s "
                      f"{100 * lt['rps'] / t['rps']:.1f}% of tiergate without limits (target >= 80%), "
                      f"CPU {lt['cpu'] - t['cpu']:+.1f} µs/req")
+    if args.keys:
+        k = rows["tiergate+keys"]
+        lines.append(f"with inbound keys: req/s {100 * k['rps'] / t['rps']:.1f}% of tiergate without (target >= "
+                     f"95%), CPU per request {100 * (k['cpu'] / t['cpu'] - 1):+.1f}%, added p50 "
+                     f"{k['p50'] - t['p50']:+.3f} ms")
     if args.strategy:
         st = rows[f"tiergate+{args.strategy}"]
         lines.append(f"two deployments, {args.strategy} vs ordered: req/s {100 * st['rps'] / t['rps']:.1f}% of "
