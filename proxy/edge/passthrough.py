@@ -118,8 +118,9 @@ async def send_upstream(request: web.Request, router: Router, provider_name: str
     record.route = record.route or "passthrough"
     record.ref = ModelRef(provider_name, model or "-")
     if provider is None or provider.session is None:
-        raise UpstreamError(f"provider {provider_name!r} cannot serve pass-through calls (it is not an HTTP "
-                            "provider, or not started)", status=502, code="passthrough_unavailable")
+        # the table's choice, not a failing upstream: a provider without HTTP (a mock) has no such path
+        raise NotFoundError(f"tiergate does not serve {request.method} {request.path} itself and provider "
+                            f"{provider_name!r} takes no pass-through calls (it is not an HTTP provider)")
     raw_path = request.raw_path
     if not raw_path.startswith("/v1/") or (is_unusual(raw_path) and canonical_target(raw_path) is not None):
         raise refuse(raw_path, "it is not in its canonical form")  # the pipeline serves only canonical paths

@@ -158,3 +158,16 @@ schema = schemathesis.openapi.from_dict(SPEC)
 def test_openapi_operations_never_get_a_5xx(case: Any, demo_server: str) -> None:
     response = case.call(base_url=demo_server, timeout=10)
     assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:500])
+
+
+def test_a_list_at_a_provider_without_http_is_a_404_not_a_5xx(demo_server: str) -> None:
+    """The demo's route goes to a mock provider: a stored-chat list by that route has nowhere to go."""
+    host, port = demo_server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", "/v1/chat/completions?model=general_purpose")
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+    finally:
+        conn.close()
+    assert response.status == 404 and answer["error"]["code"] == "not_found", answer
