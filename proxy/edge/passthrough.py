@@ -117,8 +117,7 @@ async def send_upstream(request: web.Request, router: Router, provider_name: str
     provider = router.providers.get(provider_name)
     record.route = record.route or "passthrough"
     record.ref = ModelRef(provider_name, model or "-")
-    if provider is None or provider.session is None:
-        # the table's choice, not a failing upstream: a provider without HTTP (a mock) has no such path
+    if provider is None or provider.session is None:  # the table's choice (a mock), not a failing upstream
         raise NotFoundError(f"tiergate does not serve {request.method} {request.path} itself and provider "
                             f"{provider_name!r} takes no pass-through calls (it is not an HTTP provider)")
     raw_path = request.raw_path
