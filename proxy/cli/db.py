@@ -169,11 +169,8 @@ async def _routes_set(config: RouterConfig, args: argparse.Namespace) -> int:
 async def _routes_delete(config: RouterConfig, args: argparse.Namespace) -> int:
     from ..table import store  # asyncpg is loaded only for the database commands
 
-    conn = await store.connect(config)
-    try:
+    async with store.connected(config) as conn:
         deleted = await store.delete_route(conn, args.use_case.lower(), args.tier.lower(), config.db_timeout)
-    finally:
-        await conn.close(timeout=config.db_timeout)
     if not deleted:
         print(f"tiergate: no route {args.use_case}:{args.tier} in the database", file=sys.stderr)
         return 1

@@ -96,14 +96,11 @@ async def _create(config: Any, args: argparse.Namespace) -> int:
                               "models": args.models, "credentials": credentials(args) or None}
     if args.expires:
         values["expires_at"] = expiry(args.expires)
-    conn = await store.connect(config)
-    try:
+    async with store.connected(config) as conn:
         try:
             secret = await create_key(conn, args.name, values, config.db_timeout)
         except ValueError as exc:
             raise ConfigError(f"keys create {args.name}: {exc}") from None
-    finally:
-        await conn.close(timeout=config.db_timeout)
     print(f"key {args.name} created; its secret (shown only now, store it safely):", file=sys.stderr)
     print(secret)
     return 0
@@ -114,11 +111,8 @@ async def _list(config: Any, args: argparse.Namespace) -> int:
     from ..table.keys import SCOPE_FIELDS, shown
     from ..table.keystore import list_keys, state_of
 
-    conn = await store.connect(config)
-    try:
+    async with store.connected(config) as conn:
         rows = await list_keys(conn, config.db_timeout)
-    finally:
-        await conn.close(timeout=config.db_timeout)
     for row in rows:
         scope = {f: list(row[f]) for f in SCOPE_FIELDS if row[f] is not None}
         providers = sorted(orjson.loads(row["credentials"])) if row["credentials"] else []
@@ -146,11 +140,8 @@ async def _rotate(config: Any, args: argparse.Namespace) -> int:
     from ..table.keystore import rotate_key
 
     grace = seconds(args.grace)
-    conn = await store.connect(config)
-    try:
+    async with store.connected(config) as conn:
         secret = await rotate_key(conn, args.name, grace, config.db_timeout)
-    finally:
-        await conn.close(timeout=config.db_timeout)
     if secret is None:
         print(f"tiergate: no active key named {args.name!r}", file=sys.stderr)
         return 1
@@ -164,11 +155,8 @@ async def _revoke(config: Any, args: argparse.Namespace) -> int:
     from ..table import store
     from ..table.keystore import revoke_key
 
-    conn = await store.connect(config)
-    try:
+    async with store.connected(config) as conn:
         done = await revoke_key(conn, args.name, config.db_timeout)
-    finally:
-        await conn.close(timeout=config.db_timeout)
     if not done:
         print(f"tiergate: no active key named {args.name!r}", file=sys.stderr)
         return 1

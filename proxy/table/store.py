@@ -16,7 +16,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,16 @@ async def connect(config: RouterConfig) -> asyncpg.Connection:
     except DB_ERRORS as exc:
         raise StoreError(f"cannot reach the database at {describe_dsn(dsn)}: {describe_error(exc, dsn)}",
                          code="database_unreachable") from None
+
+
+@contextlib.asynccontextmanager
+async def connected(config: RouterConfig) -> AsyncIterator[asyncpg.Connection]:
+    """`connect`, closed when the block ends (a CLI command's one connection)."""
+    conn = await connect(config)
+    try:
+        yield conn
+    finally:
+        await conn.close(timeout=config.db_timeout)
 
 
 async def create_pool(config: RouterConfig) -> asyncpg.Pool:
